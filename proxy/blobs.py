@@ -1,0 +1,305 @@
+"""Content-addressed blob store: verified files named by their sha256.
+
+Layout under the cache directory::
+
+    blobs/sha256/<first 2 hex>/<64 hex>   complete, verified files
+    tmp/<random>.part                     files still being written
+
+A blob only ever appears under ``blobs/`` by an atomic rename of a fully
+written, hashed and fsynced temp file, so a crash leaves either nothing or a
+complete blob there; whatever is left in ``tmp/`` is garbage swept at start-up.
+Temp files live under the same root as the blobs so that the rename never
+crosses a filesystem.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from typing import BinaryIO
+
+from twisted.python.filepath import FilePath
+
+__all__ = [
+    "BlobStore",
+    "DigestMismatch",
+    "PartialBlob",
+    "check_sha256",
+    "is_sha256",
+]
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_SHARD_HEX = re.compile(r"[0-9a-f]{2}")
+TEMP_SUFFIX = ".part"
+
+
+def is_sha256(value: object) -> bool:
+    """True if C{value} is exactly 64 lowercase hex characters."""
+    # fullmatch, not match with "$": "$" also matches before a trailing newline.
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
+
+
+def check_sha256(value: object) -> str:
+    """Return C{value} if it is a lowercase sha256 hex digest, else raise ValueError."""
+    if not is_sha256(value):
+        raise ValueError(f"not a lowercase sha256 hex digest: {value!r}")
+    assert isinstance(value, str)
+    return value
+
+
+class DigestMismatch(Exception):
+    """The bytes written do not hash to the digest the caller expected."""
+
+    def __init__(self, expected: str, actual: str, size: int) -> None:
+        super().__init__(
+            f"sha256 mismatch: expected {expected!r}, got {actual} over {size} bytes"
+        )
+        self.expected = expected
+        self.actual = actual
+        self.size = size
+
+
+def _fsync_dir(path: str) -> None:
+    """Make a rename or a new entry in directory C{path} durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class PartialBlob:
+    """A temp file being written, hashed as it grows, and finally committed.
+
+    Writes go straight to the file descriptor (no user-space buffer), so a
+    follower that opens L{path} and reads it while it grows sees every byte as
+    soon as L{write} returns. The descriptor, and so the inode, survive the
+    rename in L{commit}; a reader that opened the temp path keeps a valid file.
+
+    @ivar path: the temp file while writing; after a successful L{commit}, the
+        blob's final path.
+    @ivar size: bytes written so far.
+    """
+
+    def __init__(self, store: BlobStore, path: FilePath[str], fd: int) -> None:
+        self._store = store
+        self.path = path
+        self._fd: int | None = fd
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._committed = False
+        self._discarded = False
+
+    @property
+    def closed(self) -> bool:
+        """True once committed or discarded: no more writes are accepted."""
+        return self._committed or self._discarded
+
+    def write(self, data: bytes) -> None:
+        """Append C{data} to the temp file and the running sha256."""
+        fd = self._require_open()
+        view = memoryview(data)
+        # os.write may write less than asked (signals, odd filesystems); loop.
+        while view:
+            written = os.write(fd, view)
+            view = view[written:]
+        self._hash.update(data)
+        self.size += len(data)
+
+    def flush(self) -> None:
+        """Make everything written visible to other readers of L{path}.
+
+        Nothing is buffered in this process, so this only checks that the
+        partial is still open; it exists so callers need not know that.
+        """
+        self._require_open()
+
+    def hexdigest(self) -> str:
+        """The sha256 of everything written so far."""
+        return self._hash.hexdigest()
+
+    def commit(self, expected_sha256: str) -> FilePath[str]:
+        """Verify, fsync and rename the temp file into the store.
+
+        @return: the blob's path in the store.
+        @raise DigestMismatch: the content does not hash to C{expected_sha256};
+            the temp file is discarded and no blob is created.
+        @raise ValueError: the partial was already committed or discarded.
+        """
+        fd = self._require_open()
+        actual = self.hexdigest()
+        if actual != expected_sha256:
+            self.discard()
+            raise DigestMismatch(expected_sha256, actual, self.size)
+        try:
+            os.fsync(fd)
+            self._close_fd()
+            target = self._store.path_for(actual)
+            existing = _size_or_none(target.path)
+            if existing == self.size:
+                # Same content already stored (another upstream, an earlier
+                # download): keep the existing file, drop ours.
+                self._unlink_temp()
+                self._committed = True
+                self.path = target
+                return target
+            shard = target.parent()
+            if _ensure_dir(shard.path):
+                _fsync_dir(shard.parent().path)
+            # os.replace also covers a stored file of the wrong size, which
+            # can only be damage: the verified copy wins.
+            os.replace(self.path.path, target.path)
+            _fsync_dir(shard.path)
+        except BaseException:
+            self.discard()
+            raise
+        self._committed = True
+        self.path = target
+        return target
+
+    def discard(self) -> None:
+        """Close and delete the temp file. Idempotent; a no-op after commit."""
+        if self._committed or self._discarded:
+            return
+        self._discarded = True
+        self._close_fd()
+        self._unlink_temp()
+
+    def _require_open(self) -> int:
+        if self._fd is None or self.closed:
+            raise ValueError(f"partial blob {self.path.path} is closed")
+        return self._fd
+
+    def _close_fd(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+
+    def _unlink_temp(self) -> None:
+        try:
+            os.unlink(self.path.path)
+        except FileNotFoundError:
+            pass
+
+
+def _ensure_dir(path: str) -> bool:
+    """Create C{path} (and parents) if missing; True if it was created."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        os.makedirs(path, exist_ok=True)
+    return True
+
+
+def _size_or_none(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None
+
+
+class BlobStore:
+    """Verified files under C{root/blobs/sha256}, temp files under C{root/tmp}.
+
+    Every path is built by L{path_for} from a validated digest, never from
+    text that came from a client or an upstream unchecked.
+    """
+
+    def __init__(self, root: FilePath[str]) -> None:
+        self.root = root
+        self.blobs_dir = root.child("blobs").child("sha256")
+        self.temp_dir = root.child("tmp")
+        _ensure_dir(self.blobs_dir.path)
+        _ensure_dir(self.temp_dir.path)
+
+    def new_partial(self) -> PartialBlob:
+        """Open a new, empty, uniquely named temp file."""
+        # O_EXCL: a name clash can never make two writers share a file.
+        for _attempt in range(8):
+            path = self.temp_dir.child(secrets.token_hex(16) + TEMP_SUFFIX)
+            try:
+                fd = os.open(
+                    path.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644
+                )
+            except FileExistsError:
+                continue
+            return PartialBlob(self, path, fd)
+        raise OSError(errno.EEXIST, "could not pick a unique temp file name", self.temp_dir.path)
+
+    def path_for(self, sha256: str) -> FilePath[str]:
+        """The path of blob C{sha256}, whether or not it exists.
+
+        @raise ValueError: C{sha256} is not 64 lowercase hex characters.
+        """
+        digest = check_sha256(sha256)
+        return self.blobs_dir.child(digest[:2]).child(digest)
+
+    def exists(self, sha256: str) -> bool:
+        return os.path.isfile(self.path_for(sha256).path)
+
+    def size_of(self, sha256: str) -> int:
+        """Size in bytes of blob C{sha256}. @raise FileNotFoundError: no such blob."""
+        return os.stat(self.path_for(sha256).path).st_size
+
+    def open(self, sha256: str) -> BinaryIO:
+        """Open blob C{sha256} for reading. @raise FileNotFoundError: no such blob."""
+        return open(self.path_for(sha256).path, "rb")
+
+    def remove(self, sha256: str) -> bool:
+        """Delete blob C{sha256}; True if it existed.
+
+        Remove the index record first: a crash in between then leaves an
+        unreferenced blob, which start-up reconciliation deletes, rather than
+        a record pointing at nothing.
+        """
+        try:
+            os.unlink(self.path_for(sha256).path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def stored(self) -> Iterator[str]:
+        """Yield the digest of every blob in the store (files with other names are skipped)."""
+        try:
+            shards = list(os.scandir(self.blobs_dir.path))
+        except FileNotFoundError:
+            return
+        for shard in shards:
+            if not (_SHARD_HEX.fullmatch(shard.name) and shard.is_dir(follow_symlinks=False)):
+                continue
+            try:
+                entries = list(os.scandir(shard.path))
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                name = entry.name
+                if is_sha256(name) and name[:2] == shard.name and entry.is_file(follow_symlinks=False):
+                    yield name
+
+    def clear_temp(self) -> int:
+        """Delete every file in C{tmp/}; return how many.
+
+        Only for start-up: it also deletes the files of partials still being
+        written by this process.
+        """
+        removed = 0
+        try:
+            entries = list(os.scandir(self.temp_dir.path))
+        except FileNotFoundError:
+            _ensure_dir(self.temp_dir.path)
+            return 0
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed += 1
+        return removed
