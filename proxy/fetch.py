@@ -1,0 +1,251 @@
+"""One upstream download per file, however many clients wait for it.
+
+A L{Download} writes the upstream body to a temp file (the disk is the buffer), hashes it as it
+arrives and wakes its followers, each of which reads the growing file at its own pace. Only a body
+whose size and sha256 match the catalogue is committed (fsync, rename, index record); anything else
+discards the temp file and fails every follower, which then aborts its client connection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define, field
+from treq import collect
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.web.iweb import IResponse
+
+from proxy.blobs import BlobStore, PartialBlob
+from proxy.catalogue import Item
+from proxy.errors import NotFound, UpstreamFailed, UpstreamTimeout
+from proxy.index import CacheIndex, FileRecord
+from proxy.upstream import UpstreamClient, VerificationFailed, receive_body
+
+DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0
+
+
+@define(eq=False)
+class Download:
+    """
+    One upstream file being fetched into the cache.
+
+    It is a L{proxy.streaming.FileSource}: C{path}, C{size}, C{available()}, C{failure} and
+    C{wait()} let any number of followers stream it while it arrives. C{when_done()} fires with
+    the committed path, or fails. Every observer gets its own Deferred, so one that is cancelled
+    (a client that went away) never cancels the download.
+    """
+
+    upstream: str
+    url: str
+    item: Item
+    partial: PartialBlob
+    size: int = field(init=False)
+    failure: Failure | None = field(default=None, init=False)
+    final_path: FilePath[Any] | None = field(default=None, init=False)
+    streaming: bool = field(default=False, init=False)
+    _observers: list[Deferred[FilePath[Any]]] = field(factory=list, init=False)
+    _start_observers: list[Deferred[None]] = field(factory=list, init=False)
+    _waiters: list[Deferred[None]] = field(factory=list, init=False)
+    _received: int = field(default=0, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.size = self.item.size
+
+    @property
+    def path(self) -> FilePath[Any]:
+        # Once committed the temp name is gone; followers that open the file from now on must
+        # use the final name. A follower that opened the temp file keeps a valid descriptor.
+        return self.final_path if self.final_path is not None else self.partial.path
+
+    @property
+    def finished(self) -> bool:
+        return self.final_path is not None or self.failure is not None
+
+    def when_streaming(self) -> "Deferred[None]":
+        """
+        Fires once the upstream accepted the request (status 200, plausible length), so that a
+        client can still be told a precise error for the common quick failures; fails with the
+        download's failure otherwise.
+        """
+        d: Deferred[None] = Deferred()
+        if self.failure is not None:
+            d.errback(self.failure)
+        elif self.streaming or self.final_path is not None:
+            d.callback(None)
+        else:
+            self._start_observers.append(d)
+        return d
+
+    def start_streaming(self) -> None:
+        self.streaming = True
+        observers, self._start_observers = self._start_observers, []
+        for d in observers:
+            if not d.called:
+                d.callback(None)
+
+    def when_done(self) -> "Deferred[FilePath[Any]]":
+        d: Deferred[FilePath[Any]] = Deferred()
+        if self.final_path is not None:
+            d.callback(self.final_path)
+        elif self.failure is not None:
+            d.errback(self.failure)
+        else:
+            self._observers.append(d)
+        return d
+
+    def available(self) -> int:
+        # The last byte is held back until the file is verified and committed, so a follower
+        # can never finish a response whose bytes are about to be rejected.
+        if self.final_path is None:
+            return min(self._received, self.size - 1)
+        return self._received
+
+    def wait(self) -> "Deferred[None]":
+        d: Deferred[None] = Deferred()
+        if self.finished:
+            d.callback(None)
+        else:
+            self._waiters.append(d)
+        return d
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            # A follower that went away cancelled its own waiter; it is already fired.
+            if not d.called:
+                d.callback(None)
+
+    def data(self, chunk: bytes) -> None:
+        self.partial.write(chunk)
+        self.partial.flush()
+        self._received += len(chunk)
+        self._wake()
+
+    def succeed(self, path: FilePath[Any]) -> None:
+        self.final_path = path
+        self._wake()
+        for d in self._pop_observers():
+            d.callback(path)
+
+    def fail(self, failure: Failure) -> None:
+        self.partial.discard()
+        self.failure = failure
+        self._wake()
+        for d in self._pop_observers():
+            d.errback(failure)
+        starters, self._start_observers = self._start_observers, []
+        for s in starters:
+            if not s.called:
+                s.errback(failure)
+
+    def _pop_observers(self) -> list[Deferred[FilePath[Any]]]:
+        observers, self._observers = self._observers, []
+        return [d for d in observers if not d.called]
+
+
+class Fetcher:
+    """
+    Starts at most one L{Download} per sha256 and commits verified files into the cache.
+
+    A download runs to its end even when every client that asked for it has gone: the bytes
+    are wanted by the next client, and the idle timeout bounds a stalled upstream.
+    """
+
+    log = Logger()
+
+    def __init__(self, client: UpstreamClient, store: BlobStore, index: CacheIndex,
+                 clock: IReactorTime, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS) -> None:
+        self._client = client
+        self._store = store
+        self._index = index
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._inflight: dict[str, Download] = {}
+
+    def in_flight(self) -> dict[str, Download]:
+        return dict(self._inflight)
+
+    def get(self, upstream: str, base_url: str, item: Item) -> Download:
+        """
+        Return the running download of C{item}, or start one from C{base_url}/C{item.path}.
+        """
+        running = self._inflight.get(item.sha256)
+        if running is not None:
+            return running
+        url = f"{base_url}/{item.path}"
+        download = Download(upstream, url, item, self._store.new_partial())
+        self._inflight[item.sha256] = download
+        Deferred.fromCoroutine(self._run(download))
+        return download
+
+    async def _run(self, download: Download) -> None:
+        try:
+            await self._fetch(download)
+        except BaseException as e:
+            failure = Failure(e)
+            if isinstance(e, CancelledError):
+                failure = Failure(UpstreamTimeout("upstream sent no response headers in time"))
+            self.log.warn(
+                "download of {url} failed, nothing cached: {reason}",
+                url=download.url, reason=failure.getErrorMessage(),
+            )
+            if download.failure is None and download.final_path is None:
+                download.fail(failure)
+        finally:
+            self._inflight.pop(download.item.sha256, None)
+
+    async def _fetch(self, download: Download) -> None:
+        item = download.item
+        self.log.info("fetching {url} ({size} bytes)", url=download.url, size=item.size)
+        response: IResponse = await self._client.get(download.url)
+        if response.code != 200:
+            await _discard_body(response)
+            if response.code == 404:
+                raise NotFound(f"upstream has no {item.path} (404)")
+            raise UpstreamFailed(f"upstream answered {response.code} for {item.path}")
+        if response.length not in (item.size,) and isinstance(response.length, int):
+            await _discard_body(response)
+            raise VerificationFailed(
+                f"upstream announced {response.length} bytes for {item.path}, catalogue says {item.size}"
+            )
+        download.start_streaming()
+        await receive_body(response, download.data, limit=item.size, clock=self._clock,
+                           idle_timeout=self._idle_timeout)
+        self._commit(download)
+
+    def _commit(self, download: Download) -> None:
+        item = download.item
+        partial = download.partial
+        if partial.size != item.size:
+            raise VerificationFailed(f"upstream sent {partial.size} of {item.size} bytes for {item.path}")
+        digest = partial.hexdigest()
+        if digest != item.sha256:
+            raise VerificationFailed(
+                f"sha256 of {item.path} is {digest}, catalogue says {item.sha256}"
+            )
+        path = partial.commit(item.sha256)
+        now = self._clock.seconds()
+        existing = self._index.get(item.sha256)
+        if existing is None:
+            self._index.put(FileRecord(
+                sha256=item.sha256, size=item.size, upstream=download.upstream,
+                paths=(f"{download.upstream}/{item.path}",), product=item.product,
+                version=item.version, stored_at=now, last_used_at=now, use_count=1,
+                cached=True, auto_update=False,
+            ))
+        else:
+            self._index.add_path(item.sha256, download.upstream, item.path)
+        self.log.info("cached {url} as sha256:{sha256}", url=download.url, sha256=item.sha256)
+        download.succeed(path)
+
+
+async def _discard_body(response: IResponse) -> None:
+    """Read and drop an error body so that the connection is left in a clean state."""
+    try:
+        await collect(response, lambda _: None)
+    except Exception:
+        pass

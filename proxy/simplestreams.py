@@ -1,0 +1,185 @@
+"""The simplestreams face: each upstream's tree under C{/NAME/}.
+
+C{/NAME/streams/v1/index.json} and the products files the index names are served byte for byte
+from the metadata cache. Any other path must be an item that the upstream's catalogue lists: a hit
+is served from the blob store, a miss joins (or starts) the one upstream download of that file.
+Anything else is a 404 that costs no upstream request.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import Request
+
+from proxy.blobs import BlobStore
+from proxy.catalogue import Item
+from proxy.errors import BadRequest, NotFound
+from proxy.fetch import Download, Fetcher
+from proxy.index import CacheIndex, FileRecord
+from proxy.metadata import UpstreamMetadata
+from proxy.streaming import CompleteFile
+from proxy.web import AsyncResource, serve_file
+
+# How long a miss may wait for the upstream's response headers before the client gets its own
+# 200 and headers anyway: long enough to turn the usual quick failures (404, 5xx, refused) into
+# a precise status, far below the LXD client's 30 s header timeout.
+UPSTREAM_START_GRACE_SECONDS = 5.0
+
+
+def relative_path(raw: bytes, prefix_segments: int) -> str:
+    """
+    Turn the raw request path into a clean path relative to the upstream's root.
+
+    Segments are percent-decoded (the client may encode C{:} and C{/}), empty and C{.} segments
+    dropped; C{..}, NUL and undecodable bytes are refused with L{BadRequest}.
+    """
+    segments = raw.split(b"/")[1 + prefix_segments:]
+    decoded = unquote_to_bytes(b"/".join(segments))
+    try:
+        text = decoded.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("request path is not valid UTF-8")
+    parts: list[str] = []
+    for part in text.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." or "\x00" in part or "\\" in part:
+            raise BadRequest("request path may not contain '..', backslashes or NUL")
+        parts.append(part)
+    return "/".join(parts)
+
+
+class UpstreamResource(AsyncResource):
+    """Everything under C{/NAME/} for one upstream."""
+
+    isLeaf = True
+    log = Logger()
+
+    def __init__(
+        self,
+        metadata: UpstreamMetadata,
+        fetcher: Fetcher,
+        store: BlobStore,
+        index: CacheIndex,
+        clock: IReactorTime,
+    ) -> None:
+        super().__init__()
+        self._metadata = metadata
+        self._fetcher = fetcher
+        self._store = store
+        self._index = index
+        self._clock = clock
+
+    @property
+    def name(self) -> str:
+        return self._metadata.name
+
+    async def handle(self, request: Request) -> None:
+        path = relative_path(request.path, 1)
+        if not path:
+            raise NotFound(f"{self.name}: add this URL as a simplestreams remote; it has no index page")
+        if path.startswith("streams/"):
+            await self._metadata_file(request, path)
+        else:
+            await self._item_file(request, path)
+
+    async def _metadata_file(self, request: Request, path: str) -> None:
+        record = await self._metadata.get(path)
+        blob = self._store.path_for(record.sha256)
+        await serve_file(
+            request, CompleteFile(blob, blob.getsize()), etag=record.sha256,
+            last_modified=record.fetched_at, clock=self._clock, content_type=b"application/json",
+        )
+
+    async def _item_file(self, request: Request, path: str) -> None:
+        item = await self._metadata.item(path)
+        if item is None:
+            raise NotFound(f"{self.name}: {path} is not in this upstream's catalogue")
+        if self._store.exists(item.sha256):
+            record = self._record_hit(item, path)
+            blob = self._store.path_for(item.sha256)
+            await serve_file(
+                request, CompleteFile(blob, item.size), etag=item.sha256,
+                last_modified=record.stored_at, clock=self._clock,
+            )
+            return
+        download = self._fetcher.get(self.name, self._metadata.base_url, item)
+        await self._await_start(download)
+        await serve_file(
+            request, download, etag=item.sha256, last_modified=self._clock.seconds(), clock=self._clock,
+        )
+
+    async def _await_start(self, download: Download) -> None:
+        started = download.when_streaming()
+        timer = self._clock.callLater(UPSTREAM_START_GRACE_SECONDS, started.cancel)
+        try:
+            await started
+        except Exception:
+            if download.failure is not None:
+                download.failure.raiseException()
+            # The grace ran out: stream anyway, the download goes on.
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    def _record_hit(self, item: Item, path: str) -> FileRecord:
+        record = self._index.get(item.sha256)
+        if record is None:
+            # A blob with no file record: the same bytes are stored as metadata. Record the file.
+            now = self._clock.seconds()
+            record = FileRecord(
+                sha256=item.sha256, size=item.size, upstream=self.name,
+                paths=(f"{self.name}/{path}",), product=item.product, version=item.version,
+                stored_at=now, last_used_at=now, use_count=0, cached=True, auto_update=False,
+            )
+            self._index.put(record)
+        elif f"{self.name}/{path}" not in record.paths:
+            self._index.add_path(item.sha256, self.name, path)
+        self._index.note_use(item.sha256)
+        return record
+
+
+class RootResource(Resource):
+    """C{/}: one child per upstream; a short text page at the root itself."""
+
+    def __init__(self, upstreams: dict[str, UpstreamResource], banner: str) -> None:
+        super().__init__()
+        self._upstreams = upstreams
+        self._banner = banner.encode("utf-8")
+
+    def getChild(self, path: bytes, request: Any) -> IResource:
+        try:
+            name = path.decode("ascii")
+        except UnicodeDecodeError:
+            name = ""
+        if name in self._upstreams:
+            return self._upstreams[name]
+        if path == b"":
+            return self
+        return _NotFoundResource(name)
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+        return self._banner
+
+    def render_HEAD(self, request: Request) -> bytes:
+        return self.render_GET(request)
+
+
+class _NotFoundResource(AsyncResource):
+    isLeaf = True
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self._name = name
+
+    async def handle(self, request: Request) -> None:
+        raise NotFound(f"no upstream named {self._name!r} is configured here")
+
+
+__all__ = ["RootResource", "UpstreamResource", "relative_path"]

@@ -1,0 +1,248 @@
+"""The HTTP client the proxy uses to reach its upstreams, and nothing else.
+
+Every request, and every redirect hop, goes through L{AllowlistAgent}: a URL whose origin
+(scheme, host, port) is not that of a configured upstream is refused before any connection is
+made, so the proxy can never be turned into an open proxy.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Mapping, cast
+
+from hyperlink import URL
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
+from zope.interface import implementer
+
+from proxy import __version__
+from proxy.errors import Forbidden, ProxyError, UpstreamFailed, UpstreamTimeout
+
+USER_AGENT = f"lxd-image-proxy/{__version__}".encode("ascii")
+
+Origin = tuple[bytes, bytes, int]
+
+
+def origin_of(url: bytes | str) -> Origin:
+    """Return the (scheme, host, port) of an absolute URL, lowercased, default ports filled."""
+    text = url.decode("ascii") if isinstance(url, bytes) else url
+    parsed = URL.from_text(text)
+    scheme = parsed.scheme.lower()
+    port = parsed.port
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    return (scheme.encode("ascii"), parsed.host.lower().encode("idna"), port)
+
+
+class NotAnUpstream(Forbidden):
+    """A request, or a redirect, pointed at a host that is not a configured upstream."""
+
+
+@implementer(IAgent)
+class AllowlistAgent:
+    """
+    An agent that only lets requests through to configured upstream origins.
+
+    treq wraps this agent in its C{RedirectAgent}, so each redirect hop is checked here too.
+    """
+
+    def __init__(self, agent: IAgent, allowed: Iterable[Origin]) -> None:
+        self._agent = agent
+        self._allowed = frozenset(allowed)
+
+    def allows(self, uri: bytes) -> bool:
+        try:
+            return origin_of(uri) in self._allowed
+        except Exception:
+            return False
+
+    def request(
+        self,
+        method: bytes,
+        uri: bytes,
+        headers: Headers | None = None,
+        bodyProducer: IBodyProducer | None = None,
+    ) -> "Deferred[IResponse]":
+        if not self.allows(uri):
+            return fail(
+                NotAnUpstream(f"refusing to contact {uri.decode('ascii', 'replace')}: not a configured upstream")
+            )
+        return self._agent.request(method, uri, headers, bodyProducer)
+
+
+@implementer(IPolicyForHTTPS)
+class PerOriginTLSPolicy:
+    """Chooses the TLS policy of the upstream that owns the host and port being contacted."""
+
+    def __init__(self, policies: Mapping[tuple[bytes, int], IPolicyForHTTPS], default: IPolicyForHTTPS) -> None:
+        self._policies = dict(policies)
+        self._default = default
+
+    def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
+        policy = self._policies.get((hostname.lower(), port), self._default)
+        return policy.creatorForNetloc(hostname, port)
+
+
+class VerificationFailed(UpstreamFailed):
+    """An upstream body did not match the size or sha256 it must have."""
+
+
+class BodyReceiver(Protocol):
+    """
+    Hands an upstream body to C{sink} chunk by chunk, with a size cap and an idle timeout.
+
+    The idle timer restarts on every chunk, so a slow but live upstream is fine and a stalled
+    one fails after C{idle_timeout} seconds of silence. Only a body that ended with
+    C{ResponseDone} counts as complete: C{PotentialDataLoss} (no length, connection closed) is a
+    failure for a cache.
+    """
+
+    def __init__(self, sink: Callable[[bytes], None], limit: int | None, clock: IReactorTime,
+                 idle_timeout: float, finished: "Deferred[int]") -> None:
+        self._sink = sink
+        self._limit = limit
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._finished = finished
+        self._received = 0
+        self._timer: IDelayedCall | None = None
+        self._error: ProxyError | None = None
+
+    def connectionMade(self) -> None:
+        self._timer = self._clock.callLater(self._idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        self._timer = None
+        self._abort(UpstreamTimeout(f"upstream sent nothing for {self._idle_timeout:g} seconds"))
+
+    def _abort(self, error: ProxyError) -> None:
+        self._error = error
+        # A response body's transport is a TransportProxyProducer: stopping it drops the
+        # connection, and connectionLost follows.
+        if self.transport is not None:
+            cast(IPushProducer, self.transport).stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._error is not None:
+            return
+        if self._limit is not None and self._received + len(data) > self._limit:
+            self._abort(VerificationFailed(f"upstream sent more than the expected {self._limit} bytes"))
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self._idle_timeout)
+        self._received += len(data)
+        try:
+            self._sink(data)
+        except Exception as e:
+            self._abort(UpstreamFailed(f"cannot store the upstream body: {e}"))
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._error is not None:
+            self._finished.errback(Failure(self._error))
+        elif reason.check(ResponseDone):
+            self._finished.callback(self._received)
+        else:
+            self._finished.errback(Failure(UpstreamFailed(
+                f"upstream body ended after {self._received} bytes: {reason.getErrorMessage()}"
+            )))
+
+
+def receive_body(response: IResponse, sink: Callable[[bytes], None], *, limit: int | None,
+                 clock: IReactorTime, idle_timeout: float) -> "Deferred[int]":
+    """Deliver C{response}'s body to C{sink}; fires with the byte count when it ended cleanly."""
+    finished: Deferred[int] = Deferred()
+    response.deliverBody(BodyReceiver(sink, limit, clock, idle_timeout, finished))
+    return finished
+
+
+class UpstreamClient:
+    """
+    Makes GET requests to configured upstreams.
+
+    Bodies are never buffered here (C{unbuffered=True}); the caller consumes them with
+    C{deliverBody}. C{header_timeout} bounds the time until the response headers arrive; the body
+    needs its own idle timeout, which the caller owns.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        agent: IAgent,
+        allowed: Iterable[Origin],
+        *,
+        header_timeout: float,
+        pool: HTTPConnectionPool | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._agent = AllowlistAgent(agent, allowed)
+        self._http = HTTPClient(self._agent)
+        self._header_timeout = header_timeout
+        self._pool = pool
+
+    @classmethod
+    def for_upstreams(
+        cls,
+        reactor: Any,
+        upstreams: Mapping[str, tuple[str, IPolicyForHTTPS]],
+        default_policy: IPolicyForHTTPS,
+        *,
+        connect_timeout: float,
+        header_timeout: float,
+    ) -> "UpstreamClient":
+        """
+        Build a client for C{upstreams}: name -> (base URL, TLS policy for that upstream).
+        """
+        origins = [origin_of(url) for url, _ in upstreams.values()]
+        policies = {(host, port): policy for (url, policy), (_, host, port) in zip(upstreams.values(), origins)}
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        pool.maxPersistentPerHost = 4
+        pool.cachedConnectionTimeout = 120
+        agent = Agent(
+            reactor,
+            contextFactory=PerOriginTLSPolicy(policies, default_policy),
+            connectTimeout=connect_timeout,
+            pool=pool,
+        )
+        return cls(reactor, agent, origins, header_timeout=header_timeout, pool=pool)
+
+    def get(self, url: str, headers: Mapping[bytes, bytes] | None = None) -> "Deferred[IResponse]":
+        """
+        GET C{url}; fires with the response once its headers arrived, fails with
+        L{NotAnUpstream} for a foreign URL, or with C{CancelledError} after C{header_timeout}.
+        """
+        all_headers = Headers({b"User-Agent": [USER_AGENT]})
+        for name, value in (headers or {}).items():
+            all_headers.setRawHeaders(name, [value])
+        d = self._http.get(
+            url,
+            headers=all_headers,
+            unbuffered=True,
+            allow_redirects=True,
+            timeout=self._header_timeout,
+            reactor=self._reactor,
+        )
+        return cast("Deferred[IResponse]", d)
+
+    def close(self) -> "Deferred[None]":
+        """Close idle persistent connections (at service stop)."""
+        if self._pool is None:
+            return succeed(None)
+        d: Deferred[None] = self._pool.closeCachedConnections()
+        return d
+
+
+__all__ = [
+    "AllowlistAgent", "BodyReceiver", "NotAnUpstream", "PerOriginTLSPolicy", "UpstreamClient",
+    "VerificationFailed", "origin_of", "receive_body",
+]

@@ -1,0 +1,432 @@
+"""
+The request path end to end, in memory and deterministic.
+
+The client is C{StubTreq} over the proxy's real resource tree; the upstream is a
+L{ScriptedUpstream} reached through C{RequestTraversalAgent}, wrapped in the proxy's own
+L{UpstreamClient}. Time is a L{Clock}. L{Harness.settle} pumps both in-memory connections and the
+clock in a bounded loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, cast
+
+import pytest
+import treq
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock
+from twisted.internet.interfaces import IPushProducer
+from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.web.client import Agent
+
+from proxy.blobs import BlobStore
+from proxy.fetch import Fetcher
+from proxy.index import CacheIndex
+from proxy.metadata import UpstreamMetadata
+from proxy.simplestreams import RootResource, UpstreamResource
+from proxy.upstream import AllowlistAgent, UpstreamClient, origin_of
+from tests.helpers.scripted import (
+    BASE_URL,
+    META_PATH,
+    ROOTFS_PATH,
+    ScriptedUpstream,
+    sha,
+    simple_tree,
+)
+
+TTL = 300.0
+IDLE = 60.0
+
+
+class Harness:
+    def __init__(self, tmp_path: Any, files: dict[str, bytes] | None = None) -> None:
+        self.clock = Clock()
+        self.files = files if files is not None else simple_tree()
+        self.upstream = ScriptedUpstream(self.files)
+        self.upstream_agent = RequestTraversalAgent(self.upstream)
+        self.client = UpstreamClient(
+            self.clock, self.upstream_agent, [origin_of(BASE_URL)], header_timeout=IDLE
+        )
+        root = FilePath(str(tmp_path))
+        self.store = BlobStore(root)
+        self.index = CacheIndex(root.child("index").path, self.clock)
+        self.fetcher = Fetcher(self.client, self.store, self.index, self.clock, IDLE)
+        self.metadata = UpstreamMetadata(
+            "up", BASE_URL, self.client, self.store, self.index, self.clock, ttl=TTL, idle_timeout=IDLE
+        )
+        resource = UpstreamResource(self.metadata, self.fetcher, self.store, self.index, self.clock)
+        # StubTreq grows its client methods at run time: typed as Any.
+        self.proxy: Any = StubTreq(RootResource({"up": resource}, "banner\n"))
+
+    def settle(self, rounds: int = 200) -> None:
+        for _ in range(rounds):
+            self.clock.advance(0)
+            self.upstream_agent.flush()
+            self.proxy.flush()
+
+    def run(self, d: "Deferred[Any]", rounds: int = 500) -> Any:
+        results: list[Any] = []
+        d.addBoth(results.append)
+        for _ in range(rounds):
+            if results:
+                break
+            self.settle(1)
+        assert results, "the request did not complete"
+        result = results[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
+
+    def get(self, path: str, **kwargs: Any) -> "Deferred[Any]":
+        return self.proxy.get(f"https://proxy.test/up/{path}", unbuffered=True, **kwargs)
+
+    def fetch(self, path: str, **kwargs: Any) -> tuple[int, bytes, Any]:
+        """GET through the proxy: status, body, and the response (headers, length)."""
+
+        async def go() -> tuple[int, bytes, Any]:
+            response = await self.get(path, **kwargs)
+            body = await treq.content(response)
+            return response.code, body, response
+
+        return self.run(Deferred.fromCoroutine(go()))
+
+
+@pytest.fixture
+def h(tmp_path: Any) -> Iterator[Harness]:
+    harness = Harness(tmp_path)
+    yield harness
+    harness.index.close()
+
+
+@pytest.fixture
+def logged() -> Iterator[list[LogEvent]]:
+    events: list[LogEvent] = []
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    yield events
+    globalLogPublisher.removeObserver(observer)
+
+
+def upstream_gets(h: Harness, path: str) -> int:
+    return h.upstream.paths_requested(path)
+
+
+# Metadata
+
+
+def test_index_and_products_pass_through_byte_for_byte(h: Harness) -> None:
+    code, body, response = h.fetch("streams/v1/index.json")
+    assert (code, body) == (200, h.files["streams/v1/index.json"])
+    assert response.headers.getRawHeaders(b"Content-Type") == [b"application/json"]
+    code, body, _ = h.fetch("streams/v1/images.json")
+    assert (code, body) == (200, h.files["streams/v1/images.json"])
+
+
+def test_metadata_is_fetched_once_within_ttl(h: Harness) -> None:
+    for _ in range(3):
+        h.fetch("streams/v1/images.json")
+    assert upstream_gets(h, "streams/v1/index.json") == 1
+    assert upstream_gets(h, "streams/v1/images.json") == 1
+
+
+def test_stale_metadata_is_revalidated_with_etag(h: Harness) -> None:
+    h.upstream.etags["streams/v1/index.json"] = b'"v1"'
+    h.fetch("streams/v1/index.json")
+    h.clock.advance(TTL + 1)
+    code, body, _ = h.fetch("streams/v1/index.json")
+    assert (code, body) == (200, h.files["streams/v1/index.json"])
+    conditional = [r for r in h.upstream.requests if r[1] == "streams/v1/index.json"]
+    assert len(conditional) == 2
+    assert conditional[1][2].get(b"if-none-match") == b'"v1"'
+
+
+def test_changed_metadata_replaces_the_copy(h: Harness) -> None:
+    h.fetch("streams/v1/index.json")
+    h.files["streams/v1/index.json"] = h.files["streams/v1/index.json"].replace(b"index:1.0", b"index:1.1")
+    h.clock.advance(TTL + 1)
+    _, body, _ = h.fetch("streams/v1/index.json")
+    assert b"index:1.1" in body
+
+
+def test_stale_if_error_serves_last_good_copy_and_logs_once(h: Harness, logged: list[LogEvent]) -> None:
+    h.fetch("streams/v1/index.json")
+    h.upstream.statuses["streams/v1/index.json"] = 500
+    h.clock.advance(TTL + 1)
+    for _ in range(3):
+        code, body, _ = h.fetch("streams/v1/index.json")
+        assert (code, body) == (200, h.files["streams/v1/index.json"])
+        h.clock.advance(TTL + 1)
+    warnings = [e for e in logged if "refreshing" in e.get("log_format", "")]
+    assert len(warnings) == 1
+
+
+def test_metadata_failure_without_copy_is_502(h: Harness) -> None:
+    h.upstream.statuses["streams/v1/index.json"] = 500
+    code, body, _ = h.fetch("streams/v1/index.json")
+    assert code == 502
+    assert b"500" in body
+
+
+def test_concurrent_stale_requests_share_one_refresh(h: Harness) -> None:
+    h.fetch("streams/v1/index.json")
+    h.clock.advance(TTL + 1)
+    ds = [h.get("streams/v1/index.json") for _ in range(5)]
+    for d in ds:
+        response = h.run(d)
+        assert h.run(treq.content(response)) == h.files["streams/v1/index.json"]
+    assert upstream_gets(h, "streams/v1/index.json") == 2
+
+
+def test_broken_metadata_is_not_accepted(h: Harness) -> None:
+    h.fetch("streams/v1/index.json")
+    good = h.files["streams/v1/index.json"]
+    h.files["streams/v1/index.json"] = b"{not json"
+    h.clock.advance(TTL + 1)
+    code, body, _ = h.fetch("streams/v1/index.json")
+    assert (code, body) == (200, good)
+
+
+def test_products_file_not_named_by_index_is_404_without_upstream_request(h: Harness) -> None:
+    code, _, _ = h.fetch("streams/v1/other.json")
+    assert code == 404
+    assert upstream_gets(h, "streams/v1/other.json") == 0
+
+
+# Image files
+
+
+def test_miss_then_hit(h: Harness) -> None:
+    code, body, response = h.fetch(ROOTFS_PATH)
+    assert (code, body) == (200, h.files[ROOTFS_PATH])
+    assert response.length == len(body)
+    assert h.store.exists(sha(body))
+    record = h.index.get(sha(body))
+    assert record is not None and record.cached and not record.auto_update
+    assert record.paths == (f"up/{ROOTFS_PATH}",)
+    code, body2, response = h.fetch(ROOTFS_PATH)
+    assert (code, body2) == (200, body)
+    assert response.length == len(body)
+    assert response.headers.getRawHeaders(b"ETag") == [f'"{sha(body)}"'.encode()]
+    assert response.headers.getRawHeaders(b"Accept-Ranges") == [b"bytes"]
+    assert upstream_gets(h, ROOTFS_PATH) == 1
+    assert h.index.pending_uses.get(sha(body)) == 1
+
+
+def test_hit_supports_range_and_if_none_match(h: Harness) -> None:
+    h.fetch(ROOTFS_PATH)
+    digest = sha(h.files[ROOTFS_PATH])
+    code, body, _ = h.fetch(ROOTFS_PATH, headers={b"Range": [b"bytes=10-19"]})
+    assert (code, body) == (206, h.files[ROOTFS_PATH][10:20])
+    code, body, _ = h.fetch(ROOTFS_PATH, headers={b"If-None-Match": [f'"{digest}"'.encode()]})
+    assert (code, body) == (304, b"")
+    code, _, _ = h.fetch(ROOTFS_PATH, headers={b"Range": [b"bytes=999999999-"]})
+    assert code == 416
+
+
+def test_concurrent_misses_make_one_upstream_request(h: Harness) -> None:
+    h.upstream.held_paths.add(ROOTFS_PATH)
+    h.fetch("streams/v1/images.json")
+    responses = [h.get(ROOTFS_PATH) for _ in range(8)]
+    h.settle()
+    assert upstream_gets(h, ROOTFS_PATH) == 1
+    held = h.upstream.held[ROOTFS_PATH][0]
+    body = h.files[ROOTFS_PATH]
+    held.write(body[:1000])
+    h.settle()
+    # every client has its 200 and headers while the download is still running
+    got = [h.run(d) for d in responses]
+    assert [r.code for r in got] == [200] * 8
+    # a client arriving mid-download joins the same download
+    late = h.run(h.get(ROOTFS_PATH))
+    assert upstream_gets(h, ROOTFS_PATH) == 1
+    bodies = [treq.content(r) for r in got + [late]]
+    held.write(body[1000:])
+    held.finish()
+    for d in bodies:
+        assert h.run(d) == body
+    assert h.store.exists(sha(body))
+
+
+def test_corrupt_upstream_file_is_never_committed(h: Harness, logged: list[LogEvent]) -> None:
+    body = h.files[ROOTFS_PATH]
+    h.files[ROOTFS_PATH] = b"X" + body[1:]
+    # Depending on when the mismatch is found, the client gets an error status or a broken
+    # connection: never a 200 with a complete body.
+    try:
+        code, _, _ = h.fetch(ROOTFS_PATH)
+    except Exception:
+        code = None
+    assert code != 200
+    assert not h.store.exists(sha(body))
+    assert h.index.get(sha(body)) is None
+    assert list(FilePath(h.store.root.path).child("tmp").children()) == []
+    assert any(BASE_URL in str(e.get("url", "")) for e in logged if "failed" in e.get("log_format", ""))
+
+
+def test_short_body_aborts_every_client(h: Harness) -> None:
+    h.upstream.held_paths.add(ROOTFS_PATH)
+    h.fetch("streams/v1/images.json")
+    ds = [h.get(ROOTFS_PATH) for _ in range(3)]
+    h.settle()
+    held = h.upstream.held[ROOTFS_PATH][0]
+    held.write(h.files[ROOTFS_PATH][:5000])
+    h.settle()
+    responses = [h.run(d) for d in ds]
+    bodies = [treq.content(r) for r in responses]
+    held.break_connection()
+    h.settle()
+    for d in bodies:
+        with pytest.raises(Exception):
+            h.run(d)
+    assert not h.store.exists(sha(h.files[ROOTFS_PATH]))
+    assert list(FilePath(h.store.root.path).child("tmp").children()) == []
+
+
+def test_stalled_upstream_times_out(h: Harness) -> None:
+    h.upstream.held_paths.add(ROOTFS_PATH)
+    h.fetch("streams/v1/images.json")
+    d = h.get(ROOTFS_PATH)
+    h.settle()
+    h.upstream.held[ROOTFS_PATH][0].write(b"R" * 100)
+    h.settle()
+    response = h.run(d)
+    body = treq.content(response)
+    h.clock.advance(IDLE + 1)
+    h.settle()
+    with pytest.raises(Exception):
+        h.run(body)
+    assert h.fetcher.in_flight() == {}
+
+
+class _HangUp(Protocol):
+    """Reads the first chunk of a body, then drops the connection."""
+
+    def __init__(self) -> None:
+        self.lost: list[Failure] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        cast(IPushProducer, self.transport).stopProducing()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost.append(reason)
+
+
+def test_client_disconnect_does_not_cancel_download(h: Harness) -> None:
+    h.upstream.held_paths.add(ROOTFS_PATH)
+    h.fetch("streams/v1/images.json")
+    d = h.get(ROOTFS_PATH)
+    h.settle()
+    held = h.upstream.held[ROOTFS_PATH][0]
+    held.write(h.files[ROOTFS_PATH][:100])
+    h.settle()
+    response = h.run(d)
+    hang_up = _HangUp()
+    response.deliverBody(hang_up)
+    h.settle()
+    assert hang_up.lost
+    held.write(h.files[ROOTFS_PATH][100:])
+    held.finish()
+    h.settle()
+    assert h.store.exists(sha(h.files[ROOTFS_PATH]))
+
+
+def test_unknown_item_is_404_without_upstream_request(h: Harness) -> None:
+    code, body, _ = h.fetch("images/nothing/here.squashfs")
+    assert code == 404
+    assert b"not in this upstream's catalogue" in body
+    assert upstream_gets(h, "images/nothing/here.squashfs") == 0
+
+
+@pytest.mark.parametrize("path", ["images/%2e%2e/%2e%2e/etc/passwd", "a/../../b", "x%00y"])
+def test_traversal_is_400(h: Harness, path: str) -> None:
+    code, _, _ = h.fetch(path)
+    assert code == 400
+
+
+def test_unknown_upstream_is_404(h: Harness) -> None:
+    async def go() -> int:
+        response = await h.proxy.get("https://proxy.test/nope/streams/v1/index.json")
+        await treq.content(response)
+        return int(response.code)
+
+    assert h.run(Deferred.fromCoroutine(go())) == 404
+
+
+def test_percent_encoded_colons_reach_the_same_file(tmp_path: Any) -> None:
+    files = simple_tree()
+    h = Harness(tmp_path, files)
+    encoded = ROOTFS_PATH.replace("_", "%5F")
+    code, body, _ = h.fetch(encoded)
+    assert (code, body) == (200, files[ROOTFS_PATH])
+    h.index.close()
+
+
+def test_same_content_through_two_paths_is_stored_once(tmp_path: Any) -> None:
+    files = simple_tree(rootfs=b"S" * 1000, meta=b"S" * 1000)
+    h = Harness(tmp_path, files)
+    h.fetch(ROOTFS_PATH)
+    h.fetch(META_PATH)
+    record = h.index.get(sha(b"S" * 1000))
+    assert record is not None
+    assert set(record.paths) == {f"up/{ROOTFS_PATH}", f"up/{META_PATH}"}
+    assert sum(1 for _ in h.store.stored()) == 3  # index, products, one image blob
+    h.index.close()
+
+
+def test_methods_other_than_get_and_head_are_405(h: Harness) -> None:
+    async def go() -> int:
+        response = await h.proxy.post(f"https://proxy.test/up/{ROOTFS_PATH}", data=b"x")
+        await treq.content(response)
+        return int(response.code)
+
+    assert h.run(Deferred.fromCoroutine(go())) == 405
+
+
+# Not an open proxy
+
+
+@pytest.mark.parametrize(
+    "url",
+    [b"https://elsewhere.test/x", b"http://upstream.test/base/x", b"https://upstream.test:444/base/x",
+     b"https://127.0.0.1/x", b"not a url"],
+)
+def test_foreign_urls_are_refused_without_connecting(url: bytes) -> None:
+    reactor = MemoryReactor()
+    agent = AllowlistAgent(Agent(reactor), [origin_of(BASE_URL)])
+    failures: list[Failure] = []
+    agent.request(b"GET", url).addErrback(failures.append)
+    assert failures and "not a configured upstream" in failures[0].getErrorMessage()
+    assert reactor.tcpClients == [] and reactor.sslClients == []
+
+
+def test_configured_origin_is_let_through() -> None:
+    reactor = MemoryReactorClock()
+    agent = AllowlistAgent(Agent(reactor), [origin_of("https://127.0.0.1:8443/base")])
+    agent.request(b"GET", b"https://127.0.0.1:8443/base/x")
+    assert [(host, port) for host, port, *_ in reactor.tcpClients] == [("127.0.0.1", 8443)]
+
+
+def test_upstream_redirect_elsewhere_fails_the_download(h: Harness) -> None:
+    h.upstream.redirects[ROOTFS_PATH] = b"https://elsewhere.test/file"
+    code, body, _ = h.fetch(ROOTFS_PATH)
+    assert code in (403, 502)
+    assert not h.store.exists(sha(h.files[ROOTFS_PATH]))
+
+
+def test_upstream_redirect_within_upstream_is_followed(h: Harness) -> None:
+    h.files["moved/rootfs"] = h.files[ROOTFS_PATH]
+    h.upstream.redirects[ROOTFS_PATH] = (BASE_URL + "/moved/rootfs").encode()
+    code, body, _ = h.fetch(ROOTFS_PATH)
+    assert (code, body) == (200, h.files[ROOTFS_PATH])
+
+
+def test_upstream_404_for_a_listed_item_is_404(h: Harness) -> None:
+    h.upstream.statuses[ROOTFS_PATH] = 404
+    code, body, _ = h.fetch(ROOTFS_PATH)
+    assert code == 404
+
