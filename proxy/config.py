@@ -1,0 +1,597 @@
+# -*- test-case-name: tests.test_config -*-
+"""The proxy's configuration: frozen values, the built-in default, and the TOML loader.
+
+Every problem a configuration file can have becomes one L{ConfigError} whose message is a
+single sentence naming the key (``cache.metadata_ttl: expected ...``), so that twistd can
+show it to the admin without a traceback.
+
+Relative paths in a configuration file (``cache.dir``, ``server.tls_cert``,
+``server.tls_key``, ``server.port_file``, ``upstreams.NAME.ca_file``) are taken relative to
+the directory holding that file, so a configuration reads the same whatever the working
+directory of the process (systemd starts services in ``/``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from attrs import frozen
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+# Twisted's endpoint-description parser (quoting, key=value) is only exposed privately.
+from twisted.internet.endpoints import _parse as parse_endpoint_description
+
+from proxy.errors import ConfigError
+
+APP_NAME = "lxd-image-proxy"
+
+SECONDS = 1.0
+MINUTE = 60 * SECONDS
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+
+DEFAULT_PORT = 8443
+DEFAULT_LISTEN: tuple[str, ...] = (f"tcp:{DEFAULT_PORT}:interface=0.0.0.0",)
+DEFAULT_METADATA_TTL_SECONDS = 5 * MINUTE
+DEFAULT_DOWNLOAD_IDLE_TIMEOUT_SECONDS = 60 * SECONDS
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 30 * SECONDS
+DEFAULT_USAGE_FLUSH_INTERVAL_SECONDS = 10 * SECONDS
+ROOT_STATE_DIR = "/var/lib/lxd-image-proxy"
+
+# name -> base URL (no trailing slash); order is the order the proxy lists them in.
+DEFAULT_UPSTREAMS: tuple[tuple[str, str], ...] = (
+    ("images", "https://images.lxd.canonical.com"),
+    ("ubuntu", "https://cloud-images.ubuntu.com/releases"),
+    ("ubuntu-daily", "https://cloud-images.ubuntu.com/daily"),
+    ("linuxcontainers", "https://images.linuxcontainers.org"),
+)
+
+
+@frozen
+class ServerConfig:
+    """
+    How the proxy listens.
+
+    @ivar listen: plain TCP server endpoint descriptions in one canonical form,
+        C{tcp:PORT:interface=ADDRESS} (an IPv6 address has its colons escaped), optionally
+        followed by C{:backlog=N}; TLS is added by L{proxy.listen}.
+    @ivar tls_cert: PEM certificate (chain) file, or C{""} for the generated one.
+    @ivar tls_key: PEM private key file, or C{""} for the generated one; set exactly when
+        C{tls_cert} is.
+    @ivar tls_names: extra subject alternative names for the generated certificate (DNS
+        names, lower-cased, or IP addresses), in the order given; the first DNS name among
+        them is the name LXD clients will check.
+    @ivar port_file: where to write the bound port numbers once listening, or C{""} to only
+        log them.
+    """
+
+    listen: tuple[str, ...] = DEFAULT_LISTEN
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_names: tuple[str, ...] = ()
+    port_file: str = ""
+
+
+@frozen
+class CacheConfig:
+    """
+    Where and how long things are kept.
+
+    @ivar dir: the state directory: cache, index, generated certificate.
+    @ivar metadata_ttl: seconds a cached index or products file is served before it is
+        revalidated upstream.
+    @ivar download_idle_timeout: seconds an upstream download may go without receiving a
+        byte before it fails.
+    @ivar connect_timeout: seconds to establish an upstream connection.
+    @ivar usage_flush_interval: seconds between writes of the in-memory use counters to the
+        index.
+    """
+
+    dir: str
+    metadata_ttl: float = DEFAULT_METADATA_TTL_SECONDS
+    download_idle_timeout: float = DEFAULT_DOWNLOAD_IDLE_TIMEOUT_SECONDS
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+    usage_flush_interval: float = DEFAULT_USAGE_FLUSH_INTERVAL_SECONDS
+
+
+@frozen
+class UpstreamConfig:
+    """
+    One upstream image server, served under C{/NAME/}.
+
+    @ivar name: the path prefix, C{[a-z0-9][a-z0-9._-]*}, never C{1.0}.
+    @ivar url: base URL without a trailing slash; every stream path is relative to it.
+    @ivar ca_file: PEM file with extra trust roots for this upstream, or C{""} for the
+        system trust store only.
+    @ivar allow_insecure: whether C{url} may be C{http://}; meant for tests with loopback
+        upstreams, never for real servers.
+    """
+
+    name: str
+    url: str
+    ca_file: str = ""
+    allow_insecure: bool = False
+
+
+@frozen
+class Config:
+    server: ServerConfig
+    cache: CacheConfig
+    upstreams: tuple[UpstreamConfig, ...]
+
+    def upstream(self, name: str) -> UpstreamConfig | None:
+        """The upstream mounted under C{name}, or None."""
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        return None
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> str:
+    """
+    The state directory used when the configuration names none.
+
+    systemd's C{StateDirectory=} (announced in C{$STATE_DIRECTORY}) wins; root gets
+    C{/var/lib/lxd-image-proxy}; anyone else gets C{$XDG_STATE_HOME/lxd-image-proxy}
+    (default C{~/.local/state/lxd-image-proxy}), so that running from a checkout as an
+    ordinary user needs no setup.
+    """
+    env = os.environ if environ is None else environ
+    systemd_dirs = env.get("STATE_DIRECTORY", "")
+    if systemd_dirs:
+        # systemd separates several StateDirectory= entries with colons.
+        return systemd_dirs.split(":")[0]
+    if os.geteuid() == 0:
+        return ROOT_STATE_DIR
+    xdg = env.get("XDG_STATE_HOME", "")
+    # The XDG spec says a relative value is invalid and must be ignored.
+    if xdg and os.path.isabs(xdg):
+        return os.path.join(xdg, APP_NAME)
+    return os.path.join(os.path.expanduser("~"), ".local", "state", APP_NAME)
+
+
+def default_config() -> Config:
+    """The configuration used when no file is given."""
+    return Config(
+        server=ServerConfig(),
+        cache=CacheConfig(dir=default_state_dir()),
+        upstreams=tuple(UpstreamConfig(name=name, url=url) for name, url in DEFAULT_UPSTREAMS),
+    )
+
+
+def load_config(path: str | None) -> Config:
+    """
+    Read a TOML configuration file, or return L{default_config} for C{None}.
+
+    Keys missing from the file keep their defaults; an C{[upstreams]} table replaces the
+    default upstreams entirely.
+
+    @raise ConfigError: the file is missing, unreadable, not TOML, or any key is unknown,
+        of the wrong type, or has a bad value.
+    """
+    if path is None:
+        return default_config()
+    try:
+        with open(path, "rb") as f:
+            document = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {path}: {e.strerror or e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not valid TOML: it is not UTF-8 text") from None
+    return parse_config(document, base_dir=os.path.dirname(os.path.abspath(path)))
+
+
+def parse_config(document: Mapping[str, Any], base_dir: str) -> Config:
+    """
+    Build a L{Config} from an already parsed TOML document.
+
+    @param base_dir: the directory that relative paths are taken from.
+    @raise ConfigError: as L{load_config}.
+    """
+    _check_keys(document, "", {"server", "cache", "upstreams"})
+    defaults = default_config()
+    server = _parse_server(_table(document, "server"), base_dir)
+    cache = _parse_cache(_table(document, "cache"), base_dir, defaults.cache)
+    upstreams = defaults.upstreams
+    if "upstreams" in document:
+        upstreams = _parse_upstreams(_table(document, "upstreams"), base_dir)
+    return Config(server=server, cache=cache, upstreams=upstreams)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """A TOML-looking rendering of a value for an error message."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return str(value)
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _table(document: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = document.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a table, got {_show(value)}")
+    return value
+
+
+def _check_keys(table: Mapping[str, Any], prefix: str, known: set[str]) -> None:
+    for key, value in table.items():
+        if key not in known:
+            kind = "table" if isinstance(value, dict) else "key"
+            choices = ", ".join(sorted(known))
+            raise ConfigError(f"{_join(prefix, key)}: unknown {kind}; expected one of {choices}")
+
+
+def _string(table: Mapping[str, Any], key: str, prefix: str, default: str = "") -> str:
+    value = table.get(key, default)
+    if not isinstance(value, str):
+        raise ConfigError(f"{_join(prefix, key)}: expected a string, got {_show(value)}")
+    return value
+
+
+def _string_list(table: Mapping[str, Any], key: str, prefix: str) -> list[str] | None:
+    if key not in table:
+        return None
+    value = table[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{_join(prefix, key)}: expected a list of strings, got {_show(value)}")
+    return value
+
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([smhd]?)")
+_UNIT_SECONDS = {"": SECONDS, "s": SECONDS, "m": MINUTE, "h": HOUR, "d": DAY}
+
+
+def parse_duration(value: object) -> float | None:
+    """
+    Seconds from a number or from a string like C{"90s"}, C{"5m"}, C{"1h30m"}, C{"1d"} or
+    C{"90"}; None if C{value} is neither.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, str):
+        return None
+    text = value.strip().lower()
+    if not text:
+        return None
+    total = 0.0
+    position = 0
+    while position < len(text):
+        match = _DURATION_PART.match(text, position)
+        if match is None:
+            return None
+        number, unit = match.groups()
+        # A unitless number is only accepted on its own: "1h30" is more likely a typo.
+        if not unit and (position > 0 or match.end() < len(text)):
+            return None
+        total += float(number) * _UNIT_SECONDS[unit]
+        position = match.end()
+    return total
+
+
+def _duration(
+    table: Mapping[str, Any], key: str, prefix: str, default: float, allow_zero: bool
+) -> float:
+    if key not in table:
+        return default
+    value = table[key]
+    seconds = parse_duration(value)
+    name = _join(prefix, key)
+    if seconds is None or seconds != seconds or seconds in (float("inf"), float("-inf")):
+        raise ConfigError(
+            f'{name}: expected seconds or a duration like "5m", got {_show(value)}'
+        )
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        bound = "zero or more" if allow_zero else "more than zero"
+        raise ConfigError(f"{name}: expected {bound} seconds, got {_show(value)}")
+    return seconds
+
+
+def _resolve(base_dir: str, value: str) -> str:
+    """C{value} with C{~} expanded, taken relative to C{base_dir}; empty stays empty."""
+    if not value:
+        return value
+    return os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))
+
+
+def _readable_file(name: str, path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{name}: cannot read {path}: {e.strerror or e}") from None
+
+
+def read_pem_certificates(path: str, key: str) -> list[x509.Certificate]:
+    """
+    The certificates in the PEM file C{path}, in file order.
+
+    @param key: the configuration key naming the file, for the error message.
+    @raise ConfigError: the file cannot be read or holds no certificate.
+    """
+    try:
+        return x509.load_pem_x509_certificates(_readable_file(key, path))
+    except ValueError:
+        raise ConfigError(f"{key}: {path} holds no PEM certificate") from None
+
+
+def read_pem_private_key(path: str, key: str) -> PrivateKeyTypes:
+    """
+    The unencrypted private key in the PEM file C{path}.
+
+    @param key: the configuration key naming the file, for the error message.
+    @raise ConfigError: the file cannot be read or holds no unencrypted key.
+    """
+    try:
+        return load_pem_private_key(_readable_file(key, path), password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key}: {path} holds no unencrypted PEM private key") from None
+
+
+# -- [server] ------------------------------------------------------------------------------
+
+_SERVER_KEYS = {"listen", "tls_cert", "tls_key", "tls_names", "port_file"}
+
+
+def _parse_server(table: Mapping[str, Any], base_dir: str) -> ServerConfig:
+    prefix = "server"
+    _check_keys(table, prefix, _SERVER_KEYS)
+    listen_values = _string_list(table, "listen", prefix)
+    if listen_values is None:
+        listen = DEFAULT_LISTEN
+    else:
+        if not listen_values:
+            raise ConfigError("server.listen: expected at least one address to listen on")
+        listen = tuple(normalise_listen(v, "server.listen") for v in listen_values)
+        if len(set(listen)) != len(listen):
+            raise ConfigError(f"server.listen: an address is listed twice in {_show(listen_values)}")
+
+    tls_cert = _resolve(base_dir, _string(table, "tls_cert", prefix))
+    tls_key = _resolve(base_dir, _string(table, "tls_key", prefix))
+    if bool(tls_cert) != bool(tls_key):
+        given, missing = ("tls_cert", "tls_key") if tls_cert else ("tls_key", "tls_cert")
+        raise ConfigError(
+            f"server.{missing}: must be set together with server.{given}, or both left empty"
+        )
+    if tls_cert:
+        _check_certificate_pair(tls_cert, tls_key)
+
+    names_values = _string_list(table, "tls_names", prefix) or []
+    tls_names = tuple(_tls_name(v) for v in names_values)
+    port_file = _resolve(base_dir, _string(table, "port_file", prefix))
+    return ServerConfig(
+        listen=listen,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_names=tls_names,
+        port_file=port_file,
+    )
+
+
+def _check_certificate_pair(cert_path: str, key_path: str) -> None:
+    certificate = read_pem_certificates(cert_path, "server.tls_cert")[0]
+    key = read_pem_private_key(key_path, "server.tls_key")
+    if key.public_key() != certificate.public_key():
+        raise ConfigError(
+            f"server.tls_key: {key_path} is not the key of the certificate in {cert_path}"
+        )
+
+
+_DNS_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+
+
+def is_dns_name(name: str) -> bool:
+    """Whether C{name} is a plain DNS host name (letters, digits, hyphens; C{*.} first allowed)."""
+    labels = name.split(".")
+    if labels and labels[0] == "*":
+        labels = labels[1:]
+    return (
+        0 < len(name) <= 253
+        and bool(labels)
+        and all(_DNS_LABEL.fullmatch(label) for label in labels)
+    )
+
+
+def _tls_name(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    name = value.strip().lower().rstrip(".")
+    if not is_dns_name(name):
+        raise ConfigError(
+            f"server.tls_names: expected DNS names or IP addresses, got {_show(value)}"
+        )
+    return name
+
+
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)")
+
+
+def normalise_listen(value: str, key: str = "server.listen") -> str:
+    """
+    Turn one listen address into a canonical plain TCP server endpoint description.
+
+    Accepted: C{"8443"} (every IPv4 address), C{"0.0.0.0:8443"}, C{"[::]:8443"},
+    C{"127.0.0.1:0"}, or a Twisted C{tcp:}/C{tcp6:} endpoint description such as
+    C{"tcp:8443:interface=127.0.0.1"}.  The result is C{tcp:PORT:interface=ADDRESS}, plus
+    C{:backlog=N} when one was given.
+
+    @raise ConfigError: for anything else, including C{ssl:} (TLS is always added by the
+        proxy) and host names (the interface must be an address).
+    """
+    text = value.strip()
+    bad = f"{key}: expected an address like \"0.0.0.0:8443\", \"[::]:8443\" or \"tcp:8443\", got {_show(value)}"
+    interface: str
+    backlog: str | None = None
+    if text.isdigit():
+        port, interface = text, "0.0.0.0"
+    elif text[:1].isdigit() or text[:1] in "[:":
+        match = _HOST_PORT.fullmatch(text)
+        if match is None:
+            raise ConfigError(bad)
+        port = match.group("port")
+        interface = match.group("v6") or match.group("host") or "0.0.0.0"
+        if match.group("v6") is not None and ":" not in interface:
+            raise ConfigError(bad)
+    else:
+        kind, _, _ = text.partition(":")
+        if kind not in ("tcp", "tcp6"):
+            if kind in ("ssl", "tls", "unix", "systemd"):
+                raise ConfigError(
+                    f"{key}: {_show(value)} is not a plain TCP endpoint; "
+                    f"the proxy adds TLS itself, so use \"tcp:PORT\" or \"ADDRESS:PORT\""
+                )
+            raise ConfigError(bad)
+        try:
+            args, kwargs = parse_endpoint_description(text)
+        except Exception:
+            raise ConfigError(bad) from None
+        args = args[1:]
+        kwargs = dict(kwargs)
+        if len(args) > 1:
+            raise ConfigError(bad)
+        if args:
+            if "port" in kwargs:
+                raise ConfigError(bad)
+            kwargs["port"] = args[0]
+        unknown = set(kwargs) - {"port", "interface", "backlog"}
+        if unknown or "port" not in kwargs:
+            raise ConfigError(bad)
+        port = kwargs["port"]
+        interface = kwargs.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
+        backlog = kwargs.get("backlog")
+        if backlog is not None and (not backlog.isdigit() or int(backlog) < 1):
+            raise ConfigError(f"{key}: backlog must be a positive integer in {_show(value)}")
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{key}: port must be between 0 and 65535 in {_show(value)}")
+    try:
+        address = ipaddress.ip_address(interface)
+    except ValueError:
+        raise ConfigError(
+            f"{key}: {_show(interface)} is not an IP address in {_show(value)}; "
+            f"listen addresses must be numeric"
+        ) from None
+    escaped = str(address).replace(":", "\\:")
+    description = f"tcp:{int(port)}:interface={escaped}"
+    if backlog is not None:
+        description += f":backlog={int(backlog)}"
+    return description
+
+
+# -- [cache] -------------------------------------------------------------------------------
+
+_CACHE_KEYS = {
+    "dir",
+    "metadata_ttl",
+    "download_idle_timeout",
+    "connect_timeout",
+    "usage_flush_interval",
+}
+
+
+def _parse_cache(table: Mapping[str, Any], base_dir: str, defaults: CacheConfig) -> CacheConfig:
+    prefix = "cache"
+    _check_keys(table, prefix, _CACHE_KEYS)
+    directory = _string(table, "dir", prefix)
+    if "dir" in table and not directory:
+        raise ConfigError("cache.dir: expected a directory path, got \"\"")
+
+    def duration(key: str, default: float, allow_zero: bool) -> float:
+        return _duration(table, key, prefix, default, allow_zero)
+
+    return CacheConfig(
+        dir=_resolve(base_dir, directory) if directory else defaults.dir,
+        metadata_ttl=duration("metadata_ttl", defaults.metadata_ttl, True),
+        download_idle_timeout=duration(
+            "download_idle_timeout", defaults.download_idle_timeout, False
+        ),
+        connect_timeout=duration("connect_timeout", defaults.connect_timeout, False),
+        usage_flush_interval=duration("usage_flush_interval", defaults.usage_flush_interval, False),
+    )
+
+
+# -- [upstreams.NAME] ----------------------------------------------------------------------
+
+_UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure"}
+
+
+def _parse_upstreams(table: Mapping[str, Any], base_dir: str) -> tuple[UpstreamConfig, ...]:
+    if not table:
+        raise ConfigError("upstreams: expected at least one [upstreams.NAME] table")
+    upstreams = []
+    for name, value in table.items():
+        prefix = f"upstreams.{name}"
+        if not _UPSTREAM_NAME.fullmatch(name) or name == "1.0":
+            raise ConfigError(
+                f"{prefix}: an upstream name must match [a-z0-9][a-z0-9._-]* and not be \"1.0\""
+            )
+        if not isinstance(value, dict):
+            raise ConfigError(f"{prefix}: expected a table, got {_show(value)}")
+        upstreams.append(_parse_upstream(name, value, base_dir))
+    return tuple(upstreams)
+
+
+def _parse_upstream(name: str, table: Mapping[str, Any], base_dir: str) -> UpstreamConfig:
+    prefix = f"upstreams.{name}"
+    _check_keys(table, prefix, _UPSTREAM_KEYS)
+    if "url" not in table:
+        raise ConfigError(f"{prefix}.url: missing; every upstream needs a base URL")
+    allow_insecure = table.get("allow_insecure", False)
+    if not isinstance(allow_insecure, bool):
+        raise ConfigError(
+            f"{prefix}.allow_insecure: expected true or false, got {_show(allow_insecure)}"
+        )
+    url = _upstream_url(_string(table, "url", prefix), f"{prefix}.url", allow_insecure)
+    ca_file = _resolve(base_dir, _string(table, "ca_file", prefix))
+    if ca_file:
+        read_pem_certificates(ca_file, f"{prefix}.ca_file")
+    return UpstreamConfig(name=name, url=url, ca_file=ca_file, allow_insecure=allow_insecure)
+
+
+def _upstream_url(value: str, key: str, allow_insecure: bool) -> str:
+    try:
+        parts = urlsplit(value)
+        parts.port  # raises ValueError for a bad port
+    except ValueError:
+        raise ConfigError(f"{key}: {_show(value)} is not a valid URL") from None
+    if parts.scheme == "http" and not allow_insecure:
+        raise ConfigError(
+            f"{key}: upstreams must use https://, got {_show(value)} "
+            f"(allow_insecure = true permits http:// for tests)"
+        )
+    if parts.scheme not in ("https", "http"):
+        raise ConfigError(f"{key}: expected an https:// URL, got {_show(value)}")
+    if not parts.hostname:
+        raise ConfigError(f"{key}: {_show(value)} has no host name")
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(f"{key}: {_show(value)} must not carry credentials")
+    if parts.query or parts.fragment or value.endswith(("?", "#")):
+        raise ConfigError(f"{key}: {_show(value)} must not have a query or fragment")
+    # The LXD client strips one trailing slash from a remote URL; so do we, so that
+    # "base + / + path" joins the same way on both sides.
+    return value[:-1] if value.endswith("/") else value

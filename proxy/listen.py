@@ -1,0 +1,156 @@
+# -*- test-case-name: tests.test_listen -*-
+"""Listening for HTTPS, with an immediate answer to plain HTTP on the same port.
+
+The LXD client downloads every image file over plain C{http://} on the HTTPS port first and
+falls back to HTTPS only when that attempt fails.  If the port swallowed the plain request
+(a TLS server waiting for a ClientHello), each file would stall until a client timeout, so
+the first byte of each connection is sniffed: a TLS handshake record goes to TLS, anything
+else gets a short C{400} telling the user to use C{https://}, and the connection is closed.
+"""
+
+from __future__ import annotations
+
+from typing import cast
+
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IListeningPort,
+    IOpenSSLServerConnectionCreator,
+    IProtocol,
+    IProtocolFactory,
+    IReactorTime,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+
+# The content type byte of a TLS handshake record, which every ClientHello starts with.
+TLS_HANDSHAKE_RECORD = 0x16
+# A connection that sends nothing at all for this long is closed: no other timeout covers
+# a connection before its first byte.
+FIRST_BYTE_TIMEOUT_SECONDS = 30.0
+
+PLAIN_HTTP_BODY = b"This port speaks HTTPS only; use https:// to reach the LXD image proxy.\n"
+PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: " + str(len(PLAIN_HTTP_BODY)).encode("ascii") + b"\r\n"
+    b"Connection: close\r\n"
+    b"\r\n" + PLAIN_HTTP_BODY
+)
+
+
+class SniffingProtocol(Protocol):
+    """
+    Looks at the first byte of a connection and either hands the connection to TLS or
+    answers plain HTTP with L{PLAIN_HTTP_ANSWER} and closes it.
+
+    After the hand-over every byte read is passed on to the TLS protocol, which writes to
+    the real transport itself.
+    """
+
+    log = Logger()
+
+    def __init__(self, tls_factory: IProtocolFactory, clock: IReactorTime) -> None:
+        self._tls_factory = tls_factory
+        self._clock = clock
+        self._delegate: IProtocol | None = None
+        self._answered = False
+        self._timeout: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self._timeout = self._clock.callLater(FIRST_BYTE_TIMEOUT_SECONDS, self._first_byte_timeout)
+
+    def _first_byte_timeout(self) -> None:
+        self._timeout = None
+        # Every stream transport has abortConnection, though ITransport does not say so.
+        cast(ITCPTransport, self.transport).abortConnection()
+
+    def _cancel_timeout(self) -> None:
+        if self._timeout is not None:
+            self._timeout.cancel()
+            self._timeout = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._delegate is not None:
+            self._delegate.dataReceived(data)
+            return
+        if self._answered or not data:
+            # Whatever a rejected client sends while its connection closes is dropped.
+            return
+        self._cancel_timeout()
+        assert self.transport is not None
+        if data[0] == TLS_HANDSHAKE_RECORD:
+            protocol = self._tls_factory.buildProtocol(self.transport.getPeer())
+            if protocol is None:
+                self.transport.loseConnection()
+                return
+            self._delegate = protocol
+            protocol.makeConnection(self.transport)
+            protocol.dataReceived(data)
+            return
+        self._answered = True
+        self.log.debug("plain request from {peer} answered with 400", peer=self.transport.getPeer())
+        self.transport.write(PLAIN_HTTP_ANSWER)
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._cancel_timeout()
+        if self._delegate is not None:
+            self._delegate.connectionLost(reason)
+
+
+class SniffingFactory(Factory):
+    """Builds a L{SniffingProtocol} per connection; starts and stops the TLS factory with it."""
+
+    noisy = False
+
+    def __init__(self, tls_factory: IProtocolFactory, clock: IReactorTime) -> None:
+        self._tls_factory = tls_factory
+        self._clock = clock
+
+    def logPrefix(self) -> str:
+        # Shown by the port: "HTTPS starting on 8443".
+        return "HTTPS"
+
+    def startFactory(self) -> None:
+        self._tls_factory.doStart()
+
+    def stopFactory(self) -> None:
+        self._tls_factory.doStop()
+
+    def buildProtocol(self, addr: IAddress | None) -> Protocol:
+        protocol = SniffingProtocol(self._tls_factory, self._clock)
+        protocol.factory = self
+        return protocol
+
+
+def sniffing_tls_factory(
+    tls_options: IOpenSSLServerConnectionCreator, factory: IProtocolFactory, clock: IReactorTime
+) -> SniffingFactory:
+    """The factory L{listen_tls} listens with: sniffing, then TLS around C{factory}."""
+    return SniffingFactory(TLSMemoryBIOFactory(tls_options, False, factory), clock)
+
+
+def listen_tls(
+    reactor: IReactorTime,
+    description: str,
+    tls_options: IOpenSSLServerConnectionCreator,
+    factory: IProtocolFactory,
+) -> Deferred[IListeningPort]:
+    """
+    Listen on the plain TCP endpoint C{description} and serve C{factory} over TLS there,
+    answering plain HTTP with a 400 (see the module docstring).
+
+    @param reactor: the reactor to listen with; it must also provide C{IReactorTCP}.
+    @param tls_options: e.g. L{proxy.tls.server_tls_options}.
+    @return: fires with the listening port, or fails with
+        L{twisted.internet.error.CannotListenError}.
+    """
+    endpoint = serverFromString(reactor, description)
+    return endpoint.listen(sniffing_tls_factory(tls_options, factory, reactor))
