@@ -1,0 +1,221 @@
+"""Wiring: from a L{Config} to the running proxy service."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, cast
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+from twisted.web.server import Site
+
+from proxy.blobs import BlobStore
+from proxy.config import Config
+from proxy.errors import ConfigError
+from proxy.fetch import Fetcher
+from proxy.index import CacheIndex, reconcile
+from proxy.listen import listen_tls
+from proxy.metadata import UpstreamMetadata
+from proxy.simplestreams import RootResource, UpstreamResource
+from proxy.tls import (
+    certificate_fingerprint,
+    ensure_server_certificate,
+    server_tls_options,
+    upstream_tls_policy,
+)
+from proxy.upstream import UpstreamClient
+
+log = Logger()
+
+
+class CacheService(Service):
+    """
+    Owns the index, the blob store and the upstream client for the lifetime of the process.
+
+    On start it reconciles the index with the disk (a crash may have left temp files, blobs
+    without a record or records without a blob); on stop it writes pending usage and closes.
+    """
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        self.config = config
+        self.reactor = reactor
+        root = FilePath(config.cache.dir)
+        root.makedirs(ignoreExistingDirectory=True)
+        self.root = root
+        self.store = BlobStore(root)
+        self.index = CacheIndex(root.child("index").path, reactor)
+        policies = {
+            u.name: (u.url, upstream_tls_policy(u.ca_file or None)) for u in config.upstreams
+        }
+        self.client = UpstreamClient.for_upstreams(
+            reactor, policies, upstream_tls_policy(None),
+            connect_timeout=config.cache.connect_timeout,
+            header_timeout=config.cache.download_idle_timeout,
+        )
+        self.fetcher = Fetcher(
+            self.client, self.store, self.index, reactor, config.cache.download_idle_timeout
+        )
+        self.metadata = {
+            u.name: UpstreamMetadata(
+                u.name, u.url, self.client, self.store, self.index, reactor,
+                ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout,
+            )
+            for u in config.upstreams
+        }
+
+    def startService(self) -> None:
+        report = reconcile(self.index, self.store)
+        log.info(
+            "cache at {dir}: {files} files; start-up check removed {temp} temp files, "
+            "{orphans} unrecorded blobs, {dangling} records without a blob",
+            dir=self.root.path, files=sum(1 for _ in self.index.records()),
+            temp=report.temp_removed, orphans=report.orphan_blobs_removed,
+            dangling=report.dangling_records_removed,
+        )
+        super().startService()
+
+    def flush_usage(self) -> None:
+        # A TimerService whose call raises stops for good: never let one bad flush end the loop.
+        try:
+            self.index.flush_usage()
+        except Exception:
+            log.failure("writing usage counters to the index failed")
+
+    def stopService(self) -> "Deferred[None]":
+        super().stopService()
+        self.flush_usage()
+        d = self.client.close()
+
+        def close(_: object) -> None:
+            self.index.close()
+
+        d.addBoth(close)
+        return d
+
+    def site(self) -> Site:
+        upstreams = {
+            name: UpstreamResource(meta, self.fetcher, self.store, self.index, self.reactor)
+            for name, meta in self.metadata.items()
+        }
+        banner = "lxd-image-proxy: a caching proxy for LXD and Incus images.\nUpstreams:\n" + "".join(
+            f"  /{u.name}/ -> {u.url}\n" for u in self.config.upstreams
+        )
+        site = Site(RootResource(upstreams, banner))
+        site.displayTracebacks = False
+        return site
+
+
+class ListenService(Service):
+    """Listens with TLS on every configured address and tells the admin how to reach the proxy."""
+
+    def __init__(self, config: Config, reactor: Any, site: Site) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.site = site
+        self.ports: list[IListeningPort] = []
+        self.ready: Deferred[list[int]] = Deferred()
+        self.cert_path = ""
+        self._listening_started = False
+
+    def privilegedStartService(self) -> None:
+        # Bind before twistd drops privileges, so port 443 works for a root-started proxy.
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        # The twist runner (python -m twisted) calls only startService.
+        self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
+        if self._listening_started:
+            return
+        self._listening_started = True
+        server = self.config.server
+        state = FilePath(self.config.cache.dir)
+        try:
+            if server.tls_cert:
+                cert_path, key_path = server.tls_cert, server.tls_key
+            else:
+                cert, key = ensure_server_certificate(state, server.tls_names)
+                cert_path, key_path = cert.path, key.path
+            options = server_tls_options(cert_path, key_path)
+        except (ConfigError, OSError) as e:
+            raise SystemExit(f"lxd-image-proxy: cannot set up TLS: {e}")
+        self.cert_path = cert_path
+        listening = [listen_tls(self.reactor, desc, options, self.site) for desc in server.listen]
+        d = DeferredList(listening, consumeErrors=True)
+        d.addCallback(self._listening)
+
+    def _listening(self, results: list[tuple[bool, Any]]) -> None:
+        failures = [r for ok, r in results if not ok]
+        self.ports = [r for ok, r in results if ok]
+        if failures:
+            for f in failures:
+                log.error("cannot listen: {reason}", reason=f.getErrorMessage())
+            for port in self.ports:
+                port.stopListening()
+            self.ready.errback(failures[0])
+            self.reactor.stop()
+            return
+        bound = [cast(IPv4Address | IPv6Address, port.getHost()).port for port in self.ports]
+        self._announce(bound)
+        self.ready.callback(bound)
+
+    def _announce(self, bound: list[int]) -> None:
+        server = self.config.server
+        if server.port_file:
+            tmp = server.port_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write("".join(f"{p}\n" for p in bound))
+            os.replace(tmp, server.port_file)
+        log.info("listening with TLS on port(s) {ports}", ports=" ".join(str(p) for p in bound))
+        host = server.tls_names[0] if server.tls_names else socket.gethostname()
+        fingerprint = certificate_fingerprint(self.cert_path)
+        log.info(
+            "server certificate {cert} (sha256 fingerprint {fingerprint}); a client needs it as "
+            "servercerts/<remote>.crt in its config directory unless a CA it trusts signed it",
+            cert=self.cert_path, fingerprint=fingerprint,
+        )
+        port = bound[0]
+        for upstream in self.config.upstreams:
+            log.info(
+                "upstream {name} ({url}): lxc remote add {name} https://{host}:{port}/{name} "
+                "--protocol simplestreams",
+                name=upstream.name, url=upstream.url, host=host, port=port,
+            )
+
+    def stopService(self) -> "Deferred[Any]":
+        super().stopService()
+        ports, self.ports = self.ports, []
+        return DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
+
+
+async def _stop(port: IListeningPort) -> None:
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped
+
+
+class ProxyService(MultiService):
+    """The whole proxy: the cache first, then the listeners, then the periodic tasks."""
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.cache = CacheService(config, reactor)
+        self.cache.setServiceParent(self)
+        self.listener = ListenService(config, reactor, self.cache.site())
+        self.listener.setServiceParent(self)
+        timer = TimerService(config.cache.usage_flush_interval, self.cache.flush_usage)
+        timer.clock = reactor
+        timer.setServiceParent(self)
+
+
+def build_service(config: Config, reactor: Any) -> ProxyService:
+    return ProxyService(config, reactor)
