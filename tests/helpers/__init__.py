@@ -1,0 +1,1 @@
+"""Test support: certificates, a simplestreams tree builder and a fault-injecting upstream."""
