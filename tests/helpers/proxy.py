@@ -1,0 +1,64 @@
+"""Run the whole proxy service in the test's reactor, in front of loopback upstreams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from attrs import define
+from twisted.internet.defer import Deferred
+
+from proxy.config import parse_config
+from proxy.service import ProxyService, build_service
+
+
+@define
+class RunningProxy:
+    service: ProxyService
+    port: int
+    cert_pem: bytes
+    state_dir: Path
+
+    def url(self, upstream: str) -> str:
+        # "localhost" is the generated certificate's first DNS name, which the LXD client checks.
+        return f"https://localhost:{self.port}/{upstream}"
+
+    @property
+    def cache(self) -> Any:
+        return self.service.cache
+
+    async def stop(self) -> None:
+        await self.service.stopService()
+
+
+async def start_proxy(
+    reactor: Any,
+    state_dir: Path,
+    upstreams: Mapping[str, tuple[str, bytes]],
+    cache: Mapping[str, Any] | None = None,
+) -> RunningProxy:
+    """
+    Start a proxy on 127.0.0.1 with an ephemeral port.
+
+    @param upstreams: name -> (base URL, PEM of the CA that signed its certificate).
+    @param cache: extra C{[cache]} keys.
+    """
+    state_dir.mkdir(parents=True, exist_ok=True)
+    tables: dict[str, Any] = {}
+    for name, (url, ca_pem) in upstreams.items():
+        ca_file = state_dir.parent / f"{state_dir.name}-{name}-ca.pem"
+        ca_file.write_bytes(ca_pem)
+        tables[name] = {"url": url, "ca_file": str(ca_file)}
+    document = {
+        "server": {"listen": ["127.0.0.1:0"], "tls_names": ["localhost"]},
+        "cache": {"dir": str(state_dir), **(cache or {})},
+        "upstreams": tables,
+    }
+    config = parse_config(document, base_dir=str(state_dir))
+    service = build_service(config, reactor)
+    service.privilegedStartService()
+    service.startService()
+    ready: Deferred[list[int]] = service.listener.ready
+    ports = await ready.addTimeout(10, reactor)
+    cert_pem = Path(service.listener.cert_path).read_bytes()
+    return RunningProxy(service, ports[0], cert_pem, state_dir)
