@@ -567,7 +567,8 @@ def reconcile(index: CacheIndex, store: BlobStore) -> ReconcileReport:
         orphan_blobs_removed=orphans,
         dangling_records_removed=dangling_removed,
     )
-    _log.info(
+    # The service logs the summary at info level, with the cache's size.
+    _log.debug(
         "cache reconciled: {temp_removed} temp files, {orphan_blobs_removed} unreferenced blobs"
         " and {dangling_records_removed} dangling records removed",
         temp_removed=report.temp_removed,

@@ -33,6 +33,8 @@ from proxy.upstream import UpstreamClient
 
 log = Logger()
 
+CLOSE_TIMEOUT_SECONDS = 2.0
+
 
 class CacheService(Service):
     """
@@ -90,7 +92,9 @@ class CacheService(Service):
     def stopService(self) -> "Deferred[None]":
         super().stopService()
         self.flush_usage()
-        d = self.client.close()
+        # Closing idle upstream connections waits for the peers' TLS goodbye; a peer that never
+        # answers must not hold up the shutdown.
+        d = self.client.close().addTimeout(CLOSE_TIMEOUT_SECONDS, self.reactor)
 
         def close(_: object) -> None:
             self.index.close()

@@ -1,0 +1,253 @@
+"""
+The proxy as a real process: started by twistd and by the twist runner, killed with SIGKILL in
+the middle of downloads, and started again on the same state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# No stubs or py.typed marker in pytest-twisted.
+import pytest_twisted  # type: ignore[import-untyped]
+import treq
+from treq.client import HTTPClient
+from twisted.internet import reactor as _reactor
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
+from twisted.internet.task import deferLater
+from twisted.python.filepath import FilePath
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+
+from proxy.blobs import BlobStore
+from proxy.index import CacheIndex
+from tests.helpers.certs import make_ca
+from tests.helpers.tree import build_tree
+from tests.helpers.upstream import start_https_upstream
+
+ROOT = Path(__file__).resolve().parent.parent
+reactor: Any = _reactor
+START_TIMEOUT_SECONDS = 30.0
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def _twistd() -> list[str]:
+    found = shutil.which("twistd")
+    if found is not None:
+        return [found]
+    return [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())"]
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("0.0.0.0", port))
+        except OSError:
+            return False
+    return True
+
+
+def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
+    """
+    C{twistd -n lxd-image-proxy} with no configuration file: HTTPS on 8443, a generated
+    certificate in the state directory, one C{lxc remote add} line per default upstream.
+    It is only started and stopped: its upstreams are public servers.
+    """
+    if not _port_free(8443):
+        pytest.skip("port 8443 is in use on this machine")
+    state = tmp_path / "state"
+    log = tmp_path / "out.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            _twistd() + ["-n", "--pidfile=", "lxd-image-proxy"],
+            cwd=tmp_path, env=_env(STATE_DIRECTORY=str(state)), stdout=out, stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT_SECONDS
+            while time.monotonic() < deadline and process.poll() is None:
+                if b"lxc remote add linuxcontainers" in log.read_bytes():
+                    break
+                time.sleep(0.1)
+            text = log.read_text()
+            assert process.poll() is None, text
+            assert "listening with TLS on port(s) 8443" in text, text
+            for name in ("images", "ubuntu", "ubuntu-daily", "linuxcontainers"):
+                assert f"lxc remote add {name} https://" in text
+                assert f":8443/{name} --protocol simplestreams" in text
+            assert "sha256 fingerprint" in text
+            assert (state / "tls" / "server.crt").exists()
+            assert (state / "index").is_dir()
+        finally:
+            _stop(process)
+    # twistd ends by re-raising the signal it stopped on.
+    assert process.returncode in (0, -signal.SIGTERM), log.read_text()
+    assert "Traceback" not in log.read_text()
+
+
+def _write_config(tmp_path: Path, upstream_url: str, ca_pem: bytes) -> Path:
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f"""
+[server]
+listen = ["127.0.0.1:0"]
+tls_names = ["localhost"]
+port_file = "port"
+
+[cache]
+dir = "state"
+download_idle_timeout = "20s"
+
+[upstreams.cache]
+url = "{upstream_url}"
+ca_file = "ca.pem"
+"""
+    )
+    return config
+
+
+class ProxyProcess:
+    """The proxy started with C{python -m twisted lxd-image-proxy --config FILE}."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.dir = config.parent
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = self.dir / "proxy.log"
+
+    async def start(self) -> int:
+        port_file = self.dir / "port"
+        port_file.unlink(missing_ok=True)
+        out = self.log.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "twisted", "lxd-image-proxy", "--config", str(self.config)],
+            cwd=self.dir, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+        )
+        out.close()
+        for _ in range(int(START_TIMEOUT_SECONDS * 10)):
+            if port_file.exists() and port_file.read_text().strip():
+                return int(port_file.read_text().split()[0])
+            assert self.process.poll() is None, self.log.read_text()
+            await deferLater(reactor, 0.1, lambda: None)
+        raise AssertionError("the proxy did not write its port file:\n" + self.log.read_text())
+
+    def kill(self) -> None:
+        if self.process is not None:
+            _stop(self.process, signal.SIGKILL)
+
+    async def stop(self) -> int:
+        """SIGTERM, then wait without blocking the reactor (the upstream lives in it)."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        for _ in range(int(START_TIMEOUT_SECONDS * 10)):
+            code = self.process.poll()
+            if code is not None:
+                return code
+            await deferLater(reactor, 0.1, lambda: None)
+        raise AssertionError("the proxy did not stop on SIGTERM:\n" + self.log.read_text())
+
+
+@pytest.fixture
+def proxy_process(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
+    started: list[ProxyProcess] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+def _client(cert_pem: bytes) -> HTTPClient:
+    trust = trustRootFromCertificates([Certificate.loadPEM(cert_pem)])
+    pool = HTTPConnectionPool(reactor, persistent=False)
+    return HTTPClient(Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trust), pool=pool))
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_sigkill_during_downloads_then_restart(
+    tmp_path: Path, proxy_process: list[ProxyProcess]
+) -> None:
+    if shutil.which("mksquashfs") is None:
+        pytest.skip("mksquashfs is not installed (apt-get install squashfs-tools)")
+    tree = build_tree(tmp_path / "tree", big_rootfs_bytes=2 * 1024 * 1024)
+    image = tree.image("bigos/1.0")
+    assert image.root is not None
+    ca = make_ca()
+    upstream = start_https_upstream(reactor, tree.root, ca)
+    try:
+        proxy = ProxyProcess(_write_config(tmp_path, upstream.url, ca.cert_pem))
+        proxy_process.append(proxy)
+        port = await proxy.start()
+        cert_pem = (tmp_path / "state" / "tls" / "server.crt").read_bytes()
+        client = _client(cert_pem)
+        url = f"https://localhost:{port}/cache/{image.root.path}"
+
+        # One file completes; the big one is held upstream while three clients stream it.
+        meta = await client.get(f"https://localhost:{port}/cache/{image.meta.path}")
+        assert hashlib.sha256(await treq.content(meta)).hexdigest() == image.meta.sha256
+        upstream.resource.hold(image.root.path)
+        responses = [await client.get(url, unbuffered=True) for _ in range(3)]
+        assert [r.code for r in responses] == [200, 200, 200]
+        bodies = [treq.content(r) for r in responses]
+        assert list((tmp_path / "state" / "tmp").iterdir()) != []
+
+        proxy.kill()
+        for body in bodies:
+            with pytest.raises(Exception):
+                await body.addTimeout(10, reactor)
+        upstream.resource.clear(image.root.path)
+
+        port = await proxy.start()
+        log = proxy.log.read_text()
+        # The twist runner logs JSON lines when its output is not a terminal.
+        assert '"temp_removed": 1' in log, log
+        assert list((tmp_path / "state" / "tmp").iterdir()) == []
+        response = await client.get(f"https://localhost:{port}/cache/{image.root.path}")
+        assert response.code == 200
+        assert hashlib.sha256(await treq.content(response)).hexdigest() == image.root.sha256
+        # The file completed before the crash is still a hit.
+        assert upstream.resource.count(image.meta.path) == 1
+        response = await client.get(f"https://localhost:{port}/cache/{image.meta.path}")
+        assert hashlib.sha256(await treq.content(response)).hexdigest() == image.meta.sha256
+        assert upstream.resource.count(image.meta.path) == 1
+        # Like twistd, the twist runner ends by re-raising the signal it stopped on.
+        assert await proxy.stop() in (0, -signal.SIGTERM)
+    finally:
+        await upstream.stop()
+
+    # Every record has its blob, every blob its record.
+    state = tmp_path / "state"
+    store = BlobStore(FilePath(str(state)))
+    index = CacheIndex(str(state / "index"), reactor)
+    try:
+        recorded = {r.sha256 for r in index.records()} | {m.sha256 for m in index.metadata_records()}
+        assert recorded == set(store.stored())
+        assert {image.meta.sha256, image.root.sha256} <= recorded
+    finally:
+        index.close()
