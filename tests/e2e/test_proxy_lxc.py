@@ -27,7 +27,7 @@ from twisted.web.server import Request
 
 from tests.e2e.lxd import LxcClient, LxdDaemon, running_daemon
 from tests.helpers.certs import make_ca
-from tests.helpers.proxy import RunningProxy, start_proxy
+from tests.helpers.running_proxy import RunningProxy, start_proxy
 from tests.helpers.tree import Tree, build_tree
 from tests.helpers.upstream import RunningUpstream, start_https_upstream
 
