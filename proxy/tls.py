@@ -233,15 +233,15 @@ def server_tls_options(cert_path: PathLike, key_path: PathLike) -> CertificateOp
 
     @raise ConfigError: a file cannot be read or holds no certificate or key.
     """
-    chain = read_pem_certificates(_path(cert_path).path, "server.tls_cert")
-    # Any: the installed pyOpenSSL stubs accept only RSA and DSA keys here, but pyOpenSSL
-    # itself takes EC and Ed25519 keys too.
+    # Any: Twisted's annotations still name pyOpenSSL's X509 and PKey, which pyOpenSSL has
+    # deprecated; CertificateOptions hands the objects to pyOpenSSL, which takes
+    # cryptography's own certificate and key objects.
+    chain: list[Any] = list(read_pem_certificates(_path(cert_path).path, "server.tls_cert"))
     private_key: Any = read_pem_private_key(_path(key_path).path, "server.tls_key")
-    certificates = [crypto.X509.from_cryptography(c) for c in chain]
     return CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(private_key),
-        certificate=certificates[0],
-        extraCertChain=certificates[1:],
+        privateKey=private_key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
         raiseMinimumTo=TLSVersion.TLSv1_2,
     )
 
