@@ -12,7 +12,7 @@ from typing import Any
 
 from attrs import define, field
 from treq import collect
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,9 +21,9 @@ from twisted.web.iweb import IResponse
 
 from proxy.blobs import BlobStore, PartialBlob
 from proxy.catalogue import Item
-from proxy.errors import NotFound, UpstreamFailed, UpstreamTimeout
+from proxy.errors import NotFound, UpstreamFailed
 from proxy.index import CacheIndex, FileRecord
-from proxy.upstream import UpstreamClient, VerificationFailed, receive_body
+from proxy.upstream import UpstreamClient, VerificationFailed, as_proxy_error, receive_body
 
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0
 
@@ -185,10 +185,8 @@ class Fetcher:
     async def _run(self, download: Download) -> None:
         try:
             await self._fetch(download)
-        except BaseException as e:
-            failure = Failure(e)
-            if isinstance(e, CancelledError):
-                failure = Failure(UpstreamTimeout("upstream sent no response headers in time"))
+        except Exception as e:
+            failure = Failure(as_proxy_error(Failure(e), download.item.path))
             self.log.warn(
                 "download of {url} failed, nothing cached: {reason}",
                 url=download.url, reason=failure.getErrorMessage(),

@@ -18,14 +18,19 @@ from twisted.python.failure import Failure
 
 from proxy.blobs import BlobStore
 from proxy.catalogue import CatalogueError, Item, parse_products, products_paths
-from proxy.errors import NotFound, ProxyError, UpstreamFailed, UpstreamTimeout
+from proxy.errors import NotFound, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
-from proxy.upstream import UpstreamClient, receive_body
+from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
 
 INDEX_PATH = "streams/v1/index.json"
 # A products file is JSON that the proxy parses whole; this bounds what an upstream can make it
 # hold. The largest real one (Ubuntu releases) is tens of MiB.
 MAX_METADATA_BYTES = 512 * 1024 * 1024
+# How long a client waits for a stale copy to be revalidated before it gets the copy as is.
+STALE_WAIT_SECONDS = 5.0
+# After a failed refresh the copy is served without asking the upstream for this long (or the
+# TTL, if shorter), so that an outage costs each client nothing.
+RETRY_AFTER_FAILURE_SECONDS = 30.0
 
 
 class UpstreamMetadata:
@@ -55,6 +60,9 @@ class UpstreamMetadata:
         self._idle_timeout = idle_timeout
         self._refreshing: dict[str, list[Deferred[MetadataRecord]]] = {}
         self._failing: set[str] = set()
+        self._retry_at: dict[str, float] = {}
+        # paths whose running refresh has outlasted STALE_WAIT_SECONDS
+        self._slow: set[str] = set()
         # products path -> (sha256 of the body parsed, its items by item path)
         self._parsed: dict[str, tuple[str, dict[str, Item]]] = {}
         self._index_parsed: tuple[str, list[str]] | None = None
@@ -69,15 +77,22 @@ class UpstreamMetadata:
             raise NotFound(f"{self.name}: {path} is not a file of this upstream's catalogue")
         return await self._current(path)
 
-    async def products_paths(self) -> list[str]:
-        record = await self._current(INDEX_PATH)
+    async def products_paths(self, *, refresh: bool = True) -> list[str]:
+        record = await (self._current(INDEX_PATH) if refresh else self._copy(INDEX_PATH))
         if self._index_parsed is None or self._index_parsed[0] != record.sha256:
             self._index_parsed = (record.sha256, products_paths(self._read(record)))
         return self._index_parsed[1]
 
     async def item(self, path: str) -> Item | None:
-        """The catalogue entry for the item C{path}, or None when no products file lists it."""
-        for products_path in await self.products_paths():
+        """
+        The catalogue entry for the item C{path}, or None when no products file lists it.
+
+        This reads the copies the proxy holds, whatever their age, and asks the upstream only
+        for a file it has no copy of: clients fetch the index and products files (which
+        refreshes them) before they ask for files, and a path that no catalogue lists must
+        not cost an upstream request.
+        """
+        for products_path in await self.products_paths(refresh=False):
             items = await self._items(products_path)
             found = items.get(path)
             if found is not None:
@@ -85,7 +100,7 @@ class UpstreamMetadata:
         return None
 
     async def _items(self, products_path: str) -> dict[str, Item]:
-        record = await self._current(products_path)
+        record = await self._copy(products_path)
         parsed = self._parsed.get(products_path)
         if parsed is None or parsed[0] != record.sha256:
             parsed = (record.sha256, parse_products(self._read(record)))
@@ -95,14 +110,57 @@ class UpstreamMetadata:
     def _read(self, record: MetadataRecord) -> bytes:
         return self._store.path_for(record.sha256).getContent()
 
-    async def _current(self, path: str) -> MetadataRecord:
+    def _stored(self, path: str) -> MetadataRecord | None:
         record = self._index.get_metadata(self.name, path)
         if record is not None and self._store.exists(record.sha256):
-            if self._clock.seconds() - record.checked_at < self._ttl:
+            return record
+        return None
+
+    async def _copy(self, path: str) -> MetadataRecord:
+        """The copy held of C{path}, of any age; fetched only when there is none."""
+        record = self._stored(path)
+        if record is not None:
+            return record
+        return await self._refresh_shared(path, None)
+
+    async def _current(self, path: str) -> MetadataRecord:
+        """
+        A copy of C{path} no older than the TTL where the upstream allows.
+
+        A stale copy is revalidated, but a client waits for that at most
+        C{STALE_WAIT_SECONDS}: while the upstream hangs the last good copy is served (at once
+        to everyone after the first wait ran out), and after a failure the copy is served
+        without asking again until C{_retry_at}.
+        """
+        record = self._stored(path)
+        if record is None:
+            return await self._refresh_shared(path, None)
+        now = self._clock.seconds()
+        if now - record.checked_at < self._ttl or now < self._retry_at.get(path, 0.0):
+            return record
+        if path in self._slow:
+            # A refresh is already running past the wait: nobody else waits for it.
+            return record
+        refreshed = Deferred.fromCoroutine(self._refresh_shared(path, record))
+        timed_out: list[bool] = []
+
+        def give_up() -> None:
+            timed_out.append(True)
+            if path in self._refreshing:
+                self._slow.add(path)
+            refreshed.cancel()
+
+        timer = self._clock.callLater(STALE_WAIT_SECONDS, give_up)
+        try:
+            return await refreshed
+        except CancelledError:
+            if timed_out:
+                # Still waiting on the upstream: serve the copy; the refresh goes on.
                 return record
-        else:
-            record = None
-        return await self._refresh_shared(path, record)
+            raise
+        finally:
+            if timer.active():
+                timer.cancel()
 
     async def _refresh_shared(self, path: str, stale: MetadataRecord | None) -> MetadataRecord:
         d: Deferred[MetadataRecord] = Deferred()
@@ -119,29 +177,28 @@ class UpstreamMetadata:
         result: MetadataRecord | Failure
         try:
             result = await self._refresh(path, stale)
-        except BaseException as e:
-            failure = Failure(e)
-            if isinstance(e, CancelledError):
-                failure = Failure(UpstreamTimeout(f"{self.name}: upstream sent no response headers in time"))
+        except Exception as e:
+            error = as_proxy_error(Failure(e), f"{self.name}: {path}")
+            self._retry_at[path] = self._clock.seconds() + min(self._ttl, RETRY_AFTER_FAILURE_SECONDS)
             if path not in self._failing:
                 self._failing.add(path)
                 self.log.warn(
                     "refreshing {url} failed: {reason}; "
                     + ("serving the copy from {age:.0f}s ago until it recovers" if stale else "no copy to serve"),
-                    url=self._url(path), reason=failure.getErrorMessage(),
+                    url=self._url(path), reason=error.message,
                     age=(self._clock.seconds() - stale.fetched_at) if stale else 0.0,
                 )
-            if stale is not None:
-                result = stale
-            elif isinstance(failure.value, ProxyError):
-                result = failure
-            else:
-                result = Failure(UpstreamFailed(f"{self.name}: {failure.getErrorMessage()}"))
+            result = stale if stale is not None else Failure(error)
         else:
+            self._retry_at.pop(path, None)
             if path in self._failing:
                 self._failing.discard(path)
                 self.log.info("{url} is answering again", url=self._url(path))
+        self._slow.discard(path)
         for d in self._refreshing.pop(path, []):
+            # An observer whose client went away was cancelled: it has its answer.
+            if d.called:
+                continue
             if isinstance(result, Failure):
                 d.errback(result)
             else:

@@ -111,7 +111,8 @@ class UpstreamResource(AsyncResource):
         download = self._fetcher.get(self.name, self._metadata.base_url, item)
         await self._await_start(download)
         await serve_file(
-            request, download, etag=item.sha256, last_modified=self._clock.seconds(), clock=self._clock,
+            request, download, etag=item.sha256, last_modified=self._clock.seconds(),
+            clock=self._clock, ranges=False,
         )
 
     async def _await_start(self, download: Download) -> None:

@@ -11,18 +11,19 @@ from typing import Any, Callable, Iterable, Mapping, cast
 
 from hyperlink import URL
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web._newclient import _WrapperException
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from proxy import __version__
-from proxy.errors import Forbidden, ProxyError, UpstreamFailed, UpstreamTimeout
+from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout
 
 USER_AGENT = f"lxd-image-proxy/{__version__}".encode("ascii")
 
@@ -40,8 +41,31 @@ def origin_of(url: bytes | str) -> Origin:
     return (scheme.encode("ascii"), parsed.host.lower().encode("idna"), port)
 
 
-class NotAnUpstream(Forbidden):
-    """A request, or a redirect, pointed at a host that is not a configured upstream."""
+class NotAnUpstream(UpstreamFailed):
+    """
+    A request, or a redirect, pointed at a host that is not a configured upstream.
+
+    Only an upstream's redirect can lead here (clients name files, never hosts), so for the
+    client it is an upstream fault: 502.
+    """
+
+
+def as_proxy_error(failure: Failure, what: str) -> ProxyError:
+    """
+    The L{ProxyError} to answer with for an upstream request that failed with C{failure}.
+
+    No answer within the header timeout is a 504; every other transport, TLS or protocol
+    failure is a 502 whose message names the cause.
+    """
+    error = failure.value
+    if isinstance(error, ProxyError):
+        return error
+    reasons: list[Failure] = [failure]
+    if isinstance(error, _WrapperException):
+        reasons = list(error.reasons) or reasons
+    if any(r.check(CancelledError, TimeoutError) for r in reasons):
+        return UpstreamTimeout(f"{what}: the upstream did not answer in time")
+    return UpstreamFailed(f"{what}: {reasons[0].getErrorMessage()}")
 
 
 @implementer(IAgent)
@@ -71,7 +95,9 @@ class AllowlistAgent:
     ) -> "Deferred[IResponse]":
         if not self.allows(uri):
             return fail(
-                NotAnUpstream(f"refusing to contact {uri.decode('ascii', 'replace')}: not a configured upstream")
+                NotAnUpstream(
+                    f"refusing to contact {uri.decode('ascii', 'replace')}: not a configured upstream"
+                )
             )
         return self._agent.request(method, uri, headers, bodyProducer)
 
@@ -244,5 +270,5 @@ class UpstreamClient:
 
 __all__ = [
     "AllowlistAgent", "BodyReceiver", "NotAnUpstream", "PerOriginTLSPolicy", "UpstreamClient",
-    "VerificationFailed", "origin_of", "receive_body",
+    "VerificationFailed", "as_proxy_error", "origin_of", "receive_body",
 ]

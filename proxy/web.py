@@ -27,6 +27,11 @@ from proxy.streaming import FileProducer, FileSource, ProducerStopped, abort_con
 INTERNAL_ERROR_MESSAGE = "internal error"
 
 
+def _text(value: bytes | None) -> str:
+    """A request line part for a log message: bytes as text, never C{b'...'}."""
+    return "" if value is None else value.decode("utf-8", "replace")
+
+
 def finish_request(request: Request) -> None:
     """
     Finish C{request} unless it is finished already or its client is gone.
@@ -134,34 +139,35 @@ class AsyncResource(Resource):
         if exchange.client_gone or isinstance(error, ProducerStopped):
             self.log.debug(
                 "client went away during {method} {uri}",
-                method=request.method,
-                uri=request.uri,
+                method=_text(request.method),
+                uri=_text(request.uri),
             )
             return
         if request.finished:
             self.log.failure(
                 "error after {method} {uri} was finished",
                 Failure(error),
-                method=request.method,
-                uri=request.uri,
+                method=_text(request.method),
+                uri=_text(request.uri),
             )
             return
         if request.startedWriting:
             # Too late for a status: make sure the client cannot mistake
             # what it got for a whole response.
             if isinstance(error, ProxyError):
-                self.log.warn(
+                # The failure itself is logged once where it happened; this is per client.
+                self.log.info(
                     "{method} {uri} aborted after the headers: {message}",
-                    method=request.method,
-                    uri=request.uri,
+                    method=_text(request.method),
+                    uri=_text(request.uri),
                     message=error.message,
                 )
             else:
                 self.log.failure(
                     "{method} {uri} aborted after the headers",
                     Failure(error),
-                    method=request.method,
-                    uri=request.uri,
+                    method=_text(request.method),
+                    uri=_text(request.uri),
                 )
             abort_connection(request)
             return
@@ -171,14 +177,14 @@ class AsyncResource(Resource):
             self.log.failure(
                 "error handling {method} {uri}",
                 Failure(error),
-                method=request.method,
-                uri=request.uri,
+                method=_text(request.method),
+                uri=_text(request.uri),
             )
             mapped = ProxyError(INTERNAL_ERROR_MESSAGE, 500)
         try:
             self.render_error(request, mapped)
         except Exception:
-            self.log.failure("rendering an error for {uri} failed", uri=request.uri)
+            self.log.failure("rendering an error for {uri} failed", uri=_text(request.uri))
             abort_connection(request)
             return
         finish_request(request)
@@ -267,9 +273,14 @@ async def serve_file(
     last_modified: float,
     clock: IReactorTime,
     content_type: bytes = b"application/octet-stream",
+    ranges: bool = True,
 ) -> None:
     """
     Answer a GET or HEAD with the bytes of C{source}.
+
+    With C{ranges=False}, C{Range} is ignored and C{Accept-Ranges: none} sent: a source
+    still being downloaded is only verified as a whole, so no part of it may be handed out
+    as a complete answer before that.
 
     Sets C{ETag} (C{etag} quoted), C{Last-Modified}, C{Accept-Ranges},
     C{Content-Type} and C{Content-Length}.  C{If-None-Match} naming C{etag}
@@ -305,10 +316,10 @@ async def serve_file(
         return
 
     request.setHeader(b"Last-Modified", modified_header)
-    request.setHeader(b"Accept-Ranges", b"bytes")
+    request.setHeader(b"Accept-Ranges", b"bytes" if ranges else b"none")
 
     start, end = 0, size
-    range_header = request.getHeader(b"Range")
+    range_header = request.getHeader(b"Range") if ranges else None
     if range_header is not None and request.method == b"GET":
         if _range_applies(request, quoted, modified_header):
             try:
@@ -318,7 +329,7 @@ async def serve_file(
                 raise
             if byte_range is None:
                 AsyncResource.log.debug(
-                    "ignoring Range {range!r} on {uri}", range=range_header, uri=request.uri
+                    "ignoring Range {range!r} on {uri}", range=range_header, uri=_text(request.uri)
                 )
             else:
                 start, end = byte_range

@@ -19,15 +19,16 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent
+from twisted.web.server import NOT_DONE_YET
 
 from proxy.blobs import BlobStore
 from proxy.fetch import Fetcher
 from proxy.index import CacheIndex
-from proxy.metadata import UpstreamMetadata
+from proxy.metadata import RETRY_AFTER_FAILURE_SECONDS, STALE_WAIT_SECONDS, UpstreamMetadata
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.upstream import AllowlistAgent, UpstreamClient, origin_of
 from tests.helpers.scripted import (
@@ -163,6 +164,85 @@ def test_stale_if_error_serves_last_good_copy_and_logs_once(h: Harness, logged: 
         h.clock.advance(TTL + 1)
     warnings = [e for e in logged if "refreshing" in e.get("log_format", "")]
     assert len(warnings) == 1
+
+
+def _never_answer(request: Any) -> Any:
+    return NOT_DONE_YET
+
+
+def test_hanging_upstream_gets_the_stale_copy_served(h: Harness, logged: list[LogEvent]) -> None:
+    h.fetch("streams/v1/index.json")
+    h.upstream.override["streams/v1/index.json"] = _never_answer
+    h.clock.advance(TTL + 1)
+    d = h.get("streams/v1/index.json")
+    h.settle()
+    h.clock.advance(STALE_WAIT_SECONDS)
+    response = h.run(d)
+    assert (response.code, h.run(treq.content(response))) == (200, h.files["streams/v1/index.json"])
+    # Until the refresh ends, further clients get the copy without waiting or asking again.
+    h.clock.advance(1)
+    code, body, _ = h.fetch("streams/v1/index.json")
+    assert (code, body) == (200, h.files["streams/v1/index.json"])
+    assert upstream_gets(h, "streams/v1/index.json") == 2
+    # The refresh times out; the copy is then served for the retry interval without asking.
+    h.clock.advance(IDLE)
+    h.settle()
+    code, body, _ = h.fetch("streams/v1/index.json")
+    assert (code, body) == (200, h.files["streams/v1/index.json"])
+    assert upstream_gets(h, "streams/v1/index.json") == 2
+    warnings = [e for e in logged if "refreshing" in e.get("log_format", "")]
+    assert len(warnings) == 1 and "did not answer in time" in warnings[0]["reason"]
+
+
+def test_hanging_upstream_without_copy_is_504(h: Harness) -> None:
+    h.upstream.override["streams/v1/index.json"] = _never_answer
+    d = h.get("streams/v1/index.json")
+    h.settle()
+    h.clock.advance(IDLE + 1)
+    response = h.run(d)
+    assert response.code == 504
+
+
+def test_failed_refresh_is_retried_after_the_retry_interval(h: Harness) -> None:
+    h.fetch("streams/v1/index.json")
+    h.upstream.statuses["streams/v1/index.json"] = 500
+    h.clock.advance(TTL + 1)
+    h.fetch("streams/v1/index.json")
+    assert upstream_gets(h, "streams/v1/index.json") == 2
+    h.fetch("streams/v1/index.json")
+    assert upstream_gets(h, "streams/v1/index.json") == 2
+    del h.upstream.statuses["streams/v1/index.json"]
+    h.clock.advance(RETRY_AFTER_FAILURE_SECONDS + 1)
+    h.fetch("streams/v1/index.json")
+    assert upstream_gets(h, "streams/v1/index.json") == 3
+
+
+def test_item_lookup_uses_the_copy_and_asks_the_upstream_nothing(h: Harness) -> None:
+    h.fetch("streams/v1/images.json")
+    h.clock.advance(TTL + 1)
+    code, _, _ = h.fetch("images/not/listed.squashfs")
+    assert code == 404
+    assert len(h.upstream.requests) == 2
+
+
+def test_upstream_connection_failure_on_a_miss_is_502(h: Harness, logged: list[LogEvent]) -> None:
+    h.fetch("streams/v1/images.json")
+
+    def hang_up(request: Any) -> Any:
+        request.channel.transport.abortConnection()
+        return NOT_DONE_YET
+
+    h.upstream.override[ROOTFS_PATH] = hang_up
+    code, body, _ = h.fetch(ROOTFS_PATH)
+    assert code == 502
+    assert ROOTFS_PATH.encode() in body
+    assert not [e for e in logged if e.get("log_level") is LogLevel.critical]
+
+
+def test_range_on_a_miss_is_ignored(h: Harness) -> None:
+    code, body, response = h.fetch(ROOTFS_PATH, headers={b"Range": [b"bytes=0-99"]})
+    assert (code, body) == (200, h.files[ROOTFS_PATH])
+    assert response.headers.getRawHeaders(b"Accept-Ranges") == [b"none"]
 
 
 def test_metadata_failure_without_copy_is_502(h: Harness) -> None:
@@ -414,7 +494,7 @@ def test_configured_origin_is_let_through() -> None:
 def test_upstream_redirect_elsewhere_fails_the_download(h: Harness) -> None:
     h.upstream.redirects[ROOTFS_PATH] = b"https://elsewhere.test/file"
     code, body, _ = h.fetch(ROOTFS_PATH)
-    assert code in (403, 502)
+    assert code == 502
     assert not h.store.exists(sha(h.files[ROOTFS_PATH]))
 
 
