@@ -6,6 +6,8 @@ import os
 import socket
 from typing import Any, cast
 
+import lmdb
+
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -19,10 +21,11 @@ from proxy.blobs import BlobStore
 from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.fetch import Fetcher
-from proxy.index import CacheIndex, reconcile
+from proxy.index import CacheIndex, IndexFormatError, reconcile
 from proxy.listen import listen_tls
 from proxy.metadata import UpstreamMetadata
 from proxy.simplestreams import RootResource, UpstreamResource
+from proxy.statedir import StateLock
 from proxy.tls import (
     certificate_fingerprint,
     ensure_server_certificate,
@@ -47,11 +50,16 @@ class CacheService(Service):
     def __init__(self, config: Config, reactor: Any) -> None:
         self.config = config
         self.reactor = reactor
+        self.lock = StateLock(config.cache.dir)
         root = FilePath(config.cache.dir)
-        root.makedirs(ignoreExistingDirectory=True)
         self.root = root
-        self.store = BlobStore(root)
-        self.index = CacheIndex(root.child("index").path, reactor)
+        try:
+            self.store = BlobStore(root)
+            self.index = CacheIndex(root.child("index").path, reactor)
+        except (OSError, lmdb.Error, IndexFormatError) as e:
+            self.lock.release()
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise ConfigError(f"cache.dir: cannot use {root.path}: {reason}") from None
         policies = {
             u.name: (u.url, upstream_tls_policy(u.ca_file or None)) for u in config.upstreams
         }
@@ -98,6 +106,7 @@ class CacheService(Service):
 
         def close(_: object) -> None:
             self.index.close()
+            self.lock.release()
 
         d.addBoth(close)
         return d
@@ -154,20 +163,25 @@ class ListenService(Service):
             raise SystemExit(f"lxd-image-proxy: cannot set up TLS: {e}")
         self.cert_path = cert_path
         listening = [listen_tls(self.reactor, desc, options, self.site) for desc in server.listen]
-        d = DeferredList(listening, consumeErrors=True)
-        d.addCallback(self._listening)
+        outcome: list[list[tuple[bool, Any]]] = []
+        all_listening = DeferredList(listening, consumeErrors=True)
+        all_listening.addCallback(outcome.append)
+        # TCP endpoints listen at once, so the outcome is known here, before the reactor runs:
+        # a port that cannot be had stops start-up with one sentence and a non-zero exit.
+        if outcome:
+            self._listening(outcome[0])
+        else:
+            all_listening.addCallback(lambda _: self._listening(outcome[0]))
 
     def _listening(self, results: list[tuple[bool, Any]]) -> None:
         failures = [r for ok, r in results if not ok]
         self.ports = [r for ok, r in results if ok]
         if failures:
-            for f in failures:
-                log.error("cannot listen: {reason}", reason=f.getErrorMessage())
             for port in self.ports:
                 port.stopListening()
-            self.ready.errback(failures[0])
-            self.reactor.stop()
-            return
+            self.ports = []
+            reasons = "; ".join(f.getErrorMessage() for f in failures)
+            raise SystemExit(f"lxd-image-proxy: cannot listen: {reasons}")
         bound = [cast(IPv4Address | IPv6Address, port.getHost()).port for port in self.ports]
         self._announce(bound)
         self.ready.callback(bound)

@@ -251,3 +251,69 @@ async def test_sigkill_during_downloads_then_restart(
         assert {image.meta.sha256, image.root.sha256} <= recorded
     finally:
         index.close()
+
+
+def _run_proxy(tmp_path: Path, config_text: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "bad.toml"
+    config.write_text(config_text)
+    return subprocess.run(
+        [sys.executable, "-m", "twisted", "--log-format", "text", "lxd-image-proxy",
+         "--config", str(config)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=START_TIMEOUT_SECONDS,
+    )
+
+
+_UPSTREAM_TABLE = """
+[upstreams.cache]
+url = "https://127.0.0.1:9"
+"""
+
+
+def test_a_port_in_use_stops_start_up_with_one_sentence(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _run_proxy(tmp_path, f"""
+[server]
+listen = ["127.0.0.1:{port}"]
+[cache]
+dir = "state"
+""" + _UPSTREAM_TABLE)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "cannot listen" in output and "in use" in output, output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("directory", ["/etc/passwd", "/proc/no/such/dir"])
+def test_an_unusable_cache_dir_stops_start_up_with_one_sentence(tmp_path: Path, directory: str) -> None:
+    result = _run_proxy(tmp_path, f"""
+[server]
+listen = ["127.0.0.1:0"]
+[cache]
+dir = "{directory}"
+""" + _UPSTREAM_TABLE)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"cache.dir: cannot use {directory}" in output, output
+    assert "Traceback" not in output
+
+
+def test_a_second_proxy_on_the_same_state_is_refused(tmp_path: Path) -> None:
+    from proxy.statedir import StateLock
+
+    held = StateLock(str(tmp_path / "state"))
+    try:
+        result = _run_proxy(tmp_path, """
+[server]
+listen = ["127.0.0.1:0"]
+[cache]
+dir = "state"
+""" + _UPSTREAM_TABLE)
+    finally:
+        held.release()
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"is in use by another lxd-image-proxy (pid {os.getpid()})" in output, output
+    assert "Traceback" not in output

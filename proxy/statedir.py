@@ -1,0 +1,42 @@
+"""The state directory: created on start and locked, so that one proxy at a time uses it.
+
+Two proxies on one directory would each take the other's temp files for crash debris and
+delete them at start-up; the lock makes the second one refuse to start instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from proxy.errors import ConfigError
+
+LOCK_FILE_NAME = "lock"
+
+
+class StateLock:
+    """An exclusive lock on C{dir}/lock, held until L{release} or the process ends."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        try:
+            os.makedirs(directory, exist_ok=True)
+            fd = os.open(os.path.join(directory, LOCK_FILE_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"cache.dir: cannot use {directory}: {e.strerror or e}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(
+                f"cache.dir: {directory} is in use by another lxd-image-proxy (pid {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
