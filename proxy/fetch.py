@@ -232,7 +232,7 @@ class Fetcher:
             self._index.put(FileRecord(
                 sha256=item.sha256, size=item.size, upstream=download.upstream,
                 paths=(f"{download.upstream}/{item.path}",), product=item.product,
-                version=item.version, stored_at=now, last_used_at=now, use_count=1,
+                version=item.version, stored_at=now, last_used_at=now, use_count=0,
                 cached=True, auto_update=False,
             ))
         else:

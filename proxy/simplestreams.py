@@ -114,6 +114,8 @@ class UpstreamResource(AsyncResource):
             request, download, etag=item.sha256, last_modified=self._clock.seconds(),
             clock=self._clock, ranges=False,
         )
+        # Counted once the body is out: the record exists only after the download committed.
+        self._index.note_use(item.sha256)
 
     async def _await_start(self, download: Download) -> None:
         started = download.when_streaming()

@@ -294,7 +294,10 @@ def test_miss_then_hit(h: Harness) -> None:
     assert response.headers.getRawHeaders(b"ETag") == [f'"{sha(body)}"'.encode()]
     assert response.headers.getRawHeaders(b"Accept-Ranges") == [b"bytes"]
     assert upstream_gets(h, ROOTFS_PATH) == 1
-    assert h.index.pending_uses.get(sha(body)) == 1
+    assert h.index.pending_uses.get(sha(body)) == 2
+    h.index.flush_usage()
+    record = h.index.get(sha(body))
+    assert record is not None and record.use_count == 2
 
 
 def test_hit_supports_range_and_if_none_match(h: Harness) -> None:
@@ -330,6 +333,10 @@ def test_concurrent_misses_make_one_upstream_request(h: Harness) -> None:
     for d in bodies:
         assert h.run(d) == body
     assert h.store.exists(sha(body))
+    h.settle()
+    h.index.flush_usage()
+    record = h.index.get(sha(body))
+    assert record is not None and record.use_count == 9
 
 
 def test_corrupt_upstream_file_is_never_committed(h: Harness, logged: list[LogEvent]) -> None:
