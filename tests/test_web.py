@@ -31,6 +31,7 @@ from twisted.web.server import Request
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 
+from tests.helpers.sources import FakeSource
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.streaming import CHUNK_SIZE_BYTES, CompleteFile, FileSource, ProducerStopped
 from proxy.web import AsyncResource, finish_request, serve_file
@@ -41,49 +42,6 @@ URL = "http://proxy.test/file"
 ETAG = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 LAST_MODIFIED = 1_700_000_000.25
 LAST_MODIFIED_HEADER = http.datetimeToString(1_700_000_000)
-
-
-class FakeSource:
-    """
-    A L{FileSource} the test grows by hand: L{append} writes to a real file
-    and wakes the waiters, L{fail} fails it.
-    """
-
-    def __init__(self, path: FilePath[str], size: int) -> None:
-        self.path = path
-        self.size = size
-        self.failure: Failure | None = None
-        self._available = 0
-        self._waiters: list[Deferred[None]] = []
-        path.setContent(b"")
-
-    def available(self) -> int:
-        return self._available
-
-    def wait(self) -> Deferred[None]:
-        waiter: Deferred[None] = Deferred(self._waiters.remove)
-        self._waiters.append(waiter)
-        return waiter
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    def append(self, data: bytes) -> None:
-        assert self._available + len(data) <= self.size
-        with self.path.open("a") as f:
-            f.write(data)
-        self._available += len(data)
-        self._notify()
-
-    def fail(self, error: Exception) -> None:
-        self.failure = Failure(error)
-        self._notify()
-
-    def _notify(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            waiter.callback(None)
 
 
 class FileResource(AsyncResource):
