@@ -5,6 +5,9 @@ Every problem a configuration file can have becomes one L{ConfigError} whose mes
 single sentence naming the key (``cache.metadata_ttl: expected ...``), so that twistd can
 show it to the admin without a traceback.
 
+Sizes (C{cache.max_size}, C{cache.min_free}) are whole bytes or strings with a unit, decimal
+(C{"500MB"}, powers of 1000) or binary (C{"200GiB"}, powers of 1024); see L{parse_size}.
+
 Relative paths in a configuration file (``cache.dir``, ``server.tls_cert``,
 ``server.tls_key``, ``server.port_file``, ``upstreams.NAME.ca_file``) are taken relative to
 the directory holding that file, so a configuration reads the same whatever the working
@@ -18,9 +21,10 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 from urllib.parse import urlsplit
 
 from attrs import frozen
@@ -31,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from twisted.internet.endpoints import _parse as parse_endpoint_description
 
 from proxy.errors import ConfigError
+from proxy.resolve import CONTAINER, VIRTUAL_MACHINE, lxd_arch
 
 APP_NAME = "lxd-image-proxy"
 
@@ -45,6 +50,13 @@ DEFAULT_METADATA_TTL_SECONDS = 5 * MINUTE
 DEFAULT_DOWNLOAD_IDLE_TIMEOUT_SECONDS = 60 * SECONDS
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 30 * SECONDS
 DEFAULT_USAGE_FLUSH_INTERVAL_SECONDS = 10 * SECONDS
+# LXD's own images.remote_cache_expiry, images.auto_update_interval and
+# images.auto_update_cached defaults (PROTOCOLS.md §4), so the LAN cache behaves like a host's.
+DEFAULT_EXPIRY_DAYS = 10.0
+DEFAULT_AUTO_UPDATE_INTERVAL_SECONDS = 6 * HOUR
+DEFAULT_AUTO_UPDATE_CACHED = True
+DEFAULT_KEEP_VERSIONS = 2
+DEFAULT_PREFETCH_CONCURRENCY = 2
 ROOT_STATE_DIR = "/var/lib/lxd-image-proxy"
 
 # name -> base URL (no trailing slash); order is the order the proxy lists them in.
@@ -94,6 +106,15 @@ class CacheConfig:
     @ivar connect_timeout: seconds to establish an upstream connection.
     @ivar usage_flush_interval: seconds between writes of the in-memory use counters to the
         index.
+    @ivar expiry_days: days (more than zero) a C{cached} file is kept without being used.
+    @ivar max_size: the most bytes (more than zero) of stored files, or None for no cap.
+    @ivar min_free: bytes to keep free on the cache's file system (zero or more).
+    @ivar auto_update_interval: seconds between auto-update rounds; 0 disables auto-update.
+    @ivar auto_update_cached: whether auto-update also follows the aliases through which
+        cached (not pinned) images were used within the expiry window.
+    @ivar keep_versions: newer versions of a pinned alias stored before an older one turns
+        C{cached} (at least 1).
+    @ivar prefetch_concurrency: the most background downloads at a time (at least 1).
     """
 
     dir: str
@@ -101,6 +122,13 @@ class CacheConfig:
     download_idle_timeout: float = DEFAULT_DOWNLOAD_IDLE_TIMEOUT_SECONDS
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     usage_flush_interval: float = DEFAULT_USAGE_FLUSH_INTERVAL_SECONDS
+    expiry_days: float = DEFAULT_EXPIRY_DAYS
+    max_size: int | None = None
+    min_free: int = 0
+    auto_update_interval: float = DEFAULT_AUTO_UPDATE_INTERVAL_SECONDS
+    auto_update_cached: bool = DEFAULT_AUTO_UPDATE_CACHED
+    keep_versions: int = DEFAULT_KEEP_VERSIONS
+    prefetch_concurrency: int = DEFAULT_PREFETCH_CONCURRENCY
 
 
 @frozen
@@ -114,19 +142,47 @@ class UpstreamConfig:
         system trust store only.
     @ivar allow_insecure: whether C{url} may be C{http://}; meant for tests with loopback
         upstreams, never for real servers.
+    @ivar offline: whether the upstream is never contacted (air-gapped sites): the proxy
+        serves only what is stored, as when the upstream is down.
     """
 
     name: str
     url: str
     ca_file: str = ""
     allow_insecure: bool = False
+    offline: bool = False
+
+
+@frozen
+class PinConfig:
+    """
+    One C{[[pin]]} table: an image kept and auto-updated whatever its use.
+
+    @ivar upstream: the name of a configured upstream.
+    @ivar alias: the image's alias (or fingerprint) on that upstream, e.g. C{ubuntu/24.04}.
+    @ivar arch: the LXD architecture name (C{x86_64}, C{aarch64}, ...), or C{""} for the
+        architecture of the host the proxy runs on.
+    @ivar type: C{"container"} or C{"virtual-machine"}.
+    """
+
+    upstream: str
+    alias: str
+    arch: str = ""
+    type: str = CONTAINER
 
 
 @frozen
 class Config:
+    """
+    The whole configuration.
+
+    @ivar pins: the C{[[pin]]} tables in file order, no two alike.
+    """
+
     server: ServerConfig
     cache: CacheConfig
     upstreams: tuple[UpstreamConfig, ...]
+    pins: tuple[PinConfig, ...] = ()
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         """The upstream mounted under C{name}, or None."""
@@ -199,14 +255,15 @@ def parse_config(document: Mapping[str, Any], base_dir: str) -> Config:
     @param base_dir: the directory that relative paths are taken from.
     @raise ConfigError: as L{load_config}.
     """
-    _check_keys(document, "", {"server", "cache", "upstreams"})
+    _check_keys(document, "", {"server", "cache", "upstreams", "pin"})
     defaults = default_config()
     server = _parse_server(_table(document, "server"), base_dir)
     cache = _parse_cache(_table(document, "cache"), base_dir, defaults.cache)
     upstreams = defaults.upstreams
     if "upstreams" in document:
         upstreams = _parse_upstreams(_table(document, "upstreams"), base_dir)
-    return Config(server=server, cache=cache, upstreams=upstreams)
+    pins = _parse_pins(document.get("pin", []), upstreams)
+    return Config(server=server, cache=cache, upstreams=upstreams, pins=pins)
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -236,10 +293,15 @@ def _table(document: Mapping[str, Any], key: str) -> Mapping[str, Any]:
     return value
 
 
+def _is_table_array(value: object) -> TypeGuard[list[dict[str, Any]]]:
+    """Whether C{value} is what TOML makes of C{[[NAME]]} tables."""
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
 def _check_keys(table: Mapping[str, Any], prefix: str, known: set[str]) -> None:
     for key, value in table.items():
         if key not in known:
-            kind = "table" if isinstance(value, dict) else "key"
+            kind = "table" if isinstance(value, dict) or _is_table_array(value) else "key"
             choices = ", ".join(sorted(known))
             raise ConfigError(f"{_join(prefix, key)}: unknown {kind}; expected one of {choices}")
 
@@ -309,6 +371,81 @@ def _duration(
         bound = "zero or more" if allow_zero else "more than zero"
         raise ConfigError(f"{name}: expected {bound} seconds, got {_show(value)}")
     return seconds
+
+
+def _bool(table: Mapping[str, Any], key: str, prefix: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{_join(prefix, key)}: expected true or false, got {_show(value)}")
+    return value
+
+
+def _count(table: Mapping[str, Any], key: str, prefix: str, default: int) -> int:
+    """A whole number of at least 1."""
+    value = table.get(key, default)
+    name = _join(prefix, key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name}: expected a whole number, got {_show(value)}")
+    if value < 1:
+        raise ConfigError(f"{name}: expected 1 or more, got {_show(value)}")
+    return value
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)")
+_UNIT_BYTES = {
+    "": 1,
+    "b": 1,
+    "kb": 1000,
+    "mb": 1000**2,
+    "gb": 1000**3,
+    "tb": 1000**4,
+    "kib": 1024,
+    "mib": 1024**2,
+    "gib": 1024**3,
+    "tib": 1024**4,
+}
+
+
+def parse_size(value: object) -> int | None:
+    """
+    Bytes from an integer or from a string like C{"500MB"}, C{"200GiB"}, C{"1.5TB"},
+    C{"4096B"} or C{"4096"}; None if C{value} is neither.
+
+    Decimal units (kB, MB, GB, TB) are powers of 1000 and binary ones (KiB, MiB, GiB, TiB)
+    powers of 1024; units are read without regard to case (there are no bits here, so
+    C{"mb"} can only mean megabytes), a space may separate number and unit, and a fraction
+    is rounded down to a whole byte. The sign and bounds are the caller's to check; a
+    string is never negative.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        return None
+    match = _SIZE.fullmatch(value.strip().lower())
+    if match is None:
+        return None
+    number, unit = match.groups()
+    multiplier = _UNIT_BYTES.get(unit)
+    if multiplier is None:
+        return None
+    # Fraction, not float: "1.1TB" must be exactly 1100000000000 bytes.
+    return int(Fraction(number) * multiplier)
+
+
+def _size(table: Mapping[str, Any], key: str, prefix: str, default: int, allow_zero: bool) -> int:
+    if key not in table:
+        return default
+    value = table[key]
+    size = parse_size(value)
+    name = _join(prefix, key)
+    if size is None:
+        raise ConfigError(f'{name}: expected bytes or a size like "200GiB", got {_show(value)}')
+    if size < 0 or (size == 0 and not allow_zero):
+        bound = "zero or more" if allow_zero else "more than zero"
+        raise ConfigError(f"{name}: expected {bound} bytes, got {_show(value)}")
+    return size
 
 
 def _resolve(base_dir: str, value: str) -> str:
@@ -510,6 +647,13 @@ _CACHE_KEYS = {
     "download_idle_timeout",
     "connect_timeout",
     "usage_flush_interval",
+    "expiry_days",
+    "max_size",
+    "min_free",
+    "auto_update_interval",
+    "auto_update_cached",
+    "keep_versions",
+    "prefetch_concurrency",
 }
 
 
@@ -531,13 +675,46 @@ def _parse_cache(table: Mapping[str, Any], base_dir: str, defaults: CacheConfig)
         ),
         connect_timeout=duration("connect_timeout", defaults.connect_timeout, False),
         usage_flush_interval=duration("usage_flush_interval", defaults.usage_flush_interval, False),
+        expiry_days=_expiry_days(table, defaults.expiry_days),
+        max_size=_max_size(table, defaults.max_size),
+        min_free=_size(table, "min_free", prefix, defaults.min_free, True),
+        auto_update_interval=duration("auto_update_interval", defaults.auto_update_interval, True),
+        auto_update_cached=_bool(table, "auto_update_cached", prefix, defaults.auto_update_cached),
+        keep_versions=_count(table, "keep_versions", prefix, defaults.keep_versions),
+        prefetch_concurrency=_count(
+            table, "prefetch_concurrency", prefix, defaults.prefetch_concurrency
+        ),
     )
+
+
+def _expiry_days(table: Mapping[str, Any], default: float) -> float:
+    value = table.get("expiry_days", default)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or value != value
+        or value in (float("inf"), float("-inf"))
+    ):
+        raise ConfigError(f"cache.expiry_days: expected a number of days, got {_show(value)}")
+    if value <= 0:
+        raise ConfigError(f"cache.expiry_days: expected more than zero days, got {_show(value)}")
+    return float(value)
+
+
+def _max_size(table: Mapping[str, Any], default: int | None) -> int | None:
+    # TOML has no null, so the empty string stands for "no cap", as "" stands for "none"
+    # in the other keys; 0 is refused rather than read as "no cap" or "store nothing".
+    if table.get("max_size") == "":
+        return None
+    if "max_size" not in table:
+        return default
+    return _size(table, "max_size", "cache", 0, False)
 
 
 # -- [upstreams.NAME] ----------------------------------------------------------------------
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
-_UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure"}
+_UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline"}
 
 
 def _parse_upstreams(table: Mapping[str, Any], base_dir: str) -> tuple[UpstreamConfig, ...]:
@@ -561,16 +738,15 @@ def _parse_upstream(name: str, table: Mapping[str, Any], base_dir: str) -> Upstr
     _check_keys(table, prefix, _UPSTREAM_KEYS)
     if "url" not in table:
         raise ConfigError(f"{prefix}.url: missing; every upstream needs a base URL")
-    allow_insecure = table.get("allow_insecure", False)
-    if not isinstance(allow_insecure, bool):
-        raise ConfigError(
-            f"{prefix}.allow_insecure: expected true or false, got {_show(allow_insecure)}"
-        )
+    allow_insecure = _bool(table, "allow_insecure", prefix, False)
     url = _upstream_url(_string(table, "url", prefix), f"{prefix}.url", allow_insecure)
     ca_file = _resolve(base_dir, _string(table, "ca_file", prefix))
     if ca_file:
         read_pem_certificates(ca_file, f"{prefix}.ca_file")
-    return UpstreamConfig(name=name, url=url, ca_file=ca_file, allow_insecure=allow_insecure)
+    offline = _bool(table, "offline", prefix, False)
+    return UpstreamConfig(
+        name=name, url=url, ca_file=ca_file, allow_insecure=allow_insecure, offline=offline
+    )
 
 
 def _upstream_url(value: str, key: str, allow_insecure: bool) -> str:
@@ -595,3 +771,95 @@ def _upstream_url(value: str, key: str, allow_insecure: bool) -> str:
     # The LXD client strips one trailing slash from a remote URL; so do we, so that
     # "base + / + path" joins the same way on both sides.
     return value[:-1] if value.endswith("/") else value
+
+
+# -- [[pin]] -------------------------------------------------------------------------------
+
+_PIN_KEYS = {"upstream", "alias", "arch", "type"}
+_IMAGE_TYPES = (CONTAINER, VIRTUAL_MACHINE)
+# Whitespace or a comma can never be part of an alias: simplestreams products list their
+# aliases comma-separated.
+_BAD_ALIAS = re.compile(r"[\s,]")
+
+
+def _parse_pins(value: object, upstreams: tuple[UpstreamConfig, ...]) -> tuple[PinConfig, ...]:
+    if value == []:
+        return ()
+    if not _is_table_array(value):
+        raise ConfigError(f"pin: expected [[pin]] tables, got {_show(value)}")
+    names = [u.name for u in upstreams]
+    pins: list[PinConfig] = []
+    # Counted from 1, as an admin counts the [[pin]] tables in the file.
+    for number, table in enumerate(value, start=1):
+        prefix = f"pin[{number}]"
+        pin = _parse_pin(table, prefix, names)
+        if pin in pins:
+            first = pins.index(pin) + 1
+            raise ConfigError(f"{prefix}: pins the same image as pin[{first}]")
+        pins.append(pin)
+    return tuple(pins)
+
+
+def _parse_pin(table: Mapping[str, Any], prefix: str, upstreams: list[str]) -> PinConfig:
+    _check_keys(table, prefix, _PIN_KEYS)
+    for key in ("upstream", "alias"):
+        if key not in table:
+            raise ConfigError(f"{prefix}.{key}: missing; every pin names an upstream and an alias")
+    upstream = _string(table, "upstream", prefix)
+    _check_upstream_name(upstream, upstreams, f"{prefix}.upstream: ")
+    alias = _string(table, "alias", prefix)
+    if not alias or _BAD_ALIAS.search(alias):
+        raise ConfigError(
+            f'{prefix}.alias: expected an image alias such as "ubuntu/24.04", got {_show(alias)}'
+        )
+    arch = _string(table, "arch", prefix)
+    if arch:
+        try:
+            arch = lxd_arch(arch)
+        except ValueError:
+            raise ConfigError(
+                f"{prefix}.arch: {_show(arch)} is not an architecture LXD knows; use an LXD or "
+                f'stream name such as "x86_64", "amd64", "aarch64" or "arm64", or "" for the '
+                f"proxy host's"
+            ) from None
+    image_type = _string(table, "type", prefix, CONTAINER)
+    if image_type not in _IMAGE_TYPES:
+        raise ConfigError(
+            f'{prefix}.type: expected "{CONTAINER}" or "{VIRTUAL_MACHINE}", got {_show(image_type)}'
+        )
+    return PinConfig(upstream=upstream, alias=alias, arch=arch, type=image_type)
+
+
+def _check_upstream_name(name: str, upstreams: Iterable[str] | None, lead: str) -> None:
+    if upstreams is None:
+        return
+    known = list(upstreams)
+    if name not in known:
+        raise ConfigError(
+            f"{lead}{_show(name)} is not a configured upstream; expected one of {', '.join(known)}"
+        )
+
+
+def parse_pin_ref(ref: str, upstreams: Iterable[str] | None = None) -> tuple[str, str]:
+    """
+    Split an image reference C{"UPSTREAM:ALIAS"}, as C{lxc} writes C{REMOTE:ALIAS}, into
+    C{(upstream, alias)}: C{parse_pin_ref("images:ubuntu/24.04") == ("images",
+    "ubuntu/24.04")}. The alias may also be a fingerprint.
+
+    @param upstreams: the configured upstream names; when given, the upstream must be one.
+    @raise ConfigError: the reference is malformed (no colon, a bad upstream name, an empty
+        alias or one with whitespace or a comma) or names an upstream not in C{upstreams}.
+    """
+    upstream, colon, alias = ref.partition(":")
+    if (
+        not colon
+        or not _UPSTREAM_NAME.fullmatch(upstream)
+        or upstream == "1.0"
+        or not alias
+        or _BAD_ALIAS.search(alias)
+    ):
+        raise ConfigError(
+            f'expected an image reference like "images:ubuntu/24.04", got {_show(ref)}'
+        )
+    _check_upstream_name(upstream, upstreams, "")
+    return upstream, alias

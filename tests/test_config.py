@@ -14,6 +14,7 @@ from proxy import config as config_module
 from proxy.config import (
     CacheConfig,
     Config,
+    PinConfig,
     ServerConfig,
     UpstreamConfig,
     default_config,
@@ -21,6 +22,8 @@ from proxy.config import (
     load_config,
     normalise_listen,
     parse_duration,
+    parse_pin_ref,
+    parse_size,
 )
 from proxy.errors import ConfigError
 from tests.helpers.certs import make_ca
@@ -73,9 +76,30 @@ def test_default_config_whole() -> None:
             download_idle_timeout=60.0,
             connect_timeout=30.0,
             usage_flush_interval=10.0,
+            expiry_days=10.0,
+            max_size=None,
+            min_free=0,
+            auto_update_interval=21600.0,
+            auto_update_cached=True,
+            keep_versions=2,
+            prefetch_concurrency=2,
         ),
         upstreams=DEFAULT_UPSTREAMS,
+        pins=(),
     )
+    assert all(not u.offline for u in default_config().upstreams)
+
+
+def test_config_constructible_with_keyword_defaults() -> None:
+    """Code written before pins and the lifecycle keys existed builds a Config the same way."""
+    config = Config(
+        server=ServerConfig(),
+        cache=CacheConfig(dir="/x"),
+        upstreams=(UpstreamConfig(name="a", url="https://a.test"),),
+    )
+    assert config.pins == ()
+    assert config.cache.max_size is None
+    assert config.upstreams[0].offline is False
 
 
 def test_default_state_dir_root(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -141,9 +165,8 @@ def test_sample_config_sets_every_key() -> None:
     for name, _ in config_module.DEFAULT_UPSTREAMS:
         expected |= {f"upstreams.{name}.url", f"upstreams.{name}.ca_file"}
     assert expected <= keys
-    allow_insecure = {k for k in keys - expected if k.endswith(".allow_insecure")}
-    assert keys - expected == allow_insecure
-    assert len(allow_insecure) == 1
+    # The per-upstream switches are documented once, on the first upstream.
+    assert keys - expected == {"upstreams.images.allow_insecure", "upstreams.images.offline"}
 
 
 def test_sample_config_comments_every_key() -> None:
@@ -153,6 +176,32 @@ def test_sample_config_comments_every_key() -> None:
         stripped = line.strip()
         if "=" in stripped and not stripped.startswith(("#", "[")):
             assert lines[number - 1].strip().startswith("#"), f"line {number + 1}: {line}"
+
+
+def _sample_pin_example() -> str:
+    """The commented-out [[pin]] example at the end of the sample, uncommented once."""
+    lines = SAMPLE.read_text().splitlines()
+    start = lines.index("# [[pin]]")
+    return "\n".join(line.removeprefix("# ") for line in lines[start:]) + "\n"
+
+
+def test_sample_pin_example_parses(tmp_path: Path) -> None:
+    """The [[pin]] example in the sample is valid and shows the defaults of arch and type."""
+    path = write(tmp_path, _sample_pin_example())
+    assert load_config(path).pins == (PinConfig(upstream="images", alias="ubuntu/24.04"),)
+    document = tomllib.loads(_sample_pin_example())
+    assert set(document["pin"][0]) == config_module._PIN_KEYS
+
+
+def test_readme_pin_example_parses(tmp_path: Path) -> None:
+    """The [[pin]] example in the README's configuration section is valid."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Configuration"):]
+    section = section[: section.index("\n## ", 1)]
+    block = section[section.index("```toml\n") + len("```toml\n"):]
+    block = block[: block.index("```")]
+    config = load_config(write(tmp_path, block))
+    assert config.pins and config.upstreams == DEFAULT_UPSTREAMS
 
 
 # -- a full file ---------------------------------------------------------------------------
@@ -180,6 +229,13 @@ metadata_ttl = "1h30m"
 download_idle_timeout = 5
 connect_timeout = 2.5
 usage_flush_interval = "1d"
+expiry_days = 2.5
+max_size = "200GiB"
+min_free = 1000000
+auto_update_interval = "30m"
+auto_update_cached = false
+keep_versions = 1
+prefetch_concurrency = 4
 
 [upstreams.local]
 url = "http://127.0.0.1:8080/base/"
@@ -188,6 +244,17 @@ allow_insecure = true
 [upstreams."other.one"]
 url = "https://127.0.0.1:8443"
 ca_file = "ca.pem"
+offline = true
+
+[[pin]]
+upstream = "local"
+alias = "ubuntu/24.04"
+
+[[pin]]
+upstream = "other.one"
+alias = "debian/12/cloud"
+arch = "arm64"
+type = "virtual-machine"
 """,
     )
     assert load_config(path) == Config(
@@ -209,12 +276,30 @@ ca_file = "ca.pem"
             download_idle_timeout=5.0,
             connect_timeout=2.5,
             usage_flush_interval=86400.0,
+            expiry_days=2.5,
+            max_size=200 * 1024**3,
+            min_free=1000000,
+            auto_update_interval=1800.0,
+            auto_update_cached=False,
+            keep_versions=1,
+            prefetch_concurrency=4,
         ),
         upstreams=(
             UpstreamConfig(
                 name="local", url="http://127.0.0.1:8080/base", ca_file="", allow_insecure=True
             ),
-            UpstreamConfig(name="other.one", url="https://127.0.0.1:8443", ca_file=str(tmp_path / "ca.pem")),
+            UpstreamConfig(
+                name="other.one",
+                url="https://127.0.0.1:8443",
+                ca_file=str(tmp_path / "ca.pem"),
+                offline=True,
+            ),
+        ),
+        pins=(
+            PinConfig(upstream="local", alias="ubuntu/24.04", arch="", type="container"),
+            PinConfig(
+                upstream="other.one", alias="debian/12/cloud", arch="aarch64", type="virtual-machine"
+            ),
         ),
     )
 
@@ -351,12 +436,16 @@ def test_duration_bounds(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text, sentence",
     [
-        ("[sever]\n", "sever: unknown table; expected one of cache, server, upstreams"),
+        ("[sever]\n", "sever: unknown table; expected one of cache, pin, server, upstreams"),
+        ('[[pins]]\nupstream = "images"\n',
+         "pins: unknown table; expected one of cache, pin, server, upstreams"),
         ('[server]\nlisen = ["8443"]\n',
          "server.lisen: unknown key; expected one of listen, port_file, tls_cert, tls_key, tls_names"),
         ("[cache]\ndirectory = 'x'\n",
-         "cache.directory: unknown key; expected one of connect_timeout, dir, "
-         "download_idle_timeout, metadata_ttl, usage_flush_interval"),
+         "cache.directory: unknown key; expected one of auto_update_cached, "
+         "auto_update_interval, connect_timeout, dir, download_idle_timeout, expiry_days, "
+         "keep_versions, max_size, metadata_ttl, min_free, prefetch_concurrency, "
+         "usage_flush_interval"),
         ("server = 1\n", "server: expected a table, got 1"),
         ('[server]\nlisten = "8443"\n', 'server.listen: expected a list of strings, got "8443"'),
         ("[server]\nlisten = [8443]\n", "server.listen: expected a list of strings, got [8443]"),
@@ -441,7 +530,7 @@ def test_only_one_trailing_slash_is_stripped(tmp_path: Path) -> None:
         ("[upstreams]\na = 1\n", "upstreams.a: expected a table, got 1"),
         ("[upstreams.a]\n", "upstreams.a.url: missing; every upstream needs a base URL"),
         ('[upstreams.a]\nurl = "https://a.test"\nmirror = 1\n',
-         "upstreams.a.mirror: unknown key; expected one of allow_insecure, ca_file, url"),
+         "upstreams.a.mirror: unknown key; expected one of allow_insecure, ca_file, offline, url"),
         ('[upstreams.a]\nurl = "http://a.test"\n',
          'upstreams.a.url: upstreams must use https://, got "http://a.test" '
          "(allow_insecure = true permits http:// for tests)"),
@@ -458,6 +547,8 @@ def test_only_one_trailing_slash_is_stripped(tmp_path: Path) -> None:
          'upstreams.a.url: "https://a.test:99999" is not a valid URL'),
         ('[upstreams.a]\nurl = "https://a.test"\nallow_insecure = "yes"\n',
          'upstreams.a.allow_insecure: expected true or false, got "yes"'),
+        ('[upstreams.a]\nurl = "https://a.test"\noffline = 1\n',
+         "upstreams.a.offline: expected true or false, got 1"),
     ],
 )
 def test_upstream_errors(tmp_path: Path, text: str, sentence: str) -> None:
@@ -472,4 +563,277 @@ def test_upstream_ca_file(tmp_path: Path) -> None:
     )
     assert error_of(tmp_path, text.format("junk.pem")) == (
         f"upstreams.a.ca_file: {tmp_path / 'junk.pem'} holds no PEM certificate"
+    )
+
+
+def test_upstream_offline(tmp_path: Path) -> None:
+    text = '[upstreams.a]\nurl = "https://a.test"\n[upstreams.b]\nurl = "https://b.test"\noffline = true\n'
+    config = load_config(write(tmp_path, text))
+    assert [(u.name, u.offline) for u in config.upstreams] == [("a", False), ("b", True)]
+
+
+# -- sizes ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "given, size",
+    [
+        (0, 0),
+        (4096, 4096),
+        ("4096", 4096),
+        ("4096B", 4096),
+        ("1kB", 1000),
+        ("500MB", 500_000_000),
+        ("2GB", 2_000_000_000),
+        ("1.5TB", 1_500_000_000_000),
+        ("1.1TB", 1_100_000_000_000),
+        ("1KiB", 1024),
+        ("3MiB", 3 * 1024**2),
+        ("200GiB", 200 * 1024**3),
+        ("2TiB", 2 * 1024**4),
+        ("0.5KiB", 512),
+        (".5kB", 500),
+        ("1.0005kB", 1000),  # rounded down to a whole byte
+        (" 10 GiB ", 10 * 1024**3),
+        ("10gib", 10 * 1024**3),
+        ("10KB", 10_000),
+    ],
+)
+def test_sizes(given: object, size: int) -> None:
+    assert parse_size(given) == size
+
+
+@pytest.mark.parametrize(
+    "given", ["", "lots", "10 G", "10GiBs", "10 Mbit", "1.5.2GB", "-5GB", "GB", "1e9", "10PB",
+              1.5e9, True, [1], {}]
+)
+def test_bad_sizes(given: object) -> None:
+    assert parse_size(given) is None
+
+
+def test_size_keys(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[cache]\nmax_size = "500MB"\nmin_free = "1GiB"\n'))
+    assert (config.cache.max_size, config.cache.min_free) == (500_000_000, 1024**3)
+    config = load_config(write(tmp_path, "[cache]\nmax_size = 1000\nmin_free = 0\n"))
+    assert (config.cache.max_size, config.cache.min_free) == (1000, 0)
+    # TOML has no null: the empty string is the explicit "no cap".
+    assert load_config(write(tmp_path, '[cache]\nmax_size = ""\n')).cache.max_size is None
+
+
+@pytest.mark.parametrize(
+    "text, sentence",
+    [
+        ('max_size = "lots"', 'cache.max_size: expected bytes or a size like "200GiB", got "lots"'),
+        ("max_size = 1.5e9",
+         'cache.max_size: expected bytes or a size like "200GiB", got 1500000000.0'),
+        ("max_size = true", 'cache.max_size: expected bytes or a size like "200GiB", got true'),
+        ("max_size = 0", "cache.max_size: expected more than zero bytes, got 0"),
+        ('max_size = "0GB"', 'cache.max_size: expected more than zero bytes, got "0GB"'),
+        ('max_size = "0.1B"', 'cache.max_size: expected more than zero bytes, got "0.1B"'),
+        ("max_size = -1", "cache.max_size: expected more than zero bytes, got -1"),
+        ('max_size = "-1GB"', 'cache.max_size: expected bytes or a size like "200GiB", got "-1GB"'),
+        ('min_free = ""', 'cache.min_free: expected bytes or a size like "200GiB", got ""'),
+        ('min_free = "5 parsecs"',
+         'cache.min_free: expected bytes or a size like "200GiB", got "5 parsecs"'),
+        ("min_free = -5", "cache.min_free: expected zero or more bytes, got -5"),
+    ],
+)
+def test_size_errors(tmp_path: Path, text: str, sentence: str) -> None:
+    assert error_of(tmp_path, f"[cache]\n{text}\n") == sentence
+
+
+# -- the cache lifecycle keys --------------------------------------------------------------
+
+
+def test_lifecycle_keys(tmp_path: Path) -> None:
+    text = """
+[cache]
+expiry_days = 30
+auto_update_interval = 0
+auto_update_cached = false
+keep_versions = 5
+prefetch_concurrency = 1
+"""
+    cache = load_config(write(tmp_path, text)).cache
+    assert cache == evolve(
+        default_config().cache,
+        expiry_days=30.0,
+        auto_update_interval=0.0,
+        auto_update_cached=False,
+        keep_versions=5,
+        prefetch_concurrency=1,
+    )
+    assert type(cache.expiry_days) is float
+    assert load_config(write(tmp_path, "[cache]\nexpiry_days = 0.25\n")).cache.expiry_days == 0.25
+    assert load_config(
+        write(tmp_path, '[cache]\nauto_update_interval = "1d"\n')
+    ).cache.auto_update_interval == 86400.0
+
+
+@pytest.mark.parametrize(
+    "text, sentence",
+    [
+        ("expiry_days = 0", "cache.expiry_days: expected more than zero days, got 0"),
+        ("expiry_days = -1.5", "cache.expiry_days: expected more than zero days, got -1.5"),
+        ('expiry_days = "10d"', 'cache.expiry_days: expected a number of days, got "10d"'),
+        ("expiry_days = true", "cache.expiry_days: expected a number of days, got true"),
+        ("expiry_days = nan", "cache.expiry_days: expected a number of days, got nan"),
+        ("expiry_days = inf", "cache.expiry_days: expected a number of days, got inf"),
+        ('auto_update_interval = "often"',
+         'cache.auto_update_interval: expected seconds or a duration like "5m", got "often"'),
+        ("auto_update_interval = -1",
+         "cache.auto_update_interval: expected zero or more seconds, got -1"),
+        ('auto_update_cached = "yes"', 'cache.auto_update_cached: expected true or false, got "yes"'),
+        ("auto_update_cached = 1", "cache.auto_update_cached: expected true or false, got 1"),
+        ("keep_versions = 0", "cache.keep_versions: expected 1 or more, got 0"),
+        ("keep_versions = -2", "cache.keep_versions: expected 1 or more, got -2"),
+        ("keep_versions = 2.0", "cache.keep_versions: expected a whole number, got 2.0"),
+        ('keep_versions = "2"', 'cache.keep_versions: expected a whole number, got "2"'),
+        ("keep_versions = true", "cache.keep_versions: expected a whole number, got true"),
+        ("prefetch_concurrency = 0", "cache.prefetch_concurrency: expected 1 or more, got 0"),
+        ("prefetch_concurrency = 1.5",
+         "cache.prefetch_concurrency: expected a whole number, got 1.5"),
+    ],
+)
+def test_lifecycle_errors(tmp_path: Path, text: str, sentence: str) -> None:
+    assert error_of(tmp_path, f"[cache]\n{text}\n") == sentence
+
+
+# -- [[pin]] -------------------------------------------------------------------------------
+
+
+def pins_of(tmp_path: Path, text: str) -> tuple[PinConfig, ...]:
+    return load_config(write(tmp_path, text)).pins
+
+
+def test_pin_defaults(tmp_path: Path) -> None:
+    assert pins_of(tmp_path, '[[pin]]\nupstream = "images"\nalias = "ubuntu/24.04"\n') == (
+        PinConfig(upstream="images", alias="ubuntu/24.04", arch="", type="container"),
+    )
+    assert pins_of(tmp_path, "pin = []\n") == ()
+
+
+@pytest.mark.parametrize(
+    "arch, lxd",
+    [("x86_64", "x86_64"), ("amd64", "x86_64"), ("aarch64", "aarch64"), ("arm64", "aarch64"),
+     ("armhf", "armv7l"), ("ppc64el", "ppc64le"), ("riscv64", "riscv64"), ("", "")],
+)
+def test_pin_arch_is_normalised(tmp_path: Path, arch: str, lxd: str) -> None:
+    text = f'[[pin]]\nupstream = "images"\nalias = "debian/12"\narch = "{arch}"\n'
+    assert pins_of(tmp_path, text)[0].arch == lxd
+
+
+def test_pins_keep_file_order_and_see_configured_upstreams(tmp_path: Path) -> None:
+    text = """
+[upstreams.mine]
+url = "https://mirror.test"
+
+[[pin]]
+upstream = "mine"
+alias = "b"
+type = "virtual-machine"
+
+[[pin]]
+upstream = "mine"
+alias = "a"
+
+[[pin]]
+upstream = "mine"
+alias = "a"
+arch = "arm64"
+
+[[pin]]
+upstream = "mine"
+alias = "0123abcd"
+"""
+    assert pins_of(tmp_path, text) == (
+        PinConfig("mine", "b", "", "virtual-machine"),
+        PinConfig("mine", "a"),
+        PinConfig("mine", "a", "aarch64"),
+        PinConfig("mine", "0123abcd"),
+    )
+
+
+PIN = '[[pin]]\nupstream = "images"\nalias = "ubuntu/24.04"\n'
+
+
+@pytest.mark.parametrize(
+    "text, sentence",
+    [
+        ("pin = 1\n", "pin: expected [[pin]] tables, got 1"),
+        ('[pin]\nupstream = "images"\n', "pin: expected [[pin]] tables, got a table"),
+        ('pin = ["images:ubuntu/24.04"]\n',
+         'pin: expected [[pin]] tables, got ["images:ubuntu/24.04"]'),
+        ('[[pin]]\nalias = "ubuntu/24.04"\n',
+         "pin[1].upstream: missing; every pin names an upstream and an alias"),
+        (PIN + '[[pin]]\nupstream = "images"\n',
+         "pin[2].alias: missing; every pin names an upstream and an alias"),
+        (PIN + 'name = "x"\n',
+         "pin[1].name: unknown key; expected one of alias, arch, type, upstream"),
+        ('[[pin]]\nupstream = "elsewhere"\nalias = "a"\n',
+         'pin[1].upstream: "elsewhere" is not a configured upstream; expected one of images, '
+         "ubuntu, ubuntu-daily, linuxcontainers"),
+        ('[upstreams.mine]\nurl = "https://m.test"\n' + PIN,
+         'pin[1].upstream: "images" is not a configured upstream; expected one of mine'),
+        ('[[pin]]\nupstream = 1\nalias = "a"\n', "pin[1].upstream: expected a string, got 1"),
+        ('[[pin]]\nupstream = "images"\nalias = ""\n',
+         'pin[1].alias: expected an image alias such as "ubuntu/24.04", got ""'),
+        ('[[pin]]\nupstream = "images"\nalias = "ubuntu 24.04"\n',
+         'pin[1].alias: expected an image alias such as "ubuntu/24.04", got "ubuntu 24.04"'),
+        ('[[pin]]\nupstream = "images"\nalias = "a,b"\n',
+         'pin[1].alias: expected an image alias such as "ubuntu/24.04", got "a,b"'),
+        ('[[pin]]\nupstream = "images"\nalias = ["a"]\n',
+         'pin[1].alias: expected a string, got ["a"]'),
+        (PIN + 'arch = "sparc"\n',
+         'pin[1].arch: "sparc" is not an architecture LXD knows; use an LXD or stream name '
+         'such as "x86_64", "amd64", "aarch64" or "arm64", or "" for the proxy host\'s'),
+        (PIN + 'arch = "X86_64"\n',
+         'pin[1].arch: "X86_64" is not an architecture LXD knows; use an LXD or stream name '
+         'such as "x86_64", "amd64", "aarch64" or "arm64", or "" for the proxy host\'s'),
+        (PIN + 'type = "vm"\n',
+         'pin[1].type: expected "container" or "virtual-machine", got "vm"'),
+        (PIN + 'type = ""\n', 'pin[1].type: expected "container" or "virtual-machine", got ""'),
+        (PIN + PIN, "pin[2]: pins the same image as pin[1]"),
+        (PIN + 'arch = "amd64"\n' + PIN + 'arch = "x86_64"\n' + 'type = "container"\n',
+         "pin[2]: pins the same image as pin[1]"),
+    ],
+)
+def test_pin_errors(tmp_path: Path, text: str, sentence: str) -> None:
+    assert error_of(tmp_path, text) == sentence
+
+
+@pytest.mark.parametrize(
+    "ref, expected",
+    [
+        ("images:ubuntu/24.04", ("images", "ubuntu/24.04")),
+        ("ubuntu-daily:noble", ("ubuntu-daily", "noble")),
+        ("other.one:debian/12/cloud", ("other.one", "debian/12/cloud")),
+        ("images:0123abcdef", ("images", "0123abcdef")),
+        ("images:a:b", ("images", "a:b")),
+    ],
+)
+def test_parse_pin_ref(ref: str, expected: tuple[str, str]) -> None:
+    assert parse_pin_ref(ref) == expected
+
+
+@pytest.mark.parametrize(
+    "ref", ["ubuntu/24.04", "images:", ":ubuntu/24.04", "Images:ubuntu", "1.0:x", "images:a b",
+            "images:a,b", " images:a", ""]
+)
+def test_bad_pin_refs(ref: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_pin_ref(ref)
+    assert str(info.value) == (
+        f'expected an image reference like "images:ubuntu/24.04", got "{ref}"'
+    )
+
+
+def test_pin_ref_against_configured_upstreams() -> None:
+    names = [u.name for u in default_config().upstreams]
+    assert parse_pin_ref("ubuntu:noble", names) == ("ubuntu", "noble")
+    with pytest.raises(ConfigError) as info:
+        parse_pin_ref("mine:noble", names)
+    assert str(info.value) == (
+        '"mine" is not a configured upstream; expected one of images, ubuntu, ubuntu-daily, '
+        "linuxcontainers"
     )
