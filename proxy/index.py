@@ -5,7 +5,17 @@ An LMDB environment (a directory) with named databases:
 ``files``     sha256 hex -> L{FileRecord} as JSON
 ``paths``     "upstream\\0item/path" -> sha256 hex (a second key for L{CacheIndex.find_path})
 ``metadata``  "upstream\\0path" -> L{MetadataRecord} as JSON
+``pins``      "upstream\\0alias\\0type\\0arch" -> L{PinRecord} as JSON
+``counters``  counter name -> decimal ASCII integer: the usage totals of L{Stats} and
+              ``stored_bytes``, the sum of every L{FileRecord}'s size
 ``info``      ``format`` -> the index format version
+
+``pins`` and ``counters`` were added without a format change: an index written before them
+simply has neither, and gains them (the stored size counted once) when first opened.
+
+Several processes may open the environment at once (the server and the admin command), so
+every total is kept in LMDB and changed in the same transaction as the records it sums,
+never only in one process's memory.
 
 Every record carries its format version (``"v"``), so a newer index is refused
 rather than misread. Transactions are short, synchronous and run on the caller's
@@ -38,7 +48,9 @@ __all__ = [
     "FORMAT_VERSION",
     "IndexFormatError",
     "MetadataRecord",
+    "PinRecord",
     "ReconcileReport",
+    "Stats",
     "item_path",
     "reconcile",
     "split_item_path",
@@ -57,7 +69,11 @@ _DB_FILES = b"files"
 _DB_PATHS = b"paths"
 _DB_METADATA = b"metadata"
 _DB_INFO = b"info"
+_DB_PINS = b"pins"
+_DB_COUNTERS = b"counters"
 _FORMAT_KEY = b"format"
+# The sum of every file record's size, kept by every transaction that adds or removes one.
+_STORED_BYTES_KEY = b"stored_bytes"
 
 _log = Logger()
 
@@ -144,6 +160,67 @@ class MetadataRecord:
     checked_at: float
 
 
+def _check_pin_part(name: str) -> Any:
+    def check(_instance: object, _attribute: object, value: str) -> None:
+        if "\0" in value:
+            raise ValueError(f"invalid pin {name}: {value!r}")
+
+    return check
+
+
+def _check_alias(_instance: object, _attribute: object, value: str) -> None:
+    if not value or "\0" in value:
+        raise ValueError(f"invalid pin alias: {value!r}")
+
+
+@frozen
+class PinRecord:
+    """An image kept and auto-updated whatever its use, named as a client would name it.
+
+    @ivar alias: the alias (or fingerprint) on C{upstream}, e.g. C{ubuntu/24.04}.
+    @ivar type: C{"container"} or C{"virtual-machine"}.
+    @ivar arch: the LXD architecture name; C{""} for the architecture of the proxy's host.
+    @ivar pinned_at: when the pin was made (seconds since the epoch).
+    """
+
+    upstream: str = field(validator=lambda _i, _a, v: _check_upstream(v))
+    alias: str = field(validator=_check_alias)
+    type: str = field(validator=_check_pin_part("type"))
+    arch: str = field(validator=_check_pin_part("arch"))
+    pinned_at: float
+
+
+# The usage totals, in the order of L{Stats}' fields; each is a key of the counters database.
+_COUNTER_NAMES = (
+    "hits",
+    "misses",
+    "bytes_from_cache",
+    "bytes_from_upstream",
+    "not_stored",
+    "bytes_served",
+)
+
+
+@frozen
+class Stats:
+    """Usage totals since the index was created.
+
+    @ivar hits: response bodies served from a stored file.
+    @ivar misses: response bodies streamed from a download (the client's own or a shared one).
+    @ivar bytes_from_cache: body bytes of the hits.
+    @ivar bytes_from_upstream: bytes downloaded from upstreams for files (stored or not).
+    @ivar not_stored: downloads streamed to their clients but not stored, for lack of room.
+    @ivar bytes_served: body bytes of every response counted, hits and misses.
+    """
+
+    hits: int = 0
+    misses: int = 0
+    bytes_from_cache: int = 0
+    bytes_from_upstream: int = 0
+    not_stored: int = 0
+    bytes_served: int = 0
+
+
 @frozen
 class ReconcileReport:
     temp_removed: int
@@ -157,7 +234,7 @@ class _PendingUse:
     last_used_at: float
 
 
-def _encode(kind: str, record: FileRecord | MetadataRecord) -> bytes:
+def _encode(kind: str, record: FileRecord | MetadataRecord | PinRecord) -> bytes:
     data: dict[str, Any] = attrs.asdict(record)
     data["v"] = FORMAT_VERSION
     data["kind"] = kind
@@ -217,6 +294,33 @@ def _decode_metadata(raw: bytes) -> MetadataRecord:
         raise IndexFormatError(f"malformed metadata record: {e!r}") from e
 
 
+def _decode_pin(raw: bytes) -> PinRecord:
+    data = _decode_fields("pin", raw)
+    try:
+        return PinRecord(
+            upstream=data["upstream"],
+            alias=data["alias"],
+            type=data["type"],
+            arch=data["arch"],
+            pinned_at=float(data["pinned_at"]),
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise IndexFormatError(f"malformed pin record: {e!r}") from e
+
+
+def _size_in(raw: bytes) -> int:
+    """The size field of an encoded file record, 0 if it has none that can be read.
+
+    Lenient on purpose: counting the stored bytes must not make an index with one damaged
+    record impossible to open; reading that record still fails loudly.
+    """
+    try:
+        size = json.loads(raw).get("size", 0)
+    except (ValueError, AttributeError):
+        return 0
+    return size if isinstance(size, int) and size >= 0 else 0
+
+
 class CacheIndex:
     """The LMDB cache index. One instance per environment per process.
 
@@ -257,8 +361,12 @@ class CacheIndex:
         self._metadata = self._env.open_db(_DB_METADATA)
         self._info = self._env.open_db(_DB_INFO)
         self._check_format()
+        self._pins = self._env.open_db(_DB_PINS)
+        self._counters = self._env.open_db(_DB_COUNTERS)
+        self._count_stored_bytes(only_if_missing=True)
         self._max_key_size: int = self._env.max_key_size()
         self._pending: dict[str, _PendingUse] = {}
+        self._pending_counts: dict[str, int] = dict.fromkeys(_COUNTER_NAMES, 0)
         self._closed = False
 
     def _check_format(self) -> None:
@@ -273,10 +381,50 @@ class CacheIndex:
                     f" this version reads {FORMAT_VERSION}"
                 )
 
+    def _count_stored_bytes(self, *, only_if_missing: bool) -> int:
+        if only_if_missing:
+            with self._env.begin(db=self._counters) as txn:
+                found = txn.get(_STORED_BYTES_KEY)
+            if found is not None:
+                return int(found)
+        # One write transaction for the scan and the result: no other writer can add or
+        # remove a record in between, so the total is exact.
+        with self._env.begin(write=True) as txn:
+            if only_if_missing:
+                found = txn.get(_STORED_BYTES_KEY, db=self._counters)
+                if found is not None:
+                    return int(found)
+            total = 0
+            cursor = txn.cursor(db=self._files)
+            for value in cursor.iternext(keys=False, values=True):
+                total += _size_in(value)
+            txn.put(_STORED_BYTES_KEY, str(total).encode("ascii"), db=self._counters)
+        return total
+
+    # -- counters ----------------------------------------------------------
+
+    def _counter_in(self, txn: Any, key: bytes) -> int:
+        raw = txn.get(key, db=self._counters)
+        if raw is None:
+            return 0
+        try:
+            return int(raw)
+        except ValueError as e:
+            raise IndexFormatError(f"counter {key.decode('ascii', 'replace')} is not a number") from e
+
+    def _add_counter_in(self, txn: Any, key: bytes, delta: int) -> None:
+        if delta:
+            value = self._counter_in(txn, key) + delta
+            txn.put(key, str(value).encode("ascii"), db=self._counters)
+
     # -- keys --------------------------------------------------------------
 
     def _location_key(self, upstream: str, path: str) -> bytes:
-        raw = f"{_check_upstream(upstream)}\0{_check_relative_path(path)}".encode("utf-8")
+        return self._bounded_key(
+            f"{_check_upstream(upstream)}\0{_check_relative_path(path)}".encode("utf-8")
+        )
+
+    def _bounded_key(self, raw: bytes) -> bytes:
         if len(raw) <= self._max_key_size:
             return raw
         # Too long for an LMDB key. A valid key never starts with NUL (the
@@ -323,6 +471,7 @@ class CacheIndex:
         for item in record.paths:
             self._release_location_in(txn, sha256, item)
         txn.delete(self._sha_key(sha256), db=self._files)
+        self._add_counter_in(txn, _STORED_BYTES_KEY, -record.size)
         return True
 
     def put(self, record: FileRecord) -> None:
@@ -335,6 +484,9 @@ class CacheIndex:
             for item in record.paths:
                 self._claim_location_in(txn, record.sha256, item)
             self._write_file_in(txn, record)
+            self._add_counter_in(
+                txn, _STORED_BYTES_KEY, record.size - (0 if previous is None else previous.size)
+            )
 
     def get(self, sha256: str) -> FileRecord | None:
         with self._env.begin() as txn:
@@ -390,6 +542,61 @@ class CacheIndex:
                 removed += self._remove_in(txn, sha256)
         return removed
 
+    def remove_cached(self, sha256s: Iterable[str]) -> list[FileRecord]:
+        """Delete, in one transaction, the records among C{sha256s} that are still C{cached}.
+
+        For expiry and eviction: a file pinned (by another process, say) since the caller
+        chose it is kept. Call this before deleting the blobs.
+
+        @return: the records removed.
+        """
+        digests = list(sha256s)
+        if not digests:
+            return []
+        removed: list[FileRecord] = []
+        with self._env.begin(write=True) as txn:
+            for sha256 in digests:
+                record = self._get_in(txn, sha256)
+                if record is None or not record.cached:
+                    continue
+                self._remove_in(txn, sha256)
+                removed.append(record)
+        for record in removed:
+            self._pending.pop(record.sha256, None)
+        return removed
+
+    def set_flags(self, sha256: str, *, cached: bool, auto_update: bool) -> FileRecord | None:
+        """Set the C{cached} and C{auto_update} flags of a record.
+
+        @return: the updated record, or None if there is no record for C{sha256}.
+        """
+        with self._env.begin(write=True) as txn:
+            record = self._get_in(txn, sha256)
+            if record is None:
+                return None
+            if (record.cached, record.auto_update) != (cached, auto_update):
+                record = attrs.evolve(record, cached=cached, auto_update=auto_update)
+                self._write_file_in(txn, record)
+        return record
+
+    def total_size(self) -> int:
+        """The sum of the sizes of every file record, read from the index (cheap)."""
+        with self._env.begin(db=self._counters) as txn:
+            return self._counter_in(txn, _STORED_BYTES_KEY)
+
+    def file_count(self) -> int:
+        """How many file records there are (cheap: LMDB keeps the count)."""
+        with self._env.begin() as txn:
+            return int(txn.stat(self._files)["entries"])
+
+    def recount_size(self) -> int:
+        """Recompute the stored-bytes total from every record; return it.
+
+        The total is kept exact by every write of this version; this repairs it after an
+        older version, which did not keep it, has written to the index.
+        """
+        return self._count_stored_bytes(only_if_missing=False)
+
     def _scan(self, db: Any) -> Iterator[bytes]:
         """Yield every value of C{db}, a batch per short read transaction."""
         last: bytes | None = None
@@ -437,18 +644,54 @@ class CacheIndex:
         """Hits counted by L{note_use} and not yet flushed, by sha256."""
         return {sha256: p.count for sha256, p in self._pending.items()}
 
+    @property
+    def pending_last_used(self) -> dict[str, float]:
+        """When each file with pending uses was last used, by sha256 (this process only)."""
+        return {sha256: p.last_used_at for sha256, p in self._pending.items()}
+
+    def note_served(self, hit: bool, nbytes: int) -> None:
+        """Count a response body of C{nbytes}: from a stored file (C{hit}) or a download."""
+        counts = self._pending_counts
+        if hit:
+            counts["hits"] += 1
+            counts["bytes_from_cache"] += nbytes
+        else:
+            counts["misses"] += 1
+        counts["bytes_served"] += nbytes
+
+    def note_fetched(self, nbytes: int) -> None:
+        """Count C{nbytes} downloaded from an upstream for a file."""
+        self._pending_counts["bytes_from_upstream"] += nbytes
+
+    def note_not_stored(self) -> None:
+        """Count a download that was streamed to its clients but not stored for lack of room."""
+        self._pending_counts["not_stored"] += 1
+
+    def stats(self) -> Stats:
+        """The usage totals: those written by every process plus this one's pending counts.
+
+        Another process's counts appear once it has flushed them.
+        """
+        with self._env.begin(db=self._counters) as txn:
+            stored = {name: self._counter_in(txn, name.encode("ascii")) for name in _COUNTER_NAMES}
+        return Stats(**{name: stored[name] + self._pending_counts[name] for name in _COUNTER_NAMES})
+
     def flush_usage(self) -> int:
-        """Write every pending use in one transaction; return the records updated.
+        """Write every pending use and usage count in one transaction; return the records updated.
 
         Uses of records that no longer exist are dropped. If the write fails,
-        the uses stay pending for the next flush.
+        the uses and counts stay pending for the next flush.
         """
-        if not self._pending:
+        counts = {name: n for name, n in self._pending_counts.items() if n}
+        if not self._pending and not counts:
             return 0
         pending, self._pending = self._pending, {}
+        self._pending_counts = dict.fromkeys(_COUNTER_NAMES, 0)
         updated = 0
         try:
             with self._env.begin(write=True) as txn:
+                for name, delta in counts.items():
+                    self._add_counter_in(txn, name.encode("ascii"), delta)
                 for sha256, use in pending.items():
                     record = self._get_in(txn, sha256)
                     if record is None:
@@ -469,8 +712,31 @@ class CacheIndex:
                     use.count += later.count
                     use.last_used_at = max(use.last_used_at, later.last_used_at)
                 self._pending[sha256] = use
+            for name, delta in counts.items():
+                self._pending_counts[name] += delta
             raise
         return updated
+
+    # -- pins --------------------------------------------------------------
+
+    def _pin_key(self, upstream: str, alias: str, type: str, arch: str) -> bytes:
+        return self._bounded_key(f"{_check_upstream(upstream)}\0{alias}\0{type}\0{arch}".encode("utf-8"))
+
+    def put_pin(self, record: PinRecord) -> None:
+        """Store C{record}, replacing any pin of the same upstream, alias, type and arch."""
+        key = self._pin_key(record.upstream, record.alias, record.type, record.arch)
+        with self._env.begin(write=True, db=self._pins) as txn:
+            txn.put(key, _encode("pin", record))
+
+    def remove_pin(self, upstream: str, alias: str, type: str, arch: str) -> bool:
+        """Delete a pin; True if it existed."""
+        key = self._pin_key(upstream, alias, type, arch)
+        with self._env.begin(write=True, db=self._pins) as txn:
+            return bool(txn.delete(key))
+
+    def pins(self) -> list[PinRecord]:
+        """Every pin, in key order (upstream, then alias, type and arch)."""
+        return [_decode_pin(raw) for raw in self._scan(self._pins)]
 
     # -- metadata ----------------------------------------------------------
 
@@ -542,6 +808,9 @@ def reconcile(index: CacheIndex, store: BlobStore) -> ReconcileReport:
         )
         dangling.append(record.sha256)
     dangling_removed = index.remove_many(dangling)
+    # Cheap next to the scan above, and it repairs the total after an older version that did
+    # not keep it has written to the index.
+    index.recount_size()
 
     for metadata in list(index.metadata_records()):
         if store.exists(metadata.sha256):

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,9 @@ from proxy.index import (
     FileRecord,
     IndexFormatError,
     MetadataRecord,
+    PinRecord,
     ReconcileReport,
+    Stats,
     item_path,
     reconcile,
     split_item_path,
@@ -448,3 +453,265 @@ def test_reconcile_keeps_blob_shared_by_file_and_metadata(
     index.put_metadata(MetadataRecord("ubuntu", "streams/v1/x.json", digest, None, None, 1, 1))
     assert reconcile(index, store) == ReconcileReport(0, 0, 0)
     assert store.exists(digest)
+
+
+# -- pins ---------------------------------------------------------------------
+
+
+def test_pins_round_trip_replace_and_remove(index: CacheIndex) -> None:
+    noble = PinRecord("ubuntu", "ubuntu/24.04", "container", "x86_64", 10.0)
+    vm = attrs.evolve(noble, type="virtual-machine")
+    host = PinRecord("images", "alpine/3.19", "container", "", 20.0)
+    long_alias = PinRecord("images", "x" * 600, "container", "aarch64", 30.0)
+    for pin in (noble, vm, host, long_alias):
+        index.put_pin(pin)
+    assert sorted(index.pins(), key=attrs.astuple) == sorted(
+        [noble, vm, host, long_alias], key=attrs.astuple
+    )
+
+    again = attrs.evolve(noble, pinned_at=50.0)
+    index.put_pin(again)
+    assert len(index.pins()) == 4
+    assert again in index.pins()
+
+    assert index.remove_pin("ubuntu", "ubuntu/24.04", "container", "x86_64") is True
+    assert index.remove_pin("ubuntu", "ubuntu/24.04", "container", "x86_64") is False
+    assert index.remove_pin("images", "x" * 600, "container", "aarch64") is True
+    assert sorted(index.pins(), key=attrs.astuple) == sorted([vm, host], key=attrs.astuple)
+    # Pins are not files and not metadata.
+    assert list(index.records()) == [] and list(index.metadata_records()) == []
+
+
+def test_pin_validation() -> None:
+    with pytest.raises(ValueError):
+        PinRecord("", "ubuntu/24.04", "container", "", 1.0)
+    with pytest.raises(ValueError):
+        PinRecord("ubuntu", "", "container", "", 1.0)
+    with pytest.raises(ValueError):
+        PinRecord("ubuntu", "a\0b", "container", "", 1.0)
+
+
+def test_pins_persist_across_reopen(tmp_path: Path, clock: Clock) -> None:
+    pin = PinRecord("ubuntu", "ubuntu/24.04", "container", "x86_64", 10.0)
+    first = CacheIndex(str(tmp_path / "index"), clock)
+    first.put_pin(pin)
+    first.close()
+    again = CacheIndex(str(tmp_path / "index"), clock)
+    try:
+        assert again.pins() == [pin]
+    finally:
+        again.close()
+
+
+# -- flags --------------------------------------------------------------------
+
+
+def test_set_flags(index: CacheIndex) -> None:
+    a = record(b"a")
+    index.put(a)
+    pinned = index.set_flags(a.sha256, cached=False, auto_update=True)
+    assert pinned == attrs.evolve(a, cached=False, auto_update=True)
+    assert index.get(a.sha256) == pinned
+    assert index.find_path(*split_item_path(a.paths[0])) == pinned
+    assert index.set_flags(a.sha256, cached=True, auto_update=False) == a
+    assert index.get(a.sha256) == a
+    assert index.set_flags(sha(b"unknown"), cached=False, auto_update=True) is None
+    assert index.get(sha(b"unknown")) is None
+
+
+def test_set_flags_keeps_pending_uses(index: CacheIndex, clock: Clock) -> None:
+    a = record(b"a")
+    index.put(a)
+    index.note_use(a.sha256)
+    index.set_flags(a.sha256, cached=False, auto_update=True)
+    index.flush_usage()
+    got = index.get(a.sha256)
+    assert got is not None
+    assert (got.cached, got.auto_update, got.use_count) == (False, True, 1)
+
+
+def test_remove_cached_skips_pinned(index: CacheIndex) -> None:
+    a, b = record(b"a"), record(b"b")
+    index.put(a)
+    index.put(attrs.evolve(b, cached=False))
+    index.note_use(a.sha256)
+    removed = index.remove_cached([a.sha256, b.sha256, sha(b"unknown")])
+    assert removed == [a]
+    assert index.get(a.sha256) is None
+    assert index.get(b.sha256) is not None
+    assert index.pending_uses == {}
+    assert index.total_size() == b.size
+    assert index.remove_cached([]) == []
+
+
+# -- size and counts ----------------------------------------------------------
+
+
+def test_total_size_follows_every_change(index: CacheIndex) -> None:
+    a, b, c = record(b"a" * 10), record(b"b" * 20), record(b"c" * 40)
+    assert (index.total_size(), index.file_count()) == (0, 0)
+    index.put(a)
+    index.put(b)
+    index.put(c)
+    assert (index.total_size(), index.file_count()) == (70, 3)
+    # Replacing a record (another path, new flags) does not count it twice.
+    index.put(attrs.evolve(a, paths=("ubuntu/other",), cached=False))
+    index.add_path(b.sha256, "images", "b")
+    index.set_flags(c.sha256, cached=False, auto_update=True)
+    index.note_use(c.sha256)
+    index.flush_usage()
+    assert (index.total_size(), index.file_count()) == (70, 3)
+    assert index.remove(a.sha256)
+    assert not index.remove(a.sha256)
+    assert index.total_size() == 60
+    assert index.remove_many([b.sha256, c.sha256, a.sha256]) == 2
+    assert (index.total_size(), index.file_count()) == (0, 0)
+
+
+def test_total_size_counted_once_for_an_older_index(tmp_path: Path, clock: Clock) -> None:
+    first = CacheIndex(str(tmp_path / "index"), clock)
+    first.put(record(b"a" * 10))
+    first.put(record(b"b" * 32))
+    # As an index written before the counter existed: the records, no total.
+    with first._env.begin(write=True, db=first._counters) as txn:
+        txn.delete(b"stored_bytes")
+    first.close()
+    again = CacheIndex(str(tmp_path / "index"), clock)
+    try:
+        assert again.total_size() == 42
+    finally:
+        again.close()
+
+
+def test_reconcile_repairs_the_total(index: CacheIndex, store: BlobStore) -> None:
+    commit_blob(store, b"good")
+    index.put(record(b"good"))
+    with index._env.begin(write=True, db=index._counters) as txn:
+        txn.put(b"stored_bytes", b"12345")
+    assert index.total_size() == 12345
+    reconcile(index, store)
+    assert index.total_size() == len(b"good")
+
+
+def test_damaged_record_does_not_stop_counting(tmp_path: Path, clock: Clock) -> None:
+    first = CacheIndex(str(tmp_path / "index"), clock)
+    first.put(record(b"a" * 10))
+    with first._env.begin(write=True) as txn:
+        txn.put(sha(b"bad").encode("ascii"), b"not json", db=first._files)
+        txn.delete(b"stored_bytes", db=first._counters)
+    first.close()
+    again = CacheIndex(str(tmp_path / "index"), clock)
+    try:
+        assert again.total_size() == 10
+        with pytest.raises(IndexFormatError):
+            again.get(sha(b"bad"))
+    finally:
+        again.close()
+
+
+# -- usage counters -----------------------------------------------------------
+
+
+def test_counters_in_memory_then_one_flush(
+    index: CacheIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = record(b"a")
+    index.put(a)
+    counting = CountingEnv(index._env)
+    monkeypatch.setattr(index, "_env", counting)
+
+    assert index.stats() == Stats()
+    index.note_served(True, 100)
+    index.note_served(True, 50)
+    index.note_served(False, 1000)
+    index.note_fetched(1200)
+    index.note_not_stored()
+    index.note_use(a.sha256)
+    expected = Stats(
+        hits=2, misses=1, bytes_from_cache=150, bytes_from_upstream=1200, not_stored=1,
+        bytes_served=1150,
+    )
+    assert index.stats() == expected
+    assert counting.write_txns == 0
+
+    assert index.flush_usage() == 1
+    assert counting.write_txns == 1
+    assert index.stats() == expected
+
+    # Counts alone are flushed too, still in one transaction.
+    index.note_served(True, 1)
+    assert index.flush_usage() == 0
+    assert counting.write_txns == 2
+    assert index.stats() == attrs.evolve(
+        expected, hits=3, bytes_from_cache=151, bytes_served=1151
+    )
+    assert index.flush_usage() == 0
+    assert counting.write_txns == 2
+
+
+def test_counters_kept_on_failed_flush(index: CacheIndex, monkeypatch: pytest.MonkeyPatch) -> None:
+    index.note_served(False, 10)
+
+    class Broken:
+        def begin(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("write"):
+                raise RuntimeError("disk full")
+            return real.begin(*args, **kwargs)
+
+    real = index._env
+    monkeypatch.setattr(index, "_env", Broken())
+    with pytest.raises(RuntimeError):
+        index.flush_usage()
+    index.note_served(False, 5)
+    monkeypatch.setattr(index, "_env", real)
+    index.flush_usage()
+    assert index.stats() == Stats(misses=2, bytes_served=15)
+
+
+def test_counters_persist_and_close_flushes(tmp_path: Path, clock: Clock) -> None:
+    first = CacheIndex(str(tmp_path / "index"), clock)
+    first.note_served(True, 7)
+    first.note_fetched(9)
+    first.close()
+    again = CacheIndex(str(tmp_path / "index"), clock)
+    try:
+        assert again.stats() == Stats(hits=1, bytes_from_cache=7, bytes_from_upstream=9, bytes_served=7)
+    finally:
+        again.close()
+
+
+_OTHER_PROCESS = textwrap.dedent(
+    """
+    import sys
+    from twisted.internet.task import Clock
+    from proxy.index import CacheIndex, FileRecord
+    index = CacheIndex(sys.argv[1], Clock())
+    index.put(FileRecord(
+        sha256="ab" * 32, size=1000, upstream="ubuntu", paths=("ubuntu/other",),
+        product="p", version="v", stored_at=1.0, last_used_at=1.0, use_count=0,
+    ))
+    index.note_served(True, 1000)
+    index.note_fetched(1000)
+    index.close()
+    """
+)
+
+
+def test_totals_shared_with_another_process(index: CacheIndex) -> None:
+    """The admin command opens the same index while the server runs: totals are in LMDB."""
+    index.put(record(b"a" * 10))
+    index.note_served(False, 10)
+    subprocess.run(
+        [sys.executable, "-c", _OTHER_PROCESS, index.path],
+        check=True, timeout=60, cwd=str(Path(__file__).parent.parent),
+    )
+    assert index.total_size() == 1010
+    assert index.file_count() == 2
+    # This process's pending counts plus what the other one flushed.
+    assert index.stats() == Stats(
+        hits=1, misses=1, bytes_from_cache=1000, bytes_from_upstream=1000, bytes_served=1010
+    )
+    index.flush_usage()
+    assert index.stats() == Stats(
+        hits=1, misses=1, bytes_from_cache=1000, bytes_from_upstream=1000, bytes_served=1010
+    )

@@ -1,0 +1,320 @@
+"""Cache lifecycle: expiry of unused files, the size cap and the free-space floor.
+
+The decisions are pure functions over index records (L{plan_expiry}, L{plan_eviction}), so
+that the rules can be tested with synthetic records and a number for "now"; L{CacheLifecycle}
+applies them to a real index and blob store.
+
+The rules follow LXD's own image store (PROTOCOLS.md section 4): only C{cached} files (fetched
+on demand) ever go; pinned files have C{cached = False} and are kept whatever their use. A
+file's age is counted from its last use, or from when it was stored if that is later (never
+used, or used only before a re-download). Files being served or downloaded are C{protected}
+and are neither expired nor evicted: expiry of such a file waits for the next round.
+
+Removal order is always: index record first, then blob. A crash in between leaves only an
+unreferenced blob, which start-up reconciliation deletes; never a record without its blob.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+
+import attrs
+from attrs import frozen
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from proxy.blobs import BlobStore
+from proxy.config import DEFAULT_EXPIRY_DAYS, CacheConfig
+from proxy.index import CacheIndex, FileRecord
+
+__all__ = [
+    "CacheLifecycle",
+    "GcReport",
+    "SECONDS_PER_DAY",
+    "last_activity",
+    "plan_eviction",
+    "plan_expiry",
+]
+
+SECONDS_PER_DAY = 24 * 60 * 60
+
+
+def last_activity(record: FileRecord) -> float:
+    """When C{record} was last used or stored, whichever is later (seconds since the epoch)."""
+    return max(record.last_used_at, record.stored_at)
+
+
+def _evictable(records: Iterable[FileRecord], protected: set[str]) -> list[FileRecord]:
+    return [r for r in records if r.cached and r.sha256 not in protected]
+
+
+def plan_expiry(
+    records: Iterable[FileRecord], now: float, expiry_days: float, protected: set[str]
+) -> list[str]:
+    """The cached files unused for more than C{expiry_days} days, oldest first.
+
+    A file used exactly C{expiry_days} ago stays (LXD deletes once last use plus the expiry
+    is in the past). Pinned files (C{cached = False}) and C{protected} files never expire.
+    An C{expiry_days} of zero or less means nothing expires.
+
+    @return: sha256 digests.
+    """
+    if expiry_days <= 0:
+        return []
+    limit = now - expiry_days * SECONDS_PER_DAY
+    expired = [r for r in _evictable(records, protected) if last_activity(r) < limit]
+    expired.sort(key=_lru_key)
+    return [r.sha256 for r in expired]
+
+
+def _lru_key(record: FileRecord) -> tuple[float, float, str]:
+    # The digest last, so that equal times give the same order on every run.
+    return (last_activity(record), record.stored_at, record.sha256)
+
+
+def plan_eviction(
+    records: Iterable[FileRecord],
+    need: int,
+    used: int,
+    max_size: int | None,
+    free: int,
+    min_free: int,
+    protected: set[str],
+) -> list[str] | None:
+    """The least recently used cached files to remove so that C{need} more bytes fit.
+
+    After removing them, C{used + need <= max_size} (when there is a cap) and C{free - need
+    >= min_free}. Evicting a file lowers C{used} and raises C{free} by its size, so the files
+    chosen are the fewest, oldest first, whose sizes add up to the larger shortfall.
+
+    @param need: bytes about to be added (0: just restore the limits).
+    @param used: bytes of every stored file now.
+    @param max_size: the cap on stored bytes, or None for none.
+    @param free: bytes free on the cache's file system now.
+    @param min_free: bytes to keep free on that file system.
+    @param protected: digests that must not be evicted (being served or downloaded).
+    @return: sha256 digests, oldest first; C{[]} when nothing needs to go; None when even
+        evicting every candidate would not make room (then nothing should be evicted).
+    """
+    shortfall = max(0, min_free - (free - need))
+    if max_size is not None:
+        shortfall = max(shortfall, used + need - max_size)
+    if shortfall <= 0:
+        return []
+    chosen: list[str] = []
+    freed = 0
+    for record in sorted(_evictable(records, protected), key=_lru_key):
+        chosen.append(record.sha256)
+        freed += record.size
+        if freed >= shortfall:
+            return chosen
+    return None
+
+
+@frozen
+class GcReport:
+    """What one L{CacheLifecycle.gc} round did.
+
+    @ivar expired: files removed for being unused longer than the expiry.
+    @ivar expired_bytes: their bytes.
+    @ivar evicted: files removed to get under the size cap or above the free-space floor.
+    @ivar evicted_bytes: their bytes.
+    @ivar bytes_freed: C{expired_bytes + evicted_bytes}.
+    @ivar over_limit: the cap or the floor is still not met: not enough could be evicted
+        (then nothing was evicted for it).
+    @ivar files: file records left.
+    @ivar size: bytes of the files left.
+    """
+
+    expired: int
+    expired_bytes: int
+    evicted: int
+    evicted_bytes: int
+    bytes_freed: int
+    over_limit: bool
+    files: int
+    size: int
+
+
+# A plan is made again only when another process pinned a planned file meanwhile; this bounds
+# how often that can happen within one commit.
+_MAX_EVICTION_ROUNDS = 3
+
+
+def _fits(need: int, used: int, max_size: int | None, free: int, min_free: int) -> bool:
+    return (max_size is None or used + need <= max_size) and free - need >= min_free
+
+
+class CacheLifecycle:
+    """Applies expiry, the size cap and the free-space floor to an index and its blob store.
+
+    @param config: C{expiry_days}, C{max_size} and C{min_free} are read from it on every
+        call, with the built-in defaults for an object that lacks them.
+    @param busy: returns the digests that may not be removed now: files being served or
+        downloaded by this process.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        index: CacheIndex,
+        store: BlobStore,
+        config: CacheConfig,
+        clock: IReactorTime,
+        busy: Callable[[], set[str]],
+    ) -> None:
+        self._index = index
+        self._store = store
+        self._config = config
+        self._clock = clock
+        self._busy = busy
+
+    # -- configuration -----------------------------------------------------
+
+    @property
+    def expiry_days(self) -> float:
+        return float(getattr(self._config, "expiry_days", DEFAULT_EXPIRY_DAYS))
+
+    @property
+    def max_size(self) -> int | None:
+        value = getattr(self._config, "max_size", None)
+        return None if value is None else int(value)
+
+    @property
+    def min_free(self) -> int:
+        return int(getattr(self._config, "min_free", 0))
+
+    # -- state -------------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        """Bytes available to this process on the file system holding the cache."""
+        st = os.statvfs(self._store.root.path)
+        return st.f_bavail * st.f_frsize
+
+    def _records(self) -> list[FileRecord]:
+        """Every record, with the uses this process has not flushed yet applied.
+
+        Applying them in memory spares a synced commit just to learn what is recent.
+        """
+        pending = self._index.pending_last_used
+        records = list(self._index.records())
+        if not pending:
+            return records
+        return [
+            attrs.evolve(r, last_used_at=max(r.last_used_at, pending[r.sha256]))
+            if r.sha256 in pending
+            else r
+            for r in records
+        ]
+
+    def _protected(self) -> set[str]:
+        # A metadata file's blob can hold the same bytes as an image file; its record must
+        # not lose its body when the file goes.
+        protected = set(self._busy())
+        protected.update(m.sha256 for m in self._index.metadata_records())
+        return protected
+
+    def _remove(self, digests: list[str]) -> list[FileRecord]:
+        """Remove records (still cached ones only), then their blobs; return the records removed."""
+        removed = self._index.remove_cached(digests)
+        for record in removed:
+            self._store.remove(record.sha256)
+        return removed
+
+    # -- operations --------------------------------------------------------
+
+    def make_room(self, size: int, *, written: bool = True) -> bool:
+        """Evict what must go before a file of C{size} bytes is stored.
+
+        Called before a commit. With C{written} (the default) the file's bytes are already on
+        the cache's file system in a temp file, so the free space they need is already taken
+        and is not counted twice.
+
+        @return: True if the file may be stored (after any eviction); False if it must be
+            streamed but not stored because not enough can be evicted (then nothing is).
+        """
+        max_size = self.max_size
+        min_free = self.min_free
+        if max_size is None and min_free <= 0:
+            return True
+        used = self._index.total_size()
+        # Without a floor, free space is made to meet it whatever the plan evicts.
+        free = self.free_bytes() + (size if written else 0) if min_free > 0 else size
+        evicted: list[FileRecord] = []
+        for _attempt in range(_MAX_EVICTION_ROUNDS):
+            # The cheap check first: most commits need no eviction and so no scan of the index.
+            if _fits(size, used, max_size, free, min_free):
+                if evicted:
+                    self.log.info(
+                        "evicted {count} least recently used files ({freed} bytes)"
+                        " to store {size} bytes",
+                        count=len(evicted), freed=sum(r.size for r in evicted), size=size,
+                    )
+                return True
+            plan = plan_eviction(
+                self._records(), size, used, max_size, free, min_free, self._protected()
+            )
+            if plan is None:
+                self.log.warn(
+                    "no room for a file of {size} bytes: {used} bytes stored (cap {max_size}),"
+                    " {free} bytes free (floor {min_free}), and not enough may be evicted",
+                    size=size, used=used, max_size=max_size, free=free, min_free=min_free,
+                )
+                return False
+            removed = self._remove(plan)
+            evicted += removed
+            # Counted rather than measured again: a file system may free blocks later.
+            free += sum(r.size for r in removed)
+            # Read again: another process may have stored or removed files meanwhile. A file
+            # planned but pinned since by another process is kept, and the next round plans
+            # without it.
+            used = self._index.total_size()
+        return _fits(size, used, max_size, free, min_free)
+
+    def gc(self) -> GcReport:
+        """Remove expired files, then evict until the size cap and the free-space floor hold."""
+        now = self._clock.seconds()
+        records = self._records()
+        protected = self._protected()
+        free_before = self.free_bytes() if self.min_free > 0 else 0
+
+        expired = self._remove(plan_expiry(records, now, self.expiry_days, protected))
+        expired_bytes = sum(r.size for r in expired)
+        gone = {r.sha256 for r in expired}
+        remaining = [r for r in records if r.sha256 not in gone]
+
+        max_size = self.max_size
+        min_free = self.min_free
+        used = self._index.total_size()
+        # Counted rather than measured after the removals: a file system may free blocks later.
+        free = free_before + expired_bytes if min_free > 0 else 0
+        plan = plan_eviction(remaining, 0, used, max_size, free, min_free, protected)
+        evicted = self._remove(plan) if plan else []
+        evicted_bytes = sum(r.size for r in evicted)
+
+        report = GcReport(
+            expired=len(expired),
+            expired_bytes=expired_bytes,
+            evicted=len(evicted),
+            evicted_bytes=evicted_bytes,
+            bytes_freed=expired_bytes + evicted_bytes,
+            over_limit=plan is None,
+            files=self._index.file_count(),
+            size=self._index.total_size(),
+        )
+        if plan is None:
+            self.log.warn(
+                "cache over its limits: {used} bytes stored (cap {max_size}), {free} bytes free"
+                " (floor {min_free}), and not enough may be evicted",
+                used=used, max_size=max_size, free=free, min_free=min_free,
+            )
+        self.log.info(
+            "cache gc: {expired} expired ({expired_bytes} bytes), {evicted} evicted"
+            " ({evicted_bytes} bytes); {files} files, {size} bytes left",
+            expired=report.expired, expired_bytes=report.expired_bytes,
+            evicted=report.evicted, evicted_bytes=report.evicted_bytes,
+            files=report.files, size=report.size,
+        )
+        return report
