@@ -12,11 +12,15 @@ class ProxyError(Exception):
 
     code: int = 500
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    def __init__(
+        self, message: str, code: int | None = None, headers: dict[bytes, bytes] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        # extra response headers, such as Retry-After on a 503
+        self.headers: dict[bytes, bytes] = dict(headers or {})
 
 
 class BadRequest(ProxyError):

@@ -8,7 +8,7 @@ discards the temp file and fails every follower, which then aborts its client co
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from attrs import define, field
 from treq import collect
@@ -21,7 +21,8 @@ from twisted.web.iweb import IResponse
 
 from proxy.blobs import BlobStore, PartialBlob
 from proxy.catalogue import Item
-from proxy.errors import NotFound, UpstreamFailed
+from proxy.errors import NotFound, ProxyError, Unavailable, UpstreamFailed
+from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, FileRecord
 from proxy.upstream import UpstreamClient, VerificationFailed, as_proxy_error, receive_body
 
@@ -47,6 +48,10 @@ class Download:
     failure: Failure | None = field(default=None, init=False)
     final_path: FilePath[Any] | None = field(default=None, init=False)
     streaming: bool = field(default=False, init=False)
+    # started by the prefetcher rather than for a waiting client
+    background: bool = field(default=False, init=False)
+    # False when the verified file was streamed to its clients but not kept (no room)
+    stored: bool = field(default=True, init=False)
     _observers: list[Deferred[FilePath[Any]]] = field(factory=list, init=False)
     _start_observers: list[Deferred[None]] = field(factory=list, init=False)
     _waiters: list[Deferred[None]] = field(factory=list, init=False)
@@ -125,7 +130,12 @@ class Download:
         self._received += len(chunk)
         self._wake()
 
-    def succeed(self, path: FilePath[Any]) -> None:
+    @property
+    def received(self) -> int:
+        return self._received
+
+    def succeed(self, path: FilePath[Any], *, stored: bool = True) -> None:
+        self.stored = stored
         self.final_path = path
         self._wake()
         for d in self._pop_observers():
@@ -157,35 +167,65 @@ class Fetcher:
 
     log = Logger()
 
-    def __init__(self, client: UpstreamClient, store: BlobStore, index: CacheIndex,
-                 clock: IReactorTime, idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS) -> None:
+    def __init__(
+        self,
+        client: UpstreamClient,
+        store: BlobStore,
+        index: CacheIndex,
+        clock: IReactorTime,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
+        *,
+        make_room: Callable[[int], bool] | None = None,
+        health: Mapping[str, UpstreamHealth] | None = None,
+    ) -> None:
         self._client = client
         self._store = store
         self._index = index
         self._clock = clock
         self._idle_timeout = idle_timeout
+        self._make_room = make_room
+        self._health = dict(health or {})
         self._inflight: dict[str, Download] = {}
 
     def in_flight(self) -> dict[str, Download]:
         return dict(self._inflight)
 
-    def get(self, upstream: str, base_url: str, item: Item) -> Download:
+    def client_downloads(self) -> int:
+        """How many downloads in flight some client is waiting for (prefetches go after these)."""
+        return sum(1 for d in self._inflight.values() if not d.background)
+
+    def get(self, upstream: str, base_url: str, item: Item, *, background: bool = False) -> Download:
         """
         Return the running download of C{item}, or start one from C{base_url}/C{item.path}.
+
+        @raise Unavailable: the upstream is offline and it is not yet time to probe it again.
         """
         running = self._inflight.get(item.sha256)
         if running is not None:
+            if not background:
+                running.background = False
             return running
+        health = self._health.get(upstream)
+        if health is not None and not health.may_try():
+            raise Unavailable(
+                f"{health.describe()}; {item.path} is not in the cache",
+                headers={b"Retry-After": str(health.retry_after()).encode("ascii")},
+            )
         url = f"{base_url}/{item.path}"
         download = Download(upstream, url, item, self._store.new_partial())
+        download.background = background
         self._inflight[item.sha256] = download
         Deferred.fromCoroutine(self._run(download))
         return download
 
     async def _run(self, download: Download) -> None:
+        health = self._health.get(download.upstream)
         try:
-            await self._fetch(download)
+            await self._fetch(download, health)
         except Exception as e:
+            if health is not None and not isinstance(e, ProxyError):
+                # Connection, TLS or timeout: the upstream itself is unreachable.
+                health.record_failure(as_proxy_error(Failure(e), download.url).message, transport=True)
             failure = Failure(as_proxy_error(Failure(e), download.item.path))
             self.log.warn(
                 "download of {url} failed, nothing cached: {reason}",
@@ -195,11 +235,17 @@ class Fetcher:
                 download.fail(failure)
         finally:
             self._inflight.pop(download.item.sha256, None)
+            self._index.note_fetched(download.received)
 
-    async def _fetch(self, download: Download) -> None:
+    async def _fetch(self, download: Download, health: UpstreamHealth | None) -> None:
         item = download.item
         self.log.info("fetching {url} ({size} bytes)", url=download.url, size=item.size)
         response: IResponse = await self._client.get(download.url)
+        if health is not None:
+            if response.code >= 500:
+                health.record_failure(f"{response.code} for {download.url}", transport=False)
+            else:
+                health.record_success()
         if response.code != 200:
             await _discard_body(response)
             if response.code == 404:
@@ -225,6 +271,18 @@ class Fetcher:
             raise VerificationFailed(
                 f"sha256 of {item.path} is {digest}, catalogue says {item.sha256}"
             )
+        if self._make_room is not None and not self._make_room(item.size):
+            # No room even after evicting what may go: the clients have their bytes (each
+            # follower holds the file open), the cache does not keep them.
+            path = partial.path
+            partial.discard()
+            self._index.note_not_stored()
+            self.log.warn(
+                "not storing {url} ({size} bytes): the cache is full of files that may not be "
+                "evicted (pinned, in use or downloading)", url=download.url, size=item.size,
+            )
+            download.succeed(path, stored=False)
+            return
         path = partial.commit(item.sha256)
         now = self._clock.seconds()
         existing = self._index.get(item.sha256)

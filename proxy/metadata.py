@@ -9,6 +9,7 @@ per outage, not once per request.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred
@@ -18,7 +19,9 @@ from twisted.python.failure import Failure
 
 from proxy.blobs import BlobStore
 from proxy.catalogue import CatalogueError, Item, parse_products, products_paths
-from proxy.errors import NotFound, UpstreamFailed
+from proxy.catalogue_filter import filter_index, filter_products
+from proxy.health import UpstreamHealth
+from proxy.errors import NotFound, ProxyError, Unavailable, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
 from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
 
@@ -31,6 +34,8 @@ STALE_WAIT_SECONDS = 5.0
 # After a failed refresh the copy is served without asking the upstream for this long (or the
 # TTL, if shorter), so that an outage costs each client nothing.
 RETRY_AFTER_FAILURE_SECONDS = 30.0
+# How long the filtered catalogue served while offline is reused before it is rebuilt.
+OFFLINE_VIEW_SECONDS = 10.0
 
 
 class UpstreamMetadata:
@@ -49,6 +54,7 @@ class UpstreamMetadata:
         *,
         ttl: float,
         idle_timeout: float,
+        health: UpstreamHealth | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url
@@ -66,6 +72,9 @@ class UpstreamMetadata:
         # products path -> (sha256 of the body parsed, its items by item path)
         self._parsed: dict[str, tuple[str, dict[str, Item]]] = {}
         self._index_parsed: tuple[str, list[str]] | None = None
+        self.health = health
+        # path -> (when built, the body served while offline)
+        self._offline_views: dict[str, tuple[float, bytes]] = {}
 
     async def get(self, path: str) -> MetadataRecord:
         """
@@ -77,10 +86,39 @@ class UpstreamMetadata:
             raise NotFound(f"{self.name}: {path} is not a file of this upstream's catalogue")
         return await self._current(path)
 
+    @property
+    def offline(self) -> bool:
+        return self.health is not None and self.health.offline
+
+    async def offline_view(self, path: str) -> bytes:
+        """
+        The body of C{path} as served while the upstream is offline: the catalogue filtered
+        to the images whose files are all stored, so that every alias resolves to the newest
+        image that can actually be served. Rebuilt at most every C{OFFLINE_VIEW_SECONDS}.
+        """
+        now = self._clock.seconds()
+        cached = self._offline_views.get(path)
+        if cached is not None and now - cached[0] < OFFLINE_VIEW_SECONDS:
+            return cached[1]
+        remaining: dict[str, list[str]] = {}
+        bodies: dict[str, bytes] = {}
+        for products_path in await self.products_paths(refresh=False):
+            record = await self._copy(products_path)
+            body = filter_products(self.read(record), lambda item: self._store.exists(item.sha256))
+            bodies[products_path] = body
+            remaining[products_path] = sorted(json.loads(body).get("products", {}))
+        index_record = await self._copy(INDEX_PATH)
+        bodies[INDEX_PATH] = filter_index(self.read(index_record), remaining)
+        for built_path, body in bodies.items():
+            self._offline_views[built_path] = (now, body)
+        if path not in bodies:
+            raise NotFound(f"{self.name}: {path} is not a file of this upstream's catalogue")
+        return bodies[path]
+
     async def products_paths(self, *, refresh: bool = True) -> list[str]:
         record = await (self._current(INDEX_PATH) if refresh else self._copy(INDEX_PATH))
         if self._index_parsed is None or self._index_parsed[0] != record.sha256:
-            self._index_parsed = (record.sha256, products_paths(self._read(record)))
+            self._index_parsed = (record.sha256, products_paths(self.read(record)))
         return self._index_parsed[1]
 
     async def item(self, path: str) -> Item | None:
@@ -103,11 +141,12 @@ class UpstreamMetadata:
         record = await self._copy(products_path)
         parsed = self._parsed.get(products_path)
         if parsed is None or parsed[0] != record.sha256:
-            parsed = (record.sha256, parse_products(self._read(record)))
+            parsed = (record.sha256, parse_products(self.read(record)))
             self._parsed[products_path] = parsed
         return parsed[1]
 
-    def _read(self, record: MetadataRecord) -> bytes:
+    def read(self, record: MetadataRecord) -> bytes:
+        """The stored body of a metadata file."""
         return self._store.path_for(record.sha256).getContent()
 
     def _stored(self, path: str) -> MetadataRecord | None:
@@ -208,6 +247,22 @@ class UpstreamMetadata:
         return f"{self.base_url}/{path}"
 
     async def _refresh(self, path: str, stale: MetadataRecord | None) -> MetadataRecord:
+        health = self.health
+        if health is not None and not health.may_try():
+            raise Unavailable(
+                health.describe(), headers={b"Retry-After": str(health.retry_after()).encode("ascii")}
+            )
+        try:
+            record = await self._fetch(path, stale)
+        except ProxyError:
+            raise
+        except Exception as e:
+            if health is not None:
+                health.record_failure(as_proxy_error(Failure(e), self._url(path)).message, transport=True)
+            raise
+        return record
+
+    async def _fetch(self, path: str, stale: MetadataRecord | None) -> MetadataRecord:
         headers: dict[bytes, bytes] = {}
         if stale is not None:
             if stale.etag:
@@ -215,6 +270,11 @@ class UpstreamMetadata:
             if stale.last_modified:
                 headers[b"If-Modified-Since"] = stale.last_modified.encode("latin-1")
         response = await self._client.get(self._url(path), headers)
+        if self.health is not None:
+            if response.code >= 500:
+                self.health.record_failure(f"{response.code} for {self._url(path)}", transport=False)
+            else:
+                self.health.record_success()
         now = self._clock.seconds()
         if response.code == 304 and stale is not None:
             await receive_body(response, lambda _: None, limit=MAX_METADATA_BYTES,

@@ -18,12 +18,16 @@ from twisted.python.filepath import FilePath
 from twisted.web.server import Site
 
 from proxy.blobs import BlobStore
+from proxy.busy import InUse
 from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.fetch import Fetcher
+from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, IndexFormatError, reconcile
+from proxy.lifecycle import CacheLifecycle
 from proxy.listen import listen_tls
 from proxy.metadata import UpstreamMetadata
+from proxy.prefetch import Prefetcher
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.statedir import StateLock
 from proxy.tls import (
@@ -37,6 +41,7 @@ from proxy.upstream import UpstreamClient
 log = Logger()
 
 CLOSE_TIMEOUT_SECONDS = 2.0
+GC_INTERVAL_SECONDS = 3600.0
 
 
 class CacheService(Service):
@@ -68,16 +73,35 @@ class CacheService(Service):
             connect_timeout=config.cache.connect_timeout,
             header_timeout=config.cache.download_idle_timeout,
         )
+        self.health = {
+            u.name: UpstreamHealth(u.name, reactor, forced_offline=u.offline) for u in config.upstreams
+        }
+        self.in_use = InUse()
+        self.lifecycle = CacheLifecycle(self.index, self.store, config.cache, reactor, self.busy)
         self.fetcher = Fetcher(
-            self.client, self.store, self.index, reactor, config.cache.download_idle_timeout
+            self.client, self.store, self.index, reactor, config.cache.download_idle_timeout,
+            make_room=self.lifecycle.make_room, health=self.health,
         )
         self.metadata = {
             u.name: UpstreamMetadata(
                 u.name, u.url, self.client, self.store, self.index, reactor,
                 ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout,
+                health=self.health[u.name],
             )
             for u in config.upstreams
         }
+        self.prefetcher = Prefetcher(config, self.metadata, self.fetcher, self.index, reactor)
+
+    def busy(self) -> set[str]:
+        """Files that may not be evicted now: being served or being downloaded."""
+        return self.in_use.current() | set(self.fetcher.in_flight())
+
+    def gc(self) -> None:
+        # Runs from a TimerService: an exception would stop it for good.
+        try:
+            self.lifecycle.gc()
+        except Exception:
+            log.failure("applying expiry and the size cap failed")
 
     def startService(self) -> None:
         report = reconcile(self.index, self.store)
@@ -113,7 +137,9 @@ class CacheService(Service):
 
     def site(self) -> Site:
         upstreams = {
-            name: UpstreamResource(meta, self.fetcher, self.store, self.index, self.reactor)
+            name: UpstreamResource(
+                meta, self.fetcher, self.store, self.index, self.reactor, self.in_use
+            )
             for name, meta in self.metadata.items()
         }
         banner = "lxd-image-proxy: a caching proxy for LXD and Incus images.\nUpstreams:\n" + "".join(
@@ -233,6 +259,12 @@ class ProxyService(MultiService):
         timer = TimerService(config.cache.usage_flush_interval, self.cache.flush_usage)
         timer.clock = reactor
         timer.setServiceParent(self)
+        # Expiry and the size cap: hourly is plenty for rules counted in days and bytes; a
+        # commit makes room for itself at once.
+        gc = TimerService(GC_INTERVAL_SECONDS, self.cache.gc)
+        gc.clock = reactor
+        gc.setServiceParent(self)
+        self.cache.prefetcher.setServiceParent(self)
 
 
 def build_service(config: Config, reactor: Any) -> ProxyService:

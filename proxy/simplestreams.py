@@ -8,6 +8,7 @@ Anything else is a 404 that costs no upstream request.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
@@ -17,13 +18,14 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
 from proxy.blobs import BlobStore
+from proxy.busy import InUse
 from proxy.catalogue import Item
 from proxy.errors import BadRequest, NotFound
 from proxy.fetch import Download, Fetcher
 from proxy.index import CacheIndex, FileRecord
 from proxy.metadata import UpstreamMetadata
 from proxy.streaming import CompleteFile
-from proxy.web import AsyncResource, serve_file
+from proxy.web import AsyncResource, serve_bytes, serve_file
 
 # How long a miss may wait for the upstream's response headers before the client gets its own
 # 200 and headers anyway: long enough to turn the usual quick failures (404, 5xx, refused) into
@@ -67,6 +69,7 @@ class UpstreamResource(AsyncResource):
         store: BlobStore,
         index: CacheIndex,
         clock: IReactorTime,
+        in_use: InUse | None = None,
     ) -> None:
         super().__init__()
         self._metadata = metadata
@@ -74,6 +77,7 @@ class UpstreamResource(AsyncResource):
         self._store = store
         self._index = index
         self._clock = clock
+        self._in_use = in_use if in_use is not None else InUse()
 
     @property
     def name(self) -> str:
@@ -90,6 +94,12 @@ class UpstreamResource(AsyncResource):
 
     async def _metadata_file(self, request: Request, path: str) -> None:
         record = await self._metadata.get(path)
+        if self._metadata.offline:
+            body = await self._metadata.offline_view(path)
+            serve_bytes(
+                request, body, etag=hashlib.sha256(body).hexdigest(), last_modified=record.fetched_at,
+            )
+            return
         blob = self._store.path_for(record.sha256)
         await serve_file(
             request, CompleteFile(blob, blob.getsize()), etag=record.sha256,
@@ -100,22 +110,25 @@ class UpstreamResource(AsyncResource):
         item = await self._metadata.item(path)
         if item is None:
             raise NotFound(f"{self.name}: {path} is not in this upstream's catalogue")
-        if self._store.exists(item.sha256):
-            record = self._record_hit(item, path)
-            blob = self._store.path_for(item.sha256)
+        with self._in_use.holding(item.sha256):
+            if self._store.exists(item.sha256):
+                record = self._record_hit(item, path)
+                blob = self._store.path_for(item.sha256)
+                await serve_file(
+                    request, CompleteFile(blob, item.size), etag=item.sha256,
+                    last_modified=record.stored_at, clock=self._clock,
+                )
+                self._index.note_served(True, request.sentLength)
+                return
+            download = self._fetcher.get(self.name, self._metadata.base_url, item)
+            await self._await_start(download)
             await serve_file(
-                request, CompleteFile(blob, item.size), etag=item.sha256,
-                last_modified=record.stored_at, clock=self._clock,
+                request, download, etag=item.sha256, last_modified=self._clock.seconds(),
+                clock=self._clock, ranges=False,
             )
-            return
-        download = self._fetcher.get(self.name, self._metadata.base_url, item)
-        await self._await_start(download)
-        await serve_file(
-            request, download, etag=item.sha256, last_modified=self._clock.seconds(),
-            clock=self._clock, ranges=False,
-        )
-        # Counted once the body is out: the record exists only after the download committed.
-        self._index.note_use(item.sha256)
+            self._index.note_served(False, request.sentLength)
+            # Counted once the body is out: the record exists only after the download committed.
+            self._index.note_use(item.sha256)
 
     async def _await_start(self, download: Download) -> None:
         started = download.when_streaming()

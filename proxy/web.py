@@ -91,6 +91,8 @@ class AsyncResource(Resource):
         message = " ".join(error.message.splitlines())
         body = f"{message}\n".encode("utf-8")
         request.setResponseCode(error.code)
+        for name, value in error.headers.items():
+            request.setHeader(name, value)
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         request.setHeader(b"Content-Length", b"%d" % (len(body),))
         request.write(body)
@@ -349,3 +351,29 @@ async def serve_file(
     # response whose headers take longer than 30 seconds.
     request.write(b"")
     await producer.done
+
+
+def serve_bytes(
+    request: Request,
+    body: bytes,
+    *,
+    etag: str,
+    last_modified: float,
+    content_type: bytes = b"application/json",
+) -> None:
+    """
+    Answer a GET or HEAD with a small body held in memory (generated metadata), with the same
+    validators as L{serve_file}: C{ETag}, C{Last-Modified}, C{If-None-Match} (304) and HEAD.
+    The caller finishes the request.
+    """
+    quoted = _quoted(etag)
+    request.setHeader(b"ETag", quoted)
+    none_match = request.getHeader(b"If-None-Match")
+    if none_match is not None and _none_match(none_match, quoted):
+        request.setResponseCode(http.NOT_MODIFIED)
+        return
+    request.setHeader(b"Last-Modified", http.datetimeToString(int(last_modified)))
+    request.setHeader(b"Content-Type", content_type)
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    if request.method != b"HEAD":
+        request.write(body)

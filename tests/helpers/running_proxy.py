@@ -36,24 +36,31 @@ async def start_proxy(
     state_dir: Path,
     upstreams: Mapping[str, tuple[str, bytes]],
     cache: Mapping[str, Any] | None = None,
+    *,
+    upstream_options: Mapping[str, Mapping[str, Any]] | None = None,
+    pins: list[Mapping[str, Any]] | None = None,
 ) -> RunningProxy:
     """
     Start a proxy on 127.0.0.1 with an ephemeral port.
 
     @param upstreams: name -> (base URL, PEM of the CA that signed its certificate).
     @param cache: extra C{[cache]} keys.
+    @param upstream_options: name -> extra C{[upstreams.NAME]} keys (such as C{offline}).
+    @param pins: C{[[pin]]} tables.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     tables: dict[str, Any] = {}
     for name, (url, ca_pem) in upstreams.items():
         ca_file = state_dir.parent / f"{state_dir.name}-{name}-ca.pem"
         ca_file.write_bytes(ca_pem)
-        tables[name] = {"url": url, "ca_file": str(ca_file)}
-    document = {
+        tables[name] = {"url": url, "ca_file": str(ca_file), **(upstream_options or {}).get(name, {})}
+    document: dict[str, Any] = {
         "server": {"listen": ["127.0.0.1:0"], "tls_names": ["localhost"]},
         "cache": {"dir": str(state_dir), **(cache or {})},
         "upstreams": tables,
     }
+    if pins:
+        document["pin"] = list(pins)
     config = parse_config(document, base_dir=str(state_dir))
     service = build_service(config, reactor)
     service.privilegedStartService()

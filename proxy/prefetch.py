@@ -1,0 +1,275 @@
+"""Auto-update: new releases of the images the LAN uses are on the LAN before anyone asks.
+
+Every C{auto_update_interval} (and once shortly after start) the L{Prefetcher} resolves every
+pinned alias, and with C{auto_update_cached} every image whose cached files were used within the
+expiry window, to the newest version the upstream publishes, exactly as the LXD client would,
+and downloads the files that are missing through the same L{Fetcher} as a client miss (one
+download per file, verified before it is stored). At most C{prefetch_concurrency} of these run at
+once, and none starts while a client waits for a download.
+
+Pinned images' files are C{cached = False, auto_update = True}; older versions of a pinned alias
+stay pinned until C{keep_versions} newer versions are stored, then turn C{cached} and age out.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from attrs import define, field, frozen
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import LoopingCall, deferLater
+from twisted.logger import Logger
+
+from proxy.catalogue import Image, Item, parse_images
+from proxy.config import Config
+from proxy.fetch import Fetcher
+from proxy.index import CacheIndex
+from proxy.metadata import INDEX_PATH, UpstreamMetadata
+from proxy.resolve import host_architecture, lxd_arch, resolve_alias, versions_for
+
+# The first run waits a little after start, so that start-up is not slowed and the listeners
+# are up before the WAN is busy.
+STARTUP_DELAY_SECONDS = 30.0
+# While a client waits for a download, background downloads wait this long before looking again.
+YIELD_TO_CLIENTS_SECONDS = 1.0
+DAY_SECONDS = 86400.0
+
+
+@frozen
+class PinRef:
+    upstream: str
+    alias: str
+    arch: str
+    type: str
+
+
+@define
+class TickReport:
+    """What one auto-update run did."""
+
+    images: int = 0
+    downloaded: list[str] = field(factory=list)
+    failed: list[str] = field(factory=list)
+    unresolved: list[str] = field(factory=list)
+    unpinned: int = 0
+
+
+def image_files(image: Image) -> list[Item]:
+    return [image.meta] if image.root is None else [image.meta, image.root]
+
+
+class Prefetcher(Service):
+    """Runs the auto-update ticks; L{tick} is also what C{lxd-image-proxy prefetch} calls."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        config: Config,
+        metadata: Mapping[str, UpstreamMetadata],
+        fetcher: Fetcher,
+        index: CacheIndex,
+        clock: IReactorTime,
+        *,
+        host_arch: str | None = None,
+    ) -> None:
+        self._config = config
+        self._metadata = dict(metadata)
+        self._fetcher = fetcher
+        self._index = index
+        self._clock = clock
+        self._host_arch = host_arch or host_architecture()
+        self._slots = DeferredSemaphore(max(1, config.cache.prefetch_concurrency))
+        self._loop: LoopingCall | None = None
+        self._first: IDelayedCall | None = None
+        self._running: Deferred[TickReport] | None = None
+        # per upstream: products path -> (sha256 parsed, images)
+        self._parsed: dict[tuple[str, str], tuple[str, list[Image]]] = {}
+
+    # -- schedule ---------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        interval = self._config.cache.auto_update_interval
+        if interval <= 0:
+            return
+        self._first = self._clock.callLater(STARTUP_DELAY_SECONDS, self.run)
+        loop = LoopingCall(self.run)
+        loop.clock = self._clock
+        loop.start(interval, now=False)
+        self._loop = loop
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._first is not None and self._first.active():
+            self._first.cancel()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def run(self) -> "Deferred[TickReport]":
+        """Start a tick unless one is running; never fails (the loop must survive errors)."""
+        if self._running is not None:
+            return self._running
+        d = Deferred.fromCoroutine(self.tick())
+
+        def done(result: Any) -> Any:
+            self._running = None
+            return result
+
+        def failed(failure: Any) -> TickReport:
+            self.log.failure("auto-update run failed", failure)
+            return TickReport()
+
+        d.addErrback(failed).addBoth(done)
+        if not d.called:
+            self._running = d
+        return d
+
+    # -- one run ----------------------------------------------------------------------------
+
+    def pin_refs(self) -> list[PinRef]:
+        refs = [PinRef(p.upstream, p.alias, p.arch or self._host_arch, p.type) for p in self._config.pins]
+        refs += [PinRef(r.upstream, r.alias, r.arch or self._host_arch, r.type) for r in self._index.pins()]
+        unique: dict[PinRef, None] = {}
+        for ref in refs:
+            try:
+                arch = lxd_arch(ref.arch)
+            except ValueError:
+                # Reported as unresolved by the run; one bad pin must not stop the others.
+                arch = ref.arch
+            unique[PinRef(ref.upstream, ref.alias, arch, ref.type)] = None
+        return list(unique)
+
+    async def tick(self, refs: Iterable[PinRef] | None = None, *, follow_cached: bool | None = None) -> TickReport:
+        """
+        Bring the newest versions of the pinned aliases (or of C{refs}) and, unless told
+        otherwise, of recently used cached images into the cache.
+        """
+        report = TickReport()
+        pins = self.pin_refs() if refs is None else list(refs)
+        if follow_cached is None:
+            follow_cached = refs is None and self._config.cache.auto_update_cached
+        targets: dict[str, tuple[str, Image, bool]] = {}
+        chains: list[tuple[list[Image], Image]] = []
+        catalogues: dict[str, list[Image]] = {}
+        for ref in pins:
+            meta = self._metadata.get(ref.upstream)
+            if meta is None:
+                report.unresolved.append(f"{ref.upstream}:{ref.alias}")
+                continue
+            images = await self._images(meta, catalogues)
+            image = resolve_alias(images, ref.alias, ref.arch, ref.type) if images else None
+            if image is None:
+                self.log.warn(
+                    "auto-update: {upstream}:{alias} ({type}, {arch}) is not in the catalogue",
+                    upstream=ref.upstream, alias=ref.alias, type=ref.type, arch=ref.arch,
+                )
+                report.unresolved.append(f"{ref.upstream}:{ref.alias}")
+                continue
+            targets[image.fingerprint] = (ref.upstream, image, True)
+            chains.append((images, image))
+        if follow_cached:
+            for upstream, image in await self._recently_used(catalogues):
+                targets.setdefault(image.fingerprint, (upstream, image, False))
+        report.images = len(targets)
+        downloads = [
+            self._bring(upstream, image, pinned, report) for upstream, image, pinned in targets.values()
+        ]
+        await gatherResults([Deferred.fromCoroutine(d) for d in downloads])
+        kept: set[str] = set()
+        for images, newest in chains:
+            kept |= self._kept_versions(images, newest)
+        for sha256 in kept:
+            record = self._index.get(sha256)
+            if record is not None and (record.cached or not record.auto_update):
+                self._index.set_flags(sha256, cached=False, auto_update=True)
+        if refs is None and not report.unresolved:
+            # Only with every pin resolved is it known which pinned files no pin needs any more.
+            report.unpinned = self._release(kept)
+        self.log.info(
+            "auto-update: {images} images checked, {downloaded} files downloaded, {failed} failed",
+            images=report.images, downloaded=len(report.downloaded), failed=len(report.failed),
+        )
+        return report
+
+    def _kept_versions(self, images: list[Image], newest: Image) -> set[str]:
+        """Files of the versions of a pinned alias that stay pinned: the newest stored ones."""
+        keep = max(1, self._config.cache.keep_versions)
+        stored = [
+            image for image in versions_for(images, newest)
+            if all(self._index.get(item.sha256) is not None for item in image_files(image))
+        ]
+        return {item.sha256 for image in stored[:keep] for item in image_files(image)}
+
+    def _release(self, kept: set[str]) -> int:
+        released = 0
+        for record in list(self._index.records()):
+            if not record.cached and record.auto_update and record.sha256 not in kept:
+                self._index.set_flags(record.sha256, cached=True, auto_update=False)
+                released += 1
+        return released
+
+    async def _recently_used(self, catalogues: dict[str, list[Image]]) -> list[tuple[str, Image]]:
+        """The newest version of every image whose root (or unified) file was used lately."""
+        now = self._clock.seconds()
+        window = self._config.cache.expiry_days * DAY_SECONDS
+        used: dict[str, set[str]] = {}
+        for record in self._index.records():
+            if record.cached and now - record.last_used_at < window and record.use_count > 0:
+                used.setdefault(record.upstream, set()).add(record.sha256)
+        found: list[tuple[str, Image]] = []
+        for upstream, shas in used.items():
+            meta = self._metadata.get(upstream)
+            if meta is None:
+                continue
+            images = await self._images(meta, catalogues)
+            for image in images:
+                key = image.root if image.root is not None else image.meta
+                if key.sha256 in shas:
+                    newest = versions_for(images, image)[0]
+                    found.append((upstream, newest))
+        return found
+
+    async def _images(self, meta: UpstreamMetadata, catalogues: dict[str, list[Image]]) -> list[Image]:
+        """The upstream's images, from a catalogue refreshed as for a client (TTL applies)."""
+        if meta.name in catalogues:
+            return catalogues[meta.name]
+        images: list[Image] = []
+        try:
+            await meta.get(INDEX_PATH)
+            for products_path in await meta.products_paths():
+                record = await meta.get(products_path)
+                key = (meta.name, products_path)
+                parsed = self._parsed.get(key)
+                if parsed is None or parsed[0] != record.sha256:
+                    parsed = (record.sha256, parse_images(meta.read(record)))
+                    self._parsed[key] = parsed
+                images.extend(parsed[1])
+        except Exception as e:
+            self.log.warn("auto-update: no catalogue for {upstream}: {reason}", upstream=meta.name, reason=e)
+        catalogues[meta.name] = images
+        return images
+
+    async def _bring(self, upstream: str, image: Image, pinned: bool, report: TickReport) -> None:
+        meta = self._metadata[upstream]
+        for item in image_files(image):
+            if self._index.get(item.sha256) is not None:
+                continue
+            await self._slots.acquire()
+            try:
+                while self._fetcher.client_downloads() > 0:
+                    await deferLater(self._clock, YIELD_TO_CLIENTS_SECONDS, lambda: None)
+                download = self._fetcher.get(upstream, meta.base_url, item, background=True)
+                await download.when_done()
+                report.downloaded.append(item.path)
+            except Exception as e:
+                report.failed.append(item.path)
+                self.log.warn(
+                    "auto-update: fetching {upstream}/{path} failed: {reason}",
+                    upstream=upstream, path=item.path, reason=getattr(e, "message", str(e)),
+                )
+                return
+            finally:
+                self._slots.release()
