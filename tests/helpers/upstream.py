@@ -246,8 +246,15 @@ class TreeResource(Resource):
         # The inode is part of the ETag: the tree rewrites JSON by rename, so a rewrite of the
         # same size within one mtime tick still changes it.
         etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"'.encode()
-        cached = request.setETag(etag)
-        if request.setLastModified(st.st_mtime) is http.CACHED or cached is http.CACHED:
+        # As RFC 9110 says (13.1.3): with If-None-Match, If-Modified-Since is ignored. Its
+        # one-second resolution would otherwise hide a rewrite within the same second.
+        if request.getHeader(b"if-none-match") is not None:
+            cached = request.setETag(etag)
+            request.setHeader(b"last-modified", http.datetimeToString(int(st.st_mtime)))
+        else:
+            request.setETag(etag)
+            cached = request.setLastModified(st.st_mtime)
+        if cached is http.CACHED:
             f.close()
             return b""
         request.setHeader(b"content-length", b"%d" % st.st_size)
