@@ -586,8 +586,9 @@ def cmd_verify(cache: Cache, args: argparse.Namespace, out: TextIO) -> int:
         corrupt.append(meta.sha256)
     if corrupt:
         out.write(f"checked {checked} files ({human_size(total)}): {len(corrupt)} corrupt, removed\n")
-    else:
-        out.write(f"checked {checked} files ({human_size(total)}): all intact\n")
+        # Non-zero, so that a verify run from cron or a monitoring check reports the damage.
+        return 1
+    out.write(f"checked {checked} files ({human_size(total)}): all intact\n")
     return 0
 
 
@@ -951,7 +952,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ref_options(p)
     p.set_defaults(run=cmd_prefetch)
 
-    p = commands.add_parser("verify", help="re-hash every stored file; remove the corrupt ones")
+    p = commands.add_parser("verify", help="re-hash every stored file; remove the corrupt ones (exit 1 if any)")
     p.set_defaults(run=cmd_verify)
 
     p = commands.add_parser("gc", help="apply expiry and the size cap now")

@@ -271,7 +271,7 @@ def test_verify_removes_corrupt_files(capsys: pytest.CaptureFixture[str], config
     Path(path).write_bytes(bytes(data))
 
     code, out, _ = run(capsys, config, "verify")
-    assert code == 0
+    assert code == 1
     assert f"corrupt: {image.root.sha256}" in out and "1 corrupt, removed" in out
     with opened(config.parent) as (index, store):
         assert index.get(image.root.sha256) is None and not store.exists(image.root.sha256)

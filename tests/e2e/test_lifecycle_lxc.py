@@ -193,3 +193,45 @@ async def test_a_bundle_seeds_a_proxy_that_has_no_upstream(tmp_path: Path) -> No
         assert sorted(_sha256(f) for f in files) == sorted(f.sha256 for f in image.files)
     finally:
         await isolated.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_admin_command_works_on_the_cache_of_a_running_proxy(tmp_path: Path) -> None:
+    _require_tools()
+    tree = build_tree(tmp_path / "tree")
+    ca = make_ca()
+    upstream = start_https_upstream(reactor, tree.root, ca)
+    proxy = await start_proxy(reactor, tmp_path / "state", {"cache": (upstream.url, ca.cert_pem)})
+    try:
+        config = _config_file(tmp_path, "a", tmp_path / "state", upstream.url, ca.cert_pem, False)
+        image = tree.image(ALIAS)
+        result = await deferToThread(_cli, config, "pin", "--arch", "x86_64", f"cache:{ALIAS}")
+        assert result.returncode == 0, result.stderr
+        # Not a terminal: one plain line per file, no progress bar.
+        result = await deferToThread(_cli, config, "prefetch", "--arch", "x86_64", f"cache:{ALIAS}")
+        assert result.returncode == 0, result.stderr
+        assert "\r" not in result.stderr + result.stdout
+        for item in image.files:
+            record = proxy.cache.index.get(item.sha256)
+            assert record is not None and not record.cached and record.auto_update
+
+        result = await deferToThread(_cli, config, "list", "--format", "json")
+        assert result.returncode == 0, result.stderr
+        assert image.fingerprint in result.stdout
+
+        # The running proxy serves what the command fetched, without asking the upstream.
+        gets = _file_gets(upstream, tree)
+        client = LxcClient(tmp_path / "lxc")
+        await client.add_simplestreams_remote("cache", proxy.url("cache"), proxy.cert_pem)
+        files = await client.image_export(f"cache:{ALIAS}", tmp_path / "export")
+        assert sorted(_sha256(f) for f in files) == sorted(f.sha256 for f in image.files)
+        assert _file_gets(upstream, tree) == gets
+
+        for command in (["verify"], ["gc"], ["stats"]):
+            result = await deferToThread(_cli, config, *command)
+            assert result.returncode == 0, (command, result.stderr)
+        result = await deferToThread(_cli, config, "info", "--arch", "x86_64", "cache:nosuch/alias")
+        assert result.returncode != 0 and result.stderr.strip().count("\n") == 0
+    finally:
+        await proxy.stop()
+        await upstream.stop()
