@@ -476,3 +476,33 @@ async def test_prefetch_downloads_from_a_real_upstream(tmp_path: Path, tree: Tre
         assert code == 1 and "has no container image nosuch" in err and "Traceback" not in err
     finally:
         await running.stop()
+
+
+def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise() -> None:
+    import io
+
+    from proxy.cli import Progress
+
+    bar = io.StringIO()
+    progress = Progress(bar, True, total_bytes=2048, total_files=2)
+    progress.started("up/a", 1024)
+    progress.draw(512)
+    progress.finished("up/a", 1024, None)
+    progress.finished("up/b", 1024, "sha256 mismatch")
+    progress.end()
+    text = bar.getvalue()
+    assert "downloading" not in text
+    assert "\r[" in text and " 25%" in text and "100%" in text and "2/2 files" in text
+    # A problem goes on a line of its own, above the bar.
+    assert "\r\x1b[Kup/b: sha256 mismatch\n" in text and text.endswith("\n")
+
+    lines = io.StringIO()
+    progress = Progress(lines, False, total_bytes=2048, total_files=2)
+    progress.started("up/a", 1024)
+    progress.draw(512)
+    progress.finished("up/a", 1024, None)
+    progress.finished("up/b", 1024, "sha256 mismatch")
+    progress.end()
+    assert lines.getvalue() == (
+        "downloading up/a (1.0 KiB)\nstored up/a\nfailed up/b: sha256 mismatch\n"
+    )
