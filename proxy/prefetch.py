@@ -95,11 +95,12 @@ class Prefetcher(Service):
         interval = self._config.cache.auto_update_interval
         if interval <= 0:
             return
-        self._first = self._clock.callLater(STARTUP_DELAY_SECONDS, self.run)
         loop = LoopingCall(self.run)
         loop.clock = self._clock
-        loop.start(interval, now=False)
         self._loop = loop
+        # The loop itself starts after the delay: however short the interval, the first run
+        # waits for it, and every later run comes a whole interval after the one before.
+        self._first = self._clock.callLater(STARTUP_DELAY_SECONDS, loop.start, interval)
 
     def stopService(self) -> None:
         super().stopService()
@@ -109,23 +110,36 @@ class Prefetcher(Service):
             self._loop.stop()
 
     def run(self) -> "Deferred[TickReport]":
-        """Start a tick unless one is running; never fails (the loop must survive errors)."""
-        if self._running is not None:
-            return self._running
-        d = Deferred.fromCoroutine(self.tick())
+        """
+        Start a tick unless one is running, and return a Deferred of its report that never
+        fails (the loop must survive errors). Every caller gets its own Deferred, so that
+        cancelling one (or the loop's use of its result) leaves the run and the others alone.
+        """
+        running = self._running
+        if running is None:
+            running = Deferred.fromCoroutine(self.tick())
 
-        def done(result: Any) -> Any:
-            self._running = None
-            return result
+            def failed(failure: Any) -> TickReport:
+                self.log.failure("auto-update run failed", failure)
+                return TickReport()
 
-        def failed(failure: Any) -> TickReport:
-            self.log.failure("auto-update run failed", failure)
-            return TickReport()
+            def done(report: TickReport) -> TickReport:
+                self._running = None
+                return report
 
-        d.addErrback(failed).addBoth(done)
-        if not d.called:
-            self._running = d
-        return d
+            running.addErrback(failed).addCallback(done)
+            if not running.called:
+                self._running = running
+        observer: Deferred[TickReport] = Deferred()
+
+        def tell(report: TickReport) -> TickReport:
+            # A cancelled observer has had its answer.
+            if not observer.called:
+                observer.callback(report)
+            return report
+
+        running.addCallback(tell)
+        return observer
 
     # -- one run ----------------------------------------------------------------------------
 
@@ -261,11 +275,18 @@ class Prefetcher(Service):
             try:
                 while self._fetcher.client_downloads() > 0:
                     await deferLater(self._clock, YIELD_TO_CLIENTS_SECONDS, lambda: None)
+                # Stored while this waited: by the client download it gave way to, or for
+                # another image with the same file (a container and a VM share the metadata).
+                if self._index.get(item.sha256) is not None:
+                    continue
                 download = self._fetcher.get(upstream, meta.base_url, item, background=True)
                 await download.when_done()
-                report.downloaded.append(item.path)
+                # Two images sharing a file wait for the one download of it.
+                if item.path not in report.downloaded:
+                    report.downloaded.append(item.path)
             except Exception as e:
-                report.failed.append(item.path)
+                if item.path not in report.failed:
+                    report.failed.append(item.path)
                 self.log.warn(
                     "auto-update: fetching {upstream}/{path} failed: {reason}",
                     upstream=upstream, path=item.path, reason=getattr(e, "message", str(e)),
