@@ -24,7 +24,7 @@ from proxy.catalogue import Item
 from proxy.errors import NotFound, ProxyError, Unavailable, UpstreamFailed
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, FileRecord
-from proxy.upstream import UpstreamClient, VerificationFailed, as_proxy_error, receive_body
+from proxy.upstream import NotAnUpstream, UpstreamClient, VerificationFailed, as_proxy_error, receive_body
 
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0
 
@@ -223,9 +223,14 @@ class Fetcher:
         try:
             await self._fetch(download, health)
         except Exception as e:
-            if health is not None and not isinstance(e, ProxyError):
-                # Connection, TLS or timeout: the upstream itself is unreachable.
-                health.record_failure(as_proxy_error(Failure(e), download.url).message, transport=True)
+            if health is not None:
+                if isinstance(e, NotAnUpstream):
+                    # The upstream answered (with a redirect that is refused): it is reachable,
+                    # and a probe must not stay "in progress" for want of an answer.
+                    health.record_success()
+                elif not isinstance(e, ProxyError):
+                    # Connection, TLS or timeout: the upstream itself is unreachable.
+                    health.record_failure(as_proxy_error(Failure(e), download.url).message, transport=True)
             failure = Failure(as_proxy_error(Failure(e), download.item.path))
             self.log.warn(
                 "download of {url} failed, nothing cached: {reason}",
@@ -271,21 +276,25 @@ class Fetcher:
             raise VerificationFailed(
                 f"sha256 of {item.path} is {digest}, catalogue says {item.sha256}"
             )
-        if self._make_room is not None and not self._make_room(item.size):
+        existing = self._index.get(item.sha256)
+        # A record already counts these bytes (another process stored the file meanwhile):
+        # committing adds nothing, so nothing need be evicted for it.
+        if existing is None and self._make_room is not None and not self._make_room(item.size):
             # No room even after evicting what may go: the clients have their bytes (each
             # follower holds the file open), the cache does not keep them.
-            path = partial.path
-            partial.discard()
             self._index.note_not_stored()
             self.log.warn(
                 "not storing {url} ({size} bytes): the cache is full of files that may not be "
                 "evicted (pinned, in use or downloading)", url=download.url, size=item.size,
             )
-            download.succeed(path, stored=False)
+            download.succeed(partial.path, stored=False)
+            # Deleted on the next turn rather than now: get() may have handed this download to
+            # a client that has not opened the file yet (when the upstream answered within
+            # get() itself), and every client opens it before the reactor runs again.
+            self._clock.callLater(0, partial.discard)
             return
         path = partial.commit(item.sha256)
         now = self._clock.seconds()
-        existing = self._index.get(item.sha256)
         if existing is None:
             self._index.put(FileRecord(
                 sha256=item.sha256, size=item.size, upstream=download.upstream,

@@ -23,7 +23,7 @@ from proxy.catalogue_filter import filter_index, filter_products
 from proxy.health import UpstreamHealth
 from proxy.errors import NotFound, ProxyError, Unavailable, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
-from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
+from proxy.upstream import NotAnUpstream, UpstreamClient, as_proxy_error, receive_body
 
 INDEX_PATH = "streams/v1/index.json"
 # A products file is JSON that the proxy parses whole; this bounds what an upstream can make it
@@ -36,6 +36,9 @@ STALE_WAIT_SECONDS = 5.0
 RETRY_AFTER_FAILURE_SECONDS = 30.0
 # How long the filtered catalogue served while offline is reused before it is rebuilt.
 OFFLINE_VIEW_SECONDS = 10.0
+
+# What an offline view is built from: file records, their bytes, and (path, sha256) of each copy.
+_ViewState = tuple[int, int, frozenset[tuple[str, str]]]
 
 
 class UpstreamMetadata:
@@ -73,8 +76,8 @@ class UpstreamMetadata:
         self._parsed: dict[str, tuple[str, dict[str, Item]]] = {}
         self._index_parsed: tuple[str, list[str]] | None = None
         self.health = health
-        # path -> (when built, the body served while offline)
-        self._offline_views: dict[str, tuple[float, bytes]] = {}
+        # path -> (when built, what it was built from, the body served while offline)
+        self._offline_views: dict[str, tuple[float, _ViewState, bytes]] = {}
 
     async def get(self, path: str) -> MetadataRecord:
         """
@@ -94,26 +97,41 @@ class UpstreamMetadata:
         """
         The body of C{path} as served while the upstream is offline: the catalogue filtered
         to the images whose files are all stored, so that every alias resolves to the newest
-        image that can actually be served. Rebuilt at most every C{OFFLINE_VIEW_SECONDS}.
+        image that can actually be served. Reused for at most C{OFFLINE_VIEW_SECONDS}, and
+        only while the copies and the stored files it was built from are unchanged.
         """
         now = self._clock.seconds()
+        # A view from an earlier outage (the upstream came back meanwhile and files were
+        # stored) would hide images that can be served.
+        state = self._offline_state()
         cached = self._offline_views.get(path)
-        if cached is not None and now - cached[0] < OFFLINE_VIEW_SECONDS:
-            return cached[1]
+        if cached is not None and cached[1] == state and now - cached[0] < OFFLINE_VIEW_SECONDS:
+            return cached[2]
         remaining: dict[str, list[str]] = {}
         bodies: dict[str, bytes] = {}
         for products_path in await self.products_paths(refresh=False):
-            record = await self._copy(products_path)
+            record = self._stored(products_path)
+            if record is None:
+                # Never fetched (nor imported): none of its images can be listed, and asking
+                # the upstream for it is what offline rules out.
+                continue
             body = filter_products(self.read(record), lambda item: self._store.exists(item.sha256))
             bodies[products_path] = body
             remaining[products_path] = sorted(json.loads(body).get("products", {}))
         index_record = await self._copy(INDEX_PATH)
         bodies[INDEX_PATH] = filter_index(self.read(index_record), remaining)
         for built_path, body in bodies.items():
-            self._offline_views[built_path] = (now, body)
+            self._offline_views[built_path] = (now, state, body)
         if path not in bodies:
             raise NotFound(f"{self.name}: {path} is not a file of this upstream's catalogue")
         return bodies[path]
+
+    def _offline_state(self) -> _ViewState:
+        """What the offline views of this upstream are built from, now."""
+        copies = frozenset(
+            (r.path, r.sha256) for r in self._index.metadata_records() if r.upstream == self.name
+        )
+        return (self._index.file_count(), self._index.total_size(), copies)
 
     async def products_paths(self, *, refresh: bool = True) -> list[str]:
         record = await (self._current(INDEX_PATH) if refresh else self._copy(INDEX_PATH))
@@ -130,11 +148,20 @@ class UpstreamMetadata:
         refreshes them) before they ask for files, and a path that no catalogue lists must
         not cost an upstream request.
         """
+        unreadable: ProxyError | None = None
         for products_path in await self.products_paths(refresh=False):
-            items = await self._items(products_path)
+            try:
+                items = await self._items(products_path)
+            except ProxyError as e:
+                # No copy and the upstream cannot give one now (offline, say): the item may
+                # still be listed by another products file.
+                unreadable = e
+                continue
             found = items.get(path)
             if found is not None:
                 return found
+        if unreadable is not None:
+            raise unreadable
         return None
 
     async def _items(self, products_path: str) -> dict[str, Item]:
@@ -254,6 +281,11 @@ class UpstreamMetadata:
             )
         try:
             record = await self._fetch(path, stale)
+        except NotAnUpstream:
+            # A refused redirect is an answer: the upstream is reachable.
+            if health is not None:
+                health.record_success()
+            raise
         except ProxyError:
             raise
         except Exception as e:
