@@ -285,9 +285,14 @@ def _version_date(key: str, family: Family) -> datetime | None:
         return None
     if family == "lxd" and len(key) == 13 and key[8] == "_":
         try:
-            return datetime.strptime(key, "%Y%m%d_%H%M").replace(tzinfo=timezone.utc)
+            parsed = datetime.strptime(key, "%Y%m%d_%H%M")
         except ValueError:
             pass
+        else:
+            # LXD's layout is Go's "20060102_0304", whose "03" is a 12-hour clock: an hour
+            # past 12 fails it, and the client falls back to the date alone.
+            if parsed.hour <= 12:
+                return parsed.replace(tzinfo=timezone.utc)
     return day.replace(tzinfo=timezone.utc)
 
 
@@ -326,7 +331,8 @@ def _parse(data: bytes, family: Family, want_images: bool = True) -> Catalogue:
 
         arch = product.get("arch") or ""
         architecture = ARCHITECTURES.get(arch)
-        if family == "lxd" and lxd_requirements:
+        # LXD takes lxd_requirements whenever the field is there, even empty (a non-nil map).
+        if family == "lxd" and product.get("lxd_requirements") is not None:
             requirements = lxd_requirements
         aliases_field = product.get("aliases") or ""
         aliases = tuple(aliases_field.split(",")) if aliases_field else ()

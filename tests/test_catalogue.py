@@ -573,6 +573,9 @@ def test_parse_images_one_image_per_fingerprint_in_a_version() -> None:
     "version, created",
     [
         ("20240505_1212", datetime(2024, 5, 5, 12, 12, tzinfo=timezone.utc)),
+        ("20240505_0007", datetime(2024, 5, 5, 0, 7, tzinfo=timezone.utc)),
+        # LXD's Go layout reads a 12-hour clock: 13:12 fails it and the date alone is used.
+        ("20240505_1312", datetime(2024, 5, 5, tzinfo=timezone.utc)),
         ("20240209_13:00", datetime(2024, 2, 9, tzinfo=timezone.utc)),
         ("20240622", datetime(2024, 6, 22, tzinfo=timezone.utc)),
         ("20240523.1", datetime(2024, 5, 23, tzinfo=timezone.utc)),
@@ -659,6 +662,11 @@ def test_parse_images_requirements_per_family() -> None:
     )
     (incus,) = parse_images(encode(incus_doc), family="incus")
     assert incus.requirements == (("cgroup", "v1"),)
+    # For LXD an lxd_requirements field that is there but empty still replaces requirements.
+    empty = products_doc(
+        split_items(combined_squashfs_sha256=h("a")), requirements={"cgroup": "v1"}, lxd_requirements={},
+    )
+    assert parse_images(encode(empty))[0].requirements == ()
 
 
 def test_parse_images_bad_eol_is_epoch() -> None:
