@@ -4,7 +4,9 @@ A L{FileSource} is anything with a file on disk and a promise about its final
 size: a cached blob (L{CompleteFile}) or a download in progress.  A
 L{FileProducer} sends one byte range of a source to one consumer, reading the
 file from disk at its own pace; the disk is the buffer, so a slow client never
-holds back the download or the other clients following it.
+holds back the download or the other clients following it.  A L{ProducerRelay}
+lets several producers write one response in turn (an image export's parts)
+without losing the consumer's backpressure in between.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import (
     IConsumer,
     IDelayedCall,
+    IProducer,
     IPushProducer,
     IReactorTime,
 )
@@ -146,6 +149,12 @@ class FileProducer:
     source is only ever read and waited on: no consumer can cancel a shared
     download.
 
+    By default it opens C{source.path} itself.  A caller that must hold the
+    file open before the producer can start (a response sending several
+    files in turn, where a file not yet started could otherwise be renamed
+    or deleted meanwhile) passes it as C{file}; the producer owns it from
+    then on and closes it, also when the constructor raises.
+
     @ivar done: Fires when the range has been written and the request
         finished; see above for how it fails.
     """
@@ -159,10 +168,14 @@ class FileProducer:
         clock: IReactorTime,
         start: int = 0,
         end: int | None = None,
+        *,
+        file: IO[bytes] | None = None,
     ) -> None:
         if end is None:
             end = source.size
         if not 0 <= start <= end <= source.size:
+            if file is not None:
+                file.close()
             raise ValueError(f"bad range [{start}, {end}) of {source.size} bytes")
         self.source = source
         self.consumer = consumer
@@ -177,7 +190,7 @@ class FileProducer:
         self._call: IDelayedCall | None = None
         self._waiting: Deferred[None] | None = None
 
-        self._file: IO[bytes] | None = source.path.open("r")
+        self._file: IO[bytes] | None = source.path.open("r") if file is None else file
         try:
             self._file.seek(start)
         except BaseException:
@@ -187,7 +200,11 @@ class FileProducer:
             # A transport that closes does not always call stopProducing on
             # us; the request hears about it in every case.
             consumer.notifyFinish().addErrback(self._request_lost)
-        consumer.registerProducer(self, True)
+        try:
+            consumer.registerProducer(self, True)
+        except BaseException:
+            self._close()
+            raise
         self._schedule()
 
     # IPushProducer
@@ -317,3 +334,100 @@ class FileProducer:
     def _request_lost(self, reason: Failure) -> None:
         self._client_gone = True
         self.stopProducing()
+
+
+@implementer(IPushProducer, IConsumer)
+class ProducerRelay:
+    """
+    The one streaming producer of a response that several producers write in turn.
+
+    Register the relay with the consumer (a request) for the whole response, and let each
+    producer (a L{FileProducer} per file) register with the relay instead.  The relay passes
+    the consumer's C{pauseProducing}, C{resumeProducing} and C{stopProducing} on to the
+    current producer and remembers them in between: a producer that registers while the
+    consumer is paused starts paused, and one that registers after the consumer stopped is
+    stopped at once.  Registering each producer with the request directly would lose that:
+    a request's channel does not tell a newly registered producer that its transport is full,
+    and a TLS transport pauses its producer only on the way into backpressure, so the next
+    file would be read into memory as fast as the disk allows.
+
+    To its producers the relay is also the transport: C{abortConnection} drops the
+    consumer's connection (L{abort_connection}) once, after which C{disconnecting} is true.
+
+    @ivar producer: The producer registered now, or L{None}.
+    @ivar paused: Whether the consumer has paused the relay and not resumed it since.
+    @ivar stopped: Whether the consumer has stopped it; that is for good.
+    """
+
+    def __init__(self, consumer: IConsumer) -> None:
+        self.consumer = consumer
+        self.producer: IPushProducer | None = None
+        self.paused = False
+        self.stopped = False
+        self.disconnecting = False
+        self._stop_waiters: list[Deferred[None]] = []
+
+    # IConsumer, for the producers taking turns
+
+    def registerProducer(self, producer: IProducer, streaming: bool) -> None:
+        if not streaming:
+            raise ValueError("ProducerRelay takes push producers only")
+        if self.producer is not None:
+            raise RuntimeError(
+                f"cannot register {producer!r}: {self.producer!r} was never unregistered"
+            )
+        pushing = self.producer = IPushProducer(producer)
+        if self.stopped:
+            pushing.stopProducing()
+        elif self.paused:
+            pushing.pauseProducing()
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.consumer.write(data)
+
+    def abortConnection(self) -> None:
+        if self.disconnecting:
+            return
+        self.disconnecting = True
+        abort_connection(self.consumer)
+
+    def when_stopped(self) -> Deferred[None]:
+        """
+        @return: A new L{Deferred} that fires with L{None} once the consumer
+            has stopped the relay (at once if it has); cancelling it affects
+            nothing else.
+        """
+        if self.stopped:
+            return succeed(None)
+        waiter: Deferred[None] = Deferred(self._stop_waiters.remove)
+        self._stop_waiters.append(waiter)
+        return waiter
+
+    # IPushProducer, towards the consumer
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.producer is not None:
+            self.producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.stopped:
+            return
+        self.paused = False
+        if self.producer is not None:
+            self.producer.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        # A stopped producer never unregisters: forget it here.
+        producer, self.producer = self.producer, None
+        if producer is not None:
+            producer.stopProducing()
+        waiters, self._stop_waiters = self._stop_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)

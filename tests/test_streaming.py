@@ -14,7 +14,7 @@ import os
 
 import pytest
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -29,6 +29,7 @@ from proxy.streaming import (
     FileProducer,
     FileSource,
     FileTruncated,
+    ProducerRelay,
     ProducerStopped,
 )
 
@@ -408,3 +409,173 @@ def test_complete_file_is_a_source(blob: FilePath[str]) -> None:
     assert source.available() == 7
     assert source.failure is None
     assert outcome(source.wait()) == [None]
+
+
+# A file opened by the caller
+
+
+def test_given_file(blob: FilePath[str], data: bytes) -> None:
+    clock = Clock()
+    transport = StringTransport()
+    opened = blob.open("r")
+    # The path may go away once the file is open: the descriptor is what is read.
+    blob.remove()
+    producer = FileProducer(CompleteFile(blob, len(data)), transport, clock, 10, file=opened)
+    results = outcome(producer.done)
+    clock.advance(0)
+    assert transport.value() == data[10:]
+    assert results == [None]
+    assert opened.closed, "the producer owns the file it was given"
+
+
+def test_given_file_closed_on_bad_range(blob: FilePath[str], data: bytes) -> None:
+    opened = blob.open("r")
+    with pytest.raises(ValueError):
+        FileProducer(CompleteFile(blob, len(data)), StringTransport(), Clock(), 5, 1, file=opened)
+    assert opened.closed
+
+
+# ProducerRelay
+
+
+def relayed(transport: StringTransport) -> ProducerRelay:
+    relay = ProducerRelay(transport)
+    transport.registerProducer(relay, True)
+    return relay
+
+
+def test_relay_provides_interfaces() -> None:
+    relay = ProducerRelay(StringTransport())
+    assert verifyObject(IPushProducer, relay)
+    assert verifyObject(IConsumer, relay)
+
+
+def test_relay_producers_in_turn(tmp_path: object) -> None:
+    clock = Clock()
+    transport = StringTransport()
+    relay = relayed(transport)
+    first, second = os.urandom(CHUNK_SIZE_BYTES + 1), os.urandom(10)
+    sources = []
+    for name, content in (("first", first), ("second", second)):
+        path = FilePath(str(tmp_path)).child(name)
+        path.setContent(content)
+        sources.append(CompleteFile(path, len(content)))
+
+    producer = FileProducer(sources[0], relay, clock)
+    registered: object = relay.producer
+    assert registered is producer
+    results = outcome(producer.done)
+    clock.advance(0)
+    assert results == [None]
+    assert relay.producer is None
+    assert transport.producer is relay, "the relay stays registered for the response"
+
+    relay.write(b"|")
+    producer = FileProducer(sources[1], relay, clock)
+    results = outcome(producer.done)
+    clock.advance(0)
+    assert results == [None]
+    assert transport.value() == first + b"|" + second
+
+
+def test_relay_pause_held_for_the_next_producer(blob: FilePath[str], data: bytes) -> None:
+    clock = Clock()
+    transport = StringTransport()
+    relay = relayed(transport)
+    relay.pauseProducing()
+    producer = FileProducer(CompleteFile(blob, len(data)), relay, clock)
+    results = outcome(producer.done)
+    clock.advance(0)
+    assert transport.value() == b"", "registered while paused: starts paused"
+    assert clock.getDelayedCalls() == []
+
+    relay.resumeProducing()
+    clock.advance(0)
+    assert transport.value() == data
+    assert results == [None]
+
+
+def test_relay_passes_pause_on(blob: FilePath[str], data: bytes) -> None:
+    clock = Clock()
+    transport = StringTransport()
+    relay = relayed(transport)
+    producer = FileProducer(CompleteFile(blob, len(data)), relay, clock)
+    relay.pauseProducing()
+    clock.advance(0)
+    assert transport.value() == b""
+    relay.resumeProducing()
+    clock.advance(0)
+    assert transport.value() == data
+    assert outcome(producer.done) == [None]
+
+
+def test_relay_stop(tmp_path: object, blob: FilePath[str], data: bytes) -> None:
+    clock = Clock()
+    transport = StringTransport()
+    relay = relayed(transport)
+    source = FakeSource(FilePath(str(tmp_path)).child("part"), 10)
+    producer = FileProducer(source, relay, clock)
+    results = outcome(producer.done)
+    stopped = outcome(relay.when_stopped())
+    clock.advance(0)
+    assert stopped == []
+
+    relay.stopProducing()
+
+    [failure] = results
+    assert isinstance(failure, Failure) and failure.check(ProducerStopped)
+    assert stopped == [None]
+    assert source.failure is None
+    assert outcome(relay.when_stopped()) == [None], "at once once stopped"
+
+    relay.resumeProducing()
+    assert relay.stopped, "for good"
+    later = FileProducer(CompleteFile(blob, len(data)), relay, clock)
+    [failure] = outcome(later.done)
+    assert isinstance(failure, Failure) and failure.check(ProducerStopped)
+    clock.advance(0)
+    assert transport.value() == b""
+
+
+def test_relay_when_stopped_cancelled() -> None:
+    relay = ProducerRelay(StringTransport())
+    waiter = relay.when_stopped()
+    waiter.cancel()
+    assert isinstance(outcome(waiter)[0], Failure)
+    relay.stopProducing()
+
+
+def test_relay_aborts_once(tmp_path: object) -> None:
+    clock = Clock()
+    transport = StringTransport()
+    relay = relayed(transport)
+    source = FakeSource(FilePath(str(tmp_path)).child("part"), 10)
+    producer = FileProducer(source, relay, clock)
+    results = outcome(producer.done)
+    source.append(b"01234")
+    clock.advance(0)
+
+    source.fail(UpstreamFailed("upstream went away"))
+    clock.advance(0)
+
+    assert transport.disconnected
+    assert relay.disconnecting
+    assert relay.producer is None
+    [failure] = results
+    assert isinstance(failure, Failure) and failure.check(UpstreamFailed)
+    transport.disconnected = False
+    relay.abortConnection()
+    assert not transport.disconnected, "only once"
+
+
+def test_relay_refuses_misuse(blob: FilePath[str], data: bytes) -> None:
+    relay = ProducerRelay(StringTransport())
+    clock = Clock()
+    FileProducer(CompleteFile(blob, len(data)), relay, clock)
+    opened = blob.open("r")
+    with pytest.raises(RuntimeError):
+        FileProducer(CompleteFile(blob, len(data)), relay, clock, file=opened)
+    assert opened.closed
+    relay.unregisterProducer()
+    with pytest.raises(ValueError):
+        relay.registerProducer(PausingTransport(), False)
