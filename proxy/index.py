@@ -6,12 +6,15 @@ An LMDB environment (a directory) with named databases:
 ``paths``     "upstream\\0item/path" -> sha256 hex (a second key for L{CacheIndex.find_path})
 ``metadata``  "upstream\\0path" -> L{MetadataRecord} as JSON
 ``pins``      "upstream\\0alias\\0type\\0arch" -> L{PinRecord} as JSON
+``parts``     image fingerprint -> L{ImageParts} as JSON: how an image of an LXD upstream splits
+              into its stored files, learnt from its first export download
 ``counters``  counter name -> decimal ASCII integer: the usage totals of L{Stats} and
               ``stored_bytes``, the sum of every L{FileRecord}'s size
 ``info``      ``format`` -> the index format version
 
-``pins`` and ``counters`` were added without a format change: an index written before them
-simply has neither, and gains them (the stored size counted once) when first opened.
+``pins``, ``counters`` and ``parts`` were added without a format change: an index written
+before them simply has none of them, and gains them (the stored size counted once) when first
+opened; a version that does not know a database never opens it.
 
 Several processes may open the environment at once (the server and the admin command), so
 every total is kept in LMDB and changed in the same transaction as the records it sums,
@@ -46,6 +49,7 @@ __all__ = [
     "CacheIndex",
     "FileRecord",
     "FORMAT_VERSION",
+    "ImageParts",
     "IndexFormatError",
     "MetadataRecord",
     "PinRecord",
@@ -71,6 +75,7 @@ _DB_METADATA = b"metadata"
 _DB_INFO = b"info"
 _DB_PINS = b"pins"
 _DB_COUNTERS = b"counters"
+_DB_PARTS = b"parts"
 _FORMAT_KEY = b"format"
 # The sum of every file record's size, kept by every transaction that adds or removes one.
 _STORED_BYTES_KEY = b"stored_bytes"
@@ -190,6 +195,48 @@ class PinRecord:
     pinned_at: float
 
 
+def _validate_optional_sha256(_instance: object, _attribute: object, value: str | None) -> None:
+    if value is not None:
+        check_sha256(value)
+
+
+@frozen
+class ImageParts:
+    """
+    The files an image of an LXD upstream is stored as, learnt from its export.
+
+    The LXD API names an image only by its fingerprint, the sha256 of all its files together;
+    the sha256 and size of each file are known once an export has been downloaded and verified.
+
+    @ivar fingerprint: the image's fingerprint.
+    @ivar upstream: the upstream whose export taught it.
+    @ivar meta_sha256: the metadata file of a split image, or the single file of a unified
+        one (then equal to C{fingerprint}).
+    @ivar meta_ftype: the simplestreams ftype it is listed as (C{lxd.tar.xz}, or
+        C{lxd_combined.tar.gz} for a unified image).
+    @ivar root_sha256: the root file of a split image; None for a unified image.
+    @ivar root_size: 0 for a unified image.
+    @ivar root_ftype: C{squashfs}, C{root.tar.xz}, C{disk-kvm.img} ...; C{""} for a unified image.
+    """
+
+    fingerprint: str = field(validator=_validate_sha256)
+    upstream: str = field(validator=lambda _i, _a, v: _check_upstream(v))
+    meta_sha256: str = field(validator=_validate_sha256)
+    meta_size: int = field(validator=_validate_size)
+    meta_ftype: str
+    root_sha256: str | None = field(validator=_validate_optional_sha256)
+    root_size: int = field(validator=_validate_size)
+    root_ftype: str
+
+    @property
+    def unified(self) -> bool:
+        return self.root_sha256 is None
+
+    @property
+    def size(self) -> int:
+        return self.meta_size + self.root_size
+
+
 # The usage totals, in the order of L{Stats}' fields; each is a key of the counters database.
 _COUNTER_NAMES = (
     "hits",
@@ -234,7 +281,7 @@ class _PendingUse:
     last_used_at: float
 
 
-def _encode(kind: str, record: FileRecord | MetadataRecord | PinRecord) -> bytes:
+def _encode(kind: str, record: FileRecord | MetadataRecord | PinRecord | ImageParts) -> bytes:
     data: dict[str, Any] = attrs.asdict(record)
     data["v"] = FORMAT_VERSION
     data["kind"] = kind
@@ -308,6 +355,23 @@ def _decode_pin(raw: bytes) -> PinRecord:
         raise IndexFormatError(f"malformed pin record: {e!r}") from e
 
 
+def _decode_parts(raw: bytes) -> ImageParts:
+    data = _decode_fields("parts", raw)
+    try:
+        return ImageParts(
+            fingerprint=data["fingerprint"],
+            upstream=data["upstream"],
+            meta_sha256=data["meta_sha256"],
+            meta_size=int(data["meta_size"]),
+            meta_ftype=data["meta_ftype"],
+            root_sha256=data["root_sha256"],
+            root_size=int(data["root_size"]),
+            root_ftype=data["root_ftype"],
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise IndexFormatError(f"malformed parts record: {e!r}") from e
+
+
 def _size_in(raw: bytes) -> int:
     """The size field of an encoded file record, 0 if it has none that can be read.
 
@@ -363,6 +427,7 @@ class CacheIndex:
         self._check_format()
         self._pins = self._env.open_db(_DB_PINS)
         self._counters = self._env.open_db(_DB_COUNTERS)
+        self._parts = self._env.open_db(_DB_PARTS)
         self._count_stored_bytes(only_if_missing=True)
         self._max_key_size: int = self._env.max_key_size()
         self._pending: dict[str, _PendingUse] = {}
@@ -765,6 +830,29 @@ class CacheIndex:
     def metadata_records(self) -> Iterator[MetadataRecord]:
         for raw in self._scan(self._metadata):
             yield _decode_metadata(raw)
+
+    # -- parts of LXD upstream images ------------------------------------------
+
+    def put_parts(self, parts: ImageParts) -> None:
+        """Store C{parts}, replacing what was known of the same fingerprint."""
+        with self._env.begin(write=True, db=self._parts) as txn:
+            txn.put(self._sha_key(parts.fingerprint), _encode("parts", parts))
+
+    def get_parts(self, fingerprint: str) -> ImageParts | None:
+        """What is known of the files of image C{fingerprint}, or None."""
+        with self._env.begin(db=self._parts) as txn:
+            raw = txn.get(self._sha_key(fingerprint))
+        return None if raw is None else _decode_parts(raw)
+
+    def parts(self) -> Iterator[ImageParts]:
+        """Every parts record, in fingerprint order."""
+        for raw in self._scan(self._parts):
+            yield _decode_parts(raw)
+
+    def parts_count(self) -> int:
+        """How many parts records there are (cheap): a change says something new was learnt."""
+        with self._env.begin() as txn:
+            return int(txn.stat(self._parts)["entries"])
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -42,7 +42,15 @@ _ViewState = tuple[int, int, frozenset[tuple[str, str]]]
 
 
 class UpstreamMetadata:
-    """Metadata and catalogue of the upstream C{name} at C{base_url}."""
+    """
+    Metadata and catalogue of the upstream C{name} at C{base_url}.
+
+    Every read of a file's record goes through C{_stored} (the copy held, or None),
+    C{_copy} (the copy of any age, fetched when there is none) and C{_current} (no older than
+    the TTL where the upstream allows), and every fetched body through C{_validate}:
+    L{proxy.lxd_remote.LxdRemote} overrides these four to serve files it synthesises from
+    another one that is fetched and refreshed here.
+    """
 
     log = Logger()
 

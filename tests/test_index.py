@@ -23,6 +23,7 @@ from proxy.index import (
     FORMAT_VERSION,
     CacheIndex,
     FileRecord,
+    ImageParts,
     IndexFormatError,
     MetadataRecord,
     PinRecord,
@@ -605,6 +606,89 @@ def test_damaged_record_does_not_stop_counting(tmp_path: Path, clock: Clock) -> 
         assert again.total_size() == 10
         with pytest.raises(IndexFormatError):
             again.get(sha(b"bad"))
+    finally:
+        again.close()
+
+
+# -- parts of LXD upstream images ----------------------------------------------
+
+
+def parts_of(meta: bytes, rootfs: bytes | None) -> ImageParts:
+    if rootfs is None:
+        return ImageParts(sha(meta), "lxd", sha(meta), len(meta), "lxd_combined.tar.gz", None, 0, "")
+    return ImageParts(
+        sha(meta + rootfs), "lxd", sha(meta), len(meta), "lxd.tar.xz", sha(rootfs), len(rootfs), "squashfs",
+    )
+
+
+def test_parts_round_trip(index: CacheIndex) -> None:
+    split, unified = parts_of(b"m", b"r" * 10), parts_of(b"u" * 5, None)
+    assert index.get_parts(split.fingerprint) is None
+    assert index.parts_count() == 0
+    index.put_parts(split)
+    index.put_parts(unified)
+    assert index.get_parts(split.fingerprint) == split
+    assert not split.unified and split.size == 11
+    assert index.get_parts(unified.fingerprint) == unified
+    assert unified.unified and unified.size == 5
+    assert sorted(index.parts(), key=lambda p: p.fingerprint) == sorted(
+        [split, unified], key=lambda p: p.fingerprint
+    )
+    assert index.parts_count() == 2
+    index.put_parts(attrs.evolve(split, root_ftype="root.tar.xz"))
+    assert index.parts_count() == 2
+    got = index.get_parts(split.fingerprint)
+    assert got is not None and got.root_ftype == "root.tar.xz"
+
+
+def test_parts_are_validated() -> None:
+    good = parts_of(b"m", b"r")
+    with pytest.raises(ValueError):
+        attrs.evolve(good, fingerprint="ABC")
+    with pytest.raises(ValueError):
+        attrs.evolve(good, root_sha256="xyz")
+    with pytest.raises(ValueError):
+        attrs.evolve(good, meta_size=-1)
+
+
+def test_parts_records_are_versioned(index: CacheIndex) -> None:
+    parts = parts_of(b"m", b"r")
+    index.put_parts(parts)
+    with index._env.begin(write=True, db=index._parts) as txn:
+        stored = txn.get(parts.fingerprint.encode())
+        assert stored is not None
+        raw = json.loads(stored)
+        assert (raw["v"], raw["kind"]) == (FORMAT_VERSION, "parts")
+        txn.put(parts.fingerprint.encode(), json.dumps(dict(raw, v=99)).encode())
+    with pytest.raises(IndexFormatError):
+        index.get_parts(parts.fingerprint)
+
+
+def test_an_index_from_before_the_parts_table_opens(tmp_path: Path, clock: Clock) -> None:
+    import lmdb
+
+    path = str(tmp_path / "index")
+    rec = record(b"old")
+    # What the version before the parts table wrote: its databases, its format, no parts.
+    env = lmdb.open(path, subdir=True, create=True, max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.put(b"format", str(FORMAT_VERSION).encode(), db=env.open_db(b"info", txn=txn))
+    env.close()
+    first = CacheIndex(path, clock)
+    first.put(rec)
+    first.close()
+    env = lmdb.open(path, subdir=True, max_dbs=8)
+    with env.begin(write=True) as txn:
+        txn.drop(env.open_db(b"parts", txn=txn), delete=True)
+    with env.begin() as txn:
+        assert txn.get(b"parts") is None
+    env.close()
+    again = CacheIndex(path, clock)
+    try:
+        assert again.get(rec.sha256) == rec
+        assert again.parts_count() == 0 and list(again.parts()) == []
+        again.put_parts(parts_of(b"m", b"r"))
+        assert again.parts_count() == 1
     finally:
         again.close()
 

@@ -1,0 +1,309 @@
+"""An in-memory LXD server with public images, for the tests of an upstream of protocol "lxd".
+
+It answers C{GET /1.0/images?recursion=1} with LXD's sync envelope and
+C{GET /1.0/images/FP/export} as LXD's C{imageExport} does (lxd/images.go, lxd/response
+C{fileResponse}): a split image as C{multipart/form-data} framed byte for byte as Go's
+C{mime/multipart} writer frames it (C{CreateFormFile} part headers, C{CRLF--boundary}
+delimiters, C{--boundary--} at the end, no Content-Length), a unified one as
+C{application/octet-stream} with C{Content-Length} and C{Content-Disposition: inline;filename=}.
+Requests are recorded; an export can be held and written by the test piece by piece.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Callable, cast
+
+import treq
+from attrs import define, field
+from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from proxy.blobs import BlobStore
+from proxy.catalogue import Family
+from proxy.health import UpstreamHealth
+from proxy.index import CacheIndex
+from proxy.lxd_fetch import LxdExportFetcher
+from proxy.lxd_remote import LxdRemote
+from proxy.simplestreams import RootResource, UpstreamResource
+from proxy.upstream import UpstreamClient, origin_of
+
+LXD_URL = "https://lxd.test:8443"
+GO_BOUNDARY = "3c1d5e0e5f6a7b8c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@define
+class FakeImage:
+    """One image of the fake server: a metadata file and a rootfs file, or one unified file."""
+
+    meta: bytes
+    rootfs: bytes | None = None
+    type: str = "container"
+    architecture: str = "x86_64"
+    aliases: tuple[str, ...] = ()
+    properties: dict[str, str] = field(factory=dict)
+    created_at: str = "2024-07-02T10:20:30Z"
+    uploaded_at: str = "2024-07-02T10:25:00Z"
+    public: bool = True
+    root_ext: str = ".squashfs"
+
+    @property
+    def fingerprint(self) -> str:
+        return sha(self.meta + (self.rootfs or b""))
+
+    @property
+    def size(self) -> int:
+        return len(self.meta) + len(self.rootfs or b"")
+
+    def api_json(self) -> dict[str, Any]:
+        return {
+            "aliases": [{"name": a, "description": ""} for a in self.aliases],
+            "architecture": self.architecture,
+            "auto_update": False,
+            "cached": False,
+            "fingerprint": self.fingerprint,
+            "filename": f"{self.fingerprint[:12]}.tar.xz",
+            "properties": dict(self.properties),
+            "public": self.public,
+            "size": self.size,
+            "type": self.type,
+            "created_at": self.created_at,
+            "uploaded_at": self.uploaded_at,
+            "expires_at": "0001-01-01T00:00:00Z",
+            "last_used_at": "0001-01-01T00:00:00Z",
+            "profiles": ["default"],
+            "project": "default",
+            "update_source": None,
+        }
+
+    def export(self, boundary: str = GO_BOUNDARY) -> tuple[bytes, bytes]:
+        """(Content-Type, body) as LXD sends the export."""
+        fp = self.fingerprint
+        if self.rootfs is None:
+            return b"application/octet-stream", self.meta
+        root_name = "rootfs.img" if self.type == "virtual-machine" else "rootfs"
+        body = go_multipart(boundary, [
+            ("metadata", f"meta-{fp}.tar.xz", self.meta),
+            (root_name, f"{fp}{self.root_ext}", self.rootfs),
+        ])
+        return f"multipart/form-data; boundary={boundary}".encode(), body
+
+
+def go_multipart(boundary: str, parts: list[tuple[str, str, bytes]]) -> bytes:
+    """What Go's C{multipart.Writer} writes for C{CreateFormFile} parts, then C{Close}."""
+    out = bytearray()
+    for i, (name, filename, data) in enumerate(parts):
+        out += (b"\r\n--" if i else b"--") + boundary.encode() + b"\r\n"
+        out += f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'.encode()
+        out += b"Content-Type: application/octet-stream\r\n\r\n"
+        out += data
+    out += b"\r\n--" + boundary.encode() + b"--\r\n"
+    return bytes(out)
+
+
+def envelope(metadata: Any) -> bytes:
+    return json.dumps({
+        "type": "sync", "status": "Success", "status_code": 200, "operation": "",
+        "error_code": 0, "error": "", "metadata": metadata,
+    }).encode()
+
+
+def error_envelope(code: int, message: str) -> bytes:
+    return json.dumps({
+        "type": "error", "status": "", "status_code": 0, "operation": "",
+        "error_code": code, "error": message, "metadata": None,
+    }).encode()
+
+
+@define
+class HeldExport:
+    request: Request
+    body: bytes
+
+    def write(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def write_until(self, end: int, start: int = 0) -> None:
+        self.request.write(self.body[start:end])
+
+    def finish(self) -> None:
+        self.request.finish()
+
+    def break_connection(self) -> None:
+        transport: Any = self.request.channel.transport
+        transport.abortConnection()
+
+
+class FakeLxd(Resource):
+    """The LXD API at the root of C{LXD_URL}, for the images in C{images}."""
+
+    isLeaf = True
+
+    def __init__(self, images: list[FakeImage] | None = None) -> None:
+        super().__init__()
+        self.images: list[FakeImage] = list(images or [])
+        self.requests: list[tuple[str, dict[bytes, bytes]]] = []
+        self.list_status: int | None = None
+        self.list_etag: bytes | None = None
+        self.hold_exports = False
+        self.held: dict[str, list[HeldExport]] = {}
+        # fingerprint -> (content type, body) served instead of the real export
+        self.export_override: dict[str, tuple[bytes, bytes]] = {}
+        self.export_status: dict[str, int] = {}
+        self.override: dict[str, Callable[[Request], Any]] = {}
+
+    def exports_requested(self, fingerprint: str) -> int:
+        return sum(1 for path, _ in self.requests if path == f"/1.0/images/{fingerprint}/export")
+
+    def list_requests(self) -> list[dict[bytes, bytes]]:
+        return [headers for path, headers in self.requests if path == "/1.0/images?recursion=1"]
+
+    def image(self, fingerprint: str) -> FakeImage | None:
+        for image in self.images:
+            if image.fingerprint == fingerprint:
+                return image
+        return None
+
+    def render_GET(self, request: Request) -> Any:
+        uri = request.uri.decode()
+        headers = {k.lower(): v[0] for k, v in request.requestHeaders.getAllRawHeaders()}
+        self.requests.append((uri, headers))
+        if uri in self.override:
+            return self.override[uri](request)
+        if uri == "/1.0/images?recursion=1":
+            return self._list(request, headers)
+        parts = request.path.decode().split("/")
+        if len(parts) == 5 and parts[:3] == ["", "1.0", "images"] and parts[4] == "export":
+            return self._export(request, parts[3])
+        request.setResponseCode(404)
+        return error_envelope(404, "Not Found")
+
+    def _list(self, request: Request, headers: dict[bytes, bytes]) -> bytes:
+        request.setHeader(b"Content-Type", b"application/json")
+        if self.list_status is not None:
+            request.setResponseCode(self.list_status)
+            return error_envelope(self.list_status, "scripted failure")
+        if self.list_etag is not None:
+            if headers.get(b"if-none-match") == self.list_etag:
+                request.setResponseCode(304)
+                return b""
+            request.setHeader(b"ETag", self.list_etag)
+        return envelope([i.api_json() for i in self.images if i.public])
+
+    def _export(self, request: Request, fingerprint: str) -> Any:
+        if fingerprint in self.export_status:
+            code = self.export_status[fingerprint]
+            request.setResponseCode(code)
+            request.setHeader(b"Content-Type", b"application/json")
+            return error_envelope(code, "scripted export failure")
+        image = self.image(fingerprint)
+        if image is None or not image.public:
+            request.setResponseCode(404)
+            request.setHeader(b"Content-Type", b"application/json")
+            return error_envelope(404, f'Image "{fingerprint}" not found')
+        content_type, body = self.export_override.get(fingerprint) or image.export()
+        request.setHeader(b"Content-Type", content_type)
+        if content_type == b"application/octet-stream":
+            request.setHeader(b"Content-Length", str(len(body)).encode())
+            request.setHeader(b"Content-Disposition", f"inline;filename={fingerprint}.tar.gz".encode())
+        # A multipart export has no Content-Length: Twisted sends it chunked, as LXD does.
+        if self.hold_exports:
+            held = HeldExport(request, body)
+            self.held.setdefault(fingerprint, []).append(held)
+            request.write(b"")
+            return NOT_DONE_YET
+        return body
+
+
+# -- the proxy's side, wired in memory -----------------------------------------------------------
+
+TTL = 300.0
+IDLE = 60.0
+UPSTREAM = "lxd"
+
+
+class LxdHarness:
+    """
+    An L{LxdRemote} and an L{LxdExportFetcher} reading a L{FakeLxd} through the proxy's own
+    L{UpstreamClient} over C{RequestTraversalAgent}; the simplestreams face over them as a
+    C{StubTreq} client sees it. Time is a L{Clock}; L{settle} pumps everything.
+    """
+
+    def __init__(
+        self,
+        tmp_path: Any,
+        images: list[FakeImage] | None = None,
+        *,
+        health: bool = False,
+        make_room: Callable[[int], bool] | None = None,
+        families: tuple[Family, ...] = ("lxd",),
+    ) -> None:
+        self.clock = Clock()
+        self.server = FakeLxd(images)
+        self.agent = RequestTraversalAgent(self.server)
+        self.client = UpstreamClient(self.clock, self.agent, [origin_of(LXD_URL)], header_timeout=IDLE)
+        self.root = FilePath(str(tmp_path))
+        self.store = BlobStore(self.root)
+        self.index = CacheIndex(self.root.child("index").path, self.clock)
+        self.health = UpstreamHealth(UPSTREAM, self.clock) if health else None
+        self.remote = LxdRemote(
+            UPSTREAM, LXD_URL, self.client, self.store, self.index, self.clock, ttl=TTL,
+            idle_timeout=IDLE, health=self.health, families=families,
+        )
+        self.fetcher = LxdExportFetcher(
+            self.client, self.store, self.index, self.clock, IDLE, make_room=make_room,
+            health={UPSTREAM: self.health} if self.health is not None else None,
+        )
+        # The face is typed for the simplestreams Fetcher; the export fetcher offers its get().
+        resource = UpstreamResource(self.remote, cast(Any, self.fetcher), self.store, self.index, self.clock)
+        self.proxy: Any = StubTreq(RootResource({UPSTREAM: resource}, "banner\n"))
+
+    def close(self) -> None:
+        self.index.close()
+
+    def settle(self, rounds: int = 200) -> None:
+        for _ in range(rounds):
+            self.clock.advance(0)
+            self.agent.flush()
+            self.proxy.flush()
+
+    def run(self, d: "Deferred[Any]", rounds: int = 500) -> Any:
+        results: list[Any] = []
+        d.addBoth(results.append)
+        for _ in range(rounds):
+            if results:
+                break
+            self.settle(1)
+        assert results, "it did not complete"
+        result = results[0]
+        if isinstance(result, Failure):
+            result.raiseException()
+        return result
+
+    def call(self, coroutine: Any) -> Any:
+        return self.run(Deferred.fromCoroutine(coroutine))
+
+    def fetch(self, path: str, **kwargs: Any) -> tuple[int, bytes, Any]:
+        """GET C{/lxd/PATH} through the simplestreams face: status, body and response."""
+
+        async def go() -> tuple[int, bytes, Any]:
+            url = f"https://proxy.test/{UPSTREAM}/{path}"
+            response = await self.proxy.get(url, unbuffered=True, **kwargs)
+            body = await treq.content(response)
+            return response.code, body, response
+
+        result: tuple[int, bytes, Any] = self.run(Deferred.fromCoroutine(go()))
+        return result
+
+    def temp_files(self) -> list[str]:
+        return [c.basename() for c in self.store.temp_dir.children()]
