@@ -39,6 +39,10 @@ from proxy.resolve import CONTAINER, VIRTUAL_MACHINE, lxd_arch
 
 APP_NAME = "lxd-image-proxy"
 
+SIMPLESTREAMS = "simplestreams"
+LXD = "lxd"
+PROTOCOLS = (SIMPLESTREAMS, LXD)
+
 SECONDS = 1.0
 MINUTE = 60 * SECONDS
 HOUR = 60 * MINUTE
@@ -144,6 +148,8 @@ class UpstreamConfig:
         upstreams, never for real servers.
     @ivar offline: whether the upstream is never contacted (air-gapped sites): the proxy
         serves only what is stored, as when the upstream is down.
+    @ivar protocol: C{"simplestreams"} (an image server such as images.lxd.canonical.com) or
+        C{"lxd"} (another LXD or Incus server with public images, read through its REST API).
     """
 
     name: str
@@ -151,6 +157,7 @@ class UpstreamConfig:
     ca_file: str = ""
     allow_insecure: bool = False
     offline: bool = False
+    protocol: str = SIMPLESTREAMS
 
 
 @frozen
@@ -172,6 +179,19 @@ class PinConfig:
 
 
 @frozen
+class LxdApiConfig:
+    """
+    The C{[lxd_api]} table: the LXD image REST API served at C{/1.0}.
+
+    @ivar upstreams: the upstreams whose images it lists, in order of precedence (an alias
+        published by several goes to the first; the others are reachable as C{NAME/ALIAS});
+        empty means the first configured upstream.
+    """
+
+    upstreams: tuple[str, ...] = ()
+
+
+@frozen
 class Config:
     """
     The whole configuration.
@@ -183,6 +203,13 @@ class Config:
     cache: CacheConfig
     upstreams: tuple[UpstreamConfig, ...]
     pins: tuple[PinConfig, ...] = ()
+    lxd_api: LxdApiConfig = LxdApiConfig()
+
+    def lxd_api_upstreams(self) -> tuple[UpstreamConfig, ...]:
+        """The upstreams the LXD image API lists, in order of precedence."""
+        if not self.lxd_api.upstreams:
+            return self.upstreams[:1]
+        return tuple(u for name in self.lxd_api.upstreams for u in self.upstreams if u.name == name)
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         """The upstream mounted under C{name}, or None."""
@@ -255,7 +282,7 @@ def parse_config(document: Mapping[str, Any], base_dir: str) -> Config:
     @param base_dir: the directory that relative paths are taken from.
     @raise ConfigError: as L{load_config}.
     """
-    _check_keys(document, "", {"server", "cache", "upstreams", "pin"})
+    _check_keys(document, "", {"server", "cache", "upstreams", "pin", "lxd_api"})
     defaults = default_config()
     server = _parse_server(_table(document, "server"), base_dir)
     cache = _parse_cache(_table(document, "cache"), base_dir, defaults.cache)
@@ -263,7 +290,8 @@ def parse_config(document: Mapping[str, Any], base_dir: str) -> Config:
     if "upstreams" in document:
         upstreams = _parse_upstreams(_table(document, "upstreams"), base_dir)
     pins = _parse_pins(document.get("pin", []), upstreams)
-    return Config(server=server, cache=cache, upstreams=upstreams, pins=pins)
+    lxd_api = _parse_lxd_api(_table(document, "lxd_api"), upstreams)
+    return Config(server=server, cache=cache, upstreams=upstreams, pins=pins, lxd_api=lxd_api)
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -714,7 +742,9 @@ def _max_size(table: Mapping[str, Any], default: int | None) -> int | None:
 # -- [upstreams.NAME] ----------------------------------------------------------------------
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
-_UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline"}
+_UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline", "protocol"}
+# Paths at the root that are not upstreams: the LXD image API and the URL-import face.
+RESERVED_NAMES = frozenset({"1.0", "import"})
 
 
 def _parse_upstreams(table: Mapping[str, Any], base_dir: str) -> tuple[UpstreamConfig, ...]:
@@ -723,9 +753,10 @@ def _parse_upstreams(table: Mapping[str, Any], base_dir: str) -> tuple[UpstreamC
     upstreams = []
     for name, value in table.items():
         prefix = f"upstreams.{name}"
-        if not _UPSTREAM_NAME.fullmatch(name) or name == "1.0":
+        if not _UPSTREAM_NAME.fullmatch(name) or name in RESERVED_NAMES:
             raise ConfigError(
-                f"{prefix}: an upstream name must match [a-z0-9][a-z0-9._-]* and not be \"1.0\""
+                f"{prefix}: an upstream name must match [a-z0-9][a-z0-9._-]* and not be"
+                " \"1.0\" or \"import\""
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{prefix}: expected a table, got {_show(value)}")
@@ -744,9 +775,29 @@ def _parse_upstream(name: str, table: Mapping[str, Any], base_dir: str) -> Upstr
     if ca_file:
         read_pem_certificates(ca_file, f"{prefix}.ca_file")
     offline = _bool(table, "offline", prefix, False)
+    protocol = _string(table, "protocol", prefix, SIMPLESTREAMS)
+    if protocol not in PROTOCOLS:
+        raise ConfigError(
+            f"{prefix}.protocol: expected one of {', '.join(PROTOCOLS)}, got {_show(protocol)}"
+        )
     return UpstreamConfig(
-        name=name, url=url, ca_file=ca_file, allow_insecure=allow_insecure, offline=offline
+        name=name, url=url, ca_file=ca_file, allow_insecure=allow_insecure, offline=offline,
+        protocol=protocol,
     )
+
+
+def _parse_lxd_api(table: Mapping[str, Any], upstreams: tuple[UpstreamConfig, ...]) -> LxdApiConfig:
+    _check_keys(table, "lxd_api", {"upstreams"})
+    names = _string_list(table, "upstreams", "lxd_api")
+    if names is None:
+        return LxdApiConfig()
+    seen: list[str] = []
+    for name in names:
+        _check_upstream_name(name, [u.name for u in upstreams], "lxd_api.upstreams: ")
+        if name in seen:
+            raise ConfigError(f"lxd_api.upstreams: {_show(name)} is listed twice")
+        seen.append(name)
+    return LxdApiConfig(upstreams=tuple(seen))
 
 
 def _upstream_url(value: str, key: str, allow_insecure: bool) -> str:

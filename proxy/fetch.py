@@ -8,7 +8,7 @@ discards the temp file and fails every follower, which then aborts its client co
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 from attrs import define, field
 from treq import collect
@@ -314,3 +314,60 @@ async def _discard_body(response: IResponse) -> None:
         await collect(response, lambda _: None)
     except Exception:
         pass
+
+
+class FetchedItem(Protocol):
+    """What a fetcher's C{get} returns: a L{Download}, or one file of an export download."""
+
+    @property
+    def path(self) -> FilePath[Any]: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def failure(self) -> Failure | None: ...
+
+    @property
+    def received(self) -> int: ...
+
+    @property
+    def stored(self) -> bool: ...
+
+    def available(self) -> int: ...
+
+    def wait(self) -> "Deferred[None]": ...
+
+    def when_streaming(self) -> "Deferred[None]": ...
+
+    def when_done(self) -> "Deferred[Any]": ...
+
+
+class ItemFetcher(Protocol):
+    """Starts or joins the one download of a catalogue file (L{Fetcher} and its kin)."""
+
+    def get(self, upstream: str, base_url: str, item: Item, *, background: bool = False) -> FetchedItem: ...
+
+    def client_downloads(self) -> int: ...
+
+    def in_flight(self) -> Mapping[str, Any]: ...
+
+
+class FetcherRouter:
+    """One L{ItemFetcher} per upstream, seen as one (by the prefetcher)."""
+
+    def __init__(self, by_upstream: Mapping[str, ItemFetcher]) -> None:
+        self._by_upstream = dict(by_upstream)
+        self._all = list({id(f): f for f in self._by_upstream.values()}.values())
+
+    def get(self, upstream: str, base_url: str, item: Item, *, background: bool = False) -> FetchedItem:
+        return self._by_upstream[upstream].get(upstream, base_url, item, background=background)
+
+    def client_downloads(self) -> int:
+        return sum(f.client_downloads() for f in self._all)
+
+    def in_flight(self) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for fetcher in self._all:
+            found.update(fetcher.in_flight())
+        return found

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from proxy.catalogue import Image, Item, parse_images
 from proxy.config import Config
-from proxy.fetch import Fetcher
+from proxy.fetch import ItemFetcher
 from proxy.index import CacheIndex
 from proxy.metadata import INDEX_PATH, UpstreamMetadata
 from proxy.resolve import host_architecture, lxd_arch, resolve_alias, versions_for
@@ -69,7 +69,7 @@ class Prefetcher(Service):
         self,
         config: Config,
         metadata: Mapping[str, UpstreamMetadata],
-        fetcher: Fetcher,
+        fetcher: ItemFetcher,
         index: CacheIndex,
         clock: IReactorTime,
         *,

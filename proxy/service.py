@@ -19,17 +19,28 @@ from twisted.web.server import Site
 
 from proxy.blobs import BlobStore
 from proxy.busy import InUse
-from proxy.config import Config
+from proxy.config import LXD, Config
 from proxy.errors import ConfigError
-from proxy.fetch import Fetcher
+from proxy.fetch import Fetcher, FetcherRouter, ItemFetcher
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, IndexFormatError, reconcile
 from proxy.lifecycle import CacheLifecycle
 from proxy.listen import listen_tls
+from proxy.lxd_face import (
+    FaceCatalogue,
+    ImageSource,
+    LxdApiResource,
+    LxdRemoteImages,
+    ServerCertificate,
+    SimplestreamsImages,
+)
+from proxy.lxd_fetch import LxdExportFetcher
+from proxy.lxd_remote import LxdRemote
 from proxy.metadata import UpstreamMetadata
 from proxy.prefetch import Prefetcher
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.statedir import StateLock
+from proxy.urlimport import ImportResource
 from proxy.tls import (
     certificate_fingerprint,
     ensure_server_certificate,
@@ -82,19 +93,38 @@ class CacheService(Service):
             self.client, self.store, self.index, reactor, config.cache.download_idle_timeout,
             make_room=self.lifecycle.make_room, health=self.health,
         )
-        self.metadata = {
-            u.name: UpstreamMetadata(
-                u.name, u.url, self.client, self.store, self.index, reactor,
-                ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout,
-                health=self.health[u.name],
-            )
-            for u in config.upstreams
-        }
-        self.prefetcher = Prefetcher(config, self.metadata, self.fetcher, self.index, reactor)
+        self.export_fetcher = LxdExportFetcher(
+            self.client, self.store, self.index, reactor, config.cache.download_idle_timeout,
+            make_room=self.lifecycle.make_room, health=self.health,
+        )
+        self.metadata: dict[str, UpstreamMetadata] = {}
+        self.remotes: dict[str, LxdRemote] = {}
+        fetchers: dict[str, ItemFetcher] = {}
+        for u in config.upstreams:
+            if u.protocol == LXD:
+                remote = LxdRemote(
+                    u.name, u.url, self.client, self.store, self.index, reactor,
+                    ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout,
+                    health=self.health[u.name],
+                )
+                self.remotes[u.name] = remote
+                self.metadata[u.name] = remote
+                fetchers[u.name] = self.export_fetcher
+            else:
+                self.metadata[u.name] = UpstreamMetadata(
+                    u.name, u.url, self.client, self.store, self.index, reactor,
+                    ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout,
+                    health=self.health[u.name],
+                )
+                fetchers[u.name] = self.fetcher
+        self.fetchers = fetchers
+        self.prefetcher = Prefetcher(
+            config, self.metadata, FetcherRouter(fetchers), self.index, reactor
+        )
 
     def busy(self) -> set[str]:
         """Files that may not be evicted now: being served or being downloaded."""
-        return self.in_use.current() | set(self.fetcher.in_flight())
+        return self.in_use.current() | set(self.fetcher.in_flight()) | self.export_fetcher.busy()
 
     def gc(self) -> None:
         # Runs from a TimerService: an exception would stop it for good.
@@ -135,17 +165,33 @@ class CacheService(Service):
         d.addBoth(close)
         return d
 
-    def site(self) -> Site:
+    def site(self, certificate: ServerCertificate) -> Site:
         upstreams = {
             name: UpstreamResource(
-                meta, self.fetcher, self.store, self.index, self.reactor, self.in_use
+                meta, self.fetchers[name], self.store, self.index, self.reactor, self.in_use
             )
             for name, meta in self.metadata.items()
+        }
+        sources: dict[str, ImageSource] = {}
+        for name, meta in self.metadata.items():
+            remote = self.remotes.get(name)
+            if remote is not None:
+                sources[name] = LxdRemoteImages(
+                    remote, self.export_fetcher, self.store, self.index, self.reactor
+                )
+            else:
+                sources[name] = SimplestreamsImages(meta, self.fetcher, self.store, self.reactor)
+        listed = FaceCatalogue([sources[u.name] for u in self.config.lxd_api_upstreams()])
+        others = {
+            "1.0": LxdApiResource(
+                listed, self.store, self.index, self.reactor, self.in_use, certificate
+            ),
+            "import": ImportResource(sources, self.reactor),
         }
         banner = "lxd-image-proxy: a caching proxy for LXD and Incus images.\nUpstreams:\n" + "".join(
             f"  /{u.name}/ -> {u.url}\n" for u in self.config.upstreams
         )
-        site = Site(RootResource(upstreams, banner))
+        site = Site(RootResource(upstreams, banner, others))
         site.displayTracebacks = False
         return site
 
@@ -153,10 +199,13 @@ class CacheService(Service):
 class ListenService(Service):
     """Listens with TLS on every configured address and tells the admin how to reach the proxy."""
 
-    def __init__(self, config: Config, reactor: Any, site: Site) -> None:
+    def __init__(
+        self, config: Config, reactor: Any, site: Site, certificate: ServerCertificate | None = None
+    ) -> None:
         self.config = config
         self.reactor = reactor
         self.site = site
+        self.certificate = certificate if certificate is not None else ServerCertificate()
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[list[int]] = Deferred()
         self.cert_path = ""
@@ -188,6 +237,8 @@ class ListenService(Service):
         except (ConfigError, OSError) as e:
             raise SystemExit(f"lxd-image-proxy: cannot set up TLS: {e}")
         self.cert_path = cert_path
+        self.certificate.pem = _first_pem(FilePath(cert_path).getContent())
+        self.certificate.fingerprint = certificate_fingerprint(cert_path)
         listening = [listen_tls(self.reactor, desc, options, self.site) for desc in server.listen]
         outcome: list[list[tuple[bool, Any]]] = []
         all_listening = DeferredList(listening, consumeErrors=True)
@@ -228,6 +279,12 @@ class ListenService(Service):
             cert=self.cert_path, fingerprint=fingerprint,
         )
         port = bound[0]
+        listed = ", ".join(u.name for u in self.config.lxd_api_upstreams())
+        log.info(
+            "LXD image API ({listed}): lxc remote add cache https://{host}:{port} --public "
+            "--accept-certificate",
+            listed=listed, host=host, port=port,
+        )
         for upstream in self.config.upstreams:
             log.info(
                 "upstream {name} ({url}): lxc remote add {name} https://{host}:{port}/{name} "
@@ -239,6 +296,17 @@ class ListenService(Service):
         super().stopService()
         ports, self.ports = self.ports, []
         return DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
+
+
+def _first_pem(chain: bytes) -> str:
+    """The leaf certificate of a PEM chain, as PEM: what an LXD server reports as its own."""
+    text = chain.decode("ascii", "replace")
+    end = "-----END CERTIFICATE-----"
+    start = text.find("-----BEGIN CERTIFICATE-----")
+    stop = text.find(end, start)
+    if start < 0 or stop < 0:
+        return ""
+    return text[start:stop + len(end)] + "\n"
 
 
 async def _stop(port: IListeningPort) -> None:
@@ -254,7 +322,8 @@ class ProxyService(MultiService):
         super().__init__()
         self.cache = CacheService(config, reactor)
         self.cache.setServiceParent(self)
-        self.listener = ListenService(config, reactor, self.cache.site())
+        certificate = ServerCertificate()
+        self.listener = ListenService(config, reactor, self.cache.site(certificate), certificate)
         self.listener.setServiceParent(self)
         timer = TimerService(config.cache.usage_flush_interval, self.cache.flush_usage)
         timer.clock = reactor

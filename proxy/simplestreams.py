@@ -9,11 +9,13 @@ Anything else is a 404 that costs no upstream request.
 from __future__ import annotations
 
 import hashlib
-from typing import Any
+from typing import Any, Mapping, Protocol
 from urllib.parse import unquote_to_bytes
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
@@ -21,7 +23,7 @@ from proxy.blobs import BlobStore
 from proxy.busy import InUse
 from proxy.catalogue import Item
 from proxy.errors import BadRequest, NotFound
-from proxy.fetch import Download, Fetcher
+from proxy.fetch import ItemFetcher
 from proxy.index import CacheIndex, FileRecord
 from proxy.metadata import UpstreamMetadata
 from proxy.streaming import CompleteFile
@@ -65,7 +67,7 @@ class UpstreamResource(AsyncResource):
     def __init__(
         self,
         metadata: UpstreamMetadata,
-        fetcher: Fetcher,
+        fetcher: ItemFetcher,
         store: BlobStore,
         index: CacheIndex,
         clock: IReactorTime,
@@ -112,7 +114,7 @@ class UpstreamResource(AsyncResource):
             raise NotFound(f"{self.name}: {path} is not in this upstream's catalogue")
         with self._in_use.holding(item.sha256):
             if self._store.exists(item.sha256):
-                record = self._record_hit(item, path)
+                record = record_hit(self._index, self._clock, self.name, path, item)
                 blob = self._store.path_for(item.sha256)
                 await serve_file(
                     request, CompleteFile(blob, item.size), etag=item.sha256,
@@ -121,7 +123,7 @@ class UpstreamResource(AsyncResource):
                 self._index.note_served(True, request.sentLength)
                 return
             download = self._fetcher.get(self.name, self._metadata.base_url, item)
-            await self._await_start(download)
+            await await_start(download, self._clock)
             await serve_file(
                 request, download, etag=item.sha256, last_modified=self._clock.seconds(),
                 clock=self._clock, ranges=False,
@@ -130,42 +132,66 @@ class UpstreamResource(AsyncResource):
             # Counted once the body is out: the record exists only after the download committed.
             self._index.note_use(item.sha256)
 
-    async def _await_start(self, download: Download) -> None:
-        started = download.when_streaming()
-        timer = self._clock.callLater(UPSTREAM_START_GRACE_SECONDS, started.cancel)
-        try:
-            await started
-        except Exception:
-            if download.failure is not None:
-                download.failure.raiseException()
-            # The grace ran out: stream anyway, the download goes on.
-        finally:
-            if timer.active():
-                timer.cancel()
 
-    def _record_hit(self, item: Item, path: str) -> FileRecord:
-        record = self._index.get(item.sha256)
-        if record is None:
-            # A blob with no file record: the same bytes are stored as metadata. Record the file.
-            now = self._clock.seconds()
-            record = FileRecord(
-                sha256=item.sha256, size=item.size, upstream=self.name,
-                paths=(f"{self.name}/{path}",), product=item.product, version=item.version,
-                stored_at=now, last_used_at=now, use_count=0, cached=True, auto_update=False,
-            )
-            self._index.put(record)
-        elif f"{self.name}/{path}" not in record.paths:
-            self._index.add_path(item.sha256, self.name, path)
-        self._index.note_use(item.sha256)
-        return record
+class Starting(Protocol):
+    """A download that says when the upstream accepted it (L{Download}, an export download)."""
+
+    @property
+    def failure(self) -> Failure | None: ...
+
+    def when_streaming(self) -> "Deferred[None]": ...
+
+
+async def await_start(download: Starting, clock: IReactorTime) -> None:
+    """
+    Wait until the upstream accepted the download, at most C{UPSTREAM_START_GRACE_SECONDS}:
+    a quick failure (404, 5xx, refused) is raised for a precise status; after the grace the
+    client gets its headers anyway and follows the download.
+    """
+    started = download.when_streaming()
+    timer = clock.callLater(UPSTREAM_START_GRACE_SECONDS, started.cancel)
+    try:
+        await started
+    except Exception:
+        if download.failure is not None:
+            download.failure.raiseException()
+        # The grace ran out: stream anyway, the download goes on.
+    finally:
+        if timer.active():
+            timer.cancel()
+
+
+def record_hit(index: CacheIndex, clock: IReactorTime, upstream: str, path: str, item: Item) -> FileRecord:
+    """Count a use of the stored file of C{item}, reached as C{upstream}/C{path}."""
+    record = index.get(item.sha256)
+    if record is None:
+        # A blob with no file record: the same bytes are stored as metadata. Record the file.
+        now = clock.seconds()
+        record = FileRecord(
+            sha256=item.sha256, size=item.size, upstream=upstream,
+            paths=(f"{upstream}/{path}",), product=item.product, version=item.version,
+            stored_at=now, last_used_at=now, use_count=0, cached=True, auto_update=False,
+        )
+        index.put(record)
+    elif f"{upstream}/{path}" not in record.paths:
+        index.add_path(item.sha256, upstream, path)
+    index.note_use(item.sha256)
+    return record
 
 
 class RootResource(Resource):
     """C{/}: one child per upstream; a short text page at the root itself."""
 
-    def __init__(self, upstreams: dict[str, UpstreamResource], banner: str) -> None:
+    def __init__(
+        self,
+        upstreams: Mapping[str, IResource],
+        banner: str,
+        others: Mapping[str, IResource] | None = None,
+    ) -> None:
         super().__init__()
-        self._upstreams = upstreams
+        self._upstreams = dict(upstreams)
+        # The faces beside the upstreams: C{1.0} (the LXD API), C{import} (URL import).
+        self._others = dict(others or {})
         self._banner = banner.encode("utf-8")
 
     def getChild(self, path: bytes, request: Any) -> IResource:
@@ -175,6 +201,8 @@ class RootResource(Resource):
             name = ""
         if name in self._upstreams:
             return self._upstreams[name]
+        if name in self._others:
+            return self._others[name]
         if path == b"":
             return self
         return _NotFoundResource(name)
@@ -198,4 +226,4 @@ class _NotFoundResource(AsyncResource):
         raise NotFound(f"no upstream named {self._name!r} is configured here")
 
 
-__all__ = ["RootResource", "UpstreamResource", "relative_path"]
+__all__ = ["RootResource", "UpstreamResource", "await_start", "record_hit", "relative_path"]

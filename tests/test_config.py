@@ -166,7 +166,10 @@ def test_sample_config_sets_every_key() -> None:
         expected |= {f"upstreams.{name}.url", f"upstreams.{name}.ca_file"}
     assert expected <= keys
     # The per-upstream switches are documented once, on the first upstream.
-    assert keys - expected == {"upstreams.images.allow_insecure", "upstreams.images.offline"}
+    assert keys - expected == {
+        "upstreams.images.allow_insecure", "upstreams.images.offline", "upstreams.images.protocol",
+        "lxd_api.upstreams",
+    }
 
 
 def test_sample_config_comments_every_key() -> None:
@@ -436,9 +439,9 @@ def test_duration_bounds(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text, sentence",
     [
-        ("[sever]\n", "sever: unknown table; expected one of cache, pin, server, upstreams"),
+        ("[sever]\n", "sever: unknown table; expected one of cache, lxd_api, pin, server, upstreams"),
         ('[[pins]]\nupstream = "images"\n',
-         "pins: unknown table; expected one of cache, pin, server, upstreams"),
+         "pins: unknown table; expected one of cache, lxd_api, pin, server, upstreams"),
         ('[server]\nlisen = ["8443"]\n',
          "server.lisen: unknown key; expected one of listen, port_file, tls_cert, tls_key, tls_names"),
         ("[cache]\ndirectory = 'x'\n",
@@ -522,15 +525,15 @@ def test_only_one_trailing_slash_is_stripped(tmp_path: Path) -> None:
     [
         ("[upstreams]\n", "upstreams: expected at least one [upstreams.NAME] table"),
         ('[upstreams."1.0"]\nurl = "https://a.test"\n',
-         'upstreams.1.0: an upstream name must match [a-z0-9][a-z0-9._-]* and not be "1.0"'),
+         'upstreams.1.0: an upstream name must match [a-z0-9][a-z0-9._-]* and not be "1.0" or "import"'),
         ('[upstreams.Big]\nurl = "https://a.test"\n',
-         'upstreams.Big: an upstream name must match [a-z0-9][a-z0-9._-]* and not be "1.0"'),
+         'upstreams.Big: an upstream name must match [a-z0-9][a-z0-9._-]* and not be "1.0" or "import"'),
         ('[upstreams._x]\nurl = "https://a.test"\n',
-         'upstreams._x: an upstream name must match [a-z0-9][a-z0-9._-]* and not be "1.0"'),
+         'upstreams._x: an upstream name must match [a-z0-9][a-z0-9._-]* and not be "1.0" or "import"'),
         ("[upstreams]\na = 1\n", "upstreams.a: expected a table, got 1"),
         ("[upstreams.a]\n", "upstreams.a.url: missing; every upstream needs a base URL"),
         ('[upstreams.a]\nurl = "https://a.test"\nmirror = 1\n',
-         "upstreams.a.mirror: unknown key; expected one of allow_insecure, ca_file, offline, url"),
+         "upstreams.a.mirror: unknown key; expected one of allow_insecure, ca_file, offline, protocol, url"),
         ('[upstreams.a]\nurl = "http://a.test"\n',
          'upstreams.a.url: upstreams must use https://, got "http://a.test" '
          "(allow_insecure = true permits http:// for tests)"),
@@ -837,3 +840,35 @@ def test_pin_ref_against_configured_upstreams() -> None:
         '"mine" is not a configured upstream; expected one of images, ubuntu, ubuntu-daily, '
         "linuxcontainers"
     )
+
+
+def test_upstream_protocol_and_lxd_api(tmp_path: Path) -> None:
+    text = (
+        '[upstreams.a]\nurl = "https://a.test"\nprotocol = "lxd"\n'
+        '[upstreams.b]\nurl = "https://b.test"\n'
+        '[lxd_api]\nupstreams = ["b", "a"]\n'
+    )
+    config = load_config(write(tmp_path, text))
+    assert [(u.name, u.protocol) for u in config.upstreams] == [("a", "lxd"), ("b", "simplestreams")]
+    assert [u.name for u in config.lxd_api_upstreams()] == ["b", "a"]
+    # Without [lxd_api] the API lists the first upstream.
+    config = load_config(write(tmp_path, '[upstreams.a]\nurl = "https://a.test"\n[upstreams.b]\nurl = "https://b.test"\n'))
+    assert [u.name for u in config.lxd_api_upstreams()] == ["a"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[upstreams.a]\nurl = "https://a.test"\nprotocol = "oci"\n',
+         'upstreams.a.protocol: expected one of simplestreams, lxd, got "oci"'),
+        ('[upstreams.a]\nurl = "https://a.test"\n[lxd_api]\nupstreams = ["zz"]\n',
+         'lxd_api.upstreams: "zz" is not a configured upstream; expected one of a'),
+        ('[upstreams.a]\nurl = "https://a.test"\n[lxd_api]\nupstreams = ["a", "a"]\n',
+         'lxd_api.upstreams: "a" is listed twice'),
+        ('[lxd_api]\nmirror = 1\n', "lxd_api.mirror: unknown key; expected one of upstreams"),
+        ('[upstreams.import]\nurl = "https://a.test"\n',
+         'upstreams.import: an upstream name must match [a-z0-9][a-z0-9._-]* and not be "1.0" or "import"'),
+    ],
+)
+def test_protocol_and_lxd_api_errors(tmp_path: Path, text: str, message: str) -> None:
+    assert error_of(tmp_path, text) == message
