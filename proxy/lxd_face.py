@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from datetime import datetime, timezone
-from typing import Any, Protocol, Sequence
+from typing import Any, Mapping, Protocol, Sequence
 from urllib.parse import parse_qs, unquote
 
 from attrs import define, frozen
@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from proxy import __version__
+from proxy.agents import ClientAgents
 from proxy.blobs import BlobStore
 from proxy.busy import InUse
 from proxy.catalogue import ARCHITECTURES, Family, Image, Item, parse_images
@@ -89,9 +90,16 @@ class SimplestreamsImages:
     """The images of a simplestreams upstream, from its (cached, refreshed) catalogue."""
 
     def __init__(
-        self, metadata: UpstreamMetadata, fetcher: Fetcher, store: BlobStore, clock: IReactorTime
+        self,
+        metadata: UpstreamMetadata,
+        fetcher: Fetcher,
+        store: BlobStore,
+        clock: IReactorTime,
+        *,
+        families: Mapping[Family, UpstreamMetadata] | None = None,
     ) -> None:
         self._metadata = metadata
+        self._families: dict[Family, UpstreamMetadata] = dict(families or {metadata.family: metadata})
         self._fetcher = fetcher
         self._store = store
         self._clock = clock
@@ -111,18 +119,19 @@ class SimplestreamsImages:
         return "simplestreams"
 
     async def images(self, family: Family) -> tuple[object, list[Image]]:
-        offline = self._metadata.offline
+        metadata = self._families.get(family, self._metadata)
+        offline = metadata.offline
         if offline:
-            paths = await self._metadata.products_paths(refresh=False)
+            paths = await metadata.products_paths(refresh=False)
         else:
-            await self._metadata.get(INDEX_PATH)
-            paths = await self._metadata.products_paths()
+            await metadata.get(INDEX_PATH)
+            paths = await metadata.products_paths()
         images: list[Image] = []
         key: list[object] = [offline]
         parsed: dict[tuple[str, str, Family], list[Image]] = {}
         for path in paths:
             try:
-                record = await self._metadata.get(path)
+                record = await metadata.get(path)
             except ProxyError:
                 if offline:
                     # A products file never fetched lists nothing that can be served.
@@ -131,7 +140,7 @@ class SimplestreamsImages:
             cache_key = (path, record.sha256, family)
             found = self._parsed.get(cache_key)
             if found is None:
-                found = parse_images(self._metadata.read(record), family)
+                found = parse_images(metadata.read(record), family)
             parsed[cache_key] = found
             key.append(record.sha256)
             images.extend(found)
@@ -342,8 +351,10 @@ class LxdApiResource(AsyncResource):
         certificate: ServerCertificate,
         *,
         host_arch: str | None = None,
+        agents: ClientAgents | None = None,
     ) -> None:
         super().__init__()
+        self._agents = agents if agents is not None else ClientAgents()
         self._catalogue = catalogue
         self._store = store
         self._index = index
@@ -365,7 +376,9 @@ class LxdApiResource(AsyncResource):
     async def handle(self, request: Request) -> bytes | None:
         segments = _segments(request.path)
         _check_project(request)
-        client = client_info(request.getHeader(b"User-Agent"))
+        agent = request.getHeader(b"User-Agent")
+        self._agents.note(agent)
+        client = client_info(agent)
         if segments == []:
             _read_only(request)
             return _json(request, self._server())

@@ -18,7 +18,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from proxy.blobs import BlobStore
-from proxy.catalogue import CatalogueError, Item, parse_products, products_paths
+from proxy.agents import ClientAgents
+from proxy.catalogue import CatalogueError, Family, Item, parse_products, products_paths
 from proxy.catalogue_filter import filter_index, filter_products
 from proxy.health import UpstreamHealth
 from proxy.errors import NotFound, ProxyError, Unavailable, UpstreamFailed
@@ -66,9 +67,16 @@ class UpstreamMetadata:
         ttl: float,
         idle_timeout: float,
         health: UpstreamHealth | None = None,
+        family: Family = "lxd",
+        agents: ClientAgents | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url
+        # The client family whose catalogue this is; the LXD one is kept under the plain paths
+        # (as before families were told apart), any other under "@FAMILY/".
+        self.family: Family = family
+        self._record_prefix = "" if family == "lxd" else f"@{family}/"
+        self._agents = agents
         self._client = client
         self._store = store
         self._index = index
@@ -96,6 +104,10 @@ class UpstreamMetadata:
         if path != INDEX_PATH and path not in await self.products_paths():
             raise NotFound(f"{self.name}: {path} is not a file of this upstream's catalogue")
         return await self._current(path)
+
+    def holds_catalogue(self) -> bool:
+        """Whether a copy of the index is held (so that looking paths up asks no upstream)."""
+        return self._stored(INDEX_PATH) is not None
 
     @property
     def offline(self) -> bool:
@@ -185,7 +197,7 @@ class UpstreamMetadata:
         return self._store.path_for(record.sha256).getContent()
 
     def _stored(self, path: str) -> MetadataRecord | None:
-        record = self._index.get_metadata(self.name, path)
+        record = self._index.get_metadata(self.name, self._record_prefix + path)
         if record is not None and self._store.exists(record.sha256):
             return record
         return None
@@ -309,6 +321,8 @@ class UpstreamMetadata:
                 headers[b"If-None-Match"] = stale.etag.encode("latin-1")
             if stale.last_modified:
                 headers[b"If-Modified-Since"] = stale.last_modified.encode("latin-1")
+        if self._agents is not None:
+            headers[b"User-Agent"] = self._agents.for_family(self.family)
         response = await self._client.get(self._url(path), headers)
         if self.health is not None:
             if response.code >= 500:
@@ -320,7 +334,7 @@ class UpstreamMetadata:
             await receive_body(response, lambda _: None, limit=MAX_METADATA_BYTES,
                                clock=self._clock, idle_timeout=self._idle_timeout)
             record = MetadataRecord(
-                upstream=self.name, path=path, sha256=stale.sha256, etag=stale.etag,
+                upstream=self.name, path=self._record_prefix + path, sha256=stale.sha256, etag=stale.etag,
                 last_modified=stale.last_modified, fetched_at=stale.fetched_at, checked_at=now,
             )
             self._index.put_metadata(record)
@@ -347,7 +361,7 @@ class UpstreamMetadata:
             self._forget_blob(digest)
             raise UpstreamFailed(f"{self.name}: {path} from upstream is not usable: {e}")
         record = MetadataRecord(
-            upstream=self.name, path=path, sha256=digest,
+            upstream=self.name, path=self._record_prefix + path, sha256=digest,
             etag=_header(response, b"ETag"), last_modified=_header(response, b"Last-Modified"),
             fetched_at=now, checked_at=now,
         )

@@ -17,7 +17,9 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.web.server import Site
 
+from proxy.agents import ClientAgents
 from proxy.blobs import BlobStore
+from proxy.catalogue import Family
 from proxy.busy import InUse
 from proxy.config import LXD, Config
 from proxy.errors import ConfigError
@@ -52,6 +54,7 @@ from proxy.upstream import UpstreamClient
 log = Logger()
 
 CLOSE_TIMEOUT_SECONDS = 2.0
+FAMILIES: tuple[Family, ...] = ("lxd", "incus")
 GC_INTERVAL_SECONDS = 3600.0
 
 
@@ -97,7 +100,9 @@ class CacheService(Service):
             self.client, self.store, self.index, reactor, config.cache.download_idle_timeout,
             make_room=self.lifecycle.make_room, health=self.health,
         )
+        self.agents = ClientAgents()
         self.metadata: dict[str, UpstreamMetadata] = {}
+        self.families: dict[str, dict[Family, UpstreamMetadata]] = {}
         self.remotes: dict[str, LxdRemote] = {}
         fetchers: dict[str, ItemFetcher] = {}
         for u in config.upstreams:
@@ -105,17 +110,25 @@ class CacheService(Service):
                 remote = LxdRemote(
                     u.name, u.url, self.client, self.store, self.index, reactor,
                     ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout,
-                    health=self.health[u.name],
+                    health=self.health[u.name], families=FAMILIES,
                 )
                 self.remotes[u.name] = remote
                 self.metadata[u.name] = remote
                 fetchers[u.name] = self.export_fetcher
             else:
-                self.metadata[u.name] = UpstreamMetadata(
-                    u.name, u.url, self.client, self.store, self.index, reactor,
-                    ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout,
-                    health=self.health[u.name],
-                )
+                # One catalogue per client family (an upstream may answer them differently);
+                # the LXD one is also what the prefetcher and the admin command read.
+                by_family = {
+                    family: UpstreamMetadata(
+                        u.name, u.url, self.client, self.store, self.index, reactor,
+                        ttl=config.cache.metadata_ttl,
+                        idle_timeout=config.cache.download_idle_timeout,
+                        health=self.health[u.name], family=family, agents=self.agents,
+                    )
+                    for family in FAMILIES
+                }
+                self.families[u.name] = by_family
+                self.metadata[u.name] = by_family["lxd"]
                 fetchers[u.name] = self.fetcher
         self.fetchers = fetchers
         self.prefetcher = Prefetcher(
@@ -168,7 +181,8 @@ class CacheService(Service):
     def site(self, certificate: ServerCertificate) -> Site:
         upstreams = {
             name: UpstreamResource(
-                meta, self.fetchers[name], self.store, self.index, self.reactor, self.in_use
+                meta, self.fetchers[name], self.store, self.index, self.reactor, self.in_use,
+                families=self.families.get(name), agents=self.agents,
             )
             for name, meta in self.metadata.items()
         }
@@ -180,11 +194,14 @@ class CacheService(Service):
                     remote, self.export_fetcher, self.store, self.index, self.reactor
                 )
             else:
-                sources[name] = SimplestreamsImages(meta, self.fetcher, self.store, self.reactor)
+                sources[name] = SimplestreamsImages(
+                    meta, self.fetcher, self.store, self.reactor, families=self.families.get(name)
+                )
         listed = FaceCatalogue([sources[u.name] for u in self.config.lxd_api_upstreams()])
         others = {
             "1.0": LxdApiResource(
-                listed, self.store, self.index, self.reactor, self.in_use, certificate
+                listed, self.store, self.index, self.reactor, self.in_use, certificate,
+                agents=self.agents,
             ),
             "import": ImportResource(sources, self.reactor),
         }

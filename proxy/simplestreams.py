@@ -21,7 +21,8 @@ from twisted.web.server import Request
 
 from proxy.blobs import BlobStore
 from proxy.busy import InUse
-from proxy.catalogue import Item
+from proxy.agents import ClientAgents
+from proxy.catalogue import Family, Item
 from proxy.errors import BadRequest, NotFound
 from proxy.fetch import ItemFetcher
 from proxy.index import CacheIndex, FileRecord
@@ -72,9 +73,16 @@ class UpstreamResource(AsyncResource):
         index: CacheIndex,
         clock: IReactorTime,
         in_use: InUse | None = None,
+        *,
+        families: Mapping[Family, UpstreamMetadata] | None = None,
+        agents: ClientAgents | None = None,
     ) -> None:
         super().__init__()
         self._metadata = metadata
+        # The catalogue each client family is served (PROTOCOLS.md §5.1: an upstream may
+        # answer LXD and Incus differently); one shared by all when not told apart.
+        self._families: dict[Family, UpstreamMetadata] = dict(families or {metadata.family: metadata})
+        self._agents = agents if agents is not None else ClientAgents()
         self._fetcher = fetcher
         self._store = store
         self._index = index
@@ -89,15 +97,17 @@ class UpstreamResource(AsyncResource):
         path = relative_path(request.path, 1)
         if not path:
             raise NotFound(f"{self.name}: add this URL as a simplestreams remote; it has no index page")
+        family = self._agents.note(request.getHeader(b"User-Agent"))
+        metadata = self._families.get(family, self._metadata)
         if path.startswith("streams/"):
-            await self._metadata_file(request, path)
+            await self._metadata_file(request, path, metadata)
         else:
-            await self._item_file(request, path)
+            await self._item_file(request, path, metadata)
 
-    async def _metadata_file(self, request: Request, path: str) -> None:
-        record = await self._metadata.get(path)
-        if self._metadata.offline:
-            body = await self._metadata.offline_view(path)
+    async def _metadata_file(self, request: Request, path: str, metadata: UpstreamMetadata) -> None:
+        record = await metadata.get(path)
+        if metadata.offline:
+            body = await metadata.offline_view(path)
             serve_bytes(
                 request, body, etag=hashlib.sha256(body).hexdigest(), last_modified=record.fetched_at,
             )
@@ -108,8 +118,21 @@ class UpstreamResource(AsyncResource):
             last_modified=record.fetched_at, clock=self._clock, content_type=b"application/json",
         )
 
-    async def _item_file(self, request: Request, path: str) -> None:
-        item = await self._metadata.item(path)
+    async def _find_item(self, path: str, metadata: UpstreamMetadata) -> Item | None:
+        item = await metadata.item(path)
+        if item is not None:
+            return item
+        # A file listed only in another family's catalogue (held already: asking the upstream
+        # for a catalogue just to look a path up is not worth it) is the same file for all.
+        for other in self._families.values():
+            if other is not metadata and other.holds_catalogue():
+                item = await other.item(path)
+                if item is not None:
+                    return item
+        return None
+
+    async def _item_file(self, request: Request, path: str, metadata: UpstreamMetadata) -> None:
+        item = await self._find_item(path, metadata)
         if item is None:
             raise NotFound(f"{self.name}: {path} is not in this upstream's catalogue")
         with self._in_use.holding(item.sha256):
