@@ -13,7 +13,7 @@ stay pinned until C{keep_versions} newer versions are stored, then turn C{cached
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -74,7 +74,11 @@ class Prefetcher(Service):
         clock: IReactorTime,
         *,
         host_arch: str | None = None,
+        discover: Callable[[str, set[str]], Awaitable[object]] | None = None,
     ) -> None:
+        # Learns the files of an upstream's images that its catalogue cannot list yet (the split
+        # images of an LXD server, named by alias or fingerprint), so that pins can resolve.
+        self._discover = discover
         self._config = config
         self._metadata = dict(metadata)
         self._fetcher = fetcher
@@ -168,6 +172,18 @@ class Prefetcher(Service):
         targets: dict[str, tuple[str, Image, bool]] = {}
         chains: list[tuple[list[Image], Image]] = []
         catalogues: dict[str, list[Image]] = {}
+        if self._discover is not None:
+            wanted: dict[str, set[str]] = {}
+            for ref in pins:
+                wanted.setdefault(ref.upstream, set()).add(ref.alias)
+            for upstream, names in wanted.items():
+                try:
+                    await self._discover(upstream, names)
+                except Exception as e:
+                    self.log.warn(
+                        "auto-update: learning the images of {upstream} failed: {reason}",
+                        upstream=upstream, reason=getattr(e, "message", str(e)),
+                    )
         for ref in pins:
             meta = self._metadata.get(ref.upstream)
             if meta is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Any, cast
 
@@ -55,6 +56,7 @@ log = Logger()
 
 CLOSE_TIMEOUT_SECONDS = 2.0
 FAMILIES: tuple[Family, ...] = ("lxd", "incus")
+_HEX = re.compile(r"[0-9a-f]+")
 GC_INTERVAL_SECONDS = 3600.0
 
 
@@ -132,8 +134,33 @@ class CacheService(Service):
                 fetchers[u.name] = self.fetcher
         self.fetchers = fetchers
         self.prefetcher = Prefetcher(
-            config, self.metadata, FetcherRouter(fetchers), self.index, reactor
+            config, self.metadata, FetcherRouter(fetchers), self.index, reactor,
+            discover=self.learn_pinned_parts,
         )
+
+    async def learn_pinned_parts(self, upstream: str, names: set[str]) -> int:
+        """
+        Fetch the images of an LXD upstream that C{names} (aliases or fingerprints) pin and
+        whose files are not known yet: only an export download tells them (and whether the
+        image is split at all), and only then does the catalogue list them rightly.
+        """
+        remote = self.remotes.get(upstream)
+        if remote is None:
+            return 0
+        learnt = 0
+        for image in await remote.images():
+            # Also an image taken for unified: only its export tells what it really is.
+            if image.arch is None or self.index.get_parts(image.fingerprint) is not None:
+                continue
+            by_fingerprint = any(
+                len(n) >= 12 and _HEX.fullmatch(n) and image.fingerprint.startswith(n) for n in names
+            )
+            if not by_fingerprint and not names & set(image.aliases):
+                continue
+            download = self.export_fetcher.get_image(upstream, remote.base_url, image, background=True)
+            await download.when_done()
+            learnt += 1
+        return learnt
 
     def busy(self) -> set[str]:
         """Files that may not be evicted now: being served or being downloaded."""

@@ -159,3 +159,29 @@ async def test_concurrent_cold_exports_make_one_upstream_export(setup: Setup, tm
     for files in results:
         assert _export_fingerprint(files) == setup.image.fingerprint
     assert setup.exports_upstream() == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_pinned_split_image_of_an_lxd_upstream_is_fetched_by_auto_update(tmp_path: Path) -> None:
+    tree = build_tree(tmp_path / "tree")
+    image = tree.image(ALIAS)
+    ca = make_ca("upstream test CA")
+    daemon, port = await _start_upstream_daemon(ca, image, tree)
+    try:
+        proxy = await start_proxy(
+            reactor, tmp_path / "state", {"lxd1": (f"https://localhost:{port}", ca.cert_pem)},
+            upstream_options={"lxd1": {"protocol": "lxd"}},
+            pins=[{"upstream": "lxd1", "alias": ALIAS, "arch": "x86_64"}],
+        )
+        try:
+            # No client asked: the split image's files are learnt from one export download,
+            # after which the pin resolves and the files are kept pinned.
+            report = await proxy.cache.prefetcher.run()
+            assert report.unresolved == []
+            for item in image.files:
+                record = proxy.cache.index.get(item.sha256)
+                assert record is not None and not record.cached and record.auto_update
+        finally:
+            await proxy.stop()
+    finally:
+        await daemon.stop()
