@@ -27,7 +27,7 @@ from twisted.python.filepath import FilePath
 from proxy.blobs import BlobStore
 from proxy.bundle import BundleError, export_bundle, import_bundle
 from proxy.catalogue import CatalogueError, Image, parse_images
-from proxy.config import Config, load_config
+from proxy.config import LXD, Config, load_config
 from proxy.errors import ConfigError, ProxyError
 from proxy.index import CacheIndex, FileRecord, IndexFormatError
 from proxy.pins import (
@@ -687,6 +687,12 @@ def cmd_prefetch(cache: Cache, args: argparse.Namespace, out: TextIO) -> int:
         configured = cache.config.upstream(upstream)
         if configured is not None and configured.offline:
             raise CliError(f"{upstream} is configured offline, so nothing can be fetched from it.")
+        if configured is not None and configured.protocol == LXD:
+            raise CliError(
+                f"{upstream} is an LXD server, whose images the running proxy fetches itself: pin"
+                f" the image (lxd-image-proxy pin {upstream}:ALIAS) and it is fetched at the next"
+                " auto-update, or export it once through the proxy."
+            )
     return run_prefetch(cache, refs, out, sys.stderr)
 
 

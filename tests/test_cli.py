@@ -383,6 +383,9 @@ def test_prefetch_checks_its_arguments_first(capsys: pytest.CaptureFixture[str],
     offline = write_config(config.parent.parent / "offline", extra="offline = true\n")
     code, _, err = run(capsys, offline, "prefetch", "other:testos/2.0")
     assert code == 1 and "other is configured offline" in one_sentence(err)
+    lxd = write_config(config.parent.parent / "lxd", extra='protocol = "lxd"\n')
+    code, _, err = run(capsys, lxd, "prefetch", "other:testos/2.0")
+    assert code == 1 and "other is an LXD server" in one_sentence(err)
 
 
 class _Collect(ProcessProtocol):
