@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import ExitStack
 from datetime import datetime, timezone
 from typing import Any, Mapping, Protocol, Sequence
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, quote, unquote
 
 from attrs import define, frozen
 from twisted.internet.interfaces import IReactorTime
@@ -62,6 +62,8 @@ API_EXTENSIONS: tuple[str, ...] = ()
 # Methods that change things: refused as an untrusted caller is refused by LXD.
 _WRITES = (b"POST", b"PUT", b"PATCH", b"DELETE")
 _READS = (b"GET", b"HEAD")
+# What Go's url.PathEscape leaves as it is in a path segment, besides letters, digits and -._~
+_PATH_SAFE = "$&+:=@"
 
 
 class ImageSource(Protocol):
@@ -448,7 +450,11 @@ class LxdApiResource(AsyncResource):
         entries = sorted(catalogue.aliases(self._arch(client)).values(), key=lambda e: e.name)
         if _recursion(request):
             return _json(request, [alias_json(e) for e in entries])
-        return _json(request, [f"/1.0/images/aliases/{e.name}" for e in entries])
+        # One path segment each, escaped as LXD's api.URL escapes it (Go's url.PathEscape):
+        # ubuntu/24.04 is listed as ubuntu%2F24.04.
+        return _json(
+            request, [f"/1.0/images/aliases/{quote(e.name, safe=_PATH_SAFE)}" for e in entries]
+        )
 
     async def _alias(self, name: str, request: Request, client: ClientInfo) -> bytes:
         catalogue = await self._catalogue.get(client.family)

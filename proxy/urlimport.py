@@ -88,6 +88,12 @@ class ImportResource(AsyncResource):
         if kind not in (CONTAINER, VIRTUAL_MACHINE):
             raise BadRequest(f"type must be {CONTAINER} or {VIRTUAL_MACHINE}, not {kind!r}")
         image = resolve_alias(images, ref, arch, kind)
+        if image is None and "/" in ref:
+            # ALIAS/ARCH names that architecture whoever imports, as on the LXD face.
+            named = ARCHITECTURES.get(ref.rsplit("/", 1)[1])
+            if named is not None and named != arch:
+                arch = named
+                image = resolve_alias(images, ref, arch, kind)
         if image is None:
             raise NotFound(f"no {kind} image {ref} for {arch}")
         return image
