@@ -205,3 +205,15 @@ async def test_daemon_copies_an_image_through_the_lxd_face(setup: Setup, lxd_dae
     assert [i["fingerprint"] for i in images] == [image.fingerprint]
     for item in image.files:
         assert setup.upstream_gets(item.path) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_remote_add_without_public_finds_a_public_server(setup: Setup) -> None:
+    # The form the README gives first: the client asks /1.0, sees public: true, and keeps the
+    # remote as a public image server (no trust password, no client certificate trusted).
+    await setup.client.run("remote", "add", "q", setup.address, "--accept-certificate", check=True)
+    listed = await setup.client.run("remote", "list", "--format", "csv", check=True)
+    row = next(line for line in listed.out.splitlines() if line.startswith("q,"))
+    assert ",lxd," in row and ",YES," in row
+    images = await setup.client.image_list("q")
+    assert {i["fingerprint"] for i in images} == {i.fingerprint for i in setup.tree.images}
