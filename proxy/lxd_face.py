@@ -502,6 +502,15 @@ class LxdApiResource(AsyncResource):
                 for item in items:
                     record_hit(self._index, self._clock, source.name, item.path, item)
                 parts = export_parts(image, sources[0], sources[1] if len(sources) > 1 else None)
+            elif request.method == b"HEAD" and len(items) == len(files_of(image)):
+                # The headers need only the sizes: a HEAD must not start a download. (An LXD
+                # upstream's image whose files are not known yet has no sizes to give.)
+                placeholders = [
+                    CompleteFile(self._store.path_for(item.sha256), item.size) for item in items
+                ]
+                parts = export_parts(
+                    image, placeholders[0], placeholders[1] if len(placeholders) > 1 else None
+                )
             else:
                 parts = await source.missing_parts(image)
             await serve_export(request, parts, clock=self._clock)

@@ -23,7 +23,7 @@ from proxy.blobs import BlobStore
 from proxy.busy import InUse
 from proxy.agents import ClientAgents
 from proxy.catalogue import Family, Item
-from proxy.errors import BadRequest, NotFound
+from proxy.errors import BadRequest, NotFound, Unavailable
 from proxy.fetch import ItemFetcher
 from proxy.index import CacheIndex, FileRecord
 from proxy.metadata import UpstreamMetadata
@@ -145,6 +145,9 @@ class UpstreamResource(AsyncResource):
                 )
                 self._index.note_served(True, request.sentLength)
                 return
+            if request.method == b"HEAD":
+                await self._head_of_miss(request, item, metadata)
+                return
             download = self._fetcher.get(self.name, self._metadata.base_url, item)
             await await_start(download, self._clock)
             await serve_file(
@@ -154,6 +157,24 @@ class UpstreamResource(AsyncResource):
             self._index.note_served(False, request.sentLength)
             # Counted once the body is out: the record exists only after the download committed.
             self._index.note_use(item.sha256)
+
+    async def _head_of_miss(self, request: Request, item: Item, metadata: UpstreamMetadata) -> None:
+        """
+        Answer a HEAD for a file not stored from the catalogue alone: what a GET would send,
+        without the download a GET starts (a monitoring check must not cost gigabytes).
+        """
+        health = metadata.health
+        if health is not None and not health.may_try():
+            raise Unavailable(
+                f"{health.describe()}; {item.path} is not in the cache",
+                headers={b"Retry-After": str(health.retry_after()).encode("ascii")},
+            )
+        # Never opened for a HEAD: only its size is read.
+        placeholder = CompleteFile(self._store.path_for(item.sha256), item.size)
+        await serve_file(
+            request, placeholder, etag=item.sha256, last_modified=self._clock.seconds(),
+            clock=self._clock, ranges=False,
+        )
 
 
 class Starting(Protocol):

@@ -639,3 +639,16 @@ def test_forced_offline_without_a_catalogue_is_503(tmp_path: Any) -> None:
         assert h.metadata_of("/1.0")["auth"] == "untrusted"
     finally:
         h.close()
+
+
+def test_head_of_an_export_miss_starts_no_download(h: FaceHarness) -> None:
+    image = h.image(SPLIT_OS, "amd64", V1)
+    code, body, response = h.call("HEAD", export_path(image))
+    assert (code, body) == (200, b"")
+    # The same length a GET would send, from the catalogue's sizes alone.
+    length = int(response.headers.getRawHeaders(b"Content-Length")[0])
+    assert length > sum(len(h.files[path]) for path in image.files)
+    assert all(h.upstream_gets(path) == 0 for path in image.files)
+    assert not any(h.store.exists(sha(h.files[path])) for path in image.files)
+    code, body, _ = h.call("GET", export_path(image))
+    assert code == 200 and len(body) == length

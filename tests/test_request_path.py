@@ -517,3 +517,23 @@ def test_upstream_404_for_a_listed_item_is_404(h: Harness) -> None:
     code, body, _ = h.fetch(ROOTFS_PATH)
     assert code == 404
 
+
+
+def test_head_of_a_miss_answers_from_the_catalogue_without_a_download(h: Harness) -> None:
+    h.fetch("streams/v1/index.json")
+    h.fetch("streams/v1/images.json")
+    code, body, response = _head(h, ROOTFS_PATH)
+    assert (code, body) == (200, b"")
+    assert response.headers.getRawHeaders(b"Content-Length") == [b"%d" % len(h.files[ROOTFS_PATH])]
+    assert response.headers.getRawHeaders(b"ETag") == [b'"' + sha(h.files[ROOTFS_PATH]).encode() + b'"']
+    assert upstream_gets(h, ROOTFS_PATH) == 0
+    assert not h.store.exists(sha(h.files[ROOTFS_PATH]))
+
+
+def _head(h: Harness, path: str) -> tuple[int, bytes, Any]:
+    async def go() -> tuple[int, bytes, Any]:
+        response = await h.proxy.head(f"https://proxy.test/up/{path}", unbuffered=True)
+        body = await treq.content(response)
+        return response.code, body, response
+
+    return h.run(Deferred.fromCoroutine(go()))
