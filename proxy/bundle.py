@@ -37,7 +37,6 @@ from proxy.pins import (
     PinError,
     PinRef,
     StoredCatalogue,
-    image_files,
     load_catalogue,
     normalise_ref,
     pin_refs,
@@ -129,7 +128,7 @@ def _keeping(keep: set[tuple[str, str]]) -> Callable[[Item], bool]:
 
 
 def _fully_stored(index: CacheIndex, store: BlobStore, image: Image) -> bool:
-    return all(index.get(i.sha256) is not None and store.exists(i.sha256) for i in image_files(image))
+    return all(index.get(i.sha256) is not None and store.exists(i.sha256) for i in image.files)
 
 
 def _state(index: CacheIndex, image: Image) -> str:
@@ -254,7 +253,7 @@ def export_bundle(
         keep_by_path: dict[str, set[tuple[str, str]]] = {}
         for image, products_path, _state_ in entry.images.values():
             keep = keep_by_path.setdefault(products_path, set())
-            keep.update((item.path, item.sha256) for item in image_files(image))
+            keep.update((item.path, item.sha256) for item in image.files)
         remaining: dict[str, list[str]] = {}
         for products_path, keep in sorted(keep_by_path.items()):
             if not _safe_path(products_path):
@@ -269,7 +268,7 @@ def export_bundle(
         images_out = []
         for image, products_path, state in entry.images.values():
             files = []
-            for item in image_files(image):
+            for item in image.files:
                 blobs[item.sha256] = item.size
                 files.append({"path": item.path, "sha256": item.sha256, "size": item.size, "ftype": item.ftype})
             images_out.append({

@@ -120,6 +120,11 @@ class Image:
         return self.meta.size + (self.root.size if self.root is not None else 0)
 
     @property
+    def files(self) -> list[Item]:
+        """The image's files: the metadata file, then the root file unless unified."""
+        return [self.meta] if self.root is None else [self.meta, self.root]
+
+    @property
     def root_ftype(self) -> str:
         """The `type` property clients show: the root ftype, or `tar.gz` for unified images."""
         return self.root.ftype if self.root is not None else "tar.gz"

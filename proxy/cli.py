@@ -35,7 +35,6 @@ from proxy.pins import (
     PinError,
     PinRef,
     StoredCatalogue,
-    image_files,
     keep_files,
     load_catalogue,
     normalise_ref,
@@ -249,7 +248,7 @@ def inventory(cache: Cache) -> Inventory:
             key = (upstream, image.fingerprint)
             if key in seen:
                 continue
-            records = [index.get(item.sha256) for item in image_files(image)]
+            records = [index.get(item.sha256) for item in image.files]
             present = [r for r in records if r is not None]
             pins_here = resolved_pins.get(key, [])
             if len(present) < len(records) and not pins_here:
@@ -307,11 +306,11 @@ def find_entries(cache: Cache, inv: Inventory, ref: Ref, arch: str, type: str) -
 
 def catalogue_entry(cache: Cache, upstream: str, image: Image) -> Entry:
     """An entry for a catalogue image, whatever of it is stored."""
-    records = [r for r in (cache.index.get(i.sha256) for i in image_files(image)) if r is not None]
+    records = [r for r in (cache.index.get(i.sha256) for i in image.files) if r is not None]
     return Entry(
         upstream=upstream, aliases=image.aliases, fingerprint=image.fingerprint, type=image.type,
         architecture=image.architecture, product=image.product, version=image.version, size=image.size,
-        records=records, image=image, missing=len(image_files(image)) - len(records),
+        records=records, image=image, missing=len(image.files) - len(records),
     )
 
 
@@ -422,7 +421,7 @@ def cmd_info(cache: Cache, args: argparse.Namespace, out: TextIO) -> int:
         out.write(f"{key + ':':14}{value}\n")
     out.write("files:\n")
     if entry.image is not None:
-        for item in image_files(entry.image):
+        for item in entry.image.files:
             record = cache.index.get(item.sha256)
             state = "not stored" if record is None else _record_state(record)
             out.write(f"  {item.path}  sha256:{item.sha256}  {human_size(item.size)}  {state}\n")
@@ -849,7 +848,7 @@ async def _prefetch(reactor: Any, cache: Cache, refs: list[PinRef], out: TextIO,
 
         todo: dict[str, tuple[str, Item]] = {}
         for _name, image, ref in plan:
-            for item in image_files(image):
+            for item in image.files:
                 if index.get(item.sha256) is None:
                     todo.setdefault(item.sha256, (ref[0], item))
         progress = Progress(err, err.isatty(), sum(i.size for _u, i in todo.values()), len(todo))
@@ -892,7 +891,7 @@ async def _prefetch(reactor: Any, cache: Cache, refs: list[PinRef], out: TextIO,
 
         pinned = set(pin_refs(index, cache.config_pins()))
         for name, image, ref in plan:
-            files = image_files(image)
+            files = image.files
             stored = all(index.get(item.sha256) is not None for item in files)
             if stored and ref in pinned:
                 for item in files:

@@ -17,7 +17,7 @@ import math
 import time
 from typing import ClassVar
 
-from attrs import define, field, validators
+from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 

@@ -149,13 +149,13 @@ class SimplestreamsImages:
         self._parsed = parsed
         if offline:
             # As the simplestreams face does while offline: only images that can be served.
-            images = [i for i in images if all(self._store.exists(f.sha256) for f in files_of(i))]
+            images = [i for i in images if all(self._store.exists(f.sha256) for f in i.files)]
             key.append(frozenset(i.fingerprint for i in images))
         return tuple(key), images
 
     async def missing_parts(self, image: Image) -> list[ExportPart]:
         sources: list[FileSource] = []
-        for item in files_of(image):
+        for item in image.files:
             if self._store.exists(item.sha256):
                 sources.append(CompleteFile(self._store.path_for(item.sha256), item.size))
                 continue
@@ -212,7 +212,7 @@ class LxdRemoteImages:
             known.append(parts)
             image = _image_of(remote, arch, parts)
             if offline and not (
-                parts is not None and all(self._store.exists(i.sha256) for i in files_of(image))
+                parts is not None and all(self._store.exists(i.sha256) for i in image.files)
             ):
                 continue
             images.append(image)
@@ -284,10 +284,6 @@ def _image_of(remote: RemoteImage, arch: str, parts: ImageParts | None) -> Image
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
-def files_of(image: Image) -> list[Item]:
-    return [image.meta] if image.root is None else [image.meta, image.root]
 
 
 @define
@@ -468,7 +464,7 @@ class LxdApiResource(AsyncResource):
         # A placeholder file (an LXD upstream's image not exported yet) has no hash to look up.
         records = [
             self._index.get(item.sha256) if item.sha256 else None
-            for item in files_of(published.image)
+            for item in published.image.files
         ]
         stored = [r for r in records if r is not None]
         complete = len(stored) == len(records)
@@ -488,11 +484,11 @@ class LxdApiResource(AsyncResource):
         published = catalogue.find(prefix)
         source = self._catalogue.source(published.upstream)
         image = published.image
-        items = [item for item in files_of(image) if item.sha256]
+        items = [item for item in image.files if item.sha256]
         with ExitStack() as holds:
             for item in items:
                 holds.enter_context(self._in_use.holding(item.sha256))
-            hit = len(items) == len(files_of(image)) and all(
+            hit = len(items) == len(image.files) and all(
                 self._store.exists(item.sha256) for item in items
             )
             if hit:
@@ -502,7 +498,7 @@ class LxdApiResource(AsyncResource):
                 for item in items:
                     record_hit(self._index, self._clock, source.name, item.path, item)
                 parts = export_parts(image, sources[0], sources[1] if len(sources) > 1 else None)
-            elif request.method == b"HEAD" and len(items) == len(files_of(image)):
+            elif request.method == b"HEAD" and len(items) == len(image.files):
                 # The headers need only the sizes: a HEAD must not start a download. (An LXD
                 # upstream's image whose files are not known yet has no sizes to give.)
                 placeholders = [

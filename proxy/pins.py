@@ -78,11 +78,6 @@ class PinResult:
     missing: tuple[Item, ...]
 
 
-def image_files(image: Image) -> list[Item]:
-    """The files an image consists of: its metadata file and root file, or its one unified file."""
-    return [image.meta] if image.root is None else [image.meta, image.root]
-
-
 def _read_blob(store: BlobStore, sha256: str) -> bytes | None:
     try:
         with store.open(sha256) as f:
@@ -147,7 +142,7 @@ def stored_versions(index: CacheIndex, images: list[Image], image: Image) -> lis
         version
         for version in versions_for(images, image)
         if version.version <= image.version
-        and any(index.get(item.sha256) is not None for item in image_files(version))
+        and any(index.get(item.sha256) is not None for item in version.files)
     ]
 
 
@@ -155,7 +150,7 @@ def _protected_by(index: CacheIndex, images: list[Image], image: Image) -> set[s
     return {
         item.sha256
         for version in stored_versions(index, images, image)
-        for item in image_files(version)
+        for item in version.files
         if index.get(item.sha256) is not None
     }
 
@@ -221,7 +216,7 @@ def pin(
             if current is not None and (current.cached or not current.auto_update):
                 index.set_flags(sha256, cached=False, auto_update=True)
                 flipped.append(sha256)
-        missing = tuple(item for item in image_files(image) if index.get(item.sha256) is None)
+        missing = tuple(item for item in image.files if index.get(item.sha256) is None)
     return PinResult(record=record, image=image, flipped=tuple(flipped), missing=missing)
 
 
@@ -328,7 +323,6 @@ __all__ = [
     "PinRef",
     "PinResult",
     "StoredCatalogue",
-    "image_files",
     "keep_files",
     "load_catalogue",
     "normalise_ref",

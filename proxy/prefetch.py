@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from proxy.catalogue import Image, Item, parse_images
+from proxy.catalogue import Image, parse_images
 from proxy.config import Config
 from proxy.fetch import ItemFetcher
 from proxy.index import CacheIndex
@@ -54,10 +54,6 @@ class TickReport:
     failed: list[str] = field(factory=list)
     unresolved: list[str] = field(factory=list)
     unpinned: int = 0
-
-
-def image_files(image: Image) -> list[Item]:
-    return [image.meta] if image.root is None else [image.meta, image.root]
 
 
 class Prefetcher(Service):
@@ -229,9 +225,9 @@ class Prefetcher(Service):
         keep = max(1, self._config.cache.keep_versions)
         stored = [
             image for image in versions_for(images, newest)
-            if all(self._index.get(item.sha256) is not None for item in image_files(image))
+            if all(self._index.get(item.sha256) is not None for item in image.files)
         ]
-        return {item.sha256 for image in stored[:keep] for item in image_files(image)}
+        return {item.sha256 for image in stored[:keep] for item in image.files}
 
     def _release(self, kept: set[str]) -> int:
         released = 0
@@ -284,7 +280,7 @@ class Prefetcher(Service):
 
     async def _bring(self, upstream: str, image: Image, pinned: bool, report: TickReport) -> None:
         meta = self._metadata[upstream]
-        for item in image_files(image):
+        for item in image.files:
             if self._index.get(item.sha256) is not None:
                 continue
             await self._slots.acquire()
