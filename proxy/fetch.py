@@ -21,10 +21,10 @@ from twisted.web.iweb import IResponse
 
 from proxy.blobs import BlobStore, PartialBlob
 from proxy.catalogue import Item
-from proxy.errors import NotFound, ProxyError, Unavailable, UpstreamFailed
+from proxy.errors import NotFound, Unavailable, UpstreamFailed
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, FileRecord
-from proxy.upstream import NotAnUpstream, UpstreamClient, VerificationFailed, as_proxy_error, receive_body
+from proxy.upstream import UpstreamClient, VerificationFailed, as_proxy_error, receive_body
 
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0
 
@@ -224,13 +224,7 @@ class Fetcher:
             await self._fetch(download, health)
         except Exception as e:
             if health is not None:
-                if isinstance(e, NotAnUpstream):
-                    # The upstream answered (with a redirect that is refused): it is reachable,
-                    # and a probe must not stay "in progress" for want of an answer.
-                    health.record_success()
-                elif not isinstance(e, ProxyError):
-                    # Connection, TLS or timeout: the upstream itself is unreachable.
-                    health.record_failure(as_proxy_error(Failure(e), download.url).message, transport=True)
+                health.record_error(e, download.url)
             failure = Failure(as_proxy_error(Failure(e), download.item.path))
             self.log.warn(
                 "download of {url} failed, nothing cached: {reason}",
@@ -247,10 +241,7 @@ class Fetcher:
         self.log.info("fetching {url} ({size} bytes)", url=download.url, size=item.size)
         response: IResponse = await self._client.get(download.url)
         if health is not None:
-            if response.code >= 500:
-                health.record_failure(f"{response.code} for {download.url}", transport=False)
-            else:
-                health.record_success()
+            health.record_answer(response.code, download.url)
         if response.code != 200:
             await _discard_body(response)
             if response.code == 404:

@@ -20,6 +20,10 @@ from typing import ClassVar
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from proxy.errors import ProxyError
+from proxy.upstream import NotAnUpstream, as_proxy_error
 
 __all__ = [
     "DEFAULT_BASE_BACKOFF_SECONDS",
@@ -185,6 +189,25 @@ class UpstreamHealth:
                 "upstream {upstream} still {kind} ({reason}); next attempt in {delay:g} s",
                 upstream=self.name, kind=kind, reason=reason, delay=self._next_probe_at - now,
             )
+
+    def record_answer(self, code: int, url: str) -> None:
+        """The upstream answered C{url} with status C{code}: a 5xx is a failure, any other an answer."""
+        if code >= 500:
+            self.record_failure(f"{code} for {url}", transport=False)
+        else:
+            self.record_success()
+
+    def record_error(self, error: BaseException, url: str) -> None:
+        """
+        A request for C{url} ended in C{error} before (or instead of) an answer. A refused
+        redirect is an answer (the upstream is reachable, and a probe must not stay "in
+        progress" for want of one); another L{ProxyError} was reported where it arose; anything
+        else (connection, TLS, timeout) means the upstream itself is unreachable.
+        """
+        if isinstance(error, NotAnUpstream):
+            self.record_success()
+        elif not isinstance(error, ProxyError):
+            self.record_failure(as_proxy_error(Failure(error), url).message, transport=True)
 
     def record_success(self) -> None:
         """

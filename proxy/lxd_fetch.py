@@ -35,7 +35,7 @@ from twisted.web.iweb import IResponse
 
 from proxy.blobs import BlobStore, PartialBlob
 from proxy.catalogue import META_FTYPE, UNIFIED_FTYPE, Item
-from proxy.errors import NotFound, ProxyError, Unavailable, UpstreamFailed
+from proxy.errors import NotFound, Unavailable, UpstreamFailed
 from proxy.fetch import DEFAULT_IDLE_TIMEOUT_SECONDS
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, FileRecord, ImageParts
@@ -51,7 +51,7 @@ from proxy.lxd_remote import (
     version_base,
 )
 from proxy.streaming import FileSource
-from proxy.upstream import NotAnUpstream, UpstreamClient, VerificationFailed, as_proxy_error, receive_body
+from proxy.upstream import UpstreamClient, VerificationFailed, as_proxy_error, receive_body
 
 # Bytes an export may carry beyond the image's files: the boundaries and the two part headers
 # (a few hundred bytes as LXD writes them).
@@ -849,11 +849,7 @@ class LxdExportFetcher:
             await self._fetch(download, health)
         except Exception as e:
             if health is not None:
-                if isinstance(e, NotAnUpstream):
-                    # A refused redirect is an answer: the upstream is reachable.
-                    health.record_success()
-                elif not isinstance(e, ProxyError):
-                    health.record_failure(as_proxy_error(Failure(e), download.url).message, transport=True)
+                health.record_error(e, download.url)
             failure = Failure(as_proxy_error(Failure(e), f"export of image {download.fingerprint}"))
             self.log.warn(
                 "download of {url} failed, nothing cached: {reason}",
@@ -870,10 +866,7 @@ class LxdExportFetcher:
         self.log.info("fetching {url} ({size} bytes)", url=download.url, size=image.size)
         response: IResponse = await self._client.get(download.url)
         if health is not None:
-            if response.code >= 500:
-                health.record_failure(f"{response.code} for {download.url}", transport=False)
-            else:
-                health.record_success()
+            health.record_answer(response.code, download.url)
         if response.code != 200:
             reason = await self._error_text(response)
             said = f": {reason}" if reason else ""

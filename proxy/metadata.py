@@ -24,7 +24,7 @@ from proxy.catalogue_filter import filter_index, filter_products
 from proxy.health import UpstreamHealth
 from proxy.errors import NotFound, ProxyError, Unavailable, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
-from proxy.upstream import NotAnUpstream, UpstreamClient, as_proxy_error, receive_body
+from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
 
 INDEX_PATH = "streams/v1/index.json"
 # A products file is JSON that the proxy parses whole; this bounds what an upstream can make it
@@ -301,16 +301,9 @@ class UpstreamMetadata:
             )
         try:
             record = await self._fetch(path, stale)
-        except NotAnUpstream:
-            # A refused redirect is an answer: the upstream is reachable.
-            if health is not None:
-                health.record_success()
-            raise
-        except ProxyError:
-            raise
         except Exception as e:
             if health is not None:
-                health.record_failure(as_proxy_error(Failure(e), self._url(path)).message, transport=True)
+                health.record_error(e, self._url(path))
             raise
         return record
 
@@ -325,10 +318,7 @@ class UpstreamMetadata:
             headers[b"User-Agent"] = self._agents.for_family(self.family)
         response = await self._client.get(self._url(path), headers)
         if self.health is not None:
-            if response.code >= 500:
-                self.health.record_failure(f"{response.code} for {self._url(path)}", transport=False)
-            else:
-                self.health.record_success()
+            self.health.record_answer(response.code, self._url(path))
         now = self._clock.seconds()
         if response.code == 304 and stale is not None:
             await receive_body(response, lambda _: None, limit=MAX_METADATA_BYTES,
