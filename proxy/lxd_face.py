@@ -146,7 +146,9 @@ class SimplestreamsImages:
             parsed[cache_key] = found
             key.append(record.sha256)
             images.extend(found)
-        self._parsed = parsed
+        # Parses of this family's older copies go; the other family's stay, or clients of both
+        # families taking turns would have every products file parsed again on every listing.
+        self._parsed = {k: v for k, v in self._parsed.items() if k[2] != family} | parsed
         if offline:
             # As the simplestreams face does while offline: only images that can be served.
             images = [i for i in images if all(self._store.exists(f.sha256) for f in i.files)]

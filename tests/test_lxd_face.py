@@ -652,3 +652,22 @@ def test_head_of_an_export_miss_starts_no_download(h: FaceHarness) -> None:
     assert not any(h.store.exists(sha(h.files[path])) for path in image.files)
     code, body, _ = h.call("GET", export_path(image))
     assert code == 200 and len(body) == length
+
+
+def test_clients_of_both_families_taking_turns_parse_each_catalogue_once(
+    h: FaceHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.lxd_face
+
+    calls: list[str] = []
+    real = proxy.lxd_face.parse_images
+
+    def counting(data: bytes, family: Any = "lxd") -> Any:
+        calls.append(family)
+        return real(data, family)
+
+    monkeypatch.setattr(proxy.lxd_face, "parse_images", counting)
+    for _ in range(3):
+        h.metadata_of("/1.0/images", lxd_agent("x86_64"))
+        h.metadata_of("/1.0/images", incus_agent("x86_64"))
+    assert sorted(calls) == ["incus", "lxd"]
