@@ -21,7 +21,7 @@ from twisted.web.iweb import IResponse
 
 from proxy.blobs import BlobStore, PartialBlob
 from proxy.catalogue import Item
-from proxy.errors import NotFound, Unavailable, UpstreamFailed
+from proxy.errors import NotFound, UpstreamFailed
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, FileRecord
 from proxy.upstream import UpstreamClient, VerificationFailed, as_proxy_error, receive_body
@@ -206,11 +206,8 @@ class Fetcher:
                 running.background = False
             return running
         health = self._health.get(upstream)
-        if health is not None and not health.may_try():
-            raise Unavailable(
-                f"{health.describe()}; {item.path} is not in the cache",
-                headers={b"Retry-After": str(health.retry_after()).encode("ascii")},
-            )
+        if health is not None:
+            health.check(item.path)
         url = f"{base_url}/{item.path}"
         download = Download(upstream, url, item, self._store.new_partial())
         download.background = background

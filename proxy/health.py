@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from proxy.errors import ProxyError
+from proxy.errors import ProxyError, Unavailable
 from proxy.upstream import NotAnUpstream, as_proxy_error
 
 __all__ = [
@@ -189,6 +189,16 @@ class UpstreamHealth:
                 "upstream {upstream} still {kind} ({reason}); next attempt in {delay:g} s",
                 upstream=self.name, kind=kind, reason=reason, delay=self._next_probe_at - now,
             )
+
+    def check(self, missing: str = "") -> None:
+        """
+        Raise a 503 with C{Retry-After} unless the upstream may be asked now (online, or due
+        for a probe); C{missing} names what the cache lacks, for the message.
+        """
+        if self.may_try():
+            return
+        reason = self.describe() + (f"; {missing} is not in the cache" if missing else "")
+        raise Unavailable(reason, headers={b"Retry-After": str(self.retry_after()).encode("ascii")})
 
     def record_answer(self, code: int, url: str) -> None:
         """The upstream answered C{url} with status C{code}: a 5xx is a failure, any other an answer."""

@@ -35,7 +35,7 @@ from twisted.web.iweb import IResponse
 
 from proxy.blobs import BlobStore, PartialBlob
 from proxy.catalogue import META_FTYPE, UNIFIED_FTYPE, Item
-from proxy.errors import NotFound, Unavailable, UpstreamFailed
+from proxy.errors import NotFound, UpstreamFailed
 from proxy.fetch import DEFAULT_IDLE_TIMEOUT_SECONDS
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, FileRecord, ImageParts
@@ -822,11 +822,8 @@ class LxdExportFetcher:
                 running.background = False
             return running
         health = self._health.get(upstream)
-        if health is not None and not health.may_try():
-            raise Unavailable(
-                f"{health.describe()}; image {image.fingerprint} is not in the cache",
-                headers={b"Retry-After": str(health.retry_after()).encode("ascii")},
-            )
+        if health is not None:
+            health.check(f"image {image.fingerprint}")
         url = f"{base_url}/1.0/images/{image.fingerprint}/export"
         meta = self._store.new_partial()
         try:

@@ -22,7 +22,7 @@ from proxy.agents import ClientAgents
 from proxy.catalogue import CatalogueError, Family, Item, parse_products, products_paths
 from proxy.catalogue_filter import filter_index, filter_products
 from proxy.health import UpstreamHealth
-from proxy.errors import NotFound, ProxyError, Unavailable, UpstreamFailed
+from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
 from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
 
@@ -295,10 +295,8 @@ class UpstreamMetadata:
 
     async def _refresh(self, path: str, stale: MetadataRecord | None) -> MetadataRecord:
         health = self.health
-        if health is not None and not health.may_try():
-            raise Unavailable(
-                health.describe(), headers={b"Retry-After": str(health.retry_after()).encode("ascii")}
-            )
+        if health is not None:
+            health.check()
         try:
             record = await self._fetch(path, stale)
         except Exception as e:

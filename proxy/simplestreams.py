@@ -23,7 +23,7 @@ from proxy.blobs import BlobStore
 from proxy.busy import InUse
 from proxy.agents import ClientAgents
 from proxy.catalogue import Family, Item
-from proxy.errors import BadRequest, NotFound, Unavailable
+from proxy.errors import BadRequest, NotFound
 from proxy.fetch import ItemFetcher
 from proxy.index import CacheIndex, FileRecord
 from proxy.metadata import UpstreamMetadata
@@ -164,11 +164,8 @@ class UpstreamResource(AsyncResource):
         without the download a GET starts (a monitoring check must not cost gigabytes).
         """
         health = metadata.health
-        if health is not None and not health.may_try():
-            raise Unavailable(
-                f"{health.describe()}; {item.path} is not in the cache",
-                headers={b"Retry-After": str(health.retry_after()).encode("ascii")},
-            )
+        if health is not None:
+            health.check(item.path)
         # Never opened for a HEAD: only its size is read.
         placeholder = CompleteFile(self._store.path_for(item.sha256), item.size)
         await serve_file(
