@@ -568,23 +568,22 @@ class LxdRemote(UpstreamMetadata):
         record = await (self._current(API_PATH) if refresh else self._copy(API_PATH))
         return self._parsed_list(record)
 
-    async def image(self, fingerprint: str, *, refresh: bool = False) -> RemoteImage | None:
-        for image in await self.images(refresh=refresh):
-            if image.fingerprint == fingerprint:
-                return image
-        return None
+    async def unknown_files(self, *, refresh: bool = True) -> list[RemoteImage]:
+        """
+        The images whose files no export has shown yet, those taken for unified included:
+        only an export tells what an image's files are, and whether it is split at all.
+        """
+        return [
+            image for image in await self.images(refresh=refresh)
+            if image.arch is not None and self._index.get_parts(image.fingerprint) is None
+        ]
 
     async def awaiting_parts(self, *, refresh: bool = True) -> list[RemoteImage]:
         """
         The split images not listed yet, for want of their files' hashes and sizes: one
         export download of each (L{proxy.lxd_fetch.LxdExportFetcher.get_image}) lists it.
         """
-        waiting: list[RemoteImage] = []
-        for image in await self.images(refresh=refresh):
-            if image.arch is not None and not image.presumed_unified:
-                if self._index.get_parts(image.fingerprint) is None:
-                    waiting.append(image)
-        return waiting
+        return [i for i in await self.unknown_files(refresh=refresh) if not i.presumed_unified]
 
     async def catalogue_images(self, family: Family = "lxd", *, refresh: bool = True) -> list[Image]:
         """The images whose files are known, as the simplestreams face lists them."""

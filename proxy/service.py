@@ -148,10 +148,7 @@ class CacheService(Service):
         if remote is None:
             return 0
         learnt = 0
-        for image in await remote.images():
-            # Also an image taken for unified: only its export tells what it really is.
-            if image.arch is None or self.index.get_parts(image.fingerprint) is not None:
-                continue
+        for image in await remote.unknown_files():
             by_fingerprint = any(
                 len(n) >= 12 and _HEX.fullmatch(n) and image.fingerprint.startswith(n) for n in names
             )
