@@ -8,6 +8,7 @@ import socket
 from typing import Any, cast
 
 import lmdb
+from cryptography.hazmat.primitives import serialization
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -22,7 +23,7 @@ from proxy.agents import ClientAgents
 from proxy.blobs import BlobStore
 from proxy.catalogue import Family
 from proxy.busy import InUse
-from proxy.config import LXD, Config
+from proxy.config import LXD, Config, read_pem_certificates
 from proxy.errors import ConfigError
 from proxy.fetch import Fetcher, FetcherRouter, ItemFetcher
 from proxy.health import UpstreamHealth
@@ -275,10 +276,12 @@ class ListenService(Service):
                 cert, key = ensure_server_certificate(state, server.tls_names)
                 cert_path, key_path = cert.path, key.path
             options = server_tls_options(cert_path, key_path)
+            # The leaf of the chain: what an LXD server reports as its own certificate.
+            leaf = read_pem_certificates(cert_path, "server.tls_cert")[0]
         except (ConfigError, OSError) as e:
             raise SystemExit(f"lxd-image-proxy: cannot set up TLS: {e}")
         self.cert_path = cert_path
-        self.certificate.pem = _first_pem(FilePath(cert_path).getContent())
+        self.certificate.pem = leaf.public_bytes(serialization.Encoding.PEM).decode("ascii")
         self.certificate.fingerprint = certificate_fingerprint(cert_path)
         listening = [listen_tls(self.reactor, desc, options, self.site) for desc in server.listen]
         outcome: list[list[tuple[bool, Any]]] = []
@@ -313,7 +316,7 @@ class ListenService(Service):
             os.replace(tmp, server.port_file)
         log.info("listening with TLS on port(s) {ports}", ports=" ".join(str(p) for p in bound))
         host = server.tls_names[0] if server.tls_names else socket.gethostname()
-        fingerprint = certificate_fingerprint(self.cert_path)
+        fingerprint = self.certificate.fingerprint
         log.info(
             "server certificate {cert} (sha256 fingerprint {fingerprint}); a client needs it as "
             "servercerts/<remote>.crt in its config directory unless a CA it trusts signed it",
@@ -337,17 +340,6 @@ class ListenService(Service):
         super().stopService()
         ports, self.ports = self.ports, []
         return DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
-
-
-def _first_pem(chain: bytes) -> str:
-    """The leaf certificate of a PEM chain, as PEM: what an LXD server reports as its own."""
-    text = chain.decode("ascii", "replace")
-    end = "-----END CERTIFICATE-----"
-    start = text.find("-----BEGIN CERTIFICATE-----")
-    stop = text.find(end, start)
-    if start < 0 or stop < 0:
-        return ""
-    return text[start:stop + len(end)] + "\n"
 
 
 async def _stop(port: IListeningPort) -> None:
