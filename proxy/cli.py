@@ -16,7 +16,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from typing import Any, TextIO, cast
 
 import attrs
 import lmdb
@@ -26,12 +26,11 @@ from twisted.python.filepath import FilePath
 
 from proxy.blobs import BlobStore
 from proxy.bundle import BundleError, export_bundle, import_bundle
-from proxy.catalogue import CatalogueError, Image, parse_images
+from proxy.catalogue import CatalogueError, Image
 from proxy.config import LXD, Config, load_config
 from proxy.errors import ConfigError, ProxyError
 from proxy.index import CacheIndex, FileRecord, IndexFormatError
 from proxy.pins import (
-    INDEX_PATH,
     PinError,
     PinRef,
     StoredCatalogue,
@@ -45,9 +44,6 @@ from proxy.pins import (
     unpin,
 )
 from proxy.resolve import CONTAINER, VIRTUAL_MACHINE, resolve_alias
-
-if TYPE_CHECKING:
-    from proxy.metadata import UpstreamMetadata
 
 PROG = "lxd-image-proxy"
 HASH_CHUNK_BYTES = 1024 * 1024
@@ -785,14 +781,6 @@ def run_prefetch(cache: Cache, refs: list[PinRef], out: TextIO, err: TextIO) -> 
     return outcome[0] if outcome else _fail("interrupted", err)
 
 
-async def _catalogue_images(meta: UpstreamMetadata) -> list[Image]:
-    """The upstream's images from a catalogue refreshed as for a client (the TTL applies)."""
-    await meta.get(INDEX_PATH)
-    images: list[Image] = []
-    for products_path in await meta.products_paths():
-        record = await meta.get(products_path)
-        images.extend(parse_images(meta.read(record)))
-    return images
 
 
 async def _prefetch(reactor: Any, cache: Cache, refs: list[PinRef], out: TextIO, err: TextIO) -> int:
@@ -834,7 +822,7 @@ async def _prefetch(reactor: Any, cache: Cache, refs: list[PinRef], out: TextIO,
             architecture, type = normalise_ref(alias, arch, type)
             name = f"{upstream}:{alias}"
             try:
-                images = await _catalogue_images(metadata[upstream])
+                images = await metadata[upstream].catalogue_images()
             except (ProxyError, CatalogueError) as e:
                 err.write(f"{PROG}: cannot read the catalogue of {upstream}: {getattr(e, 'message', e)}\n")
                 failures += 1

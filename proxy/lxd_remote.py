@@ -49,8 +49,6 @@ from proxy.catalogue import (
     VM_ROOT_FTYPES,
     CatalogueError,
     Family,
-    Image,
-    parse_images,
 )
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, ImageParts, MetadataRecord
@@ -556,7 +554,6 @@ class LxdRemote(UpstreamMetadata):
         self._remote: tuple[str, list[RemoteImage]] | None = None
         # (sha256 of the list, parts records) the stored synthesis was built from
         self._built_from: tuple[str, int] | None = None
-        self._catalogue: dict[tuple[str, Family], list[Image]] = {}
 
     # -- what the LXD face and the export fetcher read --------------------------------------
 
@@ -584,18 +581,6 @@ class LxdRemote(UpstreamMetadata):
         export download of each (L{proxy.lxd_fetch.LxdExportFetcher.get_image}) lists it.
         """
         return [i for i in await self.unknown_files(refresh=refresh) if not i.presumed_unified]
-
-    async def catalogue_images(self, family: Family = "lxd", *, refresh: bool = True) -> list[Image]:
-        """The images whose files are known, as the simplestreams face lists them."""
-        record = await (self._current(PRODUCTS_PATH) if refresh else self._copy(PRODUCTS_PATH))
-        key = (record.sha256, family)
-        found = self._catalogue.get(key)
-        if found is None:
-            found = parse_images(self.read(record), family)
-            # Parses of older bodies are of no further use.
-            self._catalogue = {k: v for k, v in self._catalogue.items() if k[0] == record.sha256}
-            self._catalogue[key] = found
-        return found
 
     # -- UpstreamMetadata's hooks -----------------------------------------------------------
 

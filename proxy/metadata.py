@@ -19,7 +19,15 @@ from twisted.python.failure import Failure
 
 from proxy.blobs import BlobStore
 from proxy.agents import ClientAgents
-from proxy.catalogue import CatalogueError, Family, Item, parse_products, products_paths
+from proxy.catalogue import (
+    CatalogueError,
+    Family,
+    Image,
+    Item,
+    parse_images,
+    parse_products,
+    products_paths,
+)
 from proxy.catalogue_filter import filter_index, filter_products
 from proxy.health import UpstreamHealth
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
@@ -90,6 +98,8 @@ class UpstreamMetadata:
         self._slow: set[str] = set()
         # products path -> (sha256 of the body parsed, its items by item path)
         self._parsed: dict[str, tuple[str, dict[str, Item]]] = {}
+        # (products path, family) -> (sha256 of the body parsed, its images)
+        self._parsed_images: dict[tuple[str, Family], tuple[str, list[Image]]] = {}
         self._index_parsed: tuple[str, list[str]] | None = None
         self.health = health
         # path -> (when built, what it was built from, the body served while offline)
@@ -183,6 +193,30 @@ class UpstreamMetadata:
         if unreadable is not None:
             raise unreadable
         return None
+
+    async def catalogue_images(self, family: Family | None = None, *, refresh: bool = True) -> list[Image]:
+        """
+        The images the catalogue lists for a client of C{family} (this catalogue's own by
+        default): from copies no older than the TTL, or with C{refresh=False} from whatever
+        copies are held.
+        """
+        images: list[Image] = []
+        for products_path in await self.products_paths(refresh=refresh):
+            images.extend(await self.products_images(products_path, family, refresh=refresh))
+        return images
+
+    async def products_images(
+        self, products_path: str, family: Family | None = None, *, refresh: bool = True
+    ) -> list[Image]:
+        """The images of one products file, parsed once per version of it."""
+        family = self.family if family is None else family
+        record = await (self.get(products_path) if refresh else self._copy(products_path))
+        key = (products_path, family)
+        parsed = self._parsed_images.get(key)
+        if parsed is None or parsed[0] != record.sha256:
+            parsed = (record.sha256, parse_images(self.read(record), family))
+            self._parsed_images[key] = parsed
+        return parsed[1]
 
     async def _items(self, products_path: str) -> dict[str, Item]:
         record = await self._copy(products_path)

@@ -22,11 +22,11 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from proxy.catalogue import Image, parse_images
+from proxy.catalogue import Image
 from proxy.config import Config
 from proxy.fetch import ItemFetcher
 from proxy.index import CacheIndex
-from proxy.metadata import INDEX_PATH, UpstreamMetadata
+from proxy.metadata import UpstreamMetadata
 from proxy.resolve import host_architecture, lxd_arch, resolve_alias, versions_for
 
 # The first run waits a little after start, so that start-up is not slowed and the listeners
@@ -85,8 +85,6 @@ class Prefetcher(Service):
         self._loop: LoopingCall | None = None
         self._first: IDelayedCall | None = None
         self._running: Deferred[TickReport] | None = None
-        # per upstream: products path -> (sha256 parsed, images)
-        self._parsed: dict[tuple[str, str], tuple[str, list[Image]]] = {}
 
     # -- schedule ---------------------------------------------------------------------------
 
@@ -264,15 +262,9 @@ class Prefetcher(Service):
             return catalogues[meta.name]
         images: list[Image] = []
         try:
-            await meta.get(INDEX_PATH)
+            # File by file: what the files read before one that fails still counts.
             for products_path in await meta.products_paths():
-                record = await meta.get(products_path)
-                key = (meta.name, products_path)
-                parsed = self._parsed.get(key)
-                if parsed is None or parsed[0] != record.sha256:
-                    parsed = (record.sha256, parse_images(meta.read(record)))
-                    self._parsed[key] = parsed
-                images.extend(parsed[1])
+                images.extend(await meta.products_images(products_path))
         except Exception as e:
             self.log.warn("auto-update: no catalogue for {upstream}: {reason}", upstream=meta.name, reason=e)
         catalogues[meta.name] = images
