@@ -31,6 +31,7 @@ behind a record.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -44,11 +45,13 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from proxy.blobs import BlobStore, check_sha256
+from proxy.errors import Unavailable
 
 __all__ = [
     "CacheIndex",
     "FileRecord",
     "FORMAT_VERSION",
+    "IndexBusy",
     "ImageParts",
     "IndexFormatError",
     "MetadataRecord",
@@ -65,6 +68,9 @@ FORMAT_VERSION = 1
 # few hundred bytes, so this holds millions of them with room to spare.
 DEFAULT_MAP_SIZE_BYTES = 4 * 1024 * 1024 * 1024
 _MAX_DBS = 8
+# Readers at once (each open read transaction holds a slot, whichever thread it is on): the
+# server's reactor and its worker threads, plus admin commands, with room to spare.
+MAX_READERS = 1024
 # Records read per read transaction while iterating, so that a long iteration
 # (millions of records) never pins one old snapshot for its whole duration.
 _SCAN_BATCH = 1024
@@ -85,6 +91,13 @@ _log = Logger()
 
 class IndexFormatError(Exception):
     """The index holds data this version cannot read."""
+
+
+class IndexBusy(Unavailable):
+    """LMDB's reader table is full: this read cannot be done now."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={b"Retry-After": b"1"})
 
 
 def _check_upstream(upstream: str) -> str:
@@ -399,27 +412,54 @@ class CacheIndex:
         path: str,
         clock: IReactorTime,
         map_size: int = DEFAULT_MAP_SIZE_BYTES,
+        *,
+        open_now: bool = True,
     ) -> None:
         os.makedirs(path, exist_ok=True)
         self.path = path
         self._clock = clock
+        self._map_size = map_size
+        self._lmdb: lmdb.Environment | None = None
+        self._opened_by = 0
+        self._pending: dict[str, _PendingUse] = {}
+        self._pending_counts: dict[str, int] = dict.fromkeys(_COUNTER_NAMES, 0)
+        self._closed = False
+        if open_now:
+            self.open()
+
+    def open(self) -> None:
+        """
+        Open the LMDB environment in this process; a no-op when this process opened it.
+
+        LMDB forbids using an environment across C{fork()} (its reader slots are bound to the
+        process that opened it): a daemon opens the index after twistd has forked, never before.
+
+        @raise RuntimeError: the environment was opened by another process (before a fork).
+        """
+        if self._lmdb is not None:
+            if self._opened_by == os.getpid():
+                return
+            raise RuntimeError(f"the cache index {self.path} was opened before a fork")
         # sync=True (LMDB's default): a committed record survives a power cut,
         # which is what lets a blob's record be trusted after a crash.
-        self._env = lmdb.open(
-            path,
+        self._lmdb = lmdb.open(
+            self.path,
             subdir=True,
             create=True,
-            map_size=map_size,
+            map_size=self._map_size,
             max_dbs=_MAX_DBS,
+            max_readers=MAX_READERS,
             sync=True,
             metasync=True,
             readahead=False,
         )
+        self._opened_by = os.getpid()
+        self._closed = False
         # A process killed mid-read leaves its reader slot taken; free it now
         # so old pages can be reused.
         stale = self._env.reader_check()
         if stale:
-            self.log.info("freed {count} stale LMDB reader slots in {path}", count=stale, path=path)
+            self.log.info("freed {count} stale LMDB reader slots in {path}", count=stale, path=self.path)
         self._files = self._env.open_db(_DB_FILES)
         self._paths = self._env.open_db(_DB_PATHS)
         self._metadata = self._env.open_db(_DB_METADATA)
@@ -430,9 +470,39 @@ class CacheIndex:
         self._parts = self._env.open_db(_DB_PARTS)
         self._count_stored_bytes(only_if_missing=True)
         self._max_key_size: int = self._env.max_key_size()
-        self._pending: dict[str, _PendingUse] = {}
-        self._pending_counts: dict[str, int] = dict.fromkeys(_COUNTER_NAMES, 0)
-        self._closed = False
+
+    @property
+    def _env(self) -> lmdb.Environment:
+        if self._lmdb is None:
+            raise RuntimeError(f"the cache index {self.path} is not open")
+        return self._lmdb
+
+    def _read(self, db: Any = None) -> Any:
+        """
+        Begin a read transaction.
+
+        Every reader takes a slot in LMDB's reader table until its transaction object is
+        freed. When the table is full, slots left by dead processes and by transactions kept
+        alive only by reference cycles are freed and the read tried once more;
+        if it is still full, this read fails with L{IndexBusy} (a 503 for that request) and
+        the next one tries again: a full table never becomes a lasting outage.
+        """
+        try:
+            return self._env.begin(db=db)
+        except lmdb.ReadersFullError:
+            freed = self._env.reader_check()
+            # A transaction object holds its slot until it is freed, even once it has ended:
+            # one kept alive by a cycle (a failure's traceback, say) is freed by a collection.
+            gc.collect()
+            try:
+                return self._env.begin(db=db)
+            except lmdb.ReadersFullError:
+                self.log.error(
+                    "the LMDB reader table of {path} is full ({readers} readers, {freed} stale "
+                    "slots freed): this request gets 503",
+                    path=self.path, readers=self._env.max_readers(), freed=freed,
+                )
+                raise IndexBusy("the cache index is busy; try again") from None
 
     def _check_format(self) -> None:
         expected = str(FORMAT_VERSION).encode("ascii")
@@ -448,7 +518,7 @@ class CacheIndex:
 
     def _count_stored_bytes(self, *, only_if_missing: bool) -> int:
         if only_if_missing:
-            with self._env.begin(db=self._counters) as txn:
+            with self._read(self._counters) as txn:
                 found = txn.get(_STORED_BYTES_KEY)
             if found is not None:
                 return int(found)
@@ -554,13 +624,13 @@ class CacheIndex:
             )
 
     def get(self, sha256: str) -> FileRecord | None:
-        with self._env.begin() as txn:
+        with self._read() as txn:
             return self._get_in(txn, sha256)
 
     def find_path(self, upstream: str, path: str) -> FileRecord | None:
         """The record served at C{path} of upstream C{upstream}, or None."""
         key = self._location_key(upstream, path)
-        with self._env.begin() as txn:
+        with self._read() as txn:
             value = txn.get(key, db=self._paths)
             if value is None:
                 return None
@@ -646,12 +716,12 @@ class CacheIndex:
 
     def total_size(self) -> int:
         """The sum of the sizes of every file record, read from the index (cheap)."""
-        with self._env.begin(db=self._counters) as txn:
+        with self._read(self._counters) as txn:
             return self._counter_in(txn, _STORED_BYTES_KEY)
 
     def file_count(self) -> int:
         """How many file records there are (cheap: LMDB keeps the count)."""
-        with self._env.begin() as txn:
+        with self._read() as txn:
             return int(txn.stat(self._files)["entries"])
 
     def recount_size(self) -> int:
@@ -667,7 +737,7 @@ class CacheIndex:
         last: bytes | None = None
         while True:
             batch: list[tuple[bytes, bytes]] = []
-            with self._env.begin(db=db) as txn:
+            with self._read(db) as txn:
                 cursor = txn.cursor()
                 if last is None:
                     found = cursor.first()
@@ -737,7 +807,7 @@ class CacheIndex:
 
         Another process's counts appear once it has flushed them.
         """
-        with self._env.begin(db=self._counters) as txn:
+        with self._read(self._counters) as txn:
             stored = {name: self._counter_in(txn, name.encode("ascii")) for name in _COUNTER_NAMES}
         return Stats(**{name: stored[name] + self._pending_counts[name] for name in _COUNTER_NAMES})
 
@@ -812,7 +882,7 @@ class CacheIndex:
 
     def get_metadata(self, upstream: str, path: str) -> MetadataRecord | None:
         key = self._location_key(upstream, path)
-        with self._env.begin(db=self._metadata) as txn:
+        with self._read(self._metadata) as txn:
             raw = txn.get(key)
         if raw is None:
             return None
@@ -840,7 +910,7 @@ class CacheIndex:
 
     def get_parts(self, fingerprint: str) -> ImageParts | None:
         """What is known of the files of image C{fingerprint}, or None."""
-        with self._env.begin(db=self._parts) as txn:
+        with self._read(self._parts) as txn:
             raw = txn.get(self._sha_key(fingerprint))
         return None if raw is None else _decode_parts(raw)
 
@@ -851,7 +921,7 @@ class CacheIndex:
 
     def parts_count(self) -> int:
         """How many parts records there are (cheap): a change says something new was learnt."""
-        with self._env.begin() as txn:
+        with self._read() as txn:
             return int(txn.stat(self._parts)["entries"])
 
     # -- lifecycle ---------------------------------------------------------
@@ -861,11 +931,14 @@ class CacheIndex:
         if self._closed:
             return
         self._closed = True
+        if self._lmdb is None:
+            return
         try:
             self.flush_usage()
         except Exception:
             self.log.failure("could not write pending uses to {path}", path=self.path)
-        self._env.close()
+        env, self._lmdb = self._lmdb, None
+        env.close()
 
 
 def reconcile(index: CacheIndex, store: BlobStore) -> ReconcileReport:

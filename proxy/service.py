@@ -77,7 +77,11 @@ class CacheService(Service):
         self.root = root
         try:
             self.store = BlobStore(root)
-            self.index = CacheIndex(root.child("index").path, reactor)
+            # Opened here only to check it, so that an unusable index stops start-up with one
+            # sentence; it is opened for good in startService, after twistd has forked into a
+            # daemon (LMDB forbids using an environment across fork()).
+            CacheIndex(root.child("index").path, reactor).close()
+            self.index = CacheIndex(root.child("index").path, reactor, open_now=False)
         except (OSError, lmdb.Error, IndexFormatError) as e:
             self.lock.release()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
@@ -172,6 +176,9 @@ class CacheService(Service):
             log.failure("applying expiry and the size cap failed")
 
     def startService(self) -> None:
+        # twistd may have forked since __init__: the pid in the lock file is ours from now on.
+        self.lock.claim()
+        self.index.open()
         report = reconcile(self.index, self.store)
         log.info(
             "cache at {dir}: {files} files; start-up check removed {temp} temp files, "

@@ -32,9 +32,19 @@ class StateLock:
             raise ConfigError(
                 f"cache.dir: {directory} is in use by another lxd-image-proxy (pid {holder})"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode("ascii"))
         self._fd: int | None = fd
+        self.claim()
+
+    def claim(self) -> None:
+        """
+        Record this process's pid in the lock file.
+
+        The lock itself survives a fork (the daemon inherits the descriptor), but the pid
+        written before it is that of the process that then exits.
+        """
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, f"{os.getpid()}\n".encode("ascii"), 0)
 
     def release(self) -> None:
         if self._fd is not None:

@@ -20,6 +20,7 @@ from zope.interface import implementer
 
 from proxy.blobs import BlobStore
 from proxy.index import (
+    IndexBusy,
     FORMAT_VERSION,
     CacheIndex,
     FileRecord,
@@ -275,7 +276,7 @@ def test_note_use_is_memory_only_then_one_flush(
     index.put(a)
     index.put(b)
     counting = CountingEnv(index._env)
-    monkeypatch.setattr(index, "_env", counting)
+    monkeypatch.setattr(index, "_lmdb", counting)
 
     index.note_use(a.sha256)
     clock.advance(5)
@@ -309,10 +310,10 @@ def test_flush_keeps_pending_on_failure(index: CacheIndex, monkeypatch: pytest.M
             raise RuntimeError("disk full")
 
     real = index._env
-    monkeypatch.setattr(index, "_env", Broken())
+    monkeypatch.setattr(index, "_lmdb", Broken())
     with pytest.raises(RuntimeError):
         index.flush_usage()
-    monkeypatch.setattr(index, "_env", real)
+    monkeypatch.setattr(index, "_lmdb", real)
     assert index.pending_uses == {a.sha256: 1}
     assert index.flush_usage() == 1
 
@@ -702,7 +703,7 @@ def test_counters_in_memory_then_one_flush(
     a = record(b"a")
     index.put(a)
     counting = CountingEnv(index._env)
-    monkeypatch.setattr(index, "_env", counting)
+    monkeypatch.setattr(index, "_lmdb", counting)
 
     assert index.stats() == Stats()
     index.note_served(True, 100)
@@ -743,11 +744,11 @@ def test_counters_kept_on_failed_flush(index: CacheIndex, monkeypatch: pytest.Mo
             return real.begin(*args, **kwargs)
 
     real = index._env
-    monkeypatch.setattr(index, "_env", Broken())
+    monkeypatch.setattr(index, "_lmdb", Broken())
     with pytest.raises(RuntimeError):
         index.flush_usage()
     index.note_served(False, 5)
-    monkeypatch.setattr(index, "_env", real)
+    monkeypatch.setattr(index, "_lmdb", real)
     index.flush_usage()
     assert index.stats() == Stats(misses=2, bytes_served=15)
 
@@ -799,3 +800,40 @@ def test_totals_shared_with_another_process(index: CacheIndex) -> None:
     assert index.stats() == Stats(
         hits=1, misses=1, bytes_from_cache=1000, bytes_from_upstream=1000, bytes_served=1010
     )
+
+
+# -- opening and the reader table ---------------------------------------------
+
+
+def test_an_index_opened_later_is_opened_by_its_own_process(tmp_path: Path, clock: Clock) -> None:
+    idx = CacheIndex(str(tmp_path / "late"), clock, open_now=False)
+    with pytest.raises(RuntimeError, match="is not open"):
+        idx.get(sha(b"a"))
+    idx.open()
+    idx.open()  # a no-op in the process that opened it
+    idx.put(record(b"a"))
+    assert idx.get(sha(b"a")) is not None
+    idx.close()
+
+
+def test_a_full_reader_table_fails_one_read_with_503_and_recovers(
+    tmp_path: Path, clock: Clock, monkeypatch: pytest.MonkeyPatch, events: list[LogEvent]
+) -> None:
+    monkeypatch.setattr("proxy.index.MAX_READERS", 2)
+    idx = CacheIndex(str(tmp_path / "small"), clock)
+    try:
+        idx.put(record(b"a"))
+        held = [idx._env.begin(), idx._env.begin()]
+        with pytest.raises(IndexBusy) as raised:
+            idx.get(sha(b"a"))
+        assert raised.value.code == 503
+        assert raised.value.headers == {b"Retry-After": b"1"}
+        assert any("reader table" in str(e.get("log_format", "")) for e in events)
+        for txn in held:
+            txn.abort()
+        # A read transaction keeps its slot until the object is gone, aborted or not.
+        del txn
+        held.clear()
+        assert idx.get(sha(b"a")) == record(b"a")
+    finally:
+        idx.close()

@@ -24,6 +24,7 @@ import pytest_twisted  # type: ignore[import-untyped]
 import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
@@ -317,3 +318,77 @@ dir = "state"
     assert result.returncode != 0, output
     assert f"is in use by another lxd-image-proxy (pid {os.getpid()})" in output, output
     assert "Traceback" not in output
+
+
+async def _get_all(client: HTTPClient, url: str, count: int) -> list[tuple[int, str]]:
+    """C{count} GETs of C{url} at once; each one's status and the sha256 of its body."""
+
+    async def one() -> tuple[int, str]:
+        response = await client.get(url, unbuffered=True)
+        body = await treq.content(response)
+        return response.code, hashlib.sha256(body).hexdigest()
+
+    results = gatherResults([Deferred.fromCoroutine(one()) for _ in range(count)])
+    return list(await results.addTimeout(120, reactor))
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_daemon_mode_serves_64_concurrent_hits_twice(tmp_path: Path) -> None:
+    """
+    Started the way twistd starts by default (a daemon, without C{-n}), the proxy opens its
+    index after the fork: 64 concurrent downloads of a stored multi-MiB file, twice, all
+    succeed, and so do file and metadata requests after them.
+    """
+    if shutil.which("mksquashfs") is None:
+        pytest.skip("mksquashfs is not installed (apt-get install squashfs-tools)")
+    tree = build_tree(tmp_path / "tree", big_rootfs_bytes=4 * 1024 * 1024)
+    image = tree.image("bigos/1.0")
+    assert image.root is not None
+    ca = make_ca()
+    upstream = start_https_upstream(reactor, tree.root, ca)
+    config = _write_config(tmp_path, upstream.url, ca.cert_pem)
+    pidfile = tmp_path / "twistd.pid"
+    logfile = tmp_path / "twistd.log"
+    try:
+        daemon = subprocess.run(
+            _twistd() + [f"--pidfile={pidfile}", f"--logfile={logfile}", "lxd-image-proxy",
+                         "--config", str(config)],
+            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=START_TIMEOUT_SECONDS,
+        )
+        # The parent returns once the daemon has started (or failed to).
+        assert daemon.returncode == 0, daemon.stdout + daemon.stderr
+        port_file = tmp_path / "port"
+        for _ in range(int(START_TIMEOUT_SECONDS * 10)):
+            if port_file.exists() and port_file.read_text().strip():
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        port = int(port_file.read_text().split()[0])
+        pid = int(pidfile.read_text())
+        # The lock file names the daemon, not the process that forked it and exited.
+        assert (tmp_path / "state" / "lock").read_text().strip() == str(pid)
+        client = _client((tmp_path / "state" / "tls" / "server.crt").read_bytes())
+        base = f"https://localhost:{port}/cache"
+        url = f"{base}/{image.root.path}"
+
+        first = await client.get(url)
+        assert hashlib.sha256(await treq.content(first)).hexdigest() == image.root.sha256
+        expected = (200, image.root.sha256)
+        for _round in range(2):
+            assert await _get_all(client, url, 64) == [expected] * 64
+        assert upstream.resource.count(image.root.path) == 1
+        index = await client.get(f"{base}/streams/v1/index.json")
+        assert index.code == 200
+        await treq.content(index)
+        assert (await client.get(url)).code == 200
+    finally:
+        if pidfile.exists():
+            os.kill(int(pidfile.read_text()), signal.SIGTERM)
+            for _ in range(int(START_TIMEOUT_SECONDS * 10)):
+                if not pidfile.exists():
+                    break
+                await deferLater(reactor, 0.1, lambda: None)
+        await upstream.stop()
+    log = logfile.read_text()
+    assert not pidfile.exists(), log
+    assert "Traceback" not in log and "MDB_READERS_FULL" not in log, log
