@@ -93,6 +93,7 @@ class PartialBlob:
         self.size = 0
         self._committed = False
         self._discarded = False
+        self._target: FilePath[str] | None = None
 
     @property
     def closed(self) -> bool:
@@ -122,8 +123,13 @@ class PartialBlob:
         """The sha256 of everything written so far."""
         return self._hash.hexdigest()
 
-    def commit(self, expected_sha256: str) -> FilePath[str]:
-        """Verify, fsync and rename the temp file into the store.
+    def commit(self, expected_sha256: str, *, keep_temp: bool = False) -> FilePath[str]:
+        """Verify, fsync and link the temp file into the store.
+
+        Slow (an fsync of the whole file): the server runs it off the reactor thread, while
+        followers may still open L{path}. With C{keep_temp}, the temp name stays valid (and
+        L{path} unchanged) until L{release_temp}, so that a follower opening it meanwhile
+        gets the same file; otherwise it is removed here and L{path} becomes the blob's.
 
         @return: the blob's path in the store.
         @raise DigestMismatch: the content does not hash to C{expected_sha256};
@@ -140,26 +146,29 @@ class PartialBlob:
             self._close_fd()
             target = self._store.path_for(actual)
             existing = _size_or_none(target.path)
-            if existing == self.size:
-                # Same content already stored (another upstream, an earlier
-                # download): keep the existing file, drop ours.
-                self._unlink_temp()
-                self._committed = True
-                self.path = target
-                return target
-            shard = target.parent()
-            if _ensure_dir(shard.path):
-                _fsync_dir(shard.parent().path)
-            # os.replace also covers a stored file of the wrong size, which
-            # can only be damage: the verified copy wins.
-            os.replace(self.path.path, target.path)
-            _fsync_dir(shard.path)
+            # The same content already stored (another upstream, an earlier download) keeps
+            # its file; a stored file of the wrong size can only be damage: ours replaces it.
+            if existing != self.size:
+                shard = target.parent()
+                if _ensure_dir(shard.path):
+                    _fsync_dir(shard.parent().path)
+                _link_into_place(self.path.path, target.path, self._store.temp_dir.path)
+                _fsync_dir(shard.path)
         except BaseException:
             self.discard()
             raise
         self._committed = True
-        self.path = target
+        self._target = target
+        if not keep_temp:
+            self.release_temp()
         return target
+
+    def release_temp(self) -> None:
+        """After L{commit}: remove the temp name; L{path} becomes the blob's. Idempotent."""
+        if self._target is None or self.path == self._target:
+            return
+        self._unlink_temp()
+        self.path = self._target
 
     def discard(self) -> None:
         """Close and delete the temp file. Idempotent; a no-op after commit."""
@@ -184,6 +193,17 @@ class PartialBlob:
             os.unlink(self.path.path)
         except FileNotFoundError:
             pass
+
+
+def _link_into_place(temp: str, target: str, temp_dir: str) -> None:
+    """Give the file at C{temp} the name C{target} too, replacing whatever is there."""
+    try:
+        os.link(temp, target)
+    except FileExistsError:
+        # A link cannot replace a file: link under a second temp name, then rename over.
+        staged = os.path.join(temp_dir, secrets.token_hex(16) + TEMP_SUFFIX)
+        os.link(temp, staged)
+        os.replace(staged, target)
 
 
 def _ensure_dir(path: str) -> bool:

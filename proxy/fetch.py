@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping, Protocol
 
 from attrs import define, field
 from treq import collect
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -25,6 +25,7 @@ from proxy.errors import NotFound, UpstreamFailed
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, FileRecord
 from proxy.upstream import UpstreamClient, VerificationFailed, as_proxy_error, receive_body
+from proxy.work import Run, inline
 
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0
 
@@ -175,10 +176,12 @@ class Fetcher:
         clock: IReactorTime,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
         *,
-        make_room: Callable[[int], bool] | None = None,
+        make_room: Callable[[int], "bool | Deferred[bool]"] | None = None,
         health: Mapping[str, UpstreamHealth] | None = None,
+        disk: Run = inline,
     ) -> None:
         self._client = client
+        self._disk = disk
         self._store = store
         self._index = index
         self._clock = clock
@@ -252,9 +255,9 @@ class Fetcher:
         download.start_streaming()
         await receive_body(response, download.data, limit=item.size, clock=self._clock,
                            idle_timeout=self._idle_timeout)
-        self._commit(download)
+        await self._commit(download)
 
-    def _commit(self, download: Download) -> None:
+    async def _commit(self, download: Download) -> None:
         item = download.item
         partial = download.partial
         if partial.size != item.size:
@@ -267,7 +270,9 @@ class Fetcher:
         existing = self._index.get(item.sha256)
         # A record already counts these bytes (another process stored the file meanwhile):
         # committing adds nothing, so nothing need be evicted for it.
-        if existing is None and self._make_room is not None and not self._make_room(item.size):
+        if existing is None and self._make_room is not None and not await maybeDeferred(
+            self._make_room, item.size
+        ):
             # No room even after evicting what may go: the clients have their bytes (each
             # follower holds the file open), the cache does not keep them.
             self._index.note_not_stored()
@@ -279,21 +284,27 @@ class Fetcher:
             # Deleted on the next turn rather than now: get() may have handed this download to
             # a client that has not opened the file yet (when the upstream answered within
             # get() itself), and every client opens it before the reactor runs again.
-            self._clock.callLater(0, partial.discard)
+            self._clock.callLater(0, self._disk, partial.discard)
             return
-        path = partial.commit(item.sha256)
+        # The fsync of the whole file runs on a worker; meanwhile a follower may still open
+        # the temp name, which stays until the followers are told the blob's.
+        path = await self._disk(partial.commit, item.sha256, keep_temp=True)
         now = self._clock.seconds()
+        index = self._index
         if existing is None:
-            self._index.put(FileRecord(
+            await index.write(index.put, FileRecord(
                 sha256=item.sha256, size=item.size, upstream=download.upstream,
                 paths=(f"{download.upstream}/{item.path}",), product=item.product,
                 version=item.version, stored_at=now, last_used_at=now, use_count=0,
                 cached=True, auto_update=False,
             ))
         else:
-            self._index.add_path(item.sha256, download.upstream, item.path)
+            await index.write(index.add_path, item.sha256, download.upstream, item.path)
         self.log.info("cached {url} as sha256:{sha256}", url=download.url, sha256=item.sha256)
         download.succeed(path)
+        self._disk(partial.release_temp).addErrback(
+            lambda f: self.log.failure("removing the temp name of {path}", f, path=path.path)
+        )
 
 
 async def _discard_body(response: IResponse) -> None:

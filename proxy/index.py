@@ -21,8 +21,10 @@ every total is kept in LMDB and changed in the same transaction as the records i
 never only in one process's memory.
 
 Every record carries its format version (``"v"``), so a newer index is refused
-rather than misread. Transactions are short, synchronous and run on the caller's
-(the reactor's) thread; none ever spans an C{await}. Blobs are written and
+rather than misread. Transactions are short and synchronous; none ever spans an
+C{await}. Reads are cheap (a memory map) and may run on the reactor thread; a
+write waits for the disk (every commit is synced), so the server runs writes on
+its one index thread through L{CacheIndex.write}, and scans on a worker thread. Blobs are written and
 renamed into the store before their record is committed, and records are
 removed before their blobs, so after a crash at any instant L{reconcile} only
 ever has orphans and stale temp files to clean up, never a half-written blob
@@ -36,16 +38,19 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import attrs
 import lmdb
 from attrs import field, frozen
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from proxy.blobs import BlobStore, check_sha256
 from proxy.errors import Unavailable
+from proxy.work import Run, inline
 
 __all__ = [
     "CacheIndex",
@@ -87,6 +92,7 @@ _FORMAT_KEY = b"format"
 _STORED_BYTES_KEY = b"stored_bytes"
 
 _log = Logger()
+T = TypeVar("T")
 
 
 class IndexFormatError(Exception):
@@ -424,6 +430,8 @@ class CacheIndex:
         self._pending: dict[str, _PendingUse] = {}
         self._pending_counts: dict[str, int] = dict.fromkeys(_COUNTER_NAMES, 0)
         self._closed = False
+        # Where L{write} runs writes: the server's index thread; inline for the admin command.
+        self.writer: Run = inline
         if open_now:
             self.open()
 
@@ -817,39 +825,73 @@ class CacheIndex:
         Uses of records that no longer exist are dropped. If the write fails,
         the uses and counts stay pending for the next flush.
         """
+        taken = self._take_usage()
+        if taken is None:
+            return 0
+        try:
+            return self._write_usage(*taken)
+        except BaseException:
+            self._restore_usage(*taken)
+            raise
+
+    def flush_usage_later(self) -> "Deferred[int]":
+        """L{flush_usage} with the write on the index's writer (see L{write})."""
+        taken = self._take_usage()
+        if taken is None:
+            return succeed(0)
+
+        def restore(failure: Failure) -> Failure:
+            assert taken is not None
+            self._restore_usage(*taken)
+            return failure
+
+        return self.write(self._write_usage, *taken).addErrback(restore)
+
+    def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
+        """
+        Run C{fn(*args, **kwargs)}, a method of this index that writes, on the index's writer.
+
+        The server sets L{writer} to its one index thread: a write transaction waits for the
+        disk (LMDB syncs every commit), and the reactor thread never does. Inline by default.
+        """
+        return self.writer(fn, *args, **kwargs)
+
+    def _take_usage(self) -> tuple[dict[str, _PendingUse], dict[str, int]] | None:
         counts = {name: n for name, n in self._pending_counts.items() if n}
         if not self._pending and not counts:
-            return 0
+            return None
         pending, self._pending = self._pending, {}
         self._pending_counts = dict.fromkeys(_COUNTER_NAMES, 0)
+        return pending, counts
+
+    def _restore_usage(self, pending: dict[str, _PendingUse], counts: dict[str, int]) -> None:
+        for sha256, use in pending.items():
+            later = self._pending.get(sha256)
+            if later is not None:
+                use.count += later.count
+                use.last_used_at = max(use.last_used_at, later.last_used_at)
+            self._pending[sha256] = use
+        for name, delta in counts.items():
+            self._pending_counts[name] += delta
+
+    def _write_usage(self, pending: dict[str, _PendingUse], counts: dict[str, int]) -> int:
         updated = 0
-        try:
-            with self._env.begin(write=True) as txn:
-                for name, delta in counts.items():
-                    self._add_counter_in(txn, name.encode("ascii"), delta)
-                for sha256, use in pending.items():
-                    record = self._get_in(txn, sha256)
-                    if record is None:
-                        continue
-                    self._write_file_in(
-                        txn,
-                        attrs.evolve(
-                            record,
-                            use_count=record.use_count + use.count,
-                            last_used_at=max(record.last_used_at, use.last_used_at),
-                        ),
-                    )
-                    updated += 1
-        except BaseException:
-            for sha256, use in pending.items():
-                later = self._pending.get(sha256)
-                if later is not None:
-                    use.count += later.count
-                    use.last_used_at = max(use.last_used_at, later.last_used_at)
-                self._pending[sha256] = use
+        with self._env.begin(write=True) as txn:
             for name, delta in counts.items():
-                self._pending_counts[name] += delta
-            raise
+                self._add_counter_in(txn, name.encode("ascii"), delta)
+            for sha256, use in pending.items():
+                record = self._get_in(txn, sha256)
+                if record is None:
+                    continue
+                self._write_file_in(
+                    txn,
+                    attrs.evolve(
+                        record,
+                        use_count=record.use_count + use.count,
+                        last_used_at=max(record.last_used_at, use.last_used_at),
+                    ),
+                )
+                updated += 1
         return updated
 
     # -- pins --------------------------------------------------------------

@@ -12,6 +12,11 @@ and are neither expired nor evicted: expiry of such a file waits for the next ro
 
 Removal order is always: index record first, then blob. A crash in between leaves only an
 unreferenced blob, which start-up reconciliation deletes; never a record without its blob.
+
+Both operations scan the whole index and delete files, so the server runs them on a worker
+thread (L{CacheLifecycle.gc_later}, L{CacheLifecycle.make_room_later}): what only the reactor
+thread may read (the files busy now, the uses not yet flushed) is copied there first, and one
+operation runs at a time.
 """
 
 from __future__ import annotations
@@ -21,12 +26,14 @@ from collections.abc import Callable, Iterable
 
 import attrs
 from attrs import frozen
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from proxy.blobs import BlobStore
 from proxy.config import DEFAULT_EXPIRY_DAYS, CacheConfig
 from proxy.index import CacheIndex, FileRecord
+from proxy.work import Run, inline
 
 __all__ = [
     "CacheLifecycle",
@@ -142,6 +149,14 @@ class GcReport:
 _MAX_EVICTION_ROUNDS = 3
 
 
+@frozen
+class _Now:
+    """What the reactor thread knows of the files at one instant: busy ones, unflushed uses."""
+
+    busy: frozenset[str]
+    last_used: dict[str, float]
+
+
 def _fits(need: int, used: int, max_size: int | None, free: int, min_free: int) -> bool:
     return (max_size is None or used + need <= max_size) and free - need >= min_free
 
@@ -164,12 +179,16 @@ class CacheLifecycle:
         config: CacheConfig,
         clock: IReactorTime,
         busy: Callable[[], set[str]],
+        *,
+        work: Run = inline,
     ) -> None:
         self._index = index
         self._store = store
         self._config = config
         self._clock = clock
         self._busy = busy
+        self._work = work
+        self._lock = DeferredLock()
 
     # -- configuration -----------------------------------------------------
 
@@ -193,12 +212,16 @@ class CacheLifecycle:
         st = os.statvfs(self._store.root.path)
         return st.f_bavail * st.f_frsize
 
-    def _records(self) -> list[FileRecord]:
+    def _now(self) -> _Now:
+        """Read on the reactor thread, before work that runs elsewhere."""
+        return _Now(frozenset(self._busy()), self._index.pending_last_used)
+
+    def _records(self, now: _Now) -> list[FileRecord]:
         """Every record, with the uses this process has not flushed yet applied.
 
         Applying them in memory spares a synced commit just to learn what is recent.
         """
-        pending = self._index.pending_last_used
+        pending = now.last_used
         records = list(self._index.records())
         if not pending:
             return records
@@ -209,10 +232,10 @@ class CacheLifecycle:
             for r in records
         ]
 
-    def _protected(self) -> set[str]:
+    def _protected(self, now: _Now) -> set[str]:
         # A metadata file's blob can hold the same bytes as an image file; its record must
         # not lose its body when the file goes.
-        protected = set(self._busy())
+        protected = set(now.busy)
         protected.update(m.sha256 for m in self._index.metadata_records())
         return protected
 
@@ -225,7 +248,15 @@ class CacheLifecycle:
 
     # -- operations --------------------------------------------------------
 
-    def make_room(self, size: int, *, written: bool = True) -> bool:
+    def make_room_later(self, size: int) -> "Deferred[bool]":
+        """L{make_room} on the worker, one operation at a time."""
+        return self._lock.run(self._work, self.make_room, size, True, self._now())
+
+    def gc_later(self) -> "Deferred[GcReport]":
+        """L{gc} on the worker, one operation at a time."""
+        return self._lock.run(self._work, self.gc, self._now())
+
+    def make_room(self, size: int, written: bool = True, now: _Now | None = None) -> bool:
         """Evict what must go before a file of C{size} bytes is stored.
 
         Called before a commit. With C{written} (the default) the file's bytes are already on
@@ -239,6 +270,7 @@ class CacheLifecycle:
         min_free = self.min_free
         if max_size is None and min_free <= 0:
             return True
+        now = self._now() if now is None else now
         used = self._index.total_size()
         # Without a floor, free space is made to meet it whatever the plan evicts.
         free = self.free_bytes() + (size if written else 0) if min_free > 0 else size
@@ -254,7 +286,7 @@ class CacheLifecycle:
                     )
                 return True
             plan = plan_eviction(
-                self._records(), size, used, max_size, free, min_free, self._protected()
+                self._records(now), size, used, max_size, free, min_free, self._protected(now)
             )
             if plan is None:
                 self.log.warn(
@@ -273,14 +305,16 @@ class CacheLifecycle:
             used = self._index.total_size()
         return _fits(size, used, max_size, free, min_free)
 
-    def gc(self) -> GcReport:
+    def gc(self, now: _Now | None = None) -> GcReport:
         """Remove expired files, then evict until the size cap and the free-space floor hold."""
-        now = self._clock.seconds()
-        records = self._records()
-        protected = self._protected()
+        state = self._now() if now is None else now
+        records = self._records(state)
+        protected = self._protected(state)
         free_before = self.free_bytes() if self.min_free > 0 else 0
 
-        expired = self._remove(plan_expiry(records, now, self.expiry_days, protected))
+        expired = self._remove(
+            plan_expiry(records, self._clock.seconds(), self.expiry_days, protected)
+        )
         expired_bytes = sum(r.size for r in expired)
         gone = {r.sha256 for r in expired}
         remaining = [r for r in records if r.sha256 not in gone]

@@ -23,7 +23,7 @@ from proxy import __version__
 from proxy.agents import ClientAgents
 from proxy.blobs import BlobStore
 from proxy.busy import InUse
-from proxy.catalogue import ARCHITECTURES, Family, Image, Item, parse_images
+from proxy.catalogue import ARCHITECTURES, Family, Image, Item
 from proxy.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, ProxyError
 from proxy.export import ExportPart, export_parts, serve_export
 from proxy.fetch import Fetcher
@@ -105,8 +105,6 @@ class SimplestreamsImages:
         self._fetcher = fetcher
         self._store = store
         self._clock = clock
-        # (products path, sha256 of the copy parsed, family) -> its images
-        self._parsed: dict[tuple[str, str, Family], list[Image]] = {}
 
     @property
     def name(self) -> str:
@@ -130,7 +128,6 @@ class SimplestreamsImages:
             paths = await metadata.products_paths()
         images: list[Image] = []
         key: list[object] = [offline]
-        parsed: dict[tuple[str, str, Family], list[Image]] = {}
         for path in paths:
             try:
                 record = await metadata.get(path)
@@ -139,16 +136,9 @@ class SimplestreamsImages:
                     # A products file never fetched lists nothing that can be served.
                     continue
                 raise
-            cache_key = (path, record.sha256, family)
-            found = self._parsed.get(cache_key)
-            if found is None:
-                found = parse_images(metadata.read(record), family)
-            parsed[cache_key] = found
             key.append(record.sha256)
-            images.extend(found)
-        # Parses of this family's older copies go; the other family's stay, or clients of both
-        # families taking turns would have every products file parsed again on every listing.
-        self._parsed = {k: v for k, v in self._parsed.items() if k[2] != family} | parsed
+            # Parsed once per copy, off the reactor, by the catalogue itself.
+            images.extend(await metadata.products_images(path, family, refresh=False))
         if offline:
             # As the simplestreams face does while offline: only images that can be served.
             images = [i for i in images if all(self._store.exists(f.sha256) for f in i.files)]
@@ -498,7 +488,7 @@ class LxdApiResource(AsyncResource):
                     CompleteFile(self._store.path_for(item.sha256), item.size) for item in items
                 ]
                 for item in items:
-                    record_hit(self._index, self._clock, source.name, item.path, item)
+                    await record_hit(self._index, self._clock, source.name, item.path, item)
                 parts = export_parts(image, sources[0], sources[1] if len(sources) > 1 else None)
             elif request.method == b"HEAD" and len(items) == len(image.files):
                 # The headers need only the sizes: a HEAD must not start a download. (An LXD

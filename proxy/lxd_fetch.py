@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Literal, Protocol
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,6 +52,7 @@ from proxy.lxd_remote import (
 )
 from proxy.streaming import FileSource
 from proxy.upstream import UpstreamClient, VerificationFailed, as_proxy_error, receive_body
+from proxy.work import Run, inline
 
 # Bytes an export may carry beyond the image's files: the boundaries and the two part headers
 # (a few hundred bytes as LXD writes them).
@@ -743,10 +744,12 @@ class LxdExportFetcher:
         clock: IReactorTime,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
         *,
-        make_room: Callable[[int], bool] | None = None,
+        make_room: Callable[[int], "bool | Deferred[bool]"] | None = None,
         health: Mapping[str, UpstreamHealth] | None = None,
+        disk: Run = inline,
     ) -> None:
         self._client = client
+        self._disk = disk
         self._store = store
         self._index = index
         self._clock = clock
@@ -880,7 +883,7 @@ class LxdExportFetcher:
             await self._receive_unified(download, response)
         else:
             await self._receive_split(download, response, boundary)
-        self._commit(download)
+        await self._commit(download)
 
     async def _receive_unified(self, download: ExportDownload, response: IResponse) -> None:
         image = download.image
@@ -933,7 +936,7 @@ class LxdExportFetcher:
         error = doc.get("error") if isinstance(doc, dict) else None
         return " ".join(error.split())[:200] if isinstance(error, str) else ""
 
-    def _commit(self, download: ExportDownload) -> None:
+    async def _commit(self, download: ExportDownload) -> None:
         image = download.image
         fingerprint = image.fingerprint
         meta, root = download._meta_part, download._root_part
@@ -981,9 +984,10 @@ class LxdExportFetcher:
             if self._index.get(sha256) is None:
                 new[sha256] = part.received
         needed = sum(new.values())
+        index = self._index
         # Learnt whether or not the files are kept: the image can be listed from now on.
-        self._index.put_parts(parts)
-        if needed and self._make_room is not None and not self._make_room(needed):
+        await index.write(index.put_parts, parts)
+        if needed and self._make_room is not None and not await maybeDeferred(self._make_room, needed):
             # No room even after evicting what may go: the clients have their bytes (each
             # follower holds its file open), the cache does not keep them.
             self._index.note_not_stored()
@@ -994,28 +998,33 @@ class LxdExportFetcher:
             download.succeed(parts, meta.partial.path, None if root.partial.closed else root.partial.path,
                              stored=False)
             # Deleted on the next turn rather than now: a follower may not have opened its file yet.
-            self._clock.callLater(0, meta.partial.discard)
-            self._clock.callLater(0, root.partial.discard)
+            self._clock.callLater(0, self._disk, meta.partial.discard)
+            self._clock.callLater(0, self._disk, root.partial.discard)
             return
+        # The fsyncs run on a worker; a follower may open the temp names until succeed().
         committed: list[FilePath[Any]] = []
         for part, sha256, _path in files:
-            committed.append(part.partial.commit(sha256))
+            committed.append(await self._disk(part.partial.commit, sha256, keep_temp=True))
         now = self._clock.seconds()
         for part, sha256, path in files:
-            if self._index.get(sha256) is None:
-                self._index.put(FileRecord(
+            if index.get(sha256) is None:
+                await index.write(index.put, FileRecord(
                     sha256=sha256, size=part.received, upstream=download.upstream,
                     paths=(f"{download.upstream}/{path}",), product=download.product,
                     version=download.version, stored_at=now, last_used_at=now, use_count=0,
                     cached=True, auto_update=False,
                 ))
             else:
-                self._index.add_path(sha256, download.upstream, path)
+                await index.write(index.add_path, sha256, download.upstream, path)
         self.log.info(
             "cached {url} as {count} files, image {fingerprint}",
             url=download.url, count=len(files), fingerprint=fingerprint,
         )
         download.succeed(parts, committed[0], committed[1] if len(committed) > 1 else None, stored=True)
+        for part, _sha256, _path in files:
+            self._disk(part.partial.release_temp).addErrback(
+                lambda f: self.log.failure("removing the temp name of a stored file", f)
+            )
 
 
 __all__ = [

@@ -53,6 +53,7 @@ from proxy.catalogue import (
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, ImageParts, MetadataRecord
 from proxy.metadata import INDEX_PATH, UpstreamMetadata
+from proxy.work import Run, inline
 from proxy.upstream import UpstreamClient
 
 # The upstream's image list, relative to its base URL; also the path of its copy in the index.
@@ -545,10 +546,11 @@ class LxdRemote(UpstreamMetadata):
         idle_timeout: float,
         health: UpstreamHealth | None = None,
         families: Sequence[Family] = ("lxd",),
+        disk: Run = inline,
     ) -> None:
         super().__init__(
             name, base_url, client, store, index, clock, ttl=ttl, idle_timeout=idle_timeout,
-            health=health,
+            health=health, disk=disk,
         )
         self._families: tuple[Family, ...] = tuple(families)
         self._remote: tuple[str, list[RemoteImage]] | None = None

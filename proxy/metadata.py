@@ -10,22 +10,24 @@ per outage, not once per request.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Callable, Generic, TypeVar
 
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from proxy.blobs import BlobStore
 from proxy.agents import ClientAgents
+from proxy.blobs import PartialBlob
 from proxy.catalogue import (
+    Catalogue,
     CatalogueError,
     Family,
     Image,
     Item,
+    parse_catalogue,
     parse_images,
-    parse_products,
     products_paths,
 )
 from proxy.catalogue_filter import filter_index, filter_products
@@ -33,6 +35,7 @@ from proxy.health import UpstreamHealth
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
 from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
+from proxy.work import Run, inline
 
 INDEX_PATH = "streams/v1/index.json"
 # A products file is JSON that the proxy parses whole; this bounds what an upstream can make it
@@ -48,6 +51,55 @@ OFFLINE_VIEW_SECONDS = 10.0
 
 # What an offline view is built from: file records, their bytes, and (path, sha256) of each copy.
 _ViewState = tuple[int, int, frozenset[tuple[str, str]]]
+
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class ParsedOnce(Generic[K, V]):
+    """
+    The value computed from the latest copy of each key, computed once per copy.
+
+    Callers asking while it is being computed share that computation; a value computed
+    from an older copy is replaced, never served for a newer one.
+    """
+
+    def __init__(self) -> None:
+        self._done: dict[K, tuple[str, V]] = {}
+        self._running: dict[K, tuple[str, list[Deferred[V]]]] = {}
+
+    def put(self, key: K, version: str, value: V) -> None:
+        self._done[key] = (version, value)
+
+    def get(self, key: K, version: str, compute: Callable[[], "Deferred[V]"]) -> "Deferred[V]":
+        done = self._done.get(key)
+        if done is not None and done[0] == version:
+            return succeed(done[1])
+        d: Deferred[V] = Deferred()
+        running = self._running.get(key)
+        if running is not None and running[0] == version:
+            running[1].append(d)
+            return d
+        waiters = [d]
+        self._running[key] = (version, waiters)
+
+        def finished(result: V | Failure) -> None:
+            if self._running.get(key, (None, None))[1] is waiters:
+                del self._running[key]
+            if not isinstance(result, Failure):
+                self._done[key] = (version, result)
+            for w in waiters:
+                # A caller whose client went away cancelled its own Deferred.
+                if w.called:
+                    continue
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
+
+        compute().addBoth(finished)
+        return d
 
 
 class UpstreamMetadata:
@@ -77,6 +129,7 @@ class UpstreamMetadata:
         health: UpstreamHealth | None = None,
         family: Family = "lxd",
         agents: ClientAgents | None = None,
+        disk: Run = inline,
     ) -> None:
         self.name = name
         self.base_url = base_url
@@ -91,15 +144,18 @@ class UpstreamMetadata:
         self._clock = clock
         self._ttl = ttl
         self._idle_timeout = idle_timeout
+        # Reading and parsing a products file (tens of MiB for Ubuntu's) runs here, never on
+        # the reactor thread.
+        self._disk = disk
         self._refreshing: dict[str, list[Deferred[MetadataRecord]]] = {}
         self._failing: set[str] = set()
         self._retry_at: dict[str, float] = {}
         # paths whose running refresh has outlasted STALE_WAIT_SECONDS
         self._slow: set[str] = set()
-        # products path -> (sha256 of the body parsed, its items by item path)
-        self._parsed: dict[str, tuple[str, dict[str, Item]]] = {}
-        # (products path, family) -> (sha256 of the body parsed, its images)
-        self._parsed_images: dict[tuple[str, Family], tuple[str, list[Image]]] = {}
+        # Each products file parsed once per copy: its items and this family's images, from
+        # one pass; the images another family sees, when asked for, apart.
+        self._catalogues: ParsedOnce[str, Catalogue] = ParsedOnce()
+        self._other_images: ParsedOnce[tuple[str, Family], list[Image]] = ParsedOnce()
         self._index_parsed: tuple[str, list[str]] | None = None
         self.health = health
         # path -> (when built, what it was built from, the body served while offline)
@@ -137,24 +193,33 @@ class UpstreamMetadata:
         cached = self._offline_views.get(path)
         if cached is not None and cached[1] == state and now - cached[0] < OFFLINE_VIEW_SECONDS:
             return cached[2]
-        remaining: dict[str, list[str]] = {}
-        bodies: dict[str, bytes] = {}
+        copies: list[tuple[str, MetadataRecord]] = []
         for products_path in await self.products_paths(refresh=False):
             record = self._stored(products_path)
-            if record is None:
-                # Never fetched (nor imported): none of its images can be listed, and asking
-                # the upstream for it is what offline rules out.
-                continue
-            body = filter_products(self.read(record), lambda item: self._store.exists(item.sha256))
-            bodies[products_path] = body
-            remaining[products_path] = sorted(json.loads(body).get("products", {}))
+            # One never fetched (nor imported) lists none of its images: asking the upstream
+            # for it is what offline rules out.
+            if record is not None:
+                copies.append((products_path, record))
         index_record = await self._copy(INDEX_PATH)
-        bodies[INDEX_PATH] = filter_index(self.read(index_record), remaining)
+        bodies = await self._disk(self._filtered_bodies, copies, index_record)
         for built_path, body in bodies.items():
             self._offline_views[built_path] = (now, state, body)
         if path not in bodies:
             raise NotFound(f"{self.name}: {path} is not a file of this upstream's catalogue")
         return bodies[path]
+
+    def _filtered_bodies(
+        self, copies: list[tuple[str, MetadataRecord]], index_record: MetadataRecord
+    ) -> dict[str, bytes]:
+        """The catalogue's files keeping only the images whose files are all stored (slow)."""
+        remaining: dict[str, list[str]] = {}
+        bodies: dict[str, bytes] = {}
+        for products_path, record in copies:
+            body = filter_products(self.read(record), lambda item: self._store.exists(item.sha256))
+            bodies[products_path] = body
+            remaining[products_path] = sorted(json.loads(body).get("products", {}))
+        bodies[INDEX_PATH] = filter_index(self.read(index_record), remaining)
+        return bodies
 
     def _offline_state(self) -> _ViewState:
         """What the offline views of this upstream are built from, now."""
@@ -211,20 +276,22 @@ class UpstreamMetadata:
         """The images of one products file, parsed once per version of it."""
         family = self.family if family is None else family
         record = await (self.get(products_path) if refresh else self._copy(products_path))
-        key = (products_path, family)
-        parsed = self._parsed_images.get(key)
-        if parsed is None or parsed[0] != record.sha256:
-            parsed = (record.sha256, parse_images(self.read(record), family))
-            self._parsed_images[key] = parsed
-        return parsed[1]
+        if family == self.family:
+            return (await self._catalogue(products_path, record)).images
+        return await self._other_images.get(
+            (products_path, family), record.sha256,
+            lambda: self._disk(lambda: parse_images(self.read(record), family)),
+        )
 
     async def _items(self, products_path: str) -> dict[str, Item]:
         record = await self._copy(products_path)
-        parsed = self._parsed.get(products_path)
-        if parsed is None or parsed[0] != record.sha256:
-            parsed = (record.sha256, parse_products(self.read(record)))
-            self._parsed[products_path] = parsed
-        return parsed[1]
+        return (await self._catalogue(products_path, record)).items
+
+    def _catalogue(self, products_path: str, record: MetadataRecord) -> "Deferred[Catalogue]":
+        return self._catalogues.get(
+            products_path, record.sha256,
+            lambda: self._disk(lambda: parse_catalogue(self.read(record), self.family)),
+        )
 
     def read(self, record: MetadataRecord) -> bytes:
         """The stored body of a metadata file."""
@@ -359,7 +426,7 @@ class UpstreamMetadata:
                 upstream=self.name, path=self._record_prefix + path, sha256=stale.sha256, etag=stale.etag,
                 last_modified=stale.last_modified, fetched_at=stale.fetched_at, checked_at=now,
             )
-            self._index.put_metadata(record)
+            await self._index.write(self._index.put_metadata, record)
             return record
         if response.code != 200:
             await receive_body(response, lambda _: None, limit=MAX_METADATA_BYTES,
@@ -371,33 +438,52 @@ class UpstreamMetadata:
         try:
             await receive_body(response, partial.write, limit=MAX_METADATA_BYTES,
                                clock=self._clock, idle_timeout=self._idle_timeout)
-            digest = partial.hexdigest()
-            body_path = partial.commit(digest)
         except BaseException:
             partial.discard()
             raise
-        body = body_path.getContent()
+        digest = partial.hexdigest()
         try:
-            self._validate(path, body)
+            size, parsed = await self._disk(self._store_body, path, partial, digest)
         except CatalogueError as e:
-            self._forget_blob(digest)
             raise UpstreamFailed(f"{self.name}: {path} from upstream is not usable: {e}")
         record = MetadataRecord(
             upstream=self.name, path=self._record_prefix + path, sha256=digest,
             etag=_header(response, b"ETag"), last_modified=_header(response, b"Last-Modified"),
             fetched_at=now, checked_at=now,
         )
-        self._index.put_metadata(record)
+        await self._index.write(self._index.put_metadata, record)
+        self._remember(path, digest, parsed)
         if stale is not None and stale.sha256 != digest:
-            self._forget_blob(stale.sha256)
-        self.log.info("fetched {url} ({size} bytes)", url=self._url(path), size=len(body))
+            await self._disk(self._forget_blob, stale.sha256)
+        self.log.info("fetched {url} ({size} bytes)", url=self._url(path), size=size)
         return record
 
-    def _validate(self, path: str, body: bytes) -> None:
+    def _store_body(self, path: str, partial: PartialBlob, digest: str) -> tuple[int, object]:
+        """
+        Commit a fetched body, read it back and validate it (slow: a worker runs it).
+
+        @return: its size and what validating it parsed.
+        @raise CatalogueError: the body is not a usable file of the catalogue; it is not kept.
+        """
+        body = partial.commit(digest).getContent()
+        try:
+            return len(body), self._validate(path, body)
+        except CatalogueError:
+            self._forget_blob(digest)
+            raise
+
+    def _remember(self, path: str, digest: str, parsed: object) -> None:
+        """Keep what validating the copy C{digest} of C{path} parsed, so it is parsed once."""
+        if path == INDEX_PATH and isinstance(parsed, list):
+            self._index_parsed = (digest, parsed)
+        elif isinstance(parsed, Catalogue):
+            self._catalogues.put(path, digest, parsed)
+
+    def _validate(self, path: str, body: bytes) -> object:
+        """Parse a fetched body as what C{path} must be; raise L{CatalogueError} if it is not."""
         if path == INDEX_PATH:
-            products_paths(body)
-        else:
-            parse_products(body)
+            return products_paths(body)
+        return parse_catalogue(body, self.family)
 
     def _forget_blob(self, sha256: str) -> None:
         """Remove a metadata body that nothing else refers to any more."""

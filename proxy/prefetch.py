@@ -28,6 +28,7 @@ from proxy.fetch import ItemFetcher
 from proxy.index import CacheIndex
 from proxy.metadata import UpstreamMetadata
 from proxy.resolve import host_architecture, lxd_arch, resolve_alias, versions_for
+from proxy.work import Run, inline
 
 # The first run waits a little after start, so that start-up is not slowed and the listeners
 # are up before the WAN is busy.
@@ -71,7 +72,10 @@ class Prefetcher(Service):
         *,
         host_arch: str | None = None,
         discover: Callable[[str, set[str]], Awaitable[object]] | None = None,
+        disk: Run = inline,
     ) -> None:
+        # Scans of the whole index run here, never on the reactor thread.
+        self._disk = disk
         # Learns the files of an upstream's images that its catalogue cannot list yet (the split
         # images of an LXD server, named by alias or fingerprint), so that pins can resolve.
         self._discover = discover
@@ -205,13 +209,14 @@ class Prefetcher(Service):
         kept: set[str] = set()
         for images, newest in chains:
             kept |= self._kept_versions(images, newest)
+        index = self._index
         for sha256 in kept:
-            record = self._index.get(sha256)
+            record = index.get(sha256)
             if record is not None and (record.cached or not record.auto_update):
-                self._index.set_flags(sha256, cached=False, auto_update=True)
+                await index.write(index.set_flags, sha256, cached=False, auto_update=True)
         if refs is None and not report.unresolved:
             # Only with every pin resolved is it known which pinned files no pin needs any more.
-            report.unpinned = self._release(kept)
+            report.unpinned = await self._disk(self._release, kept)
         self.log.info(
             "auto-update: {images} images checked, {downloaded} files downloaded, {failed} failed",
             images=report.images, downloaded=len(report.downloaded), failed=len(report.failed),
@@ -228,6 +233,7 @@ class Prefetcher(Service):
         return {item.sha256 for image in stored[:keep] for item in image.files}
 
     def _release(self, kept: set[str]) -> int:
+        """Unpin the auto-updated files no pin keeps (a scan of the index: off the reactor)."""
         released = 0
         for record in list(self._index.records()):
             if not record.cached and record.auto_update and record.sha256 not in kept:
@@ -237,12 +243,8 @@ class Prefetcher(Service):
 
     async def _recently_used(self, catalogues: dict[str, list[Image]]) -> list[tuple[str, Image]]:
         """The newest version of every image whose root (or unified) file was used lately."""
-        now = self._clock.seconds()
         window = self._config.cache.expiry_days * DAY_SECONDS
-        used: dict[str, set[str]] = {}
-        for record in self._index.records():
-            if record.cached and now - record.last_used_at < window and record.use_count > 0:
-                used.setdefault(record.upstream, set()).add(record.sha256)
+        used = await self._disk(self._used_since, self._clock.seconds() - window)
         found: list[tuple[str, Image]] = []
         for upstream, shas in used.items():
             meta = self._metadata.get(upstream)
@@ -255,6 +257,14 @@ class Prefetcher(Service):
                     newest = versions_for(images, image)[0]
                     found.append((upstream, newest))
         return found
+
+    def _used_since(self, since: float) -> dict[str, set[str]]:
+        """The cached files used after C{since}, by upstream (a scan of the index)."""
+        used: dict[str, set[str]] = {}
+        for record in self._index.records():
+            if record.cached and record.last_used_at > since and record.use_count > 0:
+                used.setdefault(record.upstream, set()).add(record.sha256)
+        return used
 
     async def _images(self, meta: UpstreamMetadata, catalogues: dict[str, list[Image]]) -> list[Image]:
         """The upstream's images, from a catalogue refreshed as for a client (TTL applies)."""

@@ -45,6 +45,7 @@ from proxy.prefetch import Prefetcher
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.statedir import StateLock
 from proxy.urlimport import ImportResource
+from proxy.work import Workers
 from proxy.tls import (
     certificate_fingerprint,
     ensure_server_certificate,
@@ -97,15 +98,21 @@ class CacheService(Service):
         self.health = {
             u.name: UpstreamHealth(u.name, reactor, forced_offline=u.offline) for u in config.upstreams
         }
+        # Commits, parses, scans and index writes run on these threads, never on the reactor.
+        self.workers, self._pools = Workers.threads(reactor)
+        disk = self.workers.disk
+        self.index.writer = self.workers.index
         self.in_use = InUse()
-        self.lifecycle = CacheLifecycle(self.index, self.store, config.cache, reactor, self.busy)
+        self.lifecycle = CacheLifecycle(
+            self.index, self.store, config.cache, reactor, self.busy, work=disk
+        )
         self.fetcher = Fetcher(
             self.client, self.store, self.index, reactor, config.cache.download_idle_timeout,
-            make_room=self.lifecycle.make_room, health=self.health,
+            make_room=self.lifecycle.make_room_later, health=self.health, disk=disk,
         )
         self.export_fetcher = LxdExportFetcher(
             self.client, self.store, self.index, reactor, config.cache.download_idle_timeout,
-            make_room=self.lifecycle.make_room, health=self.health,
+            make_room=self.lifecycle.make_room_later, health=self.health, disk=disk,
         )
         self.agents = ClientAgents()
         self.metadata: dict[str, UpstreamMetadata] = {}
@@ -117,7 +124,7 @@ class CacheService(Service):
                 remote = LxdRemote(
                     u.name, u.url, self.client, self.store, self.index, reactor,
                     ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout,
-                    health=self.health[u.name], families=FAMILIES,
+                    health=self.health[u.name], families=FAMILIES, disk=disk,
                 )
                 self.remotes[u.name] = remote
                 self.metadata[u.name] = remote
@@ -131,6 +138,7 @@ class CacheService(Service):
                         ttl=config.cache.metadata_ttl,
                         idle_timeout=config.cache.download_idle_timeout,
                         health=self.health[u.name], family=family, agents=self.agents,
+                        disk=disk,
                     )
                     for family in FAMILIES
                 }
@@ -140,7 +148,7 @@ class CacheService(Service):
         self.fetchers = fetchers
         self.prefetcher = Prefetcher(
             config, self.metadata, FetcherRouter(fetchers), self.index, reactor,
-            discover=self.learn_pinned_parts,
+            discover=self.learn_pinned_parts, disk=disk,
         )
 
     async def learn_pinned_parts(self, upstream: str, names: set[str]) -> int:
@@ -168,37 +176,47 @@ class CacheService(Service):
         """Files that may not be evicted now: being served or being downloaded."""
         return self.in_use.current() | set(self.fetcher.in_flight()) | self.export_fetcher.busy()
 
-    def gc(self) -> None:
-        # Runs from a TimerService: an exception would stop it for good.
-        try:
-            self.lifecycle.gc()
-        except Exception:
-            log.failure("applying expiry and the size cap failed")
+    def gc(self) -> "Deferred[object]":
+        # Runs from a TimerService: a failure would stop it for good.
+        return self.lifecycle.gc_later().addErrback(
+            lambda f: log.failure("applying expiry and the size cap failed", f)
+        )
 
     def startService(self) -> None:
-        # twistd may have forked since __init__: the pid in the lock file is ours from now on.
+        # twistd may have forked since __init__: the pid in the lock file is ours from now on,
+        # and threads started before a fork would not exist in the daemon.
         self.lock.claim()
         self.index.open()
+        for pool in self._pools:
+            pool.start()
+        # Before anything is served, so on the reactor thread: a start-up of a large cache
+        # takes as long as this scan.
         report = reconcile(self.index, self.store)
         log.info(
             "cache at {dir}: {files} files; start-up check removed {temp} temp files, "
             "{orphans} unrecorded blobs, {dangling} records without a blob",
-            dir=self.root.path, files=sum(1 for _ in self.index.records()),
+            dir=self.root.path, files=self.index.file_count(),
             temp=report.temp_removed, orphans=report.orphan_blobs_removed,
             dangling=report.dangling_records_removed,
         )
         super().startService()
 
-    def flush_usage(self) -> None:
-        # A TimerService whose call raises stops for good: never let one bad flush end the loop.
+    def flush_usage(self) -> "Deferred[object]":
+        # A TimerService whose call fails stops for good: never let one bad flush end the loop.
+        return self.index.flush_usage_later().addErrback(
+            lambda f: log.failure("writing usage counters to the index failed", f)
+        )
+
+    def stopService(self) -> "Deferred[None]":
+        super().stopService()
+        # The work queued (commits, index writes) ends before the index closes; the pending
+        # uses are then written here, as the last write.
+        for pool in self._pools:
+            pool.stop()
         try:
             self.index.flush_usage()
         except Exception:
             log.failure("writing usage counters to the index failed")
-
-    def stopService(self) -> "Deferred[None]":
-        super().stopService()
-        self.flush_usage()
         # Closing idle upstream connections waits for the peers' TLS goodbye; a peer that never
         # answers must not hold up the shutdown.
         d = self.client.close().addTimeout(CLOSE_TIMEOUT_SECONDS, self.reactor)

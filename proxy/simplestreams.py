@@ -137,7 +137,7 @@ class UpstreamResource(AsyncResource):
             raise NotFound(f"{self.name}: {path} is not in this upstream's catalogue")
         with self._in_use.holding(item.sha256):
             if self._store.exists(item.sha256):
-                record = record_hit(self._index, self._clock, self.name, path, item)
+                record = await record_hit(self._index, self._clock, self.name, path, item)
                 blob = self._store.path_for(item.sha256)
                 await serve_file(
                     request, CompleteFile(blob, item.size), etag=item.sha256,
@@ -202,8 +202,15 @@ async def await_start(download: Starting, clock: IReactorTime) -> None:
             timer.cancel()
 
 
-def record_hit(index: CacheIndex, clock: IReactorTime, upstream: str, path: str, item: Item) -> FileRecord:
-    """Count a use of the stored file of C{item}, reached as C{upstream}/C{path}."""
+async def record_hit(
+    index: CacheIndex, clock: IReactorTime, upstream: str, path: str, item: Item
+) -> FileRecord:
+    """
+    Count a use of the stored file of C{item}, reached as C{upstream}/C{path}.
+
+    The use is counted in memory (written in batches by the usage flush); only a file reached
+    by a new path or stored without a record (as metadata) is written to the index at once.
+    """
     record = index.get(item.sha256)
     if record is None:
         # A blob with no file record: the same bytes are stored as metadata. Record the file.
@@ -213,9 +220,9 @@ def record_hit(index: CacheIndex, clock: IReactorTime, upstream: str, path: str,
             paths=(f"{upstream}/{path}",), product=item.product, version=item.version,
             stored_at=now, last_used_at=now, use_count=0, cached=True, auto_update=False,
         )
-        index.put(record)
+        await index.write(index.put, record)
     elif f"{upstream}/{path}" not in record.paths:
-        index.add_path(item.sha256, upstream, path)
+        await index.write(index.add_path, item.sha256, upstream, path)
     index.note_use(item.sha256)
     return record
 

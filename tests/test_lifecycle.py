@@ -393,8 +393,8 @@ def test_gc_keeps_a_file_pinned_after_planning(cache: Cache, tmp_path: Path) -> 
     lifecycle = cache.lifecycle(config(tmp_path))
     real_records = lifecycle._records
 
-    def pin_meanwhile() -> list[FileRecord]:
-        records = real_records()
+    def pin_meanwhile(now: Any) -> list[FileRecord]:
+        records = real_records(now)
         # Another process pins the file between the plan and its removal.
         cache.index.set_flags(a.sha256, cached=False, auto_update=True)
         return records

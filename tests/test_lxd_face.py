@@ -657,16 +657,17 @@ def test_head_of_an_export_miss_starts_no_download(h: FaceHarness) -> None:
 def test_clients_of_both_families_taking_turns_parse_each_catalogue_once(
     h: FaceHarness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import proxy.lxd_face
+    import proxy.metadata
 
     calls: list[str] = []
-    real = proxy.lxd_face.parse_images
+    real = proxy.metadata.parse_catalogue
 
     def counting(data: bytes, family: Any = "lxd") -> Any:
         calls.append(family)
         return real(data, family)
 
-    monkeypatch.setattr(proxy.lxd_face, "parse_images", counting)
+    # Each family's catalogue parses its products file (items and images in one pass).
+    monkeypatch.setattr(proxy.metadata, "parse_catalogue", counting)
     for _ in range(3):
         h.metadata_of("/1.0/images", lxd_agent("x86_64"))
         h.metadata_of("/1.0/images", incus_agent("x86_64"))

@@ -3,9 +3,10 @@
 Usage: crash_writer.py ROOT ITERATIONS SEED
 
 Uses ROOT/cache for the blob store and ROOT/index for the index, in the order
-the proxy does: temp file -> verify -> commit (fsync, rename) -> index commit;
-removals drop the record before the blob. One slow partial is always open, as
-a long download would be, so a kill always leaves a temp file behind. Prints
+the proxy does: temp file -> verify -> commit (fsync, link into the store) -> index
+commit -> temp name removed; removals drop the record before the blob. One slow
+partial is always open, as a long download would be (the next one is opened
+before the current one is committed), so a kill always leaves a temp file. Prints
 "started" once the first slow partial exists.
 """
 
@@ -23,7 +24,8 @@ from proxy.blobs import BlobStore, PartialBlob
 from proxy.index import CacheIndex, FileRecord, MetadataRecord
 
 
-def write_blob(store: BlobStore, rng: random.Random, data: bytes) -> str:
+def write_blob(store: BlobStore, rng: random.Random, data: bytes) -> PartialBlob:
+    """A committed partial whose temp name is still there, as the proxy leaves it until indexed."""
     partial = store.new_partial()
     offset = 0
     while offset < len(data):
@@ -31,9 +33,8 @@ def write_blob(store: BlobStore, rng: random.Random, data: bytes) -> str:
         partial.write(data[offset : offset + step])
         partial.flush()
         offset += step
-    digest = hashlib.sha256(data).hexdigest()
-    partial.commit(digest)
-    return digest
+    partial.commit(hashlib.sha256(data).hexdigest(), keep_temp=True)
+    return partial
 
 
 def file_record(digest: str, size: int, path: str, now: float) -> FileRecord:
@@ -66,8 +67,10 @@ def main(argv: list[str]) -> int:
     for i in range(iterations):
         clock.advance(1)
         data = rng.randbytes(rng.randint(1, 8192))
-        digest = write_blob(store, rng, data)
+        blob = write_blob(store, rng, data)
+        digest = blob.hexdigest()
         index.put(file_record(digest, len(data), f"ubuntu/images/{i}/rootfs.squashfs", clock.seconds()))
+        blob.release_temp()
         live.append(digest)
 
         if i % 7 == 0:
@@ -80,17 +83,19 @@ def main(argv: list[str]) -> int:
             # Replacing a metadata file leaves its old body unreferenced,
             # as a metadata refresh does.
             body = b'{"format": "products:1.0", "n": %d}' % i
+            blob = write_blob(store, rng, body)
             index.put_metadata(
                 MetadataRecord(
                     upstream="ubuntu",
                     path=f"streams/v1/p{i % 3}.json",
-                    sha256=write_blob(store, rng, body),
+                    sha256=blob.hexdigest(),
                     etag=f'"{i}"',
                     last_modified=None,
                     fetched_at=clock.seconds(),
                     checked_at=clock.seconds(),
                 )
             )
+            blob.release_temp()
         if i % 13 == 0 and len(live) > 2:
             victim = live.pop(rng.randrange(len(live) - 1))
             index.remove(victim)
@@ -101,11 +106,12 @@ def main(argv: list[str]) -> int:
         slow.flush()
         slow_data += chunk
         if i % 50 == 49:
+            following = store.new_partial()
             digest = hashlib.sha256(slow_data).hexdigest()
             slow.commit(digest)
             index.put(file_record(digest, len(slow_data), f"ubuntu/slow/{slow_count}", clock.seconds()))
             slow_count += 1
-            slow = store.new_partial()
+            slow = following
             slow_data = bytearray()
 
     slow.discard()

@@ -1,0 +1,83 @@
+"""Where blocking work runs: never on the reactor thread, which every client shares.
+
+Two kinds of work leave the reactor:
+
+- C{disk}: fsync and rename of a finished file, reading and parsing a catalogue, scanning the
+  whole index, deleting files. Several threads: one slow fsync must not hold up a parse.
+- C{index}: every write to the LMDB index. One thread, so that writes keep their order and
+  never wait for each other's locks on the reactor; LMDB allows a write transaction on any
+  one thread at a time, and with C{MDB_NOTLS} (always set by py-lmdb) read transactions on
+  any thread.
+
+Components take an L{Run} for each; without one they run the work inline (L{inline}), which is
+what the deterministic tests use: the result is the same, only the thread differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, TypeVar
+
+from attrs import define, field
+from twisted.internet.defer import Deferred, execute
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+
+# Enough for a commit, a parse and a scan at once on a small box; the work is mostly waiting
+# for the disk or holding the GIL, so more threads would not make it faster.
+DISK_THREADS = 4
+
+
+class Run(Protocol):
+    """Runs C{fn(*args, **kwargs)} somewhere and fires with its result (or fails with its exception)."""
+
+    def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]": ...
+
+
+def inline(fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
+    """Run C{fn} now, on the calling thread."""
+    return execute(fn, *args, **kwargs)
+
+
+@define
+class ThreadRun:
+    """Runs work on a thread pool of its own, started and stopped with the service."""
+
+    reactor: Any
+    name: str
+    threads: int
+    _pool: ThreadPool = field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._pool = ThreadPool(minthreads=0, maxthreads=self.threads, name=self.name)
+
+    def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
+        return deferToThreadPool(self.reactor, self._pool, fn, *args, **kwargs)
+
+    def start(self) -> None:
+        self._pool.start()
+
+    def stop(self) -> None:
+        """Finish the work queued, then end the threads (blocks until they have ended)."""
+        self._pool.stop()
+
+
+@define
+class Workers:
+    """The proxy's two places for blocking work (see the module docstring)."""
+
+    disk: Run
+    index: Run
+
+    @classmethod
+    def threads(cls, reactor: Any) -> "tuple[Workers, list[ThreadRun]]":
+        """Thread-backed workers, and the pools to start and stop."""
+        disk = ThreadRun(reactor, "lxd-image-proxy-disk", DISK_THREADS)
+        index = ThreadRun(reactor, "lxd-image-proxy-index", 1)
+        return cls(disk=disk, index=index), [disk, index]
+
+
+INLINE = Workers(disk=inline, index=inline)
+
+__all__ = ["DISK_THREADS", "INLINE", "Run", "ThreadRun", "Workers", "inline"]
