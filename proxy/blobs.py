@@ -24,6 +24,8 @@ from typing import BinaryIO
 
 from twisted.python.filepath import FilePath
 
+from proxy.work import Run
+
 __all__ = [
     "BlobStore",
     "DigestMismatch",
@@ -35,6 +37,9 @@ __all__ = [
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _SHARD_HEX = re.compile(r"[0-9a-f]{2}")
 TEMP_SUFFIX = ".part"
+# How much a partial with a writeback may hold unsynced: the fsync at commit, which the last
+# byte of a download waits for, then takes a fraction of a second, not seconds.
+WRITEBACK_BYTES = 32 * 1024 * 1024
 
 
 def is_sha256(value: object) -> bool:
@@ -94,6 +99,11 @@ class PartialBlob:
         self._committed = False
         self._discarded = False
         self._target: FilePath[str] | None = None
+        # Where the bytes written so far are synced while more arrive (a worker thread), so
+        # that the fsync in commit has only the tail left; None: all at commit.
+        self.writeback: Run | None = None
+        self._unsynced = 0
+        self._syncing = False
 
     @property
     def closed(self) -> bool:
@@ -110,6 +120,20 @@ class PartialBlob:
             view = view[written:]
         self._hash.update(data)
         self.size += len(data)
+        self._unsynced += len(data)
+        if self.writeback is not None and self._unsynced >= WRITEBACK_BYTES and not self._syncing:
+            self._start_writeback(fd)
+
+    def _start_writeback(self, fd: int) -> None:
+        assert self.writeback is not None
+        self._unsynced = 0
+        self._syncing = True
+
+        def done(result: object) -> None:
+            self._syncing = False
+
+        # A duplicate: the sync may outlive this descriptor (closed by commit or discard).
+        self.writeback(_sync_and_close, os.dup(fd)).addBoth(done)
 
     def flush(self) -> None:
         """Make everything written visible to other readers of L{path}.
@@ -193,6 +217,13 @@ class PartialBlob:
             os.unlink(self.path.path)
         except FileNotFoundError:
             pass
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _link_into_place(temp: str, target: str, temp_dir: str) -> None:

@@ -212,7 +212,9 @@ class Fetcher:
         if health is not None:
             health.check(item.path)
         url = f"{base_url}/{item.path}"
-        download = Download(upstream, url, item, self._store.new_partial())
+        partial = self._store.new_partial()
+        partial.writeback = self._disk
+        download = Download(upstream, url, item, partial)
         download.background = background
         self._inflight[item.sha256] = download
         Deferred.fromCoroutine(self._run(download))

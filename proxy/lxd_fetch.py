@@ -834,6 +834,7 @@ class LxdExportFetcher:
         except BaseException:
             meta.discard()
             raise
+        meta.writeback = root.writeback = self._disk
         download = ExportDownload(
             upstream, url, image, self._index.get_parts(image.fingerprint), _Part(meta), _Part(root),
             product=product or base_product(image), version=version or version_base(image),

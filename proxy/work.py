@@ -15,6 +15,8 @@ what the deterministic tests use: the result is the same, only the thread differ
 
 from __future__ import annotations
 
+import gc
+import threading
 from typing import Any, Callable, Protocol, TypeVar
 
 from attrs import define, field
@@ -40,6 +42,35 @@ def inline(fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
     return execute(fn, *args, **kwargs)
 
 
+_collector_lock = threading.Lock()
+_collector_paused = 0
+
+
+def _without_collections(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """
+    Run C{fn} with Python's cyclic garbage collector paused.
+
+    A parse or a scan allocates millions of objects, which sets off full collections of the
+    whole heap (the catalogues held included), and a collection holds the GIL, so the reactor
+    thread, for a tenth of a second and more. Paused, the collections happen after the work,
+    as the allocations of the reactor thread set them off, in the usual small steps.
+    """
+    global _collector_paused
+    with _collector_lock:
+        if _collector_paused == 0 and not gc.isenabled():
+            # Someone else turned it off: leave it to them.
+            return fn(*args, **kwargs)
+        _collector_paused += 1
+        gc.disable()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        with _collector_lock:
+            _collector_paused -= 1
+            if _collector_paused == 0:
+                gc.enable()
+
+
 @define
 class ThreadRun:
     """Runs work on a thread pool of its own, started and stopped with the service."""
@@ -53,7 +84,7 @@ class ThreadRun:
         self._pool = ThreadPool(minthreads=0, maxthreads=self.threads, name=self.name)
 
     def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
-        return deferToThreadPool(self.reactor, self._pool, fn, *args, **kwargs)
+        return deferToThreadPool(self.reactor, self._pool, _without_collections, fn, *args, **kwargs)
 
     def start(self) -> None:
         self._pool.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.python.filepath import FilePath
@@ -240,3 +241,37 @@ def test_large_write_in_chunks(store: BlobStore) -> None:
     path = partial.commit(h.hexdigest())
     assert partial.size == 32 * len(chunk)
     assert os.path.getsize(path.path) == partial.size
+
+
+def test_writeback_syncs_what_was_written_while_more_arrives(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import proxy.blobs
+    from twisted.internet.defer import Deferred
+
+    monkeypatch.setattr(proxy.blobs, "WRITEBACK_BYTES", 100)
+    store = BlobStore(FilePath(str(tmp_path)))
+    partial = store.new_partial()
+    started: list[tuple[Any, Deferred[None]]] = []
+
+    def run(fn: Any, fd: int) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        started.append((lambda: fn(fd), d))
+        return d
+
+    partial.writeback = run
+    partial.write(b"x" * 60)
+    assert started == []
+    partial.write(b"x" * 60)
+    assert len(started) == 1
+    # One sync at a time: more bytes while it runs start none.
+    partial.write(b"x" * 200)
+    assert len(started) == 1
+    sync, d = started[0]
+    sync()  # on a duplicate descriptor: the partial's own stays open
+    d.callback(None)
+    partial.write(b"x")
+    assert len(started) == 2
+    started[1][0]()
+    data = b"x" * 321
+    assert partial.commit(hashlib.sha256(data).hexdigest()).getContent() == data
