@@ -13,7 +13,6 @@ from typing import Any, Iterator, cast
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from proxy.catalogue import Item, parse_images
@@ -51,6 +50,7 @@ from tests.helpers.lxd_server import (
     go_multipart,
     sha,
 )
+from tests.helpers.logs import Logged
 
 META = bytes(range(256)) * 3
 ROOTFS = b"".join(b"%08d" % i for i in range(20_000))  # 160 000 bytes
@@ -78,15 +78,6 @@ def make(tmp_path: Any) -> Iterator[Any]:
     yield make_harness
     for harness in made:
         harness.close()
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
 
 
 def remote(image: FakeImage) -> RemoteImage:
@@ -405,7 +396,7 @@ def test_an_export_of_another_shape_than_listed_teaches_the_right_one(make: Any)
 # Failures: nothing committed, everyone told
 
 
-def test_a_wrong_combined_hash_commits_nothing(make: Any, logged: list[LogEvent]) -> None:
+def test_a_wrong_combined_hash_commits_nothing(make: Any, logged: Logged) -> None:
     image = split_image()
     h = make([image])
     _, body = image.export()
@@ -429,7 +420,7 @@ def test_a_wrong_combined_hash_commits_nothing(make: Any, logged: list[LogEvent]
     # asked now, they fail at once
     assert outcome(h, download.root) is result
     assert_nothing_stored(h, image)
-    failures = [e for e in logged if "failed" in e.get("log_format", "")]
+    failures = logged.matching("failed")
     assert failures and failures[0]["url"] == f"{LXD_URL}/1.0/images/{image.fingerprint}/export"
 
 

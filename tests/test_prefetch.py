@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import pytest
@@ -19,7 +19,6 @@ from attrs import frozen
 from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
@@ -37,6 +36,7 @@ from proxy.prefetch import (
     TickReport,
 )
 from proxy.upstream import UpstreamClient, origin_of
+from tests.helpers.logs import Logged
 from tests.helpers.scripted import BASE_URL, Held, ScriptedUpstream, sha
 
 START = 1_700_000_000.0
@@ -278,15 +278,6 @@ def outcome(results: list[Any]) -> Any:
     return result
 
 
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observe = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
-
-
 Make = Callable[..., Harness]
 
 
@@ -418,7 +409,7 @@ def test_the_loop_does_not_start_a_tick_while_one_runs(make: Make, monkeypatch: 
 
 
 def test_a_failing_tick_is_logged_and_the_loop_goes_on(
-    make: Make, monkeypatch: pytest.MonkeyPatch, logged: list[LogEvent]
+    make: Make, monkeypatch: pytest.MonkeyPatch, logged: Logged
 ) -> None:
     h = make([TESTOS], [PinConfig("up", TESTOS.alias)], auto_update_interval=HOUR)
     real_pin_refs = h.prefetcher.pin_refs
@@ -434,7 +425,7 @@ def test_a_failing_tick_is_logged_and_the_loop_goes_on(
     h.prefetcher.startService()
     h.clock.advance(STARTUP_DELAY_SECONDS)
     h.settle()
-    failures = [e for e in logged if "log_failure" in e and e["log_failure"].check(RuntimeError)]
+    failures = [e for e in logged.failures() if e["log_failure"].check(RuntimeError)]
     assert [e["log_format"] for e in failures] == ["auto-update run failed"]
     assert h.image_requests() == []
     h.clock.advance(HOUR)
@@ -444,7 +435,7 @@ def test_a_failing_tick_is_logged_and_the_loop_goes_on(
 
 
 def test_run_turns_a_failure_into_an_empty_report(
-    make: Make, monkeypatch: pytest.MonkeyPatch, logged: list[LogEvent]
+    make: Make, monkeypatch: pytest.MonkeyPatch, logged: Logged
 ) -> None:
     h = make([TESTOS])
 
@@ -453,7 +444,7 @@ def test_run_turns_a_failure_into_an_empty_report(
 
     monkeypatch.setattr(h.prefetcher, "tick", tick)
     assert outcome(collect(h.prefetcher.run())) == TickReport()
-    assert any("log_failure" in e and e["log_failure"].check(RuntimeError) for e in logged)
+    assert any(e["log_failure"].check(RuntimeError) for e in logged.failures())
 
 
 # -- 2. pinned aliases ------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent
@@ -31,6 +31,7 @@ from proxy.index import CacheIndex
 from proxy.metadata import RETRY_AFTER_FAILURE_SECONDS, STALE_WAIT_SECONDS, UpstreamMetadata
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.upstream import AllowlistAgent, UpstreamClient, origin_of
+from tests.helpers.logs import Logged
 from tests.helpers.scripted import (
     BASE_URL,
     META_PATH,
@@ -104,15 +105,6 @@ def h(tmp_path: Any) -> Iterator[Harness]:
     harness.index.close()
 
 
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
-
-
 def upstream_gets(h: Harness, path: str) -> int:
     return h.upstream.paths_requested(path)
 
@@ -154,7 +146,7 @@ def test_changed_metadata_replaces_the_copy(h: Harness) -> None:
     assert b"index:1.1" in body
 
 
-def test_stale_if_error_serves_last_good_copy_and_logs_once(h: Harness, logged: list[LogEvent]) -> None:
+def test_stale_if_error_serves_last_good_copy_and_logs_once(h: Harness, logged: Logged) -> None:
     h.fetch("streams/v1/index.json")
     h.upstream.statuses["streams/v1/index.json"] = 500
     h.clock.advance(TTL + 1)
@@ -162,7 +154,7 @@ def test_stale_if_error_serves_last_good_copy_and_logs_once(h: Harness, logged: 
         code, body, _ = h.fetch("streams/v1/index.json")
         assert (code, body) == (200, h.files["streams/v1/index.json"])
         h.clock.advance(TTL + 1)
-    warnings = [e for e in logged if "refreshing" in e.get("log_format", "")]
+    warnings = logged.matching("refreshing")
     assert len(warnings) == 1
 
 
@@ -170,7 +162,7 @@ def _never_answer(request: Any) -> Any:
     return NOT_DONE_YET
 
 
-def test_hanging_upstream_gets_the_stale_copy_served(h: Harness, logged: list[LogEvent]) -> None:
+def test_hanging_upstream_gets_the_stale_copy_served(h: Harness, logged: Logged) -> None:
     h.fetch("streams/v1/index.json")
     h.upstream.override["streams/v1/index.json"] = _never_answer
     h.clock.advance(TTL + 1)
@@ -190,7 +182,7 @@ def test_hanging_upstream_gets_the_stale_copy_served(h: Harness, logged: list[Lo
     code, body, _ = h.fetch("streams/v1/index.json")
     assert (code, body) == (200, h.files["streams/v1/index.json"])
     assert upstream_gets(h, "streams/v1/index.json") == 2
-    warnings = [e for e in logged if "refreshing" in e.get("log_format", "")]
+    warnings = logged.matching("refreshing")
     assert len(warnings) == 1 and "did not answer in time" in warnings[0]["reason"]
 
 
@@ -225,7 +217,7 @@ def test_item_lookup_uses_the_copy_and_asks_the_upstream_nothing(h: Harness) -> 
     assert len(h.upstream.requests) == 2
 
 
-def test_upstream_connection_failure_on_a_miss_is_502(h: Harness, logged: list[LogEvent]) -> None:
+def test_upstream_connection_failure_on_a_miss_is_502(h: Harness, logged: Logged) -> None:
     h.fetch("streams/v1/images.json")
 
     def hang_up(request: Any) -> Any:
@@ -236,7 +228,7 @@ def test_upstream_connection_failure_on_a_miss_is_502(h: Harness, logged: list[L
     code, body, _ = h.fetch(ROOTFS_PATH)
     assert code == 502
     assert ROOTFS_PATH.encode() in body
-    assert not [e for e in logged if e.get("log_level") is LogLevel.critical]
+    assert not logged.at(LogLevel.critical)
 
 
 def test_range_on_a_miss_is_ignored(h: Harness) -> None:
@@ -339,7 +331,7 @@ def test_concurrent_misses_make_one_upstream_request(h: Harness) -> None:
     assert record is not None and record.use_count == 9
 
 
-def test_corrupt_upstream_file_is_never_committed(h: Harness, logged: list[LogEvent]) -> None:
+def test_corrupt_upstream_file_is_never_committed(h: Harness, logged: Logged) -> None:
     body = h.files[ROOTFS_PATH]
     h.files[ROOTFS_PATH] = b"X" + body[1:]
     # Depending on when the mismatch is found, the client gets an error status or a broken
@@ -352,7 +344,7 @@ def test_corrupt_upstream_file_is_never_committed(h: Harness, logged: list[LogEv
     assert not h.store.exists(sha(body))
     assert h.index.get(sha(body)) is None
     assert list(FilePath(h.store.root.path).child("tmp").children()) == []
-    assert any(BASE_URL in str(e.get("url", "")) for e in logged if "failed" in e.get("log_format", ""))
+    assert any(BASE_URL in str(e.get("url", "")) for e in logged.matching("failed"))
 
 
 def test_short_body_aborts_every_client(h: Harness) -> None:

@@ -10,8 +10,8 @@ grows the source are read with C{unbuffered=True} and L{treq.collect}.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, cast
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
@@ -20,7 +20,6 @@ from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web import http
@@ -31,6 +30,7 @@ from twisted.web.server import Request
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 
+from tests.helpers.logs import Logged
 from tests.helpers.sources import FakeSource
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.streaming import CHUNK_SIZE_BYTES, CompleteFile, FileSource, ProducerStopped
@@ -165,17 +165,6 @@ def cached(blob: FilePath[str], data: bytes) -> tuple[Harness, FileResource]:
     clock = Clock()
     resource = FileResource(CompleteFile(blob, len(data)), clock)
     return harness_for(resource, clock), resource
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(observer)
 
 
 # serve_file on a complete file
@@ -392,7 +381,7 @@ def test_range_of_growing_source(
 
 def test_failure_after_headers_aborts(
     growing: tuple[Harness, FileResource, FakeSource, bytes],
-    logged: list[LogEvent],
+    logged: Logged,
 ) -> None:
     harness, resource, source, content = growing
     response = harness.get()
@@ -407,7 +396,7 @@ def test_failure_after_headers_aborts(
     assert body.data == content[:100_000]
     [error] = resource.outcomes
     assert isinstance(error, UpstreamFailed)
-    assert any("upstream sent a bad file" in (formatEvent(e) or "") for e in logged)
+    assert any("upstream sent a bad file" in text for text in logged.texts())
 
 
 def test_failure_before_headers(
@@ -420,7 +409,7 @@ def test_failure_before_headers(
     assert harness.body(response) == b"upstream is down\n"
 
 
-def test_truncated_file_aborts(tmp_path: object, logged: list[LogEvent]) -> None:
+def test_truncated_file_aborts(tmp_path: object, logged: Logged) -> None:
     path = FilePath(str(tmp_path)).child("short")
     path.setContent(b"x" * 1000)
     clock = Clock()
@@ -464,7 +453,7 @@ def test_client_disconnect(growing: tuple[Harness, FileResource, FakeSource, byt
 
 def test_transport_stops_producer(
     growing: tuple[Harness, FileResource, FakeSource, bytes],
-    logged: list[LogEvent],
+    logged: Logged,
 ) -> None:
     """
     A real transport that loses its client calls stopProducing before the
@@ -486,7 +475,7 @@ def test_transport_stops_producer(
 
     [error] = resource.outcomes
     assert isinstance(error, ProducerStopped)
-    assert [e for e in logged if "log_failure" in e] == []
+    assert logged.failures() == []
     assert source.failure is None
     assert source.waiting == 0
 
@@ -538,7 +527,7 @@ def test_proxy_error_on_head() -> None:
     assert harness.body(response) == b""
 
 
-def test_unexpected_error(logged: list[LogEvent]) -> None:
+def test_unexpected_error(logged: Logged) -> None:
     async def handle(request: Request) -> None:
         raise ZeroDivisionError("secret detail")
 
@@ -547,7 +536,7 @@ def test_unexpected_error(logged: list[LogEvent]) -> None:
     assert response.code == 500
     body = harness.body(response)
     assert body == b"internal error\n"
-    failures = [e for e in logged if "log_failure" in e]
+    failures = logged.failures()
     assert len(failures) == 1
     assert failures[0]["log_failure"].check(ZeroDivisionError)
 
@@ -610,7 +599,7 @@ def test_cancelled_when_client_goes_away() -> None:
     assert len(results) == 1 and isinstance(results[0], Failure)
 
 
-def test_no_write_after_finish(logged: list[LogEvent]) -> None:
+def test_no_write_after_finish(logged: Logged) -> None:
     async def handle(request: Request) -> bytes:
         request.write(b"done")
         request.finish()
@@ -643,7 +632,7 @@ def test_finish_request_tolerant() -> None:
 
 @pytest.mark.loopback
 @pytest_twisted.ensureDeferred
-async def test_loopback_stream_and_abort(tmp_path: object, logged: list[LogEvent]) -> None:
+async def test_loopback_stream_and_abort(tmp_path: object, logged: Logged) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.web.client import Agent, HTTPConnectionPool
@@ -696,7 +685,7 @@ async def test_loopback_stream_and_abort(tmp_path: object, logged: list[LogEvent
             await deferLater(reactor, 0.01)
         [error] = leaving.outcomes
         assert isinstance(error, (ProducerStopped, CancelledError))
-        assert [e for e in logged if "log_failure" in e] == []
+        assert logged.failures() == []
     finally:
         await pool.closeCachedConnections()
         await port.stopListening()

@@ -1,0 +1,23 @@
+"""Fixtures every test module may ask for."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+from twisted.logger import ILogObserver, globalLogPublisher
+
+from tests.helpers.logs import Logged
+
+
+@pytest.fixture
+def logged() -> Iterator[Logged]:
+    """The events logged while the test runs (see L{Logged} for picking them)."""
+    events = Logged()
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(observer)
