@@ -16,17 +16,13 @@ from typing import Any
 import attrs
 import pytest
 from attrs import frozen
-from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
-from proxy.blobs import BlobStore
 from proxy.catalogue import Item
 from proxy.config import CacheConfig, Config, PinConfig, ServerConfig, UpstreamConfig
 from proxy.fetch import Download, Fetcher
-from proxy.index import CacheIndex, PinRecord
+from proxy.index import PinRecord
 from proxy.metadata import UpstreamMetadata
 from proxy.prefetch import (
     DAY_SECONDS,
@@ -35,7 +31,7 @@ from proxy.prefetch import (
     Prefetcher,
     TickReport,
 )
-from proxy.upstream import UpstreamClient, origin_of
+from tests.helpers.harness import CacheHarness, collect, outcome
 from tests.helpers.logs import Logged
 from tests.helpers.scripted import BASE_URL, Held, ScriptedUpstream, sha
 
@@ -146,22 +142,16 @@ class RecordingFetcher(Fetcher):
         return super().get(upstream, base_url, item, background=background)
 
 
-class Harness:
+class Harness(CacheHarness):
     def __init__(
         self, tmp_path: Any, products: Iterable[Product], pins: Iterable[PinConfig] = (), **cache: Any
     ) -> None:
-        self.clock = Clock()
-        self.clock.advance(START)
         self.files = catalogue(products)
         self.upstream = ScriptedUpstream(self.files)
-        self.upstream_agent = RequestTraversalAgent(self.upstream)
-        client = UpstreamClient(self.clock, self.upstream_agent, [origin_of(BASE_URL)], header_timeout=IDLE)
-        root = FilePath(str(tmp_path))
-        self.store = BlobStore(root)
-        self.index = CacheIndex(root.child("index").path, self.clock)
-        self.fetcher = RecordingFetcher(client, self.store, self.index, self.clock, IDLE)
+        super().__init__(tmp_path, self.upstream, BASE_URL, start=START)
+        self.fetcher = RecordingFetcher(self.client, self.store, self.index, self.clock, IDLE)
         self.metadata = UpstreamMetadata(
-            "up", BASE_URL, client, self.store, self.index, self.clock, ttl=TTL, idle_timeout=IDLE
+            "up", BASE_URL, self.client, self.store, self.index, self.clock, ttl=TTL, idle_timeout=IDLE
         )
         self.config = Config(
             server=ServerConfig(),
@@ -174,20 +164,6 @@ class Harness:
         )
 
     # -- driving --
-
-    def settle(self, rounds: int = 200) -> None:
-        for _ in range(rounds):
-            self.clock.advance(0)
-            self.upstream_agent.flush()
-
-    def run(self, d: "Deferred[Any]", rounds: int = 500) -> Any:
-        results = collect(d)
-        for _ in range(rounds):
-            if results:
-                break
-            self.settle(1)
-        assert results, "did not complete"
-        return outcome(results)
 
     def tick(self) -> TickReport:
         report: TickReport = self.run(Deferred.fromCoroutine(self.prefetcher.tick()))
@@ -265,19 +241,6 @@ class Harness:
         ]
 
 
-def collect(d: "Deferred[Any]") -> list[Any]:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    return results
-
-
-def outcome(results: list[Any]) -> Any:
-    result = results[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
-
-
 Make = Callable[..., Harness]
 
 
@@ -293,7 +256,7 @@ def make(tmp_path: Any) -> Iterator[Make]:
 
     yield build
     for harness in made:
-        harness.index.close()
+        harness.close()
 
 
 def fake_ticks(monkeypatch: pytest.MonkeyPatch, h: Harness) -> tuple[list[float], list["Deferred[None]"]]:

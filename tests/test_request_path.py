@@ -3,8 +3,8 @@ The request path end to end, in memory and deterministic.
 
 The client is C{StubTreq} over the proxy's real resource tree; the upstream is a
 L{ScriptedUpstream} reached through C{RequestTraversalAgent}, wrapped in the proxy's own
-L{UpstreamClient}. Time is a L{Clock}. L{Harness.settle} pumps both in-memory connections and the
-clock in a bounded loop.
+L{UpstreamClient}. Time is a L{Clock}. L{Harness.settle} (of L{tests.helpers.harness}) pumps
+both in-memory connections and the clock in a bounded loop.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from typing import Any, Iterator, cast
 
 import pytest
 import treq
-from treq.testing import RequestTraversalAgent, StubTreq
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import LogLevel
@@ -25,12 +24,11 @@ from twisted.python.filepath import FilePath
 from twisted.web.client import Agent
 from twisted.web.server import NOT_DONE_YET
 
-from proxy.blobs import BlobStore
 from proxy.fetch import Fetcher
-from proxy.index import CacheIndex
 from proxy.metadata import RETRY_AFTER_FAILURE_SECONDS, STALE_WAIT_SECONDS, UpstreamMetadata
 from proxy.simplestreams import RootResource, UpstreamResource
-from proxy.upstream import AllowlistAgent, UpstreamClient, origin_of
+from proxy.upstream import AllowlistAgent, origin_of
+from tests.helpers.harness import CacheHarness
 from tests.helpers.logs import Logged
 from tests.helpers.scripted import (
     BASE_URL,
@@ -45,64 +43,24 @@ TTL = 300.0
 IDLE = 60.0
 
 
-class Harness:
+class Harness(CacheHarness):
     def __init__(self, tmp_path: Any, files: dict[str, bytes] | None = None) -> None:
-        self.clock = Clock()
         self.files = files if files is not None else simple_tree()
         self.upstream = ScriptedUpstream(self.files)
-        self.upstream_agent = RequestTraversalAgent(self.upstream)
-        self.client = UpstreamClient(
-            self.clock, self.upstream_agent, [origin_of(BASE_URL)], header_timeout=IDLE
-        )
-        root = FilePath(str(tmp_path))
-        self.store = BlobStore(root)
-        self.index = CacheIndex(root.child("index").path, self.clock)
+        super().__init__(tmp_path, self.upstream, BASE_URL)
         self.fetcher = Fetcher(self.client, self.store, self.index, self.clock, IDLE)
         self.metadata = UpstreamMetadata(
             "up", BASE_URL, self.client, self.store, self.index, self.clock, ttl=TTL, idle_timeout=IDLE
         )
         resource = UpstreamResource(self.metadata, self.fetcher, self.store, self.index, self.clock)
-        # StubTreq grows its client methods at run time: typed as Any.
-        self.proxy: Any = StubTreq(RootResource({"up": resource}, "banner\n"))
-
-    def settle(self, rounds: int = 200) -> None:
-        for _ in range(rounds):
-            self.clock.advance(0)
-            self.upstream_agent.flush()
-            self.proxy.flush()
-
-    def run(self, d: "Deferred[Any]", rounds: int = 500) -> Any:
-        results: list[Any] = []
-        d.addBoth(results.append)
-        for _ in range(rounds):
-            if results:
-                break
-            self.settle(1)
-        assert results, "the request did not complete"
-        result = results[0]
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result
-
-    def get(self, path: str, **kwargs: Any) -> "Deferred[Any]":
-        return self.proxy.get(f"https://proxy.test/up/{path}", unbuffered=True, **kwargs)
-
-    def fetch(self, path: str, **kwargs: Any) -> tuple[int, bytes, Any]:
-        """GET through the proxy: status, body, and the response (headers, length)."""
-
-        async def go() -> tuple[int, bytes, Any]:
-            response = await self.get(path, **kwargs)
-            body = await treq.content(response)
-            return response.code, body, response
-
-        return self.run(Deferred.fromCoroutine(go()))
+        self.proxy = StubTreq(RootResource({"up": resource}, "banner\n"))
 
 
 @pytest.fixture
 def h(tmp_path: Any) -> Iterator[Harness]:
     harness = Harness(tmp_path)
     yield harness
-    harness.index.close()
+    harness.close()
 
 
 def upstream_gets(h: Harness, path: str) -> int:
