@@ -2,8 +2,8 @@
 Tests for L{proxy.web}: real C{twisted.web} requests through L{StubTreq}.
 
 The resource under test streams with a L{Clock} of ours, while
-L{StubTreq} moves bytes with its own memory reactor; L{Harness.settle}
-drives both, a bounded number of rounds.  Bodies that arrive while the test
+L{StubTreq} moves bytes with its own memory reactor; L{Harness.run} and
+L{Harness.settle} drive both, a bounded number of rounds.  Bodies that arrive while the test
 grows the source are read with C{unbuffered=True} and L{treq.collect}.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
@@ -28,15 +28,13 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from treq.client import HTTPClient
-from treq.testing import StubTreq
 
+from tests.helpers.harness import SiteClient
 from tests.helpers.logs import Logged
 from tests.helpers.sources import FakeSource
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.streaming import CHUNK_SIZE_BYTES, CompleteFile, FileSource, ProducerStopped
 from proxy.web import AsyncResource, finish_request, serve_file
-
-T = TypeVar("T")
 
 URL = "http://proxy.test/file"
 ETAG = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -86,47 +84,13 @@ class Handler(AsyncResource):
         return result
 
 
-@define
-class Harness:
-    clock: Clock
-    # A StubTreq, which grows its client methods at run time.
-    stub: Any
-
-    def settle(self, d: Deferred[T], rounds: int = 50) -> T:
-        """Drive both clocks until C{d} has a result; return or raise it."""
-        results: list[object] = []
-        d.addBoth(results.append)
-        for _ in range(rounds):
-            if results:
-                break
-            self.clock.advance(0)
-            self.stub.flush()
-        else:
-            pytest.fail(f"no result after {rounds} rounds")
-        [result] = results
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result  # type: ignore[return-value]
-
-    def pump(self, rounds: int = 10) -> None:
-        """Drive both clocks for a while when there is nothing to wait for."""
-        for _ in range(rounds):
-            self.clock.advance(0)
-            self.stub.flush()
-
+class Harness(SiteClient):
     def get(self, *, method: str = "GET", headers: dict[str, str] | None = None) -> IResponse:
-        response: IResponse = self.settle(
-            self.stub.request(method, URL, headers=headers, unbuffered=True)
-        )
-        return response
-
-    def body(self, response: IResponse) -> bytes:
-        content: bytes = self.settle(treq.content(response))
-        return content
+        return self.request(method, URL, headers)
 
 
 def harness_for(resource: Resource, clock: Clock | None = None) -> Harness:
-    return Harness(clock or Clock(), StubTreq(resource))
+    return Harness(resource, clock)
 
 
 @define
@@ -343,17 +307,17 @@ def test_growing_source_streamed(growing: tuple[Harness, FileResource, FakeSourc
     collected.addBoth(done.append)
 
     source.append(content[:100_000])
-    harness.pump()
+    harness.settle()
     assert body.data == content[:100_000]
     assert done == []
 
     source.append(content[100_000:200_000])
-    harness.pump()
+    harness.settle()
     assert body.data == content[:200_000]
     assert done == []
 
     source.append(content[200_000:])
-    harness.pump()
+    harness.settle()
     assert done == [None]
     assert body.data == content
     assert resource.outcomes == [None]
@@ -372,10 +336,10 @@ def test_range_of_growing_source(
     body = Streamed()
     collected = treq.collect(response, body.chunks.append)
     source.append(content[1000:160_000])
-    harness.pump()
+    harness.settle()
     assert body.data == content[150_000:160_000]
     source.append(content[160_000:])
-    harness.settle(collected)
+    harness.run(collected)
     assert body.data == content[150_000:]
 
 
@@ -388,11 +352,11 @@ def test_failure_after_headers_aborts(
     body = Streamed()
     collected = treq.collect(response, body.chunks.append)
     source.append(content[:100_000])
-    harness.pump()
+    harness.settle()
 
     source.fail(UpstreamFailed("upstream sent a bad file"))
     with pytest.raises(ResponseFailed):
-        harness.settle(collected)
+        harness.run(collected)
     assert body.data == content[:100_000]
     [error] = resource.outcomes
     assert isinstance(error, UpstreamFailed)
@@ -437,8 +401,8 @@ def test_client_disconnect(growing: tuple[Harness, FileResource, FakeSource, byt
     collected = treq.collect(staying, body.chunks.append)
     source.append(content[:1000])
     with pytest.raises(RuntimeError):
-        harness.settle(left)
-    harness.pump()
+        harness.run(left)
+    harness.settle()
 
     [error] = resource.outcomes
     assert isinstance(error, CancelledError)
@@ -446,7 +410,7 @@ def test_client_disconnect(growing: tuple[Harness, FileResource, FakeSource, byt
     assert source.waiting == 1, "only the staying client still waits"
 
     source.append(content[1000:])
-    harness.settle(collected)
+    harness.run(collected)
     assert body.data == content
     assert resource.outcomes[1:] == [None]
 
@@ -463,7 +427,7 @@ def test_transport_stops_producer(
     response = harness.get()
     collected = treq.collect(response, lambda data: None)
     source.append(content[:1000])
-    harness.pump()
+    harness.settle()
     [request] = resource.requests
 
     assert request.producer is not None
@@ -471,7 +435,7 @@ def test_transport_stops_producer(
     request.producer.stopProducing()
     request.transport.loseConnection()
     with pytest.raises(ResponseFailed):
-        harness.settle(collected)
+        harness.run(collected)
 
     [error] = resource.outcomes
     assert isinstance(error, ProducerStopped)
@@ -587,12 +551,12 @@ def test_cancelled_when_client_goes_away() -> None:
 
     harness = harness_for(Handler(handle))
     pending = harness.stub.get(URL, unbuffered=True)
-    harness.pump()
+    harness.settle()
     assert len(waiting) == 1
     assert cancelled == []
 
     pending.cancel()
-    harness.pump()
+    harness.settle()
     assert cancelled == [True]
     results: list[object] = []
     pending.addBoth(results.append)
