@@ -8,6 +8,7 @@ from typing import cast
 import pytest
 from twisted.logger import ILogObserver, globalLogPublisher
 
+from tests.helpers.harness import Closing
 from tests.helpers.logs import Logged
 
 
@@ -21,3 +22,11 @@ def logged() -> Iterator[Logged]:
         yield events
     finally:
         globalLogPublisher.removeObserver(observer)
+
+
+@pytest.fixture
+def closing() -> Iterator[Closing]:
+    """Give it each harness a test builds: every one is closed when the test ends."""
+    made = Closing()
+    yield made
+    made.close()

@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import pytest
 import treq
-from attrs import define, field, frozen
+from attrs import define, frozen
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
@@ -58,7 +58,7 @@ from proxy.streaming import (
     ProducerStopped,
 )
 from proxy.web import AsyncResource
-from tests.helpers.harness import SiteClient
+from tests.helpers.harness import SiteClient, Streamed
 from tests.helpers.sources import FakeSource
 
 
@@ -1062,15 +1062,6 @@ class Client(SiteClient):
 def client(make_parts: Callable[[], Sequence[ExportPart]]) -> Client:
     clock = Clock()
     return Client(ExportResource(make_parts, clock), clock)
-
-
-@define
-class Streamed:
-    chunks: list[bytes] = field(factory=list)
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(self.chunks)
 
 
 def test_client_reads_a_split_export(tmp_path: object) -> None:

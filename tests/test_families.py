@@ -7,7 +7,7 @@ catalogue fetched with a User-Agent of that family, kept apart, and served to th
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from treq.testing import StubTreq
@@ -19,7 +19,7 @@ from proxy.catalogue import Family
 from proxy.fetch import Fetcher
 from proxy.metadata import UpstreamMetadata
 from proxy.simplestreams import RootResource, UpstreamResource
-from tests.helpers.harness import CacheHarness
+from tests.helpers.harness import CacheHarness, Closing
 from tests.helpers.scripted import BASE_URL, META_PATH, ROOTFS_PATH, ScriptedUpstream, sha, simple_tree
 
 TTL = 300.0
@@ -83,10 +83,8 @@ class Harness(CacheHarness):
 
 
 @pytest.fixture
-def h(tmp_path: Any) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    yield harness
-    harness.close()
+def h(tmp_path: Any, closing: Closing) -> Harness:
+    return closing(Harness(tmp_path))
 
 
 def test_each_family_gets_its_own_catalogue_fetched_with_its_own_agent(h: Harness) -> None:

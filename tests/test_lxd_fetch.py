@@ -9,7 +9,7 @@ L{Clock}; the simplestreams face through C{StubTreq}.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, cast
+from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -39,6 +39,8 @@ from proxy.lxd_remote import (
 from proxy.prefetch import Prefetcher
 from proxy.streaming import FileSource
 from proxy.upstream import VerificationFailed
+from tests.helpers.harness import Closing
+from tests.helpers.logs import Logged
 from tests.helpers.lxd_server import (
     GO_BOUNDARY,
     IDLE,
@@ -50,7 +52,6 @@ from tests.helpers.lxd_server import (
     go_multipart,
     sha,
 )
-from tests.helpers.logs import Logged
 
 META = bytes(range(256)) * 3
 ROOTFS = b"".join(b"%08d" % i for i in range(20_000))  # 160 000 bytes
@@ -67,17 +68,11 @@ def unified_image() -> FakeImage:
 
 
 @pytest.fixture
-def make(tmp_path: Any) -> Iterator[Any]:
-    made: list[LxdHarness] = []
-
+def make(tmp_path: Any, closing: Closing) -> Any:
     def make_harness(images: list[FakeImage], **kwargs: Any) -> LxdHarness:
-        harness = LxdHarness(tmp_path / str(len(made)), images, **kwargs)
-        made.append(harness)
-        return harness
+        return closing(LxdHarness(tmp_path / str(len(closing)), images, **kwargs))
 
-    yield make_harness
-    for harness in made:
-        harness.close()
+    return make_harness
 
 
 def remote(image: FakeImage) -> RemoteImage:

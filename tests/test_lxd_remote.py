@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -28,6 +28,8 @@ from proxy.lxd_remote import (
     synthesise,
 )
 from proxy.metadata import INDEX_PATH, RETRY_AFTER_FAILURE_SECONDS, STALE_WAIT_SECONDS
+from tests.helpers.harness import Closing
+from tests.helpers.logs import Logged
 from tests.helpers.lxd_server import (
     IDLE,
     LXD_URL,
@@ -37,7 +39,6 @@ from tests.helpers.lxd_server import (
     envelope,
     sha,
 )
-from tests.helpers.logs import Logged
 
 UBUNTU = {"os": "ubuntu", "release": "noble", "architecture": "amd64", "variant": "default",
           "version": "24.04", "serial": "20240702"}
@@ -68,17 +69,11 @@ def learn(h: LxdHarness, image: FakeImage, root_ftype: str = "squashfs") -> Imag
 
 
 @pytest.fixture
-def make(tmp_path: Any) -> Iterator[Any]:
-    made: list[LxdHarness] = []
-
+def make(tmp_path: Any, closing: Closing) -> Any:
     def make_harness(images: list[FakeImage], **kwargs: Any) -> LxdHarness:
-        harness = LxdHarness(tmp_path / str(len(made)), images, **kwargs)
-        made.append(harness)
-        return harness
+        return closing(LxdHarness(tmp_path / str(len(closing)), images, **kwargs))
 
-    yield make_harness
-    for harness in made:
-        harness.close()
+    return make_harness
 
 
 def body_of(h: LxdHarness, path: str) -> bytes:

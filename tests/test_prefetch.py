@@ -10,7 +10,7 @@ for clients' downloads all move only when a test advances it. Every wait is a bo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import attrs
@@ -31,7 +31,7 @@ from proxy.prefetch import (
     Prefetcher,
     TickReport,
 )
-from tests.helpers.harness import CacheHarness, collect, outcome
+from tests.helpers.harness import CacheHarness, Closing, collect, outcome
 from tests.helpers.logs import Logged
 from tests.helpers.scripted import BASE_URL, Held, ScriptedUpstream, sha
 
@@ -245,18 +245,13 @@ Make = Callable[..., Harness]
 
 
 @pytest.fixture
-def make(tmp_path: Any) -> Iterator[Make]:
+def make(tmp_path: Any, closing: Closing) -> Make:
     """Build the harness for a test's catalogue and configuration; the index is closed after."""
-    made: list[Harness] = []
 
     def build(products: Iterable[Product], pins: Iterable[PinConfig] = (), **cache: Any) -> Harness:
-        harness = Harness(tmp_path, products, pins, **cache)
-        made.append(harness)
-        return harness
+        return closing(Harness(tmp_path, products, pins, **cache))
 
-    yield build
-    for harness in made:
-        harness.close()
+    return build
 
 
 def fake_ticks(monkeypatch: pytest.MonkeyPatch, h: Harness) -> tuple[list[float], list["Deferred[None]"]]:

@@ -9,7 +9,7 @@ both in-memory connections and the clock in a bounded loop.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, cast
+from typing import Any, cast
 
 import pytest
 import treq
@@ -28,7 +28,7 @@ from proxy.fetch import Fetcher
 from proxy.metadata import RETRY_AFTER_FAILURE_SECONDS, STALE_WAIT_SECONDS, UpstreamMetadata
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.upstream import AllowlistAgent, origin_of
-from tests.helpers.harness import CacheHarness
+from tests.helpers.harness import CacheHarness, Closing
 from tests.helpers.logs import Logged
 from tests.helpers.scripted import (
     BASE_URL,
@@ -57,10 +57,8 @@ class Harness(CacheHarness):
 
 
 @pytest.fixture
-def h(tmp_path: Any) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    yield harness
-    harness.close()
+def h(tmp_path: Any, closing: Closing) -> Harness:
+    return closing(Harness(tmp_path))
 
 
 def upstream_gets(h: Harness, path: str) -> int:

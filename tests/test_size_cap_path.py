@@ -10,7 +10,7 @@ A slow client is a response whose producer is paused, as a full transport pauses
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, cast
+from typing import Any, Callable, cast
 
 import attrs
 import pytest
@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import LogLevel
 
 from proxy.index import Stats
+from tests.helpers.harness import Closing
 from tests.helpers.logs import Logged
 from tests.helpers.scripted import sha
 from tests.helpers.wired import (
@@ -57,17 +58,11 @@ MakeHarness = Callable[..., Harness]
 
 
 @pytest.fixture
-def make(tmp_path: Any) -> Iterator[MakeHarness]:
-    made: list[Harness] = []
-
+def make(tmp_path: Any, closing: Closing) -> MakeHarness:
     def make_harness(**kwargs: Any) -> Harness:
-        harness = Harness(tmp_path / f"cache{len(made)}", tree(), **kwargs)
-        made.append(harness)
-        return harness
+        return closing(Harness(tmp_path / f"cache{len(closing)}", tree(), **kwargs))
 
-    yield make_harness
-    for harness in made:
-        harness.close()
+    return make_harness
 
 
 def stored(h: Harness) -> set[int]:

@@ -16,7 +16,6 @@ from typing import Any
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 import treq
-from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock, deferLater
@@ -29,7 +28,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request
 from treq.client import HTTPClient
 
-from tests.helpers.harness import SiteClient
+from tests.helpers.harness import SiteClient, Streamed
 from tests.helpers.logs import Logged
 from tests.helpers.sources import FakeSource
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
@@ -91,17 +90,6 @@ class Harness(SiteClient):
 
 def harness_for(resource: Resource, clock: Clock | None = None) -> Harness:
     return Harness(resource, clock)
-
-
-@define
-class Streamed:
-    """A body collected as it arrives."""
-
-    chunks: list[bytes] = field(factory=list)
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(self.chunks)
 
 
 def header(response: IResponse, name: str) -> str | None:

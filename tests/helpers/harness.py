@@ -10,7 +10,8 @@ L{CacheHarness} adds what every wired harness builds the same way: the blob stor
 index on C{tmp_path} under that clock, an upstream reached through the proxy's own
 L{UpstreamClient} over C{RequestTraversalAgent}, and the C{StubTreq} client its subclass sets
 as C{proxy}.
-L{SiteClient} is a C{StubTreq} over one resource with the resource's clock.
+L{SiteClient} is a C{StubTreq} over one resource with the resource's clock. L{Closing} closes
+at the end of a test what the test built (the C{closing} fixture of C{tests/conftest.py}).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterable
 from typing import Any, Protocol, TypeVar
 
 import treq
+from attrs import define, field
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
@@ -55,6 +57,32 @@ def outcome(results: list[Any]) -> Any:
     if isinstance(result, Failure):
         result.raiseException()
     return result
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Closable)
+
+
+class Closing:
+    """What a test built that must be closed when it ends (the C{closing} fixture)."""
+
+    def __init__(self) -> None:
+        self._made: list[Closable] = []
+
+    def __call__(self, thing: C) -> C:
+        """Keep C{thing} to close at the end, and hand it back."""
+        self._made.append(thing)
+        return thing
+
+    def __len__(self) -> int:
+        return len(self._made)
+
+    def close(self) -> None:
+        for thing in self._made:
+            thing.close()
 
 
 class Pump:
@@ -172,3 +200,14 @@ class SiteClient(Pump):
         """The whole body of C{response}."""
         data: bytes = self.run(treq.content(response))
         return data
+
+
+@define
+class Streamed:
+    """A body collected as it arrives: C{treq.collect(response, streamed.chunks.append)}."""
+
+    chunks: list[bytes] = field(factory=list)
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self.chunks)
