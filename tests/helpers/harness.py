@@ -10,6 +10,7 @@ L{CacheHarness} adds what every wired harness builds the same way: the blob stor
 index on C{tmp_path} under that clock, an upstream reached through the proxy's own
 L{UpstreamClient} over C{RequestTraversalAgent}, and the C{StubTreq} client its subclass sets
 as C{proxy}.
+
 L{SiteClient} is a C{StubTreq} over one resource with the resource's clock. L{Closing} closes
 at the end of a test what the test built (the C{closing} fixture of C{tests/conftest.py}).
 """
