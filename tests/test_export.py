@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesParser
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import pytest
 import treq
-from attrs import define, field, frozen
+from attrs import define, frozen
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IPushProducer
@@ -37,7 +37,6 @@ from twisted.web.client import ResponseFailed
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
-from treq.testing import StubTreq
 
 from proxy.blobs import BlobStore
 from proxy.catalogue import Image, Item
@@ -59,9 +58,9 @@ from proxy.streaming import (
     ProducerStopped,
 )
 from proxy.web import AsyncResource
+from tests.helpers.harness import SiteClient, Streamed
 from tests.helpers.sources import FakeSource
 
-T = TypeVar("T")
 
 FP = hashlib.sha256(b"an image").hexdigest()
 BOUNDARY = b"3d6b6a416f9d5b7a8c2e"
@@ -1051,60 +1050,25 @@ def test_transport_stops_while_a_source_is_awaited(tmp_path: object) -> None:
 # -- a real HTTP client -----------------------------------------------------------------------
 
 
-@define
-class Client:
-    clock: Clock
-    # A StubTreq, which grows its client methods at run time.
-    stub: Any
-    resource: ExportResource
-
-    def settle(self, d: Deferred[T], rounds: int = 50) -> T:
-        results: list[object] = []
-        d.addBoth(results.append)
-        for _ in range(rounds):
-            if results:
-                break
-            self.clock.advance(0)
-            self.stub.flush()
-        else:
-            pytest.fail(f"no result after {rounds} rounds")
-        [result] = results
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result  # type: ignore[return-value]
-
-    def pump(self, rounds: int = 10) -> None:
-        for _ in range(rounds):
-            self.clock.advance(0)
-            self.stub.flush()
+class Client(SiteClient):
+    def __init__(self, resource: ExportResource, clock: Clock) -> None:
+        super().__init__(resource, clock)
+        self.resource = resource
 
     def get(self) -> IResponse:
-        response: IResponse = self.settle(
-            self.stub.get(f"http://proxy.test/1.0/images/{FP}/export", unbuffered=True)
-        )
-        return response
+        return self.request("GET", f"http://proxy.test/1.0/images/{FP}/export")
 
 
 def client(make_parts: Callable[[], Sequence[ExportPart]]) -> Client:
     clock = Clock()
-    resource = ExportResource(make_parts, clock)
-    return Client(clock, StubTreq(resource), resource)
-
-
-@define
-class Streamed:
-    chunks: list[bytes] = field(factory=list)
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(self.chunks)
+    return Client(ExportResource(make_parts, clock), clock)
 
 
 def test_client_reads_a_split_export(tmp_path: object) -> None:
     c = client(split_parts(tmp_path))
     response = c.get()
     assert response.code == 200
-    body: bytes = c.settle(treq.content(response))
+    body: bytes = c.run(treq.content(response))
     assert response.length == len(body) == len(form(BOUNDARY, META, ROOT))
     [content_type] = response.headers.getRawHeaders(b"Content-Type")
     assert parse_form(content_type.decode(), body)[0] == ("metadata", f"meta-{FP}.tar.xz", META)
@@ -1120,9 +1084,9 @@ def test_client_gets_headers_before_sources(tmp_path: object) -> None:
     body = Streamed()
     collected = treq.collect(response, body.chunks.append)
     meta.callback(blob(tmp_path, "meta", META))
-    c.pump()
+    c.settle()
     root.callback(blob(tmp_path, "root", ROOT))
-    c.settle(collected)
+    c.run(collected)
     assert body.data == form(BOUNDARY, META, ROOT)
 
 
@@ -1134,8 +1098,8 @@ def test_client_sees_an_aborted_export_fail(tmp_path: object) -> None:
     body = Streamed()
     collected = treq.collect(response, body.chunks.append)
     root.append(ROOT[:100_000])
-    c.pump()
+    c.settle()
     root.fail(UpstreamFailed("upstream went away"))
     with pytest.raises(ResponseFailed):
-        c.settle(collected)
+        c.run(collected)
     assert len(body.data) < len(form(BOUNDARY, META, ROOT))

@@ -7,25 +7,19 @@ catalogue fetched with a User-Agent of that family, kept apart, and served to th
 from __future__ import annotations
 
 import json
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-import treq
-from treq.testing import RequestTraversalAgent, StubTreq
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
-from twisted.python.filepath import FilePath
 from twisted.web.server import Request
 
 from proxy.agents import DEFAULT_AGENTS, ClientAgents
-from proxy.blobs import BlobStore
 from proxy.catalogue import Family
 from proxy.fetch import Fetcher
-from proxy.index import CacheIndex
 from proxy.metadata import UpstreamMetadata
 from proxy.simplestreams import RootResource, UpstreamResource
-from proxy.upstream import UpstreamClient, origin_of
+from tests.helpers.harness import CacheHarness, Closing
 from tests.helpers.scripted import BASE_URL, META_PATH, ROOTFS_PATH, ScriptedUpstream, sha, simple_tree
 
 TTL = 300.0
@@ -50,19 +44,14 @@ def incus_products(files: dict[str, bytes]) -> bytes:
     return json.dumps(doc).encode()
 
 
-class Harness:
+class Harness(CacheHarness):
     def __init__(self, tmp_path: Any) -> None:
-        self.clock = Clock()
         self.files = simple_tree()
         self.files[INCUS_ONLY] = b"I" * 1000
         self.upstream = ScriptedUpstream(self.files)
         self.agents_seen: list[tuple[str, bytes]] = []
         self.upstream.override[PRODUCTS] = self._products
-        self.upstream_agent = RequestTraversalAgent(self.upstream)
-        self.client = UpstreamClient(self.clock, self.upstream_agent, [origin_of(BASE_URL)], header_timeout=60)
-        root = FilePath(str(tmp_path))
-        self.store = BlobStore(root)
-        self.index = CacheIndex(root.child("index").path, self.clock)
+        super().__init__(tmp_path, self.upstream, BASE_URL)
         self.fetcher = Fetcher(self.client, self.store, self.index, self.clock, 60)
         self.agents = ClientAgents()
         families: dict[Family, UpstreamMetadata] = {
@@ -77,7 +66,7 @@ class Harness:
             families["lxd"], self.fetcher, self.store, self.index, self.clock,
             families=families, agents=self.agents,
         )
-        self.proxy: Any = StubTreq(RootResource({"up": resource}, "banner\n"))
+        self.proxy = StubTreq(RootResource({"up": resource}, "banner\n"))
 
     def _products(self, request: Request) -> bytes:
         agent = request.getHeader(b"User-Agent") or b""
@@ -87,76 +76,51 @@ class Harness:
             return incus_products(self.files)
         return self.files[PRODUCTS]
 
-    def fetch(self, path: str, agent: bytes) -> tuple[int, bytes]:
-        async def go() -> tuple[int, bytes]:
-            response = await self.proxy.get(
-                f"https://proxy.test/up/{path}", headers={b"User-Agent": [agent]}, unbuffered=True
-            )
-            return response.code, await treq.content(response)
-
-        results: list[Any] = []
-        Deferred.fromCoroutine(go()).addBoth(results.append)
-        for _ in range(500):
-            if results:
-                break
-            self.clock.advance(0)
-            self.upstream_agent.flush()
-            self.proxy.flush()
-        assert results, "the request did not complete"
-        if isinstance(results[0], Failure):
-            results[0].raiseException()
-        code, body = results[0]
+    def fetch_as(self, path: str, agent: bytes) -> tuple[int, bytes]:
+        """GET through the proxy as a client sending C{agent}: status and body."""
+        code, body, _ = self.fetch(path, headers={b"User-Agent": [agent]})
         return code, body
 
 
 @pytest.fixture
-def h(tmp_path: Any) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    yield harness
-    harness.index.close()
+def h(tmp_path: Any, closing: Closing) -> Harness:
+    return closing(Harness(tmp_path))
 
 
 def test_each_family_gets_its_own_catalogue_fetched_with_its_own_agent(h: Harness) -> None:
-    code, lxd_body = h.fetch(PRODUCTS, LXD_AGENT)
+    code, lxd_body = h.fetch_as(PRODUCTS, LXD_AGENT)
     assert code == 200 and lxd_body == h.files[PRODUCTS]
-    code, incus_body = h.fetch(PRODUCTS, INCUS_AGENT)
+    code, incus_body = h.fetch_as(PRODUCTS, INCUS_AGENT)
     assert code == 200 and incus_body == incus_products(h.files)
     # Each refresh went out with the User-Agent of a client of that family.
     assert h.agents_seen == [(PRODUCTS, LXD_AGENT), (PRODUCTS, INCUS_AGENT)]
     # Within the TTL each family is served its own copy, without asking again.
-    assert h.fetch(PRODUCTS, LXD_AGENT)[1] == lxd_body
-    assert h.fetch(PRODUCTS, INCUS_AGENT)[1] == incus_body
+    assert h.fetch_as(PRODUCTS, LXD_AGENT)[1] == lxd_body
+    assert h.fetch_as(PRODUCTS, INCUS_AGENT)[1] == incus_body
     assert len(h.agents_seen) == 2
 
 
 def test_a_family_no_client_came_from_is_refreshed_with_a_stand_in(h: Harness) -> None:
-    h.fetch("streams/v1/index.json", INCUS_AGENT)
+    h.fetch_as("streams/v1/index.json", INCUS_AGENT)
     # The LXD catalogue, read before any LXD client came (as the prefetcher does).
     meta = h.families["lxd"]
-    results: list[Any] = []
-    Deferred.fromCoroutine(meta.get(PRODUCTS)).addBoth(results.append)
-    for _ in range(100):
-        if results:
-            break
-        h.clock.advance(0)
-        h.upstream_agent.flush()
-    assert results and not isinstance(results[0], Failure)
+    h.run(Deferred.fromCoroutine(meta.get(PRODUCTS)), rounds=100)
     assert h.agents_seen == [(PRODUCTS, DEFAULT_AGENTS["lxd"])]
 
 
 def test_files_are_shared_whichever_catalogue_lists_them(h: Harness) -> None:
-    h.fetch(PRODUCTS, LXD_AGENT)
-    h.fetch(PRODUCTS, INCUS_AGENT)
+    h.fetch_as(PRODUCTS, LXD_AGENT)
+    h.fetch_as(PRODUCTS, INCUS_AGENT)
     # Listed in both: fetched once, a hit for the other family.
-    assert h.fetch(ROOTFS_PATH, INCUS_AGENT) == (200, h.files[ROOTFS_PATH])
-    assert h.fetch(ROOTFS_PATH, LXD_AGENT) == (200, h.files[ROOTFS_PATH])
+    assert h.fetch_as(ROOTFS_PATH, INCUS_AGENT) == (200, h.files[ROOTFS_PATH])
+    assert h.fetch_as(ROOTFS_PATH, LXD_AGENT) == (200, h.files[ROOTFS_PATH])
     assert h.upstream.paths_requested(ROOTFS_PATH) == 1
     # Listed in the Incus catalogue only: found there for any client once that copy is held.
-    assert h.fetch(INCUS_ONLY, LXD_AGENT) == (200, h.files[INCUS_ONLY])
-    assert h.fetch(META_PATH, INCUS_AGENT)[0] == 200
+    assert h.fetch_as(INCUS_ONLY, LXD_AGENT) == (200, h.files[INCUS_ONLY])
+    assert h.fetch_as(META_PATH, INCUS_AGENT)[0] == 200
 
 
 def test_an_unknown_client_is_served_the_lxd_catalogue(h: Harness) -> None:
-    assert h.fetch(PRODUCTS, b"curl/8.0")[1] == h.files[PRODUCTS]
+    assert h.fetch_as(PRODUCTS, b"curl/8.0")[1] == h.files[PRODUCTS]
     # A client that is neither is not forwarded as the LXD family's agent.
     assert h.agents_seen == [(PRODUCTS, DEFAULT_AGENTS["lxd"])]

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent, globalLogPublisher
-from zope.interface import implementer
+from twisted.logger import LogLevel
 
 from proxy.health import FORCED_RETRY_AFTER_SECONDS, UpstreamHealth
+from tests.helpers.logs import Logged
 
 START = 1_700_000_000.0
 
@@ -23,30 +22,8 @@ def clock() -> Clock:
     return c
 
 
-@implementer(ILogObserver)
-class Capture:
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    capture = Capture()
-    globalLogPublisher.addObserver(capture)
-    try:
-        yield capture.events
-    finally:
-        globalLogPublisher.removeObserver(capture)
-
-
-def lines(events: list[LogEvent], level: LogLevel) -> list[str]:
-    return [
-        formatEvent(e) for e in events
-        if e.get("log_level") == level and e.get("log_namespace") == "proxy.health.UpstreamHealth"
-    ]
+def lines(logged: Logged, level: LogLevel) -> list[str]:
+    return logged.lines(level, "proxy.health.UpstreamHealth")
 
 
 def hms(when: float) -> str:
@@ -75,28 +52,28 @@ def test_online_at_start(clock: Clock) -> None:
     assert health.describe() == "upstream images is online"
 
 
-def test_first_failure_marks_offline_and_logs_one_warning(clock: Clock, events: list[LogEvent]) -> None:
+def test_first_failure_marks_offline_and_logs_one_warning(clock: Clock, logged: Logged) -> None:
     health = UpstreamHealth("images", clock)
     health.record_failure("connection refused", transport=True)
     assert health.offline
     assert not health.may_try()
-    assert lines(events, LogLevel.warn) == [
+    assert lines(logged, LogLevel.warn) == [
         "upstream images is unreachable (connection refused): marked offline, requests fail fast; "
         f"next attempt in 5 s, at {hms(START + 5)}"
     ]
 
 
-def test_a_5xx_is_worded_as_failing(clock: Clock, events: list[LogEvent]) -> None:
+def test_a_5xx_is_worded_as_failing(clock: Clock, logged: Logged) -> None:
     health = UpstreamHealth("images", clock)
     health.record_failure("503 for https://up/streams/v1/index.json", transport=False)
     assert health.offline
-    assert lines(events, LogLevel.warn) == [
+    assert lines(logged, LogLevel.warn) == [
         "upstream images is failing (503 for https://up/streams/v1/index.json): marked offline, "
         f"requests fail fast; next attempt in 5 s, at {hms(START + 5)}"
     ]
 
 
-def test_later_failures_log_at_debug_only(clock: Clock, events: list[LogEvent]) -> None:
+def test_later_failures_log_at_debug_only(clock: Clock, logged: Logged) -> None:
     health = UpstreamHealth("images", clock)
     health.record_failure("connection refused", transport=True)
     # Requests sent before the outage was known, ending before the probe time.
@@ -105,9 +82,9 @@ def test_later_failures_log_at_debug_only(clock: Clock, events: list[LogEvent]) 
     health.record_failure("connection reset", transport=True)
     for _ in range(3):
         fail_probe(health, clock)
-    assert len(lines(events, LogLevel.warn)) == 1
-    assert len(lines(events, LogLevel.debug)) == 5
-    assert lines(events, LogLevel.info) == []
+    assert len(lines(logged, LogLevel.warn)) == 1
+    assert len(lines(logged, LogLevel.debug)) == 5
+    assert lines(logged, LogLevel.info) == []
 
 
 def test_backoff_doubles_up_to_the_cap(clock: Clock) -> None:
@@ -178,7 +155,7 @@ def test_a_probe_that_never_reports_is_given_up(clock: Clock) -> None:
     assert [health.may_try() for _ in range(2)] == [True, False]
 
 
-def test_success_brings_it_back_and_resets_the_backoff(clock: Clock, events: list[LogEvent]) -> None:
+def test_success_brings_it_back_and_resets_the_backoff(clock: Clock, logged: Logged) -> None:
     health = UpstreamHealth("images", clock)
     health.record_failure("connection refused", transport=True)
     fail_probe(health, clock)
@@ -191,24 +168,24 @@ def test_success_brings_it_back_and_resets_the_backoff(clock: Clock, events: lis
     assert not health.offline
     assert not probing(health)
     assert [health.may_try() for _ in range(3)] == [True, True, True]
-    assert lines(events, LogLevel.info) == ["upstream images is reachable again after 35 s"]
+    assert lines(logged, LogLevel.info) == ["upstream images is reachable again after 35 s"]
     # The next outage starts from the base backoff again, with its own warning.
     health.record_success()
     health.record_failure("TLS handshake failed", transport=True)
     assert health.retry_after() == 5
-    assert len(lines(events, LogLevel.warn)) == 2
-    assert len(lines(events, LogLevel.info)) == 1
+    assert len(lines(logged, LogLevel.warn)) == 2
+    assert len(lines(logged, LogLevel.info)) == 1
 
 
-def test_success_while_online_logs_nothing(clock: Clock, events: list[LogEvent]) -> None:
+def test_success_while_online_logs_nothing(clock: Clock, logged: Logged) -> None:
     health = UpstreamHealth("images", clock)
     health.record_success()
     health.record_success()
-    assert lines(events, LogLevel.info) == []
+    assert lines(logged, LogLevel.info) == []
     assert not health.offline
 
 
-def test_forced_offline_never_tries(clock: Clock, events: list[LogEvent]) -> None:
+def test_forced_offline_never_tries(clock: Clock, logged: Logged) -> None:
     health = UpstreamHealth("images", clock, forced_offline=True)
     assert health.offline
     assert health.forced
@@ -223,8 +200,8 @@ def test_forced_offline_never_tries(clock: Clock, events: list[LogEvent]) -> Non
     assert health.describe() == (
         "upstream images is offline by configuration (upstreams.images.offline = true)"
     )
-    assert lines(events, LogLevel.warn) == []
-    assert lines(events, LogLevel.info) == []
+    assert lines(logged, LogLevel.warn) == []
+    assert lines(logged, LogLevel.info) == []
 
 
 def test_retry_after_counts_down_in_whole_seconds(clock: Clock) -> None:

@@ -14,9 +14,7 @@ from typing import Any
 import attrs
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.filepath import FilePath
-from zope.interface import implementer
 
 from proxy.blobs import BlobStore
 from proxy.index import (
@@ -34,6 +32,7 @@ from proxy.index import (
     reconcile,
     split_item_path,
 )
+from tests.helpers.logs import Logged
 
 
 def sha(data: bytes) -> str:
@@ -374,29 +373,12 @@ def test_metadata_round_trip(index: CacheIndex) -> None:
 # -- reconcile ----------------------------------------------------------------
 
 
-@implementer(ILogObserver)
-class Capture:
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    capture = Capture()
-    globalLogPublisher.addObserver(capture)
-    yield capture.events
-    globalLogPublisher.removeObserver(capture)
-
-
 def test_reconcile_clean(index: CacheIndex, store: BlobStore) -> None:
     assert reconcile(index, store) == ReconcileReport(0, 0, 0)
 
 
 def test_reconcile_cases(
-    index: CacheIndex, store: BlobStore, tmp_path: Path, events: list[LogEvent]
+    index: CacheIndex, store: BlobStore, tmp_path: Path, logged: Logged
 ) -> None:
     good = record(b"good")
     commit_blob(store, b"good")
@@ -436,12 +418,12 @@ def test_reconcile_cases(
     assert not store.exists(wrong_size.sha256)
     assert list((tmp_path / "cache" / "tmp").iterdir()) == []
 
-    summary = [e for e in events if e.get("log_format", "").startswith("cache reconciled")]
+    summary = logged.starting("cache reconciled")
     assert len(summary) == 1
     assert summary[0]["orphan_blobs_removed"] == 2
     assert summary[0]["dangling_records_removed"] == 3
     assert summary[0]["temp_removed"] == 2
-    dropped = {e.get("sha256") for e in events if "dropping" in e.get("log_format", "")}
+    dropped = {e.get("sha256") for e in logged.matching("dropping")}
     assert {missing.sha256, wrong_size.sha256, stale_meta.sha256} <= dropped
 
     assert reconcile(index, store) == ReconcileReport(0, 0, 0)

@@ -11,9 +11,7 @@ from typing import Any, cast
 import attrs
 import pytest
 from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.filepath import FilePath
-from zope.interface import implementer
 
 from proxy.blobs import BlobStore
 from proxy.config import CacheConfig
@@ -25,6 +23,7 @@ from proxy.lifecycle import (
     plan_eviction,
     plan_expiry,
 )
+from tests.helpers.logs import Logged
 
 DAY = SECONDS_PER_DAY
 NOW = 100 * DAY
@@ -193,23 +192,6 @@ def test_restoring_limits_with_no_need() -> None:
 # -- CacheLifecycle on a real index and store ---------------------------------
 
 
-@implementer(ILogObserver)
-class Capture:
-    def __init__(self) -> None:
-        self.events: list[LogEvent] = []
-
-    def __call__(self, event: LogEvent) -> None:
-        self.events.append(event)
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    capture = Capture()
-    globalLogPublisher.addObserver(capture)
-    yield capture.events
-    globalLogPublisher.removeObserver(capture)
-
-
 @attrs.define
 class Cache:
     index: CacheIndex
@@ -256,7 +238,7 @@ def config(tmp_path: Path, **changes: Any) -> CacheConfig:
     return attrs.evolve(CacheConfig(dir=str(tmp_path / "cache")), **changes)
 
 
-def test_make_room_evicts_lru_blobs_on_disk(cache: Cache, tmp_path: Path, events: list[LogEvent]) -> None:
+def test_make_room_evicts_lru_blobs_on_disk(cache: Cache, tmp_path: Path, logged: Logged) -> None:
     old = cache.add("old", 1000, last_used_at=NOW - 3 * DAY)
     mid = cache.add("mid", 1000, last_used_at=NOW - 2 * DAY)
     new = cache.add("new", 1000, last_used_at=NOW - 1 * DAY)
@@ -274,12 +256,12 @@ def test_make_room_evicts_lru_blobs_on_disk(cache: Cache, tmp_path: Path, events
     assert not cache.store.exists(old.sha256)
     assert cache.store.exists(pinned.sha256)
     assert cache.index.total_size() == 3000
-    evicted = [e for e in events if e.get("log_format", "").startswith("evicted")]
+    evicted = logged.starting("evicted")
     assert [(e["count"], e["freed"], e["size"]) for e in evicted] == [(1, 1000, 1200)]
 
 
 def test_make_room_refuses_and_evicts_nothing_when_impossible(
-    cache: Cache, tmp_path: Path, events: list[LogEvent]
+    cache: Cache, tmp_path: Path, logged: Logged
 ) -> None:
     busy = cache.add("busy", 1000, last_used_at=NOW - 3 * DAY)
     free = cache.add("free", 1000, last_used_at=NOW - 2 * DAY)
@@ -291,7 +273,7 @@ def test_make_room_refuses_and_evicts_nothing_when_impossible(
     assert lifecycle.make_room(1500) is False
     assert cache.stored() == {busy.sha256, free.sha256, pinned.sha256}
     assert all(cache.store.exists(r.sha256) for r in (busy, free, pinned))
-    assert any(e.get("log_format", "").startswith("no room") for e in events)
+    assert logged.starting("no room")
 
     # Once the download is over, the busy file may go.
     cache.busy.clear()
@@ -342,7 +324,7 @@ def test_metadata_blobs_are_kept(cache: Cache, tmp_path: Path) -> None:
     assert cache.store.exists(shared.sha256)
 
 
-def test_gc_expires_then_applies_the_cap(cache: Cache, tmp_path: Path, events: list[LogEvent]) -> None:
+def test_gc_expires_then_applies_the_cap(cache: Cache, tmp_path: Path, logged: Logged) -> None:
     expired = cache.add("expired", 1000, last_used_at=NOW - 11 * DAY)
     edge = cache.add("edge", 1000, last_used_at=NOW - 10 * DAY)
     pinned = cache.add("pinned", 1000, last_used_at=NOW - 50 * DAY, cached=False)
@@ -362,7 +344,7 @@ def test_gc_expires_then_applies_the_cap(cache: Cache, tmp_path: Path, events: l
     assert cache.stored() == {pinned.sha256, busy.sha256, recent.sha256}
     for gone in (expired, edge, lru):
         assert not cache.store.exists(gone.sha256)
-    summary = [e for e in events if e.get("log_format", "").startswith("cache gc")]
+    summary = logged.starting("cache gc")
     assert len(summary) == 1 and summary[0]["evicted"] == 2
 
     # A day later "edge" would have expired anyway; nothing else is due.

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import treq
@@ -38,6 +38,7 @@ from tests.helpers.faces import (
     lxd_agent,
     parse_multipart,
 )
+from tests.helpers.harness import Closing
 from tests.helpers.scripted import BASE_URL, sha
 from tests.helpers.wired import INDEX, TTL
 
@@ -45,10 +46,8 @@ PRODUCTS = "streams/v1/images.json"
 
 
 @pytest.fixture
-def h(tmp_path: Any) -> Iterator[FaceHarness]:
-    harness = FaceHarness(tmp_path)
-    yield harness
-    harness.close()
+def h(tmp_path: Any, closing: Closing) -> FaceHarness:
+    return closing(FaceHarness(tmp_path))
 
 
 def export_path(image: Expected) -> str:

@@ -9,11 +9,10 @@ L{Clock}; the simplestreams face through C{StubTreq}.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, cast
+from typing import Any, cast
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from proxy.catalogue import Item, parse_images
@@ -40,6 +39,8 @@ from proxy.lxd_remote import (
 from proxy.prefetch import Prefetcher
 from proxy.streaming import FileSource
 from proxy.upstream import VerificationFailed
+from tests.helpers.harness import Closing
+from tests.helpers.logs import Logged
 from tests.helpers.lxd_server import (
     GO_BOUNDARY,
     IDLE,
@@ -67,26 +68,11 @@ def unified_image() -> FakeImage:
 
 
 @pytest.fixture
-def make(tmp_path: Any) -> Iterator[Any]:
-    made: list[LxdHarness] = []
-
+def make(tmp_path: Any, closing: Closing) -> Any:
     def make_harness(images: list[FakeImage], **kwargs: Any) -> LxdHarness:
-        harness = LxdHarness(tmp_path / str(len(made)), images, **kwargs)
-        made.append(harness)
-        return harness
+        return closing(LxdHarness(tmp_path / str(len(closing)), images, **kwargs))
 
-    yield make_harness
-    for harness in made:
-        harness.close()
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
+    return make_harness
 
 
 def remote(image: FakeImage) -> RemoteImage:
@@ -405,7 +391,7 @@ def test_an_export_of_another_shape_than_listed_teaches_the_right_one(make: Any)
 # Failures: nothing committed, everyone told
 
 
-def test_a_wrong_combined_hash_commits_nothing(make: Any, logged: list[LogEvent]) -> None:
+def test_a_wrong_combined_hash_commits_nothing(make: Any, logged: Logged) -> None:
     image = split_image()
     h = make([image])
     _, body = image.export()
@@ -429,7 +415,7 @@ def test_a_wrong_combined_hash_commits_nothing(make: Any, logged: list[LogEvent]
     # asked now, they fail at once
     assert outcome(h, download.root) is result
     assert_nothing_stored(h, image)
-    failures = [e for e in logged if "failed" in e.get("log_format", "")]
+    failures = logged.matching("failed")
     assert failures and failures[0]["url"] == f"{LXD_URL}/1.0/images/{image.fingerprint}/export"
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any, Iterator, cast
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
 from twisted.web.server import NOT_DONE_YET
 
 from proxy.catalogue import CatalogueError, parse_images, parse_products, products_paths
@@ -29,6 +28,8 @@ from proxy.lxd_remote import (
     synthesise,
 )
 from proxy.metadata import INDEX_PATH, RETRY_AFTER_FAILURE_SECONDS, STALE_WAIT_SECONDS
+from tests.helpers.harness import Closing
+from tests.helpers.logs import Logged
 from tests.helpers.lxd_server import (
     IDLE,
     LXD_URL,
@@ -68,26 +69,11 @@ def learn(h: LxdHarness, image: FakeImage, root_ftype: str = "squashfs") -> Imag
 
 
 @pytest.fixture
-def make(tmp_path: Any) -> Iterator[Any]:
-    made: list[LxdHarness] = []
-
+def make(tmp_path: Any, closing: Closing) -> Any:
     def make_harness(images: list[FakeImage], **kwargs: Any) -> LxdHarness:
-        harness = LxdHarness(tmp_path / str(len(made)), images, **kwargs)
-        made.append(harness)
-        return harness
+        return closing(LxdHarness(tmp_path / str(len(closing)), images, **kwargs))
 
-    yield make_harness
-    for harness in made:
-        harness.close()
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
+    return make_harness
 
 
 def body_of(h: LxdHarness, path: str) -> bytes:
@@ -303,14 +289,14 @@ def test_a_changed_list_changes_the_catalogue(make: Any) -> None:
     assert len(parse_images(body_of(h, PRODUCTS_PATH))) == 2
 
 
-def test_stale_if_error_serves_the_last_catalogue_and_logs_once(make: Any, logged: list[LogEvent]) -> None:
+def test_stale_if_error_serves_the_last_catalogue_and_logs_once(make: Any, logged: Logged) -> None:
     h = make([unified()])
     good = body_of(h, PRODUCTS_PATH)
     h.server.list_status = 500
     for _ in range(3):
         h.clock.advance(TTL + 1)
         assert body_of(h, PRODUCTS_PATH) == good
-    warnings = [e for e in logged if "refreshing" in e.get("log_format", "")]
+    warnings = logged.matching("refreshing")
     assert len(warnings) == 1 and LXD_URL in warnings[0]["url"]
     h.server.list_status = None
     h.clock.advance(RETRY_AFTER_FAILURE_SECONDS + TTL)

@@ -11,13 +11,14 @@ the catalogue is cut down to what is stored, until a probe after the backoff fin
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 import treq
 from twisted.web.server import NOT_DONE_YET, Request
 
 from proxy.health import DEFAULT_BASE_BACKOFF_SECONDS, FORCED_RETRY_AFTER_SECONDS
+from tests.helpers.harness import Closing
 from tests.helpers.scripted import BASE_URL, sha
 from tests.helpers.wired import (
     INDEX,
@@ -50,17 +51,11 @@ MakeHarness = Callable[..., Harness]
 
 
 @pytest.fixture
-def make(tmp_path: Any) -> Iterator[MakeHarness]:
-    made: list[Harness] = []
-
+def make(tmp_path: Any, closing: Closing) -> MakeHarness:
     def make_harness(*, other_first: bool = False, forced_offline: bool = False) -> Harness:
-        harness = Harness(tmp_path, tree(other_first=other_first), forced_offline=forced_offline)
-        made.append(harness)
-        return harness
+        return closing(Harness(tmp_path, tree(other_first=other_first), forced_offline=forced_offline))
 
-    yield make_harness
-    for harness in made:
-        harness.close()
+    return make_harness
 
 
 @pytest.fixture

@@ -10,24 +10,19 @@ for clients' downloads all move only when a test advances it. Every wait is a bo
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, cast
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 import pytest
 from attrs import frozen
-from treq.testing import RequestTraversalAgent
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
-from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 
-from proxy.blobs import BlobStore
 from proxy.catalogue import Item
 from proxy.config import CacheConfig, Config, PinConfig, ServerConfig, UpstreamConfig
 from proxy.fetch import Download, Fetcher
-from proxy.index import CacheIndex, PinRecord
+from proxy.index import PinRecord
 from proxy.metadata import UpstreamMetadata
 from proxy.prefetch import (
     DAY_SECONDS,
@@ -36,7 +31,8 @@ from proxy.prefetch import (
     Prefetcher,
     TickReport,
 )
-from proxy.upstream import UpstreamClient, origin_of
+from tests.helpers.harness import CacheHarness, Closing, collect, outcome
+from tests.helpers.logs import Logged
 from tests.helpers.scripted import BASE_URL, Held, ScriptedUpstream, sha
 
 START = 1_700_000_000.0
@@ -146,22 +142,16 @@ class RecordingFetcher(Fetcher):
         return super().get(upstream, base_url, item, background=background)
 
 
-class Harness:
+class Harness(CacheHarness):
     def __init__(
         self, tmp_path: Any, products: Iterable[Product], pins: Iterable[PinConfig] = (), **cache: Any
     ) -> None:
-        self.clock = Clock()
-        self.clock.advance(START)
         self.files = catalogue(products)
         self.upstream = ScriptedUpstream(self.files)
-        self.upstream_agent = RequestTraversalAgent(self.upstream)
-        client = UpstreamClient(self.clock, self.upstream_agent, [origin_of(BASE_URL)], header_timeout=IDLE)
-        root = FilePath(str(tmp_path))
-        self.store = BlobStore(root)
-        self.index = CacheIndex(root.child("index").path, self.clock)
-        self.fetcher = RecordingFetcher(client, self.store, self.index, self.clock, IDLE)
+        super().__init__(tmp_path, self.upstream, BASE_URL, start=START)
+        self.fetcher = RecordingFetcher(self.client, self.store, self.index, self.clock, IDLE)
         self.metadata = UpstreamMetadata(
-            "up", BASE_URL, client, self.store, self.index, self.clock, ttl=TTL, idle_timeout=IDLE
+            "up", BASE_URL, self.client, self.store, self.index, self.clock, ttl=TTL, idle_timeout=IDLE
         )
         self.config = Config(
             server=ServerConfig(),
@@ -174,20 +164,6 @@ class Harness:
         )
 
     # -- driving --
-
-    def settle(self, rounds: int = 200) -> None:
-        for _ in range(rounds):
-            self.clock.advance(0)
-            self.upstream_agent.flush()
-
-    def run(self, d: "Deferred[Any]", rounds: int = 500) -> Any:
-        results = collect(d)
-        for _ in range(rounds):
-            if results:
-                break
-            self.settle(1)
-        assert results, "did not complete"
-        return outcome(results)
 
     def tick(self) -> TickReport:
         report: TickReport = self.run(Deferred.fromCoroutine(self.prefetcher.tick()))
@@ -265,44 +241,17 @@ class Harness:
         ]
 
 
-def collect(d: "Deferred[Any]") -> list[Any]:
-    results: list[Any] = []
-    d.addBoth(results.append)
-    return results
-
-
-def outcome(results: list[Any]) -> Any:
-    result = results[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observe = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observe)
-    yield events
-    globalLogPublisher.removeObserver(observe)
-
-
 Make = Callable[..., Harness]
 
 
 @pytest.fixture
-def make(tmp_path: Any) -> Iterator[Make]:
+def make(tmp_path: Any, closing: Closing) -> Make:
     """Build the harness for a test's catalogue and configuration; the index is closed after."""
-    made: list[Harness] = []
 
     def build(products: Iterable[Product], pins: Iterable[PinConfig] = (), **cache: Any) -> Harness:
-        harness = Harness(tmp_path, products, pins, **cache)
-        made.append(harness)
-        return harness
+        return closing(Harness(tmp_path, products, pins, **cache))
 
-    yield build
-    for harness in made:
-        harness.index.close()
+    return build
 
 
 def fake_ticks(monkeypatch: pytest.MonkeyPatch, h: Harness) -> tuple[list[float], list["Deferred[None]"]]:
@@ -418,7 +367,7 @@ def test_the_loop_does_not_start_a_tick_while_one_runs(make: Make, monkeypatch: 
 
 
 def test_a_failing_tick_is_logged_and_the_loop_goes_on(
-    make: Make, monkeypatch: pytest.MonkeyPatch, logged: list[LogEvent]
+    make: Make, monkeypatch: pytest.MonkeyPatch, logged: Logged
 ) -> None:
     h = make([TESTOS], [PinConfig("up", TESTOS.alias)], auto_update_interval=HOUR)
     real_pin_refs = h.prefetcher.pin_refs
@@ -434,7 +383,7 @@ def test_a_failing_tick_is_logged_and_the_loop_goes_on(
     h.prefetcher.startService()
     h.clock.advance(STARTUP_DELAY_SECONDS)
     h.settle()
-    failures = [e for e in logged if "log_failure" in e and e["log_failure"].check(RuntimeError)]
+    failures = [e for e in logged.failures() if e["log_failure"].check(RuntimeError)]
     assert [e["log_format"] for e in failures] == ["auto-update run failed"]
     assert h.image_requests() == []
     h.clock.advance(HOUR)
@@ -444,7 +393,7 @@ def test_a_failing_tick_is_logged_and_the_loop_goes_on(
 
 
 def test_run_turns_a_failure_into_an_empty_report(
-    make: Make, monkeypatch: pytest.MonkeyPatch, logged: list[LogEvent]
+    make: Make, monkeypatch: pytest.MonkeyPatch, logged: Logged
 ) -> None:
     h = make([TESTOS])
 
@@ -453,7 +402,7 @@ def test_run_turns_a_failure_into_an_empty_report(
 
     monkeypatch.setattr(h.prefetcher, "tick", tick)
     assert outcome(collect(h.prefetcher.run())) == TickReport()
-    assert any("log_failure" in e and e["log_failure"].check(RuntimeError) for e in logged)
+    assert any(e["log_failure"].check(RuntimeError) for e in logged.failures())
 
 
 # -- 2. pinned aliases ------------------------------------------------------------------------

@@ -3,34 +3,33 @@ The request path end to end, in memory and deterministic.
 
 The client is C{StubTreq} over the proxy's real resource tree; the upstream is a
 L{ScriptedUpstream} reached through C{RequestTraversalAgent}, wrapped in the proxy's own
-L{UpstreamClient}. Time is a L{Clock}. L{Harness.settle} pumps both in-memory connections and the
-clock in a bounded loop.
+L{UpstreamClient}. Time is a L{Clock}. L{Harness.settle} (of L{tests.helpers.harness}) pumps
+both in-memory connections and the clock in a bounded loop.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator, cast
+from typing import Any, cast
 
 import pytest
 import treq
-from treq.testing import RequestTraversalAgent, StubTreq
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol, connectionDone
-from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent
 from twisted.web.server import NOT_DONE_YET
 
-from proxy.blobs import BlobStore
 from proxy.fetch import Fetcher
-from proxy.index import CacheIndex
 from proxy.metadata import RETRY_AFTER_FAILURE_SECONDS, STALE_WAIT_SECONDS, UpstreamMetadata
 from proxy.simplestreams import RootResource, UpstreamResource
-from proxy.upstream import AllowlistAgent, UpstreamClient, origin_of
+from proxy.upstream import AllowlistAgent, origin_of
+from tests.helpers.harness import CacheHarness, Closing
+from tests.helpers.logs import Logged
 from tests.helpers.scripted import (
     BASE_URL,
     META_PATH,
@@ -44,73 +43,22 @@ TTL = 300.0
 IDLE = 60.0
 
 
-class Harness:
+class Harness(CacheHarness):
     def __init__(self, tmp_path: Any, files: dict[str, bytes] | None = None) -> None:
-        self.clock = Clock()
         self.files = files if files is not None else simple_tree()
         self.upstream = ScriptedUpstream(self.files)
-        self.upstream_agent = RequestTraversalAgent(self.upstream)
-        self.client = UpstreamClient(
-            self.clock, self.upstream_agent, [origin_of(BASE_URL)], header_timeout=IDLE
-        )
-        root = FilePath(str(tmp_path))
-        self.store = BlobStore(root)
-        self.index = CacheIndex(root.child("index").path, self.clock)
+        super().__init__(tmp_path, self.upstream, BASE_URL)
         self.fetcher = Fetcher(self.client, self.store, self.index, self.clock, IDLE)
         self.metadata = UpstreamMetadata(
             "up", BASE_URL, self.client, self.store, self.index, self.clock, ttl=TTL, idle_timeout=IDLE
         )
         resource = UpstreamResource(self.metadata, self.fetcher, self.store, self.index, self.clock)
-        # StubTreq grows its client methods at run time: typed as Any.
-        self.proxy: Any = StubTreq(RootResource({"up": resource}, "banner\n"))
-
-    def settle(self, rounds: int = 200) -> None:
-        for _ in range(rounds):
-            self.clock.advance(0)
-            self.upstream_agent.flush()
-            self.proxy.flush()
-
-    def run(self, d: "Deferred[Any]", rounds: int = 500) -> Any:
-        results: list[Any] = []
-        d.addBoth(results.append)
-        for _ in range(rounds):
-            if results:
-                break
-            self.settle(1)
-        assert results, "the request did not complete"
-        result = results[0]
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result
-
-    def get(self, path: str, **kwargs: Any) -> "Deferred[Any]":
-        return self.proxy.get(f"https://proxy.test/up/{path}", unbuffered=True, **kwargs)
-
-    def fetch(self, path: str, **kwargs: Any) -> tuple[int, bytes, Any]:
-        """GET through the proxy: status, body, and the response (headers, length)."""
-
-        async def go() -> tuple[int, bytes, Any]:
-            response = await self.get(path, **kwargs)
-            body = await treq.content(response)
-            return response.code, body, response
-
-        return self.run(Deferred.fromCoroutine(go()))
+        self.proxy = StubTreq(RootResource({"up": resource}, "banner\n"))
 
 
 @pytest.fixture
-def h(tmp_path: Any) -> Iterator[Harness]:
-    harness = Harness(tmp_path)
-    yield harness
-    harness.index.close()
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
+def h(tmp_path: Any, closing: Closing) -> Harness:
+    return closing(Harness(tmp_path))
 
 
 def upstream_gets(h: Harness, path: str) -> int:
@@ -154,7 +102,7 @@ def test_changed_metadata_replaces_the_copy(h: Harness) -> None:
     assert b"index:1.1" in body
 
 
-def test_stale_if_error_serves_last_good_copy_and_logs_once(h: Harness, logged: list[LogEvent]) -> None:
+def test_stale_if_error_serves_last_good_copy_and_logs_once(h: Harness, logged: Logged) -> None:
     h.fetch("streams/v1/index.json")
     h.upstream.statuses["streams/v1/index.json"] = 500
     h.clock.advance(TTL + 1)
@@ -162,7 +110,7 @@ def test_stale_if_error_serves_last_good_copy_and_logs_once(h: Harness, logged: 
         code, body, _ = h.fetch("streams/v1/index.json")
         assert (code, body) == (200, h.files["streams/v1/index.json"])
         h.clock.advance(TTL + 1)
-    warnings = [e for e in logged if "refreshing" in e.get("log_format", "")]
+    warnings = logged.matching("refreshing")
     assert len(warnings) == 1
 
 
@@ -170,7 +118,7 @@ def _never_answer(request: Any) -> Any:
     return NOT_DONE_YET
 
 
-def test_hanging_upstream_gets_the_stale_copy_served(h: Harness, logged: list[LogEvent]) -> None:
+def test_hanging_upstream_gets_the_stale_copy_served(h: Harness, logged: Logged) -> None:
     h.fetch("streams/v1/index.json")
     h.upstream.override["streams/v1/index.json"] = _never_answer
     h.clock.advance(TTL + 1)
@@ -190,7 +138,7 @@ def test_hanging_upstream_gets_the_stale_copy_served(h: Harness, logged: list[Lo
     code, body, _ = h.fetch("streams/v1/index.json")
     assert (code, body) == (200, h.files["streams/v1/index.json"])
     assert upstream_gets(h, "streams/v1/index.json") == 2
-    warnings = [e for e in logged if "refreshing" in e.get("log_format", "")]
+    warnings = logged.matching("refreshing")
     assert len(warnings) == 1 and "did not answer in time" in warnings[0]["reason"]
 
 
@@ -225,7 +173,7 @@ def test_item_lookup_uses_the_copy_and_asks_the_upstream_nothing(h: Harness) -> 
     assert len(h.upstream.requests) == 2
 
 
-def test_upstream_connection_failure_on_a_miss_is_502(h: Harness, logged: list[LogEvent]) -> None:
+def test_upstream_connection_failure_on_a_miss_is_502(h: Harness, logged: Logged) -> None:
     h.fetch("streams/v1/images.json")
 
     def hang_up(request: Any) -> Any:
@@ -236,7 +184,7 @@ def test_upstream_connection_failure_on_a_miss_is_502(h: Harness, logged: list[L
     code, body, _ = h.fetch(ROOTFS_PATH)
     assert code == 502
     assert ROOTFS_PATH.encode() in body
-    assert not [e for e in logged if e.get("log_level") is LogLevel.critical]
+    assert not logged.at(LogLevel.critical)
 
 
 def test_range_on_a_miss_is_ignored(h: Harness) -> None:
@@ -339,7 +287,7 @@ def test_concurrent_misses_make_one_upstream_request(h: Harness) -> None:
     assert record is not None and record.use_count == 9
 
 
-def test_corrupt_upstream_file_is_never_committed(h: Harness, logged: list[LogEvent]) -> None:
+def test_corrupt_upstream_file_is_never_committed(h: Harness, logged: Logged) -> None:
     body = h.files[ROOTFS_PATH]
     h.files[ROOTFS_PATH] = b"X" + body[1:]
     # Depending on when the mismatch is found, the client gets an error status or a broken
@@ -352,7 +300,7 @@ def test_corrupt_upstream_file_is_never_committed(h: Harness, logged: list[LogEv
     assert not h.store.exists(sha(body))
     assert h.index.get(sha(body)) is None
     assert list(FilePath(h.store.root.path).child("tmp").children()) == []
-    assert any(BASE_URL in str(e.get("url", "")) for e in logged if "failed" in e.get("log_format", ""))
+    assert any(BASE_URL in str(e.get("url", "")) for e in logged.matching("failed"))
 
 
 def test_short_body_aborts_every_client(h: Harness) -> None:

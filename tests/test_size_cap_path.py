@@ -10,15 +10,17 @@ A slow client is a response whose producer is paused, as a full transport pauses
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, cast
+from typing import Any, Callable, cast
 
 import attrs
 import pytest
 import treq
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import ILogObserver, LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import LogLevel
 
 from proxy.index import Stats
+from tests.helpers.harness import Closing
+from tests.helpers.logs import Logged
 from tests.helpers.scripted import sha
 from tests.helpers.wired import (
     INDEX,
@@ -56,26 +58,11 @@ MakeHarness = Callable[..., Harness]
 
 
 @pytest.fixture
-def make(tmp_path: Any) -> Iterator[MakeHarness]:
-    made: list[Harness] = []
-
+def make(tmp_path: Any, closing: Closing) -> MakeHarness:
     def make_harness(**kwargs: Any) -> Harness:
-        harness = Harness(tmp_path / f"cache{len(made)}", tree(), **kwargs)
-        made.append(harness)
-        return harness
+        return closing(Harness(tmp_path / f"cache{len(closing)}", tree(), **kwargs))
 
-    yield make_harness
-    for harness in made:
-        harness.close()
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    yield events
-    globalLogPublisher.removeObserver(observer)
+    return make_harness
 
 
 def stored(h: Harness) -> set[int]:
@@ -118,13 +105,6 @@ def pin(h: Harness, i: int) -> None:
     assert h.index.set_flags(digest(i), cached=False, auto_update=True) is not None
 
 
-def warnings(events: list[LogEvent], start: str) -> list[LogEvent]:
-    return [
-        e for e in events
-        if e.get("log_level") is LogLevel.warn and e.get("log_format", "").startswith(start)
-    ]
-
-
 class SlowClient:
     """A client that has its response headers and reads nothing until it is let go."""
 
@@ -149,7 +129,7 @@ class SlowClient:
 
 
 def test_a_commit_over_the_cap_evicts_the_least_recently_used_first(
-    make: MakeHarness, logged: list[LogEvent]
+    make: MakeHarness, logged: Logged
 ) -> None:
     h = make(max_size=2500)
     for i in (0, 1):
@@ -167,7 +147,7 @@ def test_a_commit_over_the_cap_evicts_the_least_recently_used_first(
     assert stored(h) == {2, 3}
     assert not h.store.exists(digest(0))
     assert_within_cap(h, 2500)
-    evictions = [e for e in logged if e.get("log_format", "").startswith("evicted")]
+    evictions = logged.starting("evicted")
     assert [(e["count"], e["freed"], e["size"]) for e in evictions] == [(1, SIZE, SIZE)] * 2
     # An evicted file is a miss again.
     h.clock.advance(10)
@@ -221,7 +201,7 @@ def test_the_cap_holds_while_downloads_are_in_flight(make: MakeHarness) -> None:
 # What is never evicted
 
 
-def test_pinned_files_are_never_evicted(make: MakeHarness, logged: list[LogEvent]) -> None:
+def test_pinned_files_are_never_evicted(make: MakeHarness, logged: Logged) -> None:
     h = make(max_size=2500)
     miss(h, 0)
     pin(h, 0)
@@ -237,7 +217,7 @@ def test_pinned_files_are_never_evicted(make: MakeHarness, logged: list[LogEvent
     miss(h, 3)
     assert stored(h) == {0, 2}
     assert h.store.exists(digest(0)) and h.store.exists(digest(2))
-    assert len(warnings(logged, "not storing")) == 1
+    assert len(logged.starting("not storing", level=LogLevel.warn)) == 1
     assert_within_cap(h, 2500)
 
 
@@ -312,7 +292,7 @@ def test_a_download_in_flight_is_never_evicted(make: MakeHarness) -> None:
 
 
 def test_a_file_that_cannot_be_stored_is_still_served_whole(
-    make: MakeHarness, logged: list[LogEvent]
+    make: MakeHarness, logged: Logged
 ) -> None:
     h = make(max_size=SIZE - 1)
     # The in-memory upstream answers within Fetcher.get() itself: the download has ended, and
@@ -327,8 +307,8 @@ def test_a_file_that_cannot_be_stored_is_still_served_whole(
     assert h.fetcher.in_flight() == {}
     stats = h.index.stats()
     assert (stats.not_stored, stats.misses, stats.bytes_from_upstream) == (1, 1, SIZE)
-    assert len(warnings(logged, "not storing")) == 1
-    assert len(warnings(logged, "no room")) == 1
+    assert len(logged.starting("not storing", level=LogLevel.warn)) == 1
+    assert len(logged.starting("no room", level=LogLevel.warn)) == 1
     # The next client is a miss again.
     miss(h, 0)
     assert h.index.stats().not_stored == 2

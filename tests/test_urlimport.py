@@ -11,7 +11,7 @@ architectures, several versions) and unified ones.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -31,16 +31,15 @@ from tests.helpers.faces import (
     incus_agent,
     lxd_agent,
 )
+from tests.helpers.harness import Closing
 from tests.helpers.scripted import sha
 
 HEADERS = (b"LXD-Image-Hash", b"LXD-Image-URL", b"Incus-Image-Hash", b"Incus-Image-URL")
 
 
 @pytest.fixture
-def h(tmp_path: Any) -> Iterator[FaceHarness]:
-    harness = FaceHarness(tmp_path)
-    yield harness
-    harness.close()
+def h(tmp_path: Any, closing: Closing) -> FaceHarness:
+    return closing(FaceHarness(tmp_path))
 
 
 def lxd_daemon(*architectures: str) -> dict[bytes, list[bytes]]:

@@ -2,25 +2,23 @@
 Tests for L{proxy.web}: real C{twisted.web} requests through L{StubTreq}.
 
 The resource under test streams with a L{Clock} of ours, while
-L{StubTreq} moves bytes with its own memory reactor; L{Harness.settle}
-drives both, a bounded number of rounds.  Bodies that arrive while the test
+L{StubTreq} moves bytes with its own memory reactor; L{Harness.run} and
+L{Harness.settle} drive both, a bounded number of rounds.  Bodies that arrive while the test
 grows the source are read with C{unbuffered=True} and L{treq.collect}.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar, cast
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 import treq
-from attrs import define, field
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import Clock, deferLater
-from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web import http
@@ -29,14 +27,13 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import Request
 from treq.client import HTTPClient
-from treq.testing import StubTreq
 
+from tests.helpers.harness import SiteClient, Streamed
+from tests.helpers.logs import Logged
 from tests.helpers.sources import FakeSource
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.streaming import CHUNK_SIZE_BYTES, CompleteFile, FileSource, ProducerStopped
 from proxy.web import AsyncResource, finish_request, serve_file
-
-T = TypeVar("T")
 
 URL = "http://proxy.test/file"
 ETAG = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
@@ -86,58 +83,13 @@ class Handler(AsyncResource):
         return result
 
 
-@define
-class Harness:
-    clock: Clock
-    # A StubTreq, which grows its client methods at run time.
-    stub: Any
-
-    def settle(self, d: Deferred[T], rounds: int = 50) -> T:
-        """Drive both clocks until C{d} has a result; return or raise it."""
-        results: list[object] = []
-        d.addBoth(results.append)
-        for _ in range(rounds):
-            if results:
-                break
-            self.clock.advance(0)
-            self.stub.flush()
-        else:
-            pytest.fail(f"no result after {rounds} rounds")
-        [result] = results
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result  # type: ignore[return-value]
-
-    def pump(self, rounds: int = 10) -> None:
-        """Drive both clocks for a while when there is nothing to wait for."""
-        for _ in range(rounds):
-            self.clock.advance(0)
-            self.stub.flush()
-
+class Harness(SiteClient):
     def get(self, *, method: str = "GET", headers: dict[str, str] | None = None) -> IResponse:
-        response: IResponse = self.settle(
-            self.stub.request(method, URL, headers=headers, unbuffered=True)
-        )
-        return response
-
-    def body(self, response: IResponse) -> bytes:
-        content: bytes = self.settle(treq.content(response))
-        return content
+        return self.request(method, URL, headers)
 
 
 def harness_for(resource: Resource, clock: Clock | None = None) -> Harness:
-    return Harness(clock or Clock(), StubTreq(resource))
-
-
-@define
-class Streamed:
-    """A body collected as it arrives."""
-
-    chunks: list[bytes] = field(factory=list)
-
-    @property
-    def data(self) -> bytes:
-        return b"".join(self.chunks)
+    return Harness(resource, clock)
 
 
 def header(response: IResponse, name: str) -> str | None:
@@ -165,17 +117,6 @@ def cached(blob: FilePath[str], data: bytes) -> tuple[Harness, FileResource]:
     clock = Clock()
     resource = FileResource(CompleteFile(blob, len(data)), clock)
     return harness_for(resource, clock), resource
-
-
-@pytest.fixture
-def logged() -> Iterator[list[LogEvent]]:
-    events: list[LogEvent] = []
-    observer = cast(ILogObserver, events.append)
-    globalLogPublisher.addObserver(observer)
-    try:
-        yield events
-    finally:
-        globalLogPublisher.removeObserver(observer)
 
 
 # serve_file on a complete file
@@ -354,17 +295,17 @@ def test_growing_source_streamed(growing: tuple[Harness, FileResource, FakeSourc
     collected.addBoth(done.append)
 
     source.append(content[:100_000])
-    harness.pump()
+    harness.settle()
     assert body.data == content[:100_000]
     assert done == []
 
     source.append(content[100_000:200_000])
-    harness.pump()
+    harness.settle()
     assert body.data == content[:200_000]
     assert done == []
 
     source.append(content[200_000:])
-    harness.pump()
+    harness.settle()
     assert done == [None]
     assert body.data == content
     assert resource.outcomes == [None]
@@ -383,31 +324,31 @@ def test_range_of_growing_source(
     body = Streamed()
     collected = treq.collect(response, body.chunks.append)
     source.append(content[1000:160_000])
-    harness.pump()
+    harness.settle()
     assert body.data == content[150_000:160_000]
     source.append(content[160_000:])
-    harness.settle(collected)
+    harness.run(collected)
     assert body.data == content[150_000:]
 
 
 def test_failure_after_headers_aborts(
     growing: tuple[Harness, FileResource, FakeSource, bytes],
-    logged: list[LogEvent],
+    logged: Logged,
 ) -> None:
     harness, resource, source, content = growing
     response = harness.get()
     body = Streamed()
     collected = treq.collect(response, body.chunks.append)
     source.append(content[:100_000])
-    harness.pump()
+    harness.settle()
 
     source.fail(UpstreamFailed("upstream sent a bad file"))
     with pytest.raises(ResponseFailed):
-        harness.settle(collected)
+        harness.run(collected)
     assert body.data == content[:100_000]
     [error] = resource.outcomes
     assert isinstance(error, UpstreamFailed)
-    assert any("upstream sent a bad file" in (formatEvent(e) or "") for e in logged)
+    assert any("upstream sent a bad file" in text for text in logged.texts())
 
 
 def test_failure_before_headers(
@@ -420,7 +361,7 @@ def test_failure_before_headers(
     assert harness.body(response) == b"upstream is down\n"
 
 
-def test_truncated_file_aborts(tmp_path: object, logged: list[LogEvent]) -> None:
+def test_truncated_file_aborts(tmp_path: object, logged: Logged) -> None:
     path = FilePath(str(tmp_path)).child("short")
     path.setContent(b"x" * 1000)
     clock = Clock()
@@ -448,8 +389,8 @@ def test_client_disconnect(growing: tuple[Harness, FileResource, FakeSource, byt
     collected = treq.collect(staying, body.chunks.append)
     source.append(content[:1000])
     with pytest.raises(RuntimeError):
-        harness.settle(left)
-    harness.pump()
+        harness.run(left)
+    harness.settle()
 
     [error] = resource.outcomes
     assert isinstance(error, CancelledError)
@@ -457,14 +398,14 @@ def test_client_disconnect(growing: tuple[Harness, FileResource, FakeSource, byt
     assert source.waiting == 1, "only the staying client still waits"
 
     source.append(content[1000:])
-    harness.settle(collected)
+    harness.run(collected)
     assert body.data == content
     assert resource.outcomes[1:] == [None]
 
 
 def test_transport_stops_producer(
     growing: tuple[Harness, FileResource, FakeSource, bytes],
-    logged: list[LogEvent],
+    logged: Logged,
 ) -> None:
     """
     A real transport that loses its client calls stopProducing before the
@@ -474,7 +415,7 @@ def test_transport_stops_producer(
     response = harness.get()
     collected = treq.collect(response, lambda data: None)
     source.append(content[:1000])
-    harness.pump()
+    harness.settle()
     [request] = resource.requests
 
     assert request.producer is not None
@@ -482,11 +423,11 @@ def test_transport_stops_producer(
     request.producer.stopProducing()
     request.transport.loseConnection()
     with pytest.raises(ResponseFailed):
-        harness.settle(collected)
+        harness.run(collected)
 
     [error] = resource.outcomes
     assert isinstance(error, ProducerStopped)
-    assert [e for e in logged if "log_failure" in e] == []
+    assert logged.failures() == []
     assert source.failure is None
     assert source.waiting == 0
 
@@ -538,7 +479,7 @@ def test_proxy_error_on_head() -> None:
     assert harness.body(response) == b""
 
 
-def test_unexpected_error(logged: list[LogEvent]) -> None:
+def test_unexpected_error(logged: Logged) -> None:
     async def handle(request: Request) -> None:
         raise ZeroDivisionError("secret detail")
 
@@ -547,7 +488,7 @@ def test_unexpected_error(logged: list[LogEvent]) -> None:
     assert response.code == 500
     body = harness.body(response)
     assert body == b"internal error\n"
-    failures = [e for e in logged if "log_failure" in e]
+    failures = logged.failures()
     assert len(failures) == 1
     assert failures[0]["log_failure"].check(ZeroDivisionError)
 
@@ -598,19 +539,19 @@ def test_cancelled_when_client_goes_away() -> None:
 
     harness = harness_for(Handler(handle))
     pending = harness.stub.get(URL, unbuffered=True)
-    harness.pump()
+    harness.settle()
     assert len(waiting) == 1
     assert cancelled == []
 
     pending.cancel()
-    harness.pump()
+    harness.settle()
     assert cancelled == [True]
     results: list[object] = []
     pending.addBoth(results.append)
     assert len(results) == 1 and isinstance(results[0], Failure)
 
 
-def test_no_write_after_finish(logged: list[LogEvent]) -> None:
+def test_no_write_after_finish(logged: Logged) -> None:
     async def handle(request: Request) -> bytes:
         request.write(b"done")
         request.finish()
@@ -643,7 +584,7 @@ def test_finish_request_tolerant() -> None:
 
 @pytest.mark.loopback
 @pytest_twisted.ensureDeferred
-async def test_loopback_stream_and_abort(tmp_path: object, logged: list[LogEvent]) -> None:
+async def test_loopback_stream_and_abort(tmp_path: object, logged: Logged) -> None:
     from twisted.internet import reactor
     from twisted.internet.endpoints import TCP4ServerEndpoint
     from twisted.web.client import Agent, HTTPConnectionPool
@@ -696,7 +637,7 @@ async def test_loopback_stream_and_abort(tmp_path: object, logged: list[LogEvent
             await deferLater(reactor, 0.01)
         [error] = leaving.outcomes
         assert isinstance(error, (ProducerStopped, CancelledError))
-        assert [e for e in logged if "log_failure" in e] == []
+        assert logged.failures() == []
     finally:
         await pool.closeCachedConnections()
         await port.stopListening()

@@ -15,24 +15,18 @@ import hashlib
 import json
 from typing import Any, Callable, cast
 
-import treq
 from attrs import define, field
-from treq.testing import RequestTraversalAgent, StubTreq
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
-from twisted.python.filepath import FilePath
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from proxy.blobs import BlobStore
 from proxy.catalogue import Family
 from proxy.health import UpstreamHealth
-from proxy.index import CacheIndex
 from proxy.lxd_fetch import LxdExportFetcher
 from proxy.lxd_remote import LxdRemote
 from proxy.simplestreams import RootResource, UpstreamResource
-from proxy.upstream import UpstreamClient, origin_of
+from tests.helpers.harness import IDLE, CacheHarness
 
 LXD_URL = "https://lxd.test:8443"
 GO_BOUNDARY = "3c1d5e0e5f6a7b8c9d0e1f2a3b4c5d6e7f8091a2b3c4d5e6f708192a3b4c"
@@ -228,16 +222,17 @@ class FakeLxd(Resource):
 # -- the proxy's side, wired in memory -----------------------------------------------------------
 
 TTL = 300.0
-IDLE = 60.0
 UPSTREAM = "lxd"
 
 
-class LxdHarness:
+class LxdHarness(CacheHarness):
     """
     An L{LxdRemote} and an L{LxdExportFetcher} reading a L{FakeLxd} through the proxy's own
     L{UpstreamClient} over C{RequestTraversalAgent}; the simplestreams face over them as a
     C{StubTreq} client sees it. Time is a L{Clock}; L{settle} pumps everything.
     """
+
+    upstream_name = UPSTREAM
 
     def __init__(
         self,
@@ -248,13 +243,8 @@ class LxdHarness:
         make_room: Callable[[int], bool] | None = None,
         families: tuple[Family, ...] = ("lxd",),
     ) -> None:
-        self.clock = Clock()
         self.server = FakeLxd(images)
-        self.agent = RequestTraversalAgent(self.server)
-        self.client = UpstreamClient(self.clock, self.agent, [origin_of(LXD_URL)], header_timeout=IDLE)
-        self.root = FilePath(str(tmp_path))
-        self.store = BlobStore(self.root)
-        self.index = CacheIndex(self.root.child("index").path, self.clock)
+        super().__init__(tmp_path, self.server, LXD_URL)
         self.health = UpstreamHealth(UPSTREAM, self.clock) if health else None
         self.remote = LxdRemote(
             UPSTREAM, LXD_URL, self.client, self.store, self.index, self.clock, ttl=TTL,
@@ -266,44 +256,7 @@ class LxdHarness:
         )
         # The face is typed for the simplestreams Fetcher; the export fetcher offers its get().
         resource = UpstreamResource(self.remote, cast(Any, self.fetcher), self.store, self.index, self.clock)
-        self.proxy: Any = StubTreq(RootResource({UPSTREAM: resource}, "banner\n"))
-
-    def close(self) -> None:
-        self.index.close()
-
-    def settle(self, rounds: int = 200) -> None:
-        for _ in range(rounds):
-            self.clock.advance(0)
-            self.agent.flush()
-            self.proxy.flush()
-
-    def run(self, d: "Deferred[Any]", rounds: int = 500) -> Any:
-        results: list[Any] = []
-        d.addBoth(results.append)
-        for _ in range(rounds):
-            if results:
-                break
-            self.settle(1)
-        assert results, "it did not complete"
-        result = results[0]
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result
+        self.proxy = StubTreq(RootResource({UPSTREAM: resource}, "banner\n"))
 
     def call(self, coroutine: Any) -> Any:
         return self.run(Deferred.fromCoroutine(coroutine))
-
-    def fetch(self, path: str, **kwargs: Any) -> tuple[int, bytes, Any]:
-        """GET C{/lxd/PATH} through the simplestreams face: status, body and response."""
-
-        async def go() -> tuple[int, bytes, Any]:
-            url = f"https://proxy.test/{UPSTREAM}/{path}"
-            response = await self.proxy.get(url, unbuffered=True, **kwargs)
-            body = await treq.content(response)
-            return response.code, body, response
-
-        result: tuple[int, bytes, Any] = self.run(Deferred.fromCoroutine(go()))
-        return result
-
-    def temp_files(self) -> list[str]:
-        return [c.basename() for c in self.store.temp_dir.children()]

@@ -1,7 +1,8 @@
 """The request path wired as L{proxy.service.CacheService} wires it, in memory and deterministic.
 
-Like the harness of C{tests/test_request_path.py} (C{StubTreq} over the real resource tree, a
-L{ScriptedUpstream} through C{RequestTraversalAgent}, a L{Clock}), plus what the service adds: one
+On the harness base of L{tests.helpers.harness} (C{StubTreq} over the real resource tree, a
+L{ScriptedUpstream} through C{RequestTraversalAgent}, a L{Clock}), as in
+C{tests/test_request_path.py}, plus what the service adds: one
 L{UpstreamHealth} shared by the fetcher and the metadata, an L{InUse} that the resource holds
 while it serves a file, and a L{CacheLifecycle} whose C{make_room} the fetcher calls before every
 commit, with C{busy()} being C{InUse.current() | set(fetcher.in_flight())}.
@@ -15,12 +16,8 @@ import json
 import os
 from typing import Any
 
-import treq
-from treq.testing import RequestTraversalAgent, StubTreq
+from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
-from twisted.internet.task import Clock
-from twisted.python.failure import Failure
-from twisted.python.filepath import FilePath
 from twisted.web.server import NOT_DONE_YET, Request
 
 from proxy.blobs import BlobStore
@@ -28,15 +25,14 @@ from proxy.busy import InUse
 from proxy.config import CacheConfig
 from proxy.fetch import Fetcher
 from proxy.health import UpstreamHealth
-from proxy.index import CacheIndex, FileRecord, MetadataRecord
+from proxy.index import FileRecord, MetadataRecord
 from proxy.lifecycle import CacheLifecycle
 from proxy.metadata import UpstreamMetadata
 from proxy.simplestreams import RootResource, UpstreamResource
-from proxy.upstream import UpstreamClient, origin_of
+from tests.helpers.harness import IDLE, CacheHarness
 from tests.helpers.scripted import BASE_URL, ScriptedUpstream, sha
 
 TTL = 300.0
-IDLE = 60.0
 INDEX = "streams/v1/index.json"
 
 # products path -> product id -> version -> (metadata item bytes, squashfs bytes)
@@ -141,7 +137,7 @@ class RecordingResource(UpstreamResource):
         await super().handle(request)
 
 
-class Harness:
+class Harness(CacheHarness):
     """
     One upstream C{up} at L{BASE_URL} serving C{files}, and the proxy in front of it.
 
@@ -159,21 +155,13 @@ class Harness:
         min_free: int = 0,
         capacity: int | None = None,
     ) -> None:
-        self.clock = Clock()
-        # Far from the epoch, so that "last used at 0" is never a tie with anything real.
-        self.clock.advance(1_000_000)
         self.files = files
         self.upstream = ScriptedUpstream(files)
-        self.upstream_agent = RequestTraversalAgent(self.upstream)
-        self.client = UpstreamClient(
-            self.clock, self.upstream_agent, [origin_of(BASE_URL)], header_timeout=IDLE
-        )
-        root = FilePath(str(tmp_path))
-        self.store = BlobStore(root)
-        self.index = CacheIndex(root.child("index").path, self.clock)
+        # Far from the epoch, so that "last used at 0" is never a tie with anything real.
+        super().__init__(tmp_path, self.upstream, BASE_URL, start=1_000_000)
         self.health = UpstreamHealth("up", self.clock, forced_offline=forced_offline)
         self.in_use = InUse()
-        config = CacheConfig(dir=root.path, max_size=max_size, min_free=min_free)
+        config = CacheConfig(dir=self.root.path, max_size=max_size, min_free=min_free)
         if capacity is None:
             self.lifecycle = CacheLifecycle(self.index, self.store, config, self.clock, self.busy)
         else:
@@ -191,46 +179,12 @@ class Harness:
         self.resource = RecordingResource(
             self.metadata, self.fetcher, self.store, self.index, self.clock, self.in_use
         )
-        # StubTreq grows its client methods at run time: typed as Any.
-        self.proxy: Any = StubTreq(RootResource({"up": self.resource}, "banner\n"))
+        self.proxy = StubTreq(RootResource({"up": self.resource}, "banner\n"))
 
     def busy(self) -> set[str]:
         return self.in_use.current() | set(self.fetcher.in_flight())
 
-    # -- driving -------------------------------------------------------------
-
-    def settle(self, rounds: int = 200) -> None:
-        for _ in range(rounds):
-            self.clock.advance(0)
-            self.upstream_agent.flush()
-            self.proxy.flush()
-
-    def run(self, d: "Deferred[Any]", rounds: int = 500) -> Any:
-        results: list[Any] = []
-        d.addBoth(results.append)
-        for _ in range(rounds):
-            if results:
-                break
-            self.settle(1)
-        assert results, "the request did not complete"
-        result = results[0]
-        if isinstance(result, Failure):
-            result.raiseException()
-        return result
-
-    def get(self, path: str, **kwargs: Any) -> "Deferred[Any]":
-        return self.proxy.get(f"https://proxy.test/up/{path}", unbuffered=True, **kwargs)
-
-    def fetch(self, path: str, **kwargs: Any) -> tuple[int, bytes, Any]:
-        """GET through the proxy: status, body, and the response (headers, length)."""
-
-        async def go() -> tuple[int, bytes, Any]:
-            response = await self.get(path, **kwargs)
-            body = await treq.content(response)
-            return response.code, body, response
-
-        result: tuple[int, bytes, Any] = self.run(Deferred.fromCoroutine(go()))
-        return result
+    # -- requests ------------------------------------------------------------
 
     def json(self, path: str) -> Any:
         code, body, _ = self.fetch(path)
@@ -257,9 +211,6 @@ class Harness:
     def stored(self) -> set[str]:
         """Digests of the file records."""
         return {r.sha256 for r in self.index.records()}
-
-    def temp_files(self) -> list[str]:
-        return [c.basename() for c in self.store.temp_dir.children()]
 
     def seed_metadata(self, path: str, body: bytes | None = None) -> None:
         """Store the upstream's C{path} as if fetched just now (a bundle import does the same)."""
@@ -289,6 +240,3 @@ class Harness:
         digest = sha(data)
         partial.commit(digest)
         return digest
-
-    def close(self) -> None:
-        self.index.close()
