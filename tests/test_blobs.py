@@ -252,11 +252,11 @@ def test_writeback_syncs_what_was_written_while_more_arrives(
     monkeypatch.setattr(proxy.blobs, "WRITEBACK_BYTES", 100)
     store = BlobStore(FilePath(str(tmp_path)))
     partial = store.new_partial()
-    started: list[tuple[Any, Deferred[None]]] = []
+    started: list[tuple[Any, Deferred[Any]]] = []
 
-    def run(fn: Any, fd: int) -> Deferred[None]:
-        d: Deferred[None] = Deferred()
-        started.append((lambda: fn(fd), d))
+    def run(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        started.append((lambda: fn(*args, **kwargs), d))
         return d
 
     partial.writeback = run
