@@ -8,13 +8,14 @@ architectures, undated versions, items without a hash) are skipped here too.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from attrs import frozen
+
+from proxy import jsonsteps
 
 Family = Literal["lxd", "incus"]
 
@@ -140,7 +141,8 @@ class Catalogue:
 
 def _decode(data: bytes, what: str) -> Any:
     try:
-        return json.loads(data)
+        # In steps: a products file is tens of MiB, parsed on a worker beside the reactor.
+        return jsonsteps.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         # json.JSONDecodeError is a ValueError; bytes that are not UTF-8/16/32 raise
         # UnicodeDecodeError, which is one too, but say so plainly either way.

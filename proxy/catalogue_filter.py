@@ -14,11 +14,12 @@ Everything else, down to the spelling of sizes and aliases, is passed through as
 
 from __future__ import annotations
 
-import json
+
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from proxy import jsonsteps
 from proxy.catalogue import (
     COMBINED_HASH_FIELDS,
     IMAGE_DOWNLOADS,
@@ -38,7 +39,7 @@ _SHA256_RE = re.compile(r"[0-9a-f]{64}\Z")
 
 def _decode(data: bytes, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(data)
+        doc = jsonsteps.loads(data)
     except ValueError as e:
         raise CatalogueError(f"{what} is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
@@ -48,7 +49,7 @@ def _decode(data: bytes, what: str) -> dict[str, Any]:
 
 def _encode(doc: Mapping[str, Any]) -> bytes:
     # ASCII escapes keep any string the input held (even a lone surrogate) encodable.
-    return json.dumps(doc, separators=(",", ":")).encode("ascii")
+    return jsonsteps.dumps(doc).encode("ascii")
 
 
 def _object(value: object, where: str) -> dict[str, Any]:

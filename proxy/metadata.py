@@ -9,7 +9,6 @@ per outage, not once per request.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Callable, Generic, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -17,6 +16,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from proxy import jsonsteps
 from proxy.blobs import BlobStore
 from proxy.agents import ClientAgents
 from proxy.blobs import PartialBlob
@@ -217,7 +217,7 @@ class UpstreamMetadata:
         for products_path, record in copies:
             body = filter_products(self.read(record), lambda item: self._store.exists(item.sha256))
             bodies[products_path] = body
-            remaining[products_path] = sorted(json.loads(body).get("products", {}))
+            remaining[products_path] = sorted(jsonsteps.loads(body).get("products", {}))
         bodies[INDEX_PATH] = filter_index(self.read(index_record), remaining)
         return bodies
 
