@@ -435,6 +435,8 @@ def _parse(data: bytes, family: Family, want_images: bool = True) -> Catalogue:
                             "virtual-machine" if root.ftype in VM_ROOT_FTYPES else "container"
                         )
                         images.append(image(fingerprint, image_type, item, root))
+    # Nothing parsed refers to the decoded document's containers: free it in steps.
+    jsonsteps.release(doc)
     return Catalogue(items=items, images=images)
 
 

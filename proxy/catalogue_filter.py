@@ -140,7 +140,12 @@ def filter_products(data: bytes, keep: Callable[[Item], bool]) -> bytes:
             remaining_products[product_id] = {**product, "versions": remaining_versions}
     if "products" in doc:
         doc["products"] = remaining_products
-    return _encode(doc)
+    body = _encode(doc)
+    # The filtered document shares only leaves (kept items) with the decoded one: free both
+    # in steps.
+    jsonsteps.release(products)
+    jsonsteps.release(doc)
+    return body
 
 
 def filter_index(data: bytes, products_by_path: Mapping[str, list[str]]) -> bytes:

@@ -217,7 +217,9 @@ class UpstreamMetadata:
         for products_path, record in copies:
             body = filter_products(self.read(record), lambda item: self._store.exists(item.sha256))
             bodies[products_path] = body
-            remaining[products_path] = sorted(jsonsteps.loads(body).get("products", {}))
+            doc = jsonsteps.loads(body)
+            remaining[products_path] = sorted(doc.get("products", {}))
+            jsonsteps.release(doc)
         bodies[INDEX_PATH] = filter_index(self.read(index_record), remaining)
         return bodies
 

@@ -63,3 +63,15 @@ def test_what_json_refuses_is_refused(data: bytes | str) -> None:
 def test_keys_other_than_strings_are_encoded_by_json_rules() -> None:
     doc = {1: "a", None: [True]}
     assert jsonsteps.dumps(doc) == json.dumps(doc, separators=(",", ":"))
+
+
+def test_release_empties_the_outer_levels() -> None:
+    doc = json.loads(_big_products(50_000))
+    products = doc["products"]
+    product = next(iter(products.values()))
+    versions = product["versions"]
+    version = next(iter(versions.values()))
+    jsonsteps.release(doc)
+    assert doc == {} and products == {} and product == {} and versions == {}
+    # Below the levels walked, a version is freed whole, not emptied.
+    assert version["items"]
