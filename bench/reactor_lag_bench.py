@@ -351,7 +351,7 @@ def fill_index(service: Any, count: int, blob_path: Callable[[str], Path]) -> No
 
 
 def run_gc(service: Any) -> Any:
-    return service.cache.lifecycle.gc()
+    return service.cache.gc()
 
 
 def run_prefetcher(service: Any) -> Any:
