@@ -36,6 +36,22 @@ VM_ROOT_FTYPES = frozenset({"disk-kvm.img", "disk1.img", "uefi1.img"})
 META_FTYPE: Mapping[str, str] = {"lxd": "lxd.tar.xz", "incus": "incus.tar.xz"}
 UNIFIED_FTYPE: Mapping[str, str] = {"lxd": "lxd_combined.tar.gz", "incus": "incus_combined.tar.gz"}
 
+# ftype -> the extension LXD gives a file of that format when it exports an image (its
+# DetectCompression reads the first bytes: xz -> .tar.xz, gzip -> .tar.gz, "hsqs" -> .squashfs,
+# "QFI" -> .qcow2, as every simplestreams VM disk is). An ftype not listed gets none, as LXD
+# gives none to a format it does not know.
+FILE_EXTENSIONS: Mapping[str, str] = {
+    "lxd.tar.xz": ".tar.xz",
+    "incus.tar.xz": ".tar.xz",
+    "root.tar.xz": ".tar.xz",
+    "squashfs": ".squashfs",
+    "disk-kvm.img": ".qcow2",
+    "disk1.img": ".qcow2",
+    "uefi1.img": ".qcow2",
+    "lxd_combined.tar.gz": ".tar.gz",
+    "incus_combined.tar.gz": ".tar.gz",
+}
+
 # Stream architecture names the clients accept, mapped to the canonical name LXD reports
 # (shared/osarch/architectures.go). Products with any other arch are skipped by the clients.
 ARCHITECTURES: Mapping[str, str] = {

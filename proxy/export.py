@@ -28,24 +28,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
 
-from proxy.catalogue import Image
+from proxy.catalogue import FILE_EXTENSIONS, Image
 from proxy.streaming import FileProducer, FileSource, ProducerRelay, ProducerStopped
 from proxy.web import finish_request
 
-# ftype -> the extension LXD's DetectCompressionFile gives the file's format: xz -> .tar.xz,
-# gzip -> .tar.gz, "hsqs" -> .squashfs, "QFI" (qcow2, as every simplestreams VM disk is) ->
-# .qcow2.  An ftype not listed gets no extension, as LXD gives none to a format it does not know.
-EXTENSIONS: Mapping[str, str] = {
-    "lxd.tar.xz": ".tar.xz",
-    "incus.tar.xz": ".tar.xz",
-    "root.tar.xz": ".tar.xz",
-    "squashfs": ".squashfs",
-    "disk-kvm.img": ".qcow2",
-    "disk1.img": ".qcow2",
-    "uefi1.img": ".qcow2",
-    "lxd_combined.tar.gz": ".tar.gz",
-    "incus_combined.tar.gz": ".tar.gz",
-}
+# The extension of each part's file name, as LXD names it.
+EXTENSIONS = FILE_EXTENSIONS
 
 METADATA_PART = "metadata"
 ROOT_PART = "rootfs"

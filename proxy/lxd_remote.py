@@ -43,6 +43,7 @@ from proxy.blobs import BlobStore, is_sha256
 from proxy.catalogue import (
     ARCHITECTURES,
     COMBINED_HASH_FIELDS,
+    FILE_EXTENSIONS,
     LEGACY_ROOTXZ_FIELD,
     META_FTYPE,
     UNIFIED_FTYPE,
@@ -63,17 +64,8 @@ SYNTHESISED_PATHS = frozenset({INDEX_PATH, PRODUCTS_PATH})
 
 ImageType = Literal["container", "virtual-machine"]
 
-# Root ftypes a split image can be listed with, and the extension LXD gives each file.
+# Root ftypes a split image can be listed with.
 ROOT_FTYPES = frozenset(COMBINED_HASH_FIELDS)
-_FTYPE_EXTENSION: Mapping[str, str] = {
-    "lxd.tar.xz": ".tar.xz",
-    "incus.tar.xz": ".tar.xz",
-    "squashfs": ".squashfs",
-    "root.tar.xz": ".tar.xz",
-    "disk-kvm.img": ".qcow2",
-    "disk1.img": ".img",
-    "uefi1.img": ".img",
-}
 UNIFIED_EXTENSION = ".tar.gz"
 
 # The stream name of each architecture LXD reports (the names images.lxd.canonical.com uses);
@@ -249,12 +241,12 @@ def _parse_time(value: object) -> datetime | None:
 
 def meta_filename(fingerprint: str, ftype: str = "lxd.tar.xz") -> str:
     """The metadata file's name, as LXD names the export's C{metadata} part."""
-    return f"meta-{fingerprint}{_FTYPE_EXTENSION.get(ftype, '')}"
+    return f"meta-{fingerprint}{FILE_EXTENSIONS.get(ftype, '')}"
 
 
 def root_filename(fingerprint: str, ftype: str) -> str:
     """The root file's name, as LXD names the export's C{rootfs} part."""
-    return f"{fingerprint}{_FTYPE_EXTENSION.get(ftype, '')}"
+    return f"{fingerprint}{FILE_EXTENSIONS.get(ftype, '')}"
 
 
 def unified_filename(fingerprint: str) -> str:

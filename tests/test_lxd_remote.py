@@ -366,3 +366,18 @@ def test_offline_view_lists_only_what_is_stored(make: Any) -> None:
 def test_remote_image_defaults() -> None:
     image = RemoteImage(fingerprint="a" * 64, size=1)
     assert image.arch is None and image.presumed_unified and image.type == "container"
+
+
+def test_a_root_file_is_named_as_its_export_part_is() -> None:
+    """
+    A VM disk listed before any export (the synthesised catalogue) and the same file named in
+    an export of the stored image carry one extension, LXD's: .qcow2 for every VM disk ftype.
+    """
+    from proxy.export import extension
+    from proxy.lxd_remote import ROOT_FTYPES, root_filename
+
+    fingerprint = "f" * 64
+    for ftype in ROOT_FTYPES:
+        assert root_filename(fingerprint, ftype) == fingerprint + extension(ftype)
+    assert root_filename(fingerprint, "disk1.img") == fingerprint + ".qcow2"
+    assert root_filename(fingerprint, "uefi1.img") == fingerprint + ".qcow2"
