@@ -19,15 +19,7 @@ from proxy.catalogue import Item, parse_images
 from proxy.config import CacheConfig, Config, PinConfig, ServerConfig, UpstreamConfig
 from proxy.errors import NotFound, Unavailable, UpstreamFailed
 from proxy.index import ImageParts
-from proxy.lxd_fetch import (
-    ExportDownload,
-    ItemDownload,
-    MultipartError,
-    MultipartSplitter,
-    PartSource,
-    WrongShape,
-    multipart_boundary,
-)
+from proxy.lxd_fetch import ExportDownload, ItemDownload, PartSource, WrongShape
 from proxy.lxd_remote import (
     PRODUCTS_PATH,
     RemoteImage,
@@ -118,83 +110,6 @@ def assert_nothing_stored(h: LxdHarness, image: FakeImage) -> None:
         assert h.index.get(sha(data)) is None
     assert h.temp_files() == []
     assert h.fetcher.in_flight() == {}
-
-
-# Multipart framing, as Go writes and reads it
-
-
-def test_go_framing_is_split_into_its_parts_whatever_the_chunking() -> None:
-    parts = [("metadata", "meta-x.tar.xz", META), ("rootfs", "x.squashfs", ROOTFS)]
-    body = go_multipart(GO_BOUNDARY, parts)
-    for size in (1, 7, 64, 4096, len(body)):
-        seen: list[list[Any]] = []
-
-        class Sink:
-            def start_part(self, name: str, filename: str) -> None:
-                seen.append([name, filename, b""])
-
-            def part_data(self, data: bytes) -> None:
-                seen[-1][2] += data
-
-            def end_part(self) -> None:
-                seen[-1].append("ended")
-
-        splitter = MultipartSplitter(GO_BOUNDARY.encode(), Sink())
-        for i in range(0, len(body), size):
-            splitter.feed(body[i:i + size])
-        splitter.close()
-        assert seen == [[n, f, d, "ended"] for n, f, d in parts]
-
-
-def test_boundary_lookalikes_in_the_data_stay_data() -> None:
-    tricky = b"x\r\n--" + GO_BOUNDARY.encode() + b"X not a boundary\r\n--" + GO_BOUNDARY.encode()[:10]
-    body = b"preamble\r\n" + go_multipart(GO_BOUNDARY, [("metadata", "m", tricky)]) + b"epilogue"
-    got: list[bytes] = []
-
-    class Sink:
-        def start_part(self, name: str, filename: str) -> None:
-            got.append(b"")
-
-        def part_data(self, data: bytes) -> None:
-            got[-1] += data
-
-        def end_part(self) -> None:
-            pass
-
-    splitter = MultipartSplitter(GO_BOUNDARY.encode(), Sink())
-    for byte in range(len(body)):
-        splitter.feed(body[byte:byte + 1])
-    splitter.close()
-    assert got == [tricky]
-
-
-def test_lf_only_framing_is_read_as_go_reads_it() -> None:
-    body = go_multipart("b", [("metadata", "m", b"abc"), ("rootfs", "r", b"def")]).replace(b"\r\n", b"\n")
-    got: list[tuple[str, bytes]] = []
-
-    class Sink:
-        def start_part(self, name: str, filename: str) -> None:
-            got.append((name, b""))
-
-        def part_data(self, data: bytes) -> None:
-            got[-1] = (got[-1][0], got[-1][1] + data)
-
-        def end_part(self) -> None:
-            pass
-
-    splitter = MultipartSplitter(b"b", Sink())
-    splitter.feed(body)
-    splitter.close()
-    assert got == [("metadata", b"abc"), ("rootfs", b"def")]
-
-
-def test_content_types() -> None:
-    assert multipart_boundary(f"multipart/form-data; boundary={GO_BOUNDARY}") == GO_BOUNDARY.encode()
-    assert multipart_boundary(b'multipart/form-data; boundary="a b"') == b"a b"
-    assert multipart_boundary("application/octet-stream") is None
-    assert multipart_boundary(None) is None
-    with pytest.raises(MultipartError):
-        multipart_boundary("multipart/form-data")
 
 
 # Split exports
