@@ -9,7 +9,7 @@ L{Clock}; the simplestreams face through C{StubTreq}.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -73,7 +73,7 @@ def remote(image: FakeImage) -> RemoteImage:
 
 
 def start(h: LxdHarness, image: FakeImage, **kwargs: Any) -> ExportDownload:
-    return h.fetcher.get_image(UPSTREAM, LXD_URL, remote(image), **kwargs)
+    return h.fetcher.get_image(UPSTREAM, remote(image), **kwargs)
 
 
 def as_file_sources(part: PartSource, view: ItemDownload) -> list[FileSource]:
@@ -226,8 +226,8 @@ def test_a_listed_file_is_released_once_its_own_hash_is_right(make: Any) -> None
                      parts.meta_sha256, parts.meta_size, "lxd.tar.xz", "p", "v")
     root_item = Item(image_item_path(image.fingerprint, root_filename(image.fingerprint, "squashfs")),
                      sha(ROOTFS), len(ROOTFS), "squashfs", "p", "v")
-    meta = h.fetcher.get(UPSTREAM, LXD_URL, meta_item)
-    root = h.fetcher.get(UPSTREAM, LXD_URL, root_item)
+    meta = h.fetcher.get(UPSTREAM, meta_item)
+    root = h.fetcher.get(UPSTREAM, root_item)
     assert root.export is meta.export
     streaming = meta.when_streaming()
     h.settle()
@@ -252,7 +252,7 @@ def test_a_listed_file_with_another_hash_fails_its_followers(make: Any) -> None:
     ))
     wrong = Item(image_item_path(image.fingerprint, meta_filename(image.fingerprint)),
                  "0" * 64, len(META), "lxd.tar.xz", "p", "v")
-    view = h.fetcher.get(UPSTREAM, LXD_URL, wrong)
+    view = h.fetcher.get(UPSTREAM, wrong)
     result = outcome(h, view.when_done())
     assert isinstance(result, Failure) and result.check(VerificationFailed)
     assert view.available() < len(META)
@@ -266,9 +266,9 @@ def test_an_item_of_an_image_whose_parts_are_unknown_is_not_found(make: Any) -> 
     item = Item(image_item_path(image.fingerprint, meta_filename(image.fingerprint)),
                 sha(META), len(META), "lxd.tar.xz", "p", "v")
     with pytest.raises(NotFound):
-        h.fetcher.get(UPSTREAM, LXD_URL, item)
+        h.fetcher.get(UPSTREAM, item)
     with pytest.raises(NotFound):
-        h.fetcher.get(UPSTREAM, LXD_URL, Item("images/x", sha(META), 1, "lxd.tar.xz", "p", "v"))
+        h.fetcher.get(UPSTREAM, Item("images/x", sha(META), 1, "lxd.tar.xz", "p", "v"))
 
 
 # Unified exports
@@ -512,7 +512,7 @@ def test_the_prefetcher_brings_a_pinned_image_of_an_lxd_upstream(make: Any, tmp_
     h = make([image])
     # A split image is listed once its parts are known; the export teaches them.
     [waiting] = h.call(h.remote.awaiting_parts())
-    h.run(h.fetcher.get_image(UPSTREAM, LXD_URL, waiting, background=True).when_done())
+    h.run(h.fetcher.get_image(UPSTREAM, waiting, background=True).when_done())
     for data in (META, ROOTFS):
         h.index.remove(sha(data))
         h.store.remove(sha(data))
@@ -523,7 +523,7 @@ def test_the_prefetcher_brings_a_pinned_image_of_an_lxd_upstream(make: Any, tmp_
         pins=(PinConfig(UPSTREAM, "ubuntu/24.04", arch="x86_64"),),
     )
     prefetcher = Prefetcher(
-        config, {UPSTREAM: h.remote}, cast(Any, h.fetcher), h.index, h.clock, host_arch="x86_64",
+        config, {UPSTREAM: h.remote}, h.fetcher, h.index, h.clock, host_arch="x86_64",
     )
     report = h.call(prefetcher.tick())
     assert report.unresolved == [] and report.failed == []
