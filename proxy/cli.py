@@ -788,7 +788,7 @@ async def _prefetch(reactor: Any, cache: Cache, refs: list[PinRef], out: TextIO,
     from twisted.internet.task import LoopingCall
 
     from proxy.catalogue import Item
-    from proxy.fetch import Fetcher
+    from proxy.downloads import Fetcher
     from proxy.lifecycle import CacheLifecycle
     from proxy.metadata import UpstreamMetadata
     from proxy.tls import upstream_tls_policy
@@ -808,7 +808,7 @@ async def _prefetch(reactor: Any, cache: Cache, refs: list[PinRef], out: TextIO,
     downloading: dict[str, Any] = {}
     # The server's downloads are not known here; this process's own are busy.
     lifecycle = CacheLifecycle(index, store, config.cache, reactor, lambda: set(downloading))
-    fetcher = Fetcher(client, store, index, reactor, config.cache.download_idle_timeout,
+    fetcher = Fetcher(client, store, index, reactor, upstreams, config.cache.download_idle_timeout,
                       make_room=lifecycle.make_room)
     metadata = {
         u.name: UpstreamMetadata(u.name, u.url, client, store, index, reactor,
@@ -846,7 +846,7 @@ async def _prefetch(reactor: Any, cache: Cache, refs: list[PinRef], out: TextIO,
             await slots.acquire()
             label = f"{upstream}/{item.path}"
             try:
-                download = fetcher.get(upstream, metadata[upstream].base_url, item)
+                download = fetcher.get(upstream, item)
                 downloading[item.sha256] = download
                 progress.started(label, item.size)
                 await download.when_done()

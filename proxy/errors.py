@@ -47,6 +47,10 @@ class UpstreamFailed(ProxyError):
     code = 502
 
 
+class VerificationFailed(UpstreamFailed):
+    """An upstream body did not match the size or sha256 it must have."""
+
+
 class Unavailable(ProxyError):
     code = 503
 

@@ -1,33 +1,127 @@
-"""One upstream download per file, however many clients wait for it.
+"""One upstream file being fetched (L{Download}), and what every kind of download gives the engine.
 
 A L{Download} writes the upstream body to a temp file (the disk is the buffer), hashes it as it
 arrives and wakes its followers, each of which reads the growing file at its own pace. Only a body
-whose size and sha256 match the catalogue is committed (fsync, rename, index record); anything else
-discards the temp file and fails every follower, which then aborts its client connection.
+whose size and sha256 match the catalogue is committed; anything else discards the temp file and
+fails every follower, which then aborts its client connection.
+
+The engine that starts, verifies and commits downloads is L{proxy.downloads.Fetcher}; it drives
+every kind of download (this file of a simplestreams upstream, the export of an LXD upstream's
+image in L{proxy.lxd_fetch}) through L{Job}: how the body is received and what it must turn out
+to be differ by kind, and nothing else does.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Collection, Sequence
+from typing import Any, Callable, Protocol
 
-from attrs import define, field
+from attrs import define, field, frozen
 from treq import collect
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import IResponse
 
-from proxy.blobs import BlobStore, PartialBlob
+from proxy.blobs import PartialBlob
 from proxy.catalogue import Item
-from proxy.errors import NotFound, UpstreamFailed
-from proxy.health import UpstreamHealth
-from proxy.index import CacheIndex, FileRecord
-from proxy.upstream import UpstreamClient, VerificationFailed, as_proxy_error, receive_body
-from proxy.work import Run, inline
+from proxy.errors import VerificationFailed
+from proxy.index import ImageParts
 
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0
+
+
+class Receive(Protocol):
+    """
+    Hands C{response}'s body to C{sink}, at most C{limit} bytes, under the engine's idle
+    timeout; fires when the body ended cleanly.
+    """
+
+    def __call__(
+        self, response: IResponse, sink: Callable[[bytes], None], limit: int,
+    ) -> "Deferred[int]": ...
+
+
+@frozen
+class StoredFile:
+    """One verified file of a download: its temp file, and what its record says."""
+
+    partial: PartialBlob
+    sha256: str
+    size: int
+    # the file's path under its upstream, as the catalogue lists it
+    path: str
+    product: str
+    version: str
+
+
+@frozen
+class Verified:
+    """What a download turned out to be: its files, and the image's parts when it taught them."""
+
+    files: tuple[StoredFile, ...]
+    parts: ImageParts | None = None
+
+
+class Job(Protocol):
+    """
+    One kind of download, as the engine drives it: it receives the body its own way, says what
+    that body turned out to be (or raises L{VerificationFailed}), and tells its followers how it
+    ended. Starting, health, the commit and the no-room rule are the engine's.
+    """
+
+    upstream: str
+    url: str
+    background: bool
+
+    @property
+    def key(self) -> str:
+        """What the engine keeps it in flight by: the file's sha256, the image's fingerprint."""
+
+    @property
+    def subject(self) -> str:
+        """What is asked of the upstream, in messages: an item path, C{image FP}."""
+
+    @property
+    def transfer_subject(self) -> str:
+        """What a transfer that failed is called in its error."""
+
+    @property
+    def size(self) -> int:
+        """The bytes the upstream is expected to send (the files', without any framing)."""
+
+    @property
+    def received(self) -> int: ...
+
+    @property
+    def failure(self) -> Failure | None: ...
+
+    @property
+    def finished(self) -> bool: ...
+
+    @property
+    def partials(self) -> Sequence[PartialBlob]:
+        """Every temp file it writes (or was given and does not use): discarded when not stored."""
+
+    def busy(self) -> Collection[str]:
+        """The sha256 of every file it will store, where known: not to be evicted meanwhile."""
+
+    async def error_text(self, response: IResponse, receive: Receive) -> str:
+        """Read and drop an error answer's body; what it says, or C{""}."""
+
+    async def receive(self, response: IResponse, receive: Receive) -> None:
+        """Take the body of a 200 answer (or raise, having read and dropped it)."""
+
+    def verified(self) -> Verified:
+        """What was received, checked against what it must be; raises L{VerificationFailed}."""
+
+    def committed(self, verified: Verified, paths: Sequence[FilePath[Any]], *, stored: bool) -> None:
+        """
+        The files of C{verified} are readable at C{paths} (in their order): the blobs, or the
+        temp files when C{stored} is False (no room: they go once every follower opened them).
+        """
+
+    def fail(self, failure: Failure) -> None: ...
 
 
 @define(eq=False)
@@ -60,6 +154,25 @@ class Download:
 
     def __attrs_post_init__(self) -> None:
         self.size = self.item.size
+
+    @property
+    def key(self) -> str:
+        return self.item.sha256
+
+    @property
+    def subject(self) -> str:
+        return self.item.path
+
+    @property
+    def transfer_subject(self) -> str:
+        return self.item.path
+
+    @property
+    def partials(self) -> Sequence[PartialBlob]:
+        return (self.partial,)
+
+    def busy(self) -> Collection[str]:
+        return (self.item.sha256,)
 
     @property
     def path(self) -> FilePath[Any]:
@@ -135,6 +248,43 @@ class Download:
     def received(self) -> int:
         return self._received
 
+    # -- as the engine drives it (L{Job}) ---------------------------------------------------
+
+    async def error_text(self, response: IResponse, receive: Receive) -> str:
+        # A simplestreams server's error page says nothing the status does not.
+        await discard_body(response)
+        return ""
+
+    async def receive(self, response: IResponse, receive: Receive) -> None:
+        item = self.item
+        if isinstance(response.length, int) and response.length != item.size:
+            await discard_body(response)
+            raise VerificationFailed(
+                f"upstream announced {response.length} bytes for {item.path}, catalogue says {item.size}"
+            )
+        self.start_streaming()
+        await receive(response, self.data, item.size)
+
+    def verified(self) -> Verified:
+        item = self.item
+        partial = self.partial
+        if partial.size != item.size:
+            raise VerificationFailed(f"upstream sent {partial.size} of {item.size} bytes for {item.path}")
+        digest = partial.hexdigest()
+        if digest != item.sha256:
+            raise VerificationFailed(
+                f"sha256 of {item.path} is {digest}, catalogue says {item.sha256}"
+            )
+        return Verified((
+            StoredFile(partial, item.sha256, item.size, item.path, item.product, item.version),
+        ))
+
+    def committed(self, verified: Verified, paths: Sequence[FilePath[Any]], *, stored: bool) -> None:
+        [path] = paths
+        self.succeed(path, stored=stored)
+
+    # -- the outcome ------------------------------------------------------------------------
+
     def succeed(self, path: FilePath[Any], *, stored: bool = True) -> None:
         self.stored = stored
         self.final_path = path
@@ -158,158 +308,7 @@ class Download:
         return [d for d in observers if not d.called]
 
 
-class Fetcher:
-    """
-    Starts at most one L{Download} per sha256 and commits verified files into the cache.
-
-    A download runs to its end even when every client that asked for it has gone: the bytes
-    are wanted by the next client, and the idle timeout bounds a stalled upstream.
-    """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        client: UpstreamClient,
-        store: BlobStore,
-        index: CacheIndex,
-        clock: IReactorTime,
-        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
-        *,
-        make_room: Callable[[int], "bool | Deferred[bool]"] | None = None,
-        health: Mapping[str, UpstreamHealth] | None = None,
-        disk: Run = inline,
-    ) -> None:
-        self._client = client
-        self._disk = disk
-        self._store = store
-        self._index = index
-        self._clock = clock
-        self._idle_timeout = idle_timeout
-        self._make_room = make_room
-        self._health = dict(health or {})
-        self._inflight: dict[str, Download] = {}
-
-    def in_flight(self) -> dict[str, Download]:
-        return dict(self._inflight)
-
-    def client_downloads(self) -> int:
-        """How many downloads in flight some client is waiting for (prefetches go after these)."""
-        return sum(1 for d in self._inflight.values() if not d.background)
-
-    def get(self, upstream: str, base_url: str, item: Item, *, background: bool = False) -> Download:
-        """
-        Return the running download of C{item}, or start one from C{base_url}/C{item.path}.
-
-        @raise Unavailable: the upstream is offline and it is not yet time to probe it again.
-        """
-        running = self._inflight.get(item.sha256)
-        if running is not None:
-            if not background:
-                running.background = False
-            return running
-        health = self._health.get(upstream)
-        if health is not None:
-            health.check(item.path)
-        url = f"{base_url}/{item.path}"
-        partial = self._store.new_partial()
-        partial.writeback = self._disk
-        download = Download(upstream, url, item, partial)
-        download.background = background
-        self._inflight[item.sha256] = download
-        Deferred.fromCoroutine(self._run(download))
-        return download
-
-    async def _run(self, download: Download) -> None:
-        health = self._health.get(download.upstream)
-        try:
-            await self._fetch(download, health)
-        except Exception as e:
-            if health is not None:
-                health.record_error(e, download.url)
-            failure = Failure(as_proxy_error(Failure(e), download.item.path))
-            self.log.warn(
-                "download of {url} failed, nothing cached: {reason}",
-                url=download.url, reason=failure.getErrorMessage(),
-            )
-            if download.failure is None and download.final_path is None:
-                download.fail(failure)
-        finally:
-            self._inflight.pop(download.item.sha256, None)
-            self._index.note_fetched(download.received)
-
-    async def _fetch(self, download: Download, health: UpstreamHealth | None) -> None:
-        item = download.item
-        self.log.info("fetching {url} ({size} bytes)", url=download.url, size=item.size)
-        response: IResponse = await self._client.get(download.url)
-        if health is not None:
-            health.record_answer(response.code, download.url)
-        if response.code != 200:
-            await _discard_body(response)
-            if response.code == 404:
-                raise NotFound(f"upstream has no {item.path} (404)")
-            raise UpstreamFailed(f"upstream answered {response.code} for {item.path}")
-        if response.length not in (item.size,) and isinstance(response.length, int):
-            await _discard_body(response)
-            raise VerificationFailed(
-                f"upstream announced {response.length} bytes for {item.path}, catalogue says {item.size}"
-            )
-        download.start_streaming()
-        await receive_body(response, download.data, limit=item.size, clock=self._clock,
-                           idle_timeout=self._idle_timeout)
-        await self._commit(download)
-
-    async def _commit(self, download: Download) -> None:
-        item = download.item
-        partial = download.partial
-        if partial.size != item.size:
-            raise VerificationFailed(f"upstream sent {partial.size} of {item.size} bytes for {item.path}")
-        digest = partial.hexdigest()
-        if digest != item.sha256:
-            raise VerificationFailed(
-                f"sha256 of {item.path} is {digest}, catalogue says {item.sha256}"
-            )
-        existing = self._index.get(item.sha256)
-        # A record already counts these bytes (another process stored the file meanwhile):
-        # committing adds nothing, so nothing need be evicted for it.
-        if existing is None and self._make_room is not None and not await maybeDeferred(
-            self._make_room, item.size
-        ):
-            # No room even after evicting what may go: the clients have their bytes (each
-            # follower holds the file open), the cache does not keep them.
-            self._index.note_not_stored()
-            self.log.warn(
-                "not storing {url} ({size} bytes): the cache is full of files that may not be "
-                "evicted (pinned, in use or downloading)", url=download.url, size=item.size,
-            )
-            download.succeed(partial.path, stored=False)
-            # Deleted on the next turn rather than now: get() may have handed this download to
-            # a client that has not opened the file yet (when the upstream answered within
-            # get() itself), and every client opens it before the reactor runs again.
-            self._clock.callLater(0, self._disk, partial.discard)
-            return
-        # The fsync of the whole file runs on a worker; meanwhile a follower may still open
-        # the temp name, which stays until the followers are told the blob's.
-        path = await self._disk(partial.commit, item.sha256, keep_temp=True)
-        now = self._clock.seconds()
-        index = self._index
-        if existing is None:
-            await index.write(index.put, FileRecord(
-                sha256=item.sha256, size=item.size, upstream=download.upstream,
-                paths=(f"{download.upstream}/{item.path}",), product=item.product,
-                version=item.version, stored_at=now, last_used_at=now, use_count=0,
-                cached=True, auto_update=False,
-            ))
-        else:
-            await index.write(index.add_path, item.sha256, download.upstream, item.path)
-        self.log.info("cached {url} as sha256:{sha256}", url=download.url, sha256=item.sha256)
-        download.succeed(path)
-        self._disk(partial.release_temp).addErrback(
-            lambda f: self.log.failure("removing the temp name of {path}", f, path=path.path)
-        )
-
-
-async def _discard_body(response: IResponse) -> None:
+async def discard_body(response: IResponse) -> None:
     """Read and drop an error body so that the connection is left in a clean state."""
     try:
         await collect(response, lambda _: None)
@@ -342,33 +341,3 @@ class FetchedItem(Protocol):
     def when_streaming(self) -> "Deferred[None]": ...
 
     def when_done(self) -> "Deferred[Any]": ...
-
-
-class ItemFetcher(Protocol):
-    """Starts or joins the one download of a catalogue file (L{Fetcher} and its kin)."""
-
-    def get(self, upstream: str, base_url: str, item: Item, *, background: bool = False) -> FetchedItem: ...
-
-    def client_downloads(self) -> int: ...
-
-    def in_flight(self) -> Mapping[str, Any]: ...
-
-
-class FetcherRouter:
-    """One L{ItemFetcher} per upstream, seen as one (by the prefetcher)."""
-
-    def __init__(self, by_upstream: Mapping[str, ItemFetcher]) -> None:
-        self._by_upstream = dict(by_upstream)
-        self._all = list({id(f): f for f in self._by_upstream.values()}.values())
-
-    def get(self, upstream: str, base_url: str, item: Item, *, background: bool = False) -> FetchedItem:
-        return self._by_upstream[upstream].get(upstream, base_url, item, background=background)
-
-    def client_downloads(self) -> int:
-        return sum(f.client_downloads() for f in self._all)
-
-    def in_flight(self) -> dict[str, Any]:
-        found: dict[str, Any] = {}
-        for fetcher in self._all:
-            found.update(fetcher.in_flight())
-        return found

@@ -26,9 +26,8 @@ from proxy.busy import InUse
 from proxy.catalogue import ARCHITECTURES, Family, Image, Item
 from proxy.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, ProxyError
 from proxy.export import ExportPart, export_parts, serve_export
-from proxy.fetch import Fetcher
+from proxy.downloads import Fetcher
 from proxy.index import CacheIndex, FileRecord, ImageParts
-from proxy.lxd_fetch import LxdExportFetcher
 from proxy.lxd_remote import (
     LxdRemote,
     RemoteImage,
@@ -151,7 +150,7 @@ class SimplestreamsImages:
             if self._store.exists(item.sha256):
                 sources.append(CompleteFile(self._store.path_for(item.sha256), item.size))
                 continue
-            download = self._fetcher.get(self.name, self._metadata.base_url, item)
+            download = self._fetcher.get(self.name, item)
             await await_start(download, self._clock)
             sources.append(download)
         return export_parts(image, sources[0], sources[1] if len(sources) > 1 else None)
@@ -166,7 +165,7 @@ class LxdRemoteImages:
     def __init__(
         self,
         remote: LxdRemote,
-        fetcher: LxdExportFetcher,
+        fetcher: Fetcher,
         store: BlobStore,
         index: CacheIndex,
         clock: IReactorTime,
@@ -214,7 +213,7 @@ class LxdRemoteImages:
         remote = self._by_fingerprint.get(image.fingerprint)
         if remote is None:
             raise NotFound(f"{self.name}: image {image.fingerprint} is no longer listed")
-        download = self._fetcher.get_image(self.name, self._remote.base_url, remote)
+        download = self._fetcher.get_image(self.name, remote)
         await await_start(download, self._clock)
         fp = image.fingerprint
         if download.kind == "unified":

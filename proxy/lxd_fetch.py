@@ -3,42 +3,40 @@
 C{GET /1.0/images/FP/export} (PROTOCOLS.md §2.5) answers a unified image with its one file
 (C{application/octet-stream}) and a split image with a C{multipart/form-data} body whose two
 parts are the C{metadata} file and the C{rootfs} (C{rootfs.img} for a VM) file, framed as Go's
-C{mime/multipart} writer frames them. L{MultipartSplitter} cuts that body into the two files
-while it streams (never holding more than a chunk in memory), each written to its own temp file,
-with one running sha256 over both. Only when sha256(meta ‖ rootfs) is the fingerprint are both
+C{mime/multipart} writer frames them. L{proxy.multipart.MultipartSplitter} cuts that body into
+the two files while it streams (never holding more than a chunk in memory), each written to its
+own temp file, with one running sha256 over both. Only when sha256(meta ‖ rootfs) is the fingerprint are both
 committed, recorded as files, and their sizes and hashes kept as the image's L{ImageParts}; any
 other ending discards both and fails everyone who follows the download.
 
-Followers read the temp files while they grow (the disk is the buffer, as for L{Fetcher}):
-L{ExportDownload} offers L{PartSource}s for the LXD face and, through L{LxdExportFetcher.get},
-objects that behave like a L{proxy.fetch.Download} for one listed file, for the simplestreams face
-and the prefetcher.
+This module is the export kind of download only: how its body is received and what it must turn
+out to be. Starting it once however many ask, the commit, the no-room rule and the health of the
+upstream are the engine's (L{proxy.downloads.Fetcher}), as for a file of a simplestreams upstream.
+
+Followers read the temp files while they grow (the disk is the buffer, as for a
+L{proxy.fetch.Download}): L{ExportDownload} offers L{PartSource}s for the LXD face and, as an
+L{ItemDownload}, one listed file that behaves like a L{proxy.fetch.Download}, for the simplestreams
+face and the prefetcher.
 """
 
 from __future__ import annotations
 
-import email.message
-import email.parser
-import email.utils
 import hashlib
 import json
-from collections.abc import Mapping
-from typing import Any, Callable, Literal, Protocol
+from collections.abc import Collection, Sequence
+from typing import Any, Callable, Literal
 
 from attrs import define, field
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import IResponse
 
-from proxy.blobs import BlobStore, PartialBlob
+from proxy.blobs import PartialBlob
 from proxy.catalogue import META_FTYPE, UNIFIED_FTYPE, Item
-from proxy.errors import NotFound, UpstreamFailed
-from proxy.fetch import DEFAULT_IDLE_TIMEOUT_SECONDS
-from proxy.health import UpstreamHealth
-from proxy.index import CacheIndex, FileRecord, ImageParts
+from proxy.errors import NotFound, UpstreamFailed, VerificationFailed
+from proxy.fetch import Receive, StoredFile, Verified
+from proxy.index import CacheIndex, ImageParts
 from proxy.lxd_remote import (
     RemoteImage,
     base_product,
@@ -50,16 +48,12 @@ from proxy.lxd_remote import (
     unified_filename,
     version_base,
 )
+from proxy.multipart import MultipartError, MultipartSplitter, multipart_boundary
 from proxy.streaming import FileSource
-from proxy.upstream import UpstreamClient, VerificationFailed, as_proxy_error, receive_body
-from proxy.work import Run, inline
 
 # Bytes an export may carry beyond the image's files: the boundaries and the two part headers
 # (a few hundred bytes as LXD writes them).
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
-MAX_PART_HEADER_BYTES = 16 * 1024
-# Go's reader skips a preamble before the first boundary; LXD writes none.
-MAX_PREAMBLE_BYTES = 16 * 1024
 # What is read of an error answer to find LXD's error message in it.
 MAX_ERROR_BODY_BYTES = 64 * 1024
 
@@ -68,215 +62,8 @@ Role = Literal["meta", "root", "unified"]
 ROOT_FORM_NAMES = ("rootfs", "rootfs.img")
 
 
-class MultipartError(VerificationFailed):
-    """An export's multipart body is not framed as LXD frames it."""
-
-
 class WrongShape(UpstreamFailed):
     """The export is split where unified was expected, or the other way round."""
-
-
-# -- multipart ---------------------------------------------------------------------------------
-
-
-class PartSink(Protocol):
-    def start_part(self, name: str, filename: str) -> None: ...
-
-    def part_data(self, data: bytes) -> None: ...
-
-    def end_part(self) -> None: ...
-
-
-_PREAMBLE, _HEADERS, _BODY, _AFTER_DELIMITER, _EPILOGUE = range(5)
-
-
-class MultipartSplitter:
-    """
-    Cuts a C{multipart/form-data} body into its parts as it streams, after Go's
-    C{mime/multipart} reader (which the LXD client uses): a preamble before the first
-    boundary and an epilogue after the last are skipped, a delimiter is C{CRLF--boundary}
-    followed by C{--} (the end) or optional blanks and a line end, and lines may end in a bare
-    LF if the first boundary line does. Part bodies go to the sink as they arrive; only a tail
-    that might begin a delimiter is held back.
-
-    @raise MultipartError: from L{feed} or L{close}, when the framing is broken.
-    """
-
-    def __init__(self, boundary: bytes, sink: PartSink) -> None:
-        if not boundary or len(boundary) > 200:
-            raise MultipartError(f"unusable multipart boundary {boundary!r}")
-        self._sink = sink
-        self._boundary = boundary
-        self._dash_boundary = b"--" + boundary
-        self._delimiter = b"\r\n--" + boundary
-        self._buffer = bytearray()
-        self._state = _PREAMBLE
-        self._skipped = 0
-        self._header_lines: list[bytes] = []
-        self._header_bytes = 0
-        self.parts = 0
-
-    @property
-    def finished(self) -> bool:
-        """True once the closing boundary has been read."""
-        return self._state == _EPILOGUE
-
-    def feed(self, data: bytes) -> None:
-        if self._state == _EPILOGUE:
-            return
-        self._buffer += data
-        while self._step():
-            pass
-
-    def close(self) -> None:
-        """The body ended: it must have ended with the closing boundary."""
-        if self._state != _EPILOGUE:
-            raise MultipartError(
-                "export ended before its closing boundary"
-                + (f" (in part {self.parts})" if self.parts else " (no part started)")
-            )
-
-    def _line(self) -> tuple[bytes, bool] | None:
-        """One whole line from the buffer, without its end, and whether it ended in CRLF."""
-        end = self._buffer.find(b"\n")
-        if end < 0:
-            return None
-        line = bytes(self._buffer[:end])
-        del self._buffer[:end + 1]
-        if line.endswith(b"\r"):
-            return line[:-1], True
-        return line, False
-
-    def _step(self) -> bool:
-        if self._state == _BODY:
-            return self._body()
-        if self._state == _EPILOGUE:
-            self._buffer.clear()
-            return False
-        found = self._line()
-        if found is None:
-            if self._state == _PREAMBLE and self._skipped + len(self._buffer) > MAX_PREAMBLE_BYTES:
-                raise MultipartError("export does not start with its multipart boundary")
-            if len(self._buffer) > MAX_PART_HEADER_BYTES:
-                raise MultipartError("export has a line too long for multipart framing")
-            return False
-        line, crlf = found
-        if self._state == _PREAMBLE:
-            stripped = line.rstrip(b" \t")
-            if stripped == self._dash_boundary:
-                if not crlf:
-                    self._delimiter = b"\n--" + self._boundary
-                self._start_headers()
-            elif stripped == self._dash_boundary + b"--":
-                self._state = _EPILOGUE
-            else:
-                self._skipped += len(line) + 1
-                if self._skipped > MAX_PREAMBLE_BYTES:
-                    raise MultipartError("export does not start with its multipart boundary")
-            return True
-        if self._state == _AFTER_DELIMITER:
-            if line.strip(b" \t"):
-                raise MultipartError("export has data after a multipart boundary")
-            self._start_headers()
-            return True
-        # _HEADERS
-        self._header_bytes += len(line) + 2
-        if self._header_bytes > MAX_PART_HEADER_BYTES:
-            raise MultipartError("export has a part header that is too long")
-        if line:
-            if line[:1] in (b" ", b"\t") and self._header_lines:
-                self._header_lines[-1] += b" " + line.strip()
-            else:
-                self._header_lines.append(line)
-            return True
-        name, filename = _disposition(self._header_lines)
-        self.parts += 1
-        self._state = _BODY
-        self._sink.start_part(name, filename)
-        return True
-
-    def _start_headers(self) -> None:
-        self._state = _HEADERS
-        self._header_lines = []
-        self._header_bytes = 0
-
-    def _body(self) -> bool:
-        buffer = self._buffer
-        delimiter = self._delimiter
-        search_from = 0
-        while True:
-            at = buffer.find(delimiter, search_from)
-            if at < 0:
-                # All but a tail that may be the start of a delimiter is the part's.
-                cut = len(buffer) - (len(delimiter) - 1)
-                if cut > 0:
-                    self._emit(cut)
-                return False
-            after = at + len(delimiter)
-            following = bytes(buffer[after:after + 2])
-            if not following or following == b"-":
-                # Which it is depends on bytes not here yet.
-                if at > 0:
-                    self._emit(at)
-                return False
-            if following[:1] in (b" ", b"\t", b"\r", b"\n"):
-                self._emit(at)
-                del buffer[:len(delimiter)]
-                self._sink.end_part()
-                self._state = _AFTER_DELIMITER
-                return True
-            if following == b"--":
-                self._emit(at)
-                del buffer[:len(delimiter) + 2]
-                self._sink.end_part()
-                self._state = _EPILOGUE
-                return True
-            # The boundary followed by something else is part of the data (as Go reads it).
-            search_from = at + 1
-
-    def _emit(self, count: int) -> None:
-        if count > 0:
-            data = bytes(self._buffer[:count])
-            del self._buffer[:count]
-            self._sink.part_data(data)
-
-
-def _disposition(lines: list[bytes]) -> tuple[str, str]:
-    """The form name and file name of a part, from its C{Content-Disposition}."""
-    headers = email.parser.BytesHeaderParser().parsebytes(b"\r\n".join(lines) + b"\r\n\r\n")
-    if headers.get("Content-Disposition") is None:
-        raise MultipartError("export part has no Content-Disposition")
-    name = headers.get_param("name", header="content-disposition")
-    filename = headers.get_filename() or ""
-    return _param_text(name), filename
-
-
-def _param_text(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, tuple):
-        return str(email.utils.collapse_rfc2231_value(value))
-    return str(value)
-
-
-def multipart_boundary(content_type: str | bytes | None) -> bytes | None:
-    """
-    The boundary of a C{multipart/form-data} content type; None for any other type (which
-    the LXD client, and so this proxy, takes for a unified image).
-
-    @raise MultipartError: multipart without a usable boundary.
-    """
-    if content_type is None:
-        return None
-    text = content_type.decode("latin-1") if isinstance(content_type, bytes) else content_type
-    message = email.message.Message()
-    message["Content-Type"] = text
-    if message.get_content_type() != "multipart/form-data":
-        return None
-    boundary = _param_text(message.get_param("boundary"))
-    if not boundary or len(boundary) > 70:
-        raise MultipartError(f"export is multipart without a usable boundary: {text!r}")
-    return boundary.encode("latin-1")
 
 
 # -- the download ------------------------------------------------------------------------------
@@ -474,6 +261,170 @@ class ExportDownload:
         """A source for the listed file C{item}, sized and checked by the catalogue's word."""
         part = self._root_part if role == "root" else self._meta_part
         return PartSource(self, part, item.size, expect=item.sha256)
+
+    # -- as the engine drives it (L{proxy.fetch.Job}) ------------------------------------------
+
+    @classmethod
+    def new(
+        cls, upstream: str, base_url: str, image: RemoteImage, expected: ImageParts | None,
+        new_partial: Callable[[], PartialBlob], *, product: str = "", version: str = "",
+    ) -> "ExportDownload":
+        """The export of C{image} from the LXD server at C{base_url}, with its two temp files."""
+        meta = new_partial()
+        try:
+            root = new_partial()
+        except BaseException:
+            meta.discard()
+            raise
+        return cls(
+            upstream, f"{base_url}/1.0/images/{image.fingerprint}/export", image, expected,
+            _Part(meta), _Part(root), product=product or base_product(image),
+            version=version or version_base(image),
+        )
+
+    @property
+    def key(self) -> str:
+        return self.fingerprint
+
+    @property
+    def subject(self) -> str:
+        return f"image {self.fingerprint}"
+
+    @property
+    def transfer_subject(self) -> str:
+        return f"export of image {self.fingerprint}"
+
+    @property
+    def size(self) -> int:
+        return self.image.size
+
+    @property
+    def partials(self) -> Sequence[PartialBlob]:
+        # A unified export leaves the rootfs temp file unused (discarded at its start).
+        return (self._meta_part.partial, self._root_part.partial)
+
+    def busy(self) -> Collection[str]:
+        found = {self.fingerprint}
+        if self.expected is not None:
+            found.add(self.expected.meta_sha256)
+            if self.expected.root_sha256 is not None:
+                found.add(self.expected.root_sha256)
+        return found
+
+    async def error_text(self, response: IResponse, receive: Receive) -> str:
+        """LXD's error message from an error answer (its envelope), read and dropped."""
+        chunks: list[bytes] = []
+        try:
+            await receive(response, chunks.append, MAX_ERROR_BODY_BYTES)
+        except Exception:
+            return ""
+        try:
+            doc = json.loads(b"".join(chunks))
+        except ValueError:
+            return ""
+        error = doc.get("error") if isinstance(doc, dict) else None
+        return " ".join(error.split())[:200] if isinstance(error, str) else ""
+
+    async def receive(self, response: IResponse, receive: Receive) -> None:
+        content_type = response.headers.getRawHeaders(b"Content-Type")
+        try:
+            boundary = multipart_boundary(content_type[0] if content_type else None)
+        except MultipartError:
+            await self.error_text(response, receive)
+            raise
+        if boundary is None:
+            await self._receive_unified(response, receive)
+        else:
+            await self._receive_split(response, receive, boundary)
+
+    async def _receive_unified(self, response: IResponse, receive: Receive) -> None:
+        image = self.image
+        if isinstance(response.length, int) and response.length != image.size:
+            await self.error_text(response, receive)
+            raise VerificationFailed(
+                f"upstream announced {response.length} bytes for image {image.fingerprint}, "
+                f"its size is {image.size}"
+            )
+        self.start("unified")
+        await receive(response, self.unified_data, image.size)
+        self.unified_complete()
+
+    async def _receive_split(self, response: IResponse, receive: Receive, boundary: bytes) -> None:
+        splitter = MultipartSplitter(boundary, _SplitWriter(self))
+        self.start("split")
+        errors: list[Exception] = []
+
+        def sink(data: bytes) -> None:
+            self.received += len(data)
+            try:
+                splitter.feed(data)
+            except Exception as e:
+                # Raised from here, the body receiver would only say it could not store it.
+                errors.append(e)
+                raise
+
+        try:
+            await receive(response, sink, self.image.size + MULTIPART_OVERHEAD_BYTES)
+        except Exception:
+            if errors:
+                raise errors[0]
+            raise
+        splitter.close()
+
+    def verified(self) -> Verified:
+        """The files (one, or two) if sha256(meta ‖ rootfs) is the fingerprint; the parts learnt."""
+        image = self.image
+        fingerprint = image.fingerprint
+        meta, root = self._meta_part, self._root_part
+        if self.kind == "unified":
+            digest = meta.partial.hexdigest()
+            total = meta.received
+        else:
+            if not root.name:
+                raise MultipartError(f"export of image {fingerprint} has no rootfs part")
+            digest = self._combined.hexdigest()
+            total = meta.received + root.received
+        if total != image.size:
+            raise VerificationFailed(f"upstream sent {total} of {image.size} bytes for image {fingerprint}")
+        if digest != fingerprint:
+            raise VerificationFailed(
+                f"sha256 of the export of image {fingerprint} is {digest}: not the fingerprint"
+            )
+        files: list[tuple[_Part, str, str]] = []
+        if self.kind == "unified":
+            parts = ImageParts(
+                fingerprint=fingerprint, upstream=self.upstream, meta_sha256=fingerprint,
+                meta_size=meta.received, meta_ftype=UNIFIED_FTYPE["lxd"], root_sha256=None,
+                root_size=0, root_ftype="",
+            )
+            files.append((meta, fingerprint, image_item_path(fingerprint, unified_filename(fingerprint))))
+        else:
+            assert meta.sha256 is not None and root.sha256 is not None
+            expected = self.expected
+            if expected is not None and expected.root_sha256 == root.sha256 and expected.root_ftype:
+                # As it is listed already: the files' paths must not move.
+                root_ftype = expected.root_ftype
+            else:
+                root_ftype = root_ftype_of(root.name, root.filename, image.type, image.prop("type"))
+            parts = ImageParts(
+                fingerprint=fingerprint, upstream=self.upstream, meta_sha256=meta.sha256,
+                meta_size=meta.received, meta_ftype=META_FTYPE["lxd"], root_sha256=root.sha256,
+                root_size=root.received, root_ftype=root_ftype,
+            )
+            files.append((meta, meta.sha256, image_item_path(fingerprint, meta_filename(fingerprint))))
+            root_path = image_item_path(fingerprint, root_filename(fingerprint, root_ftype))
+            files.append((root, root.sha256, root_path))
+        return Verified(
+            tuple(
+                StoredFile(part.partial, sha256, part.received, path, self.product, self.version)
+                for part, sha256, path in files
+            ),
+            parts,
+        )
+
+    def committed(self, verified: Verified, paths: Sequence[FilePath[Any]], *, stored: bool) -> None:
+        assert verified.parts is not None
+        self.succeed(verified.parts, paths[0], paths[1] if len(paths) > 1 else None, stored=stored)
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -722,319 +673,32 @@ class ItemDownload:
         return self._shape_failure
 
 
-# -- the fetcher -------------------------------------------------------------------------------
-
-
-class LxdExportFetcher:
+def listed_file(index: CacheIndex, upstream: str, item: Item) -> tuple[RemoteImage, Role]:
     """
-    Starts at most one L{ExportDownload} per fingerprint and commits verified images.
+    The image whose export brings C{item}, a file of the synthesised catalogue
+    (L{proxy.lxd_remote}), and which of its files C{item} is.
 
-    Like L{proxy.fetch.Fetcher}, a download runs to its end even when every client that
-    asked for it has gone, bounded by the idle timeout; C{make_room} is asked before a commit
-    and C{health} (by upstream name) is told how the upstream answered.
+    @raise NotFound: C{item} is not a file of an LXD upstream's image, or its image is split
+        and its files are not known (they are listed only once they are).
     """
-
-    log = Logger()
-
-    def __init__(
-        self,
-        client: UpstreamClient,
-        store: BlobStore,
-        index: CacheIndex,
-        clock: IReactorTime,
-        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
-        *,
-        make_room: Callable[[int], "bool | Deferred[bool]"] | None = None,
-        health: Mapping[str, UpstreamHealth] | None = None,
-        disk: Run = inline,
-    ) -> None:
-        self._client = client
-        self._disk = disk
-        self._store = store
-        self._index = index
-        self._clock = clock
-        self._idle_timeout = idle_timeout
-        self._make_room = make_room
-        self._health = dict(health or {})
-        self._inflight: dict[str, ExportDownload] = {}
-
-    def in_flight(self) -> dict[str, ExportDownload]:
-        """The downloads running, by fingerprint."""
-        return dict(self._inflight)
-
-    def busy(self) -> set[str]:
-        """The sha256 of every file a running download will store, where known."""
-        found: set[str] = set()
-        for fingerprint, download in self._inflight.items():
-            found.add(fingerprint)
-            if download.expected is not None:
-                found.add(download.expected.meta_sha256)
-                if download.expected.root_sha256 is not None:
-                    found.add(download.expected.root_sha256)
-        return found
-
-    def client_downloads(self) -> int:
-        """How many downloads in flight some client is waiting for (prefetches go after these)."""
-        return sum(1 for d in self._inflight.values() if not d.background)
-
-    def get_image(
-        self, upstream: str, base_url: str, image: RemoteImage, *, background: bool = False,
-    ) -> ExportDownload:
-        """
-        Return the running export download of C{image}, or start one from
-        C{base_url}/1.0/images/FP/export.
-
-        @raise Unavailable: the upstream is offline and it is not yet time to probe it again.
-        """
-        return self._start(upstream, base_url, image, background=background)
-
-    def get(self, upstream: str, base_url: str, item: Item, *, background: bool = False) -> ItemDownload:
-        """
-        The download of one file of the synthesised catalogue (L{proxy.lxd_remote}), which
-        starts or joins the export of its image.
-
-        @raise NotFound: C{item} is not a file of an LXD upstream's image, or its image is split
-            and its files are not known (they are listed only once they are).
-        @raise Unavailable: as L{get_image}.
-        """
-        found = item_role(item.path)
-        if found is None:
-            raise NotFound(f"{upstream}: {item.path} is not a file of an image of this upstream")
-        fingerprint, role = found
-        if role == "unified":
-            size = item.size
-        else:
-            parts = self._index.get_parts(fingerprint)
-            if parts is None or parts.unified:
-                raise NotFound(f"{upstream}: the files of image {fingerprint} are not known")
-            size = parts.size
-        image = RemoteImage(fingerprint=fingerprint, size=size)
-        export = self._start(
-            upstream, base_url, image, background=background, product=item.product,
-            version=item.version,
-        )
-        return ItemDownload(export, item, role)
-
-    def _start(
-        self, upstream: str, base_url: str, image: RemoteImage, *, background: bool,
-        product: str = "", version: str = "",
-    ) -> ExportDownload:
-        running = self._inflight.get(image.fingerprint)
-        if running is not None:
-            if not background:
-                running.background = False
-            return running
-        health = self._health.get(upstream)
-        if health is not None:
-            health.check(f"image {image.fingerprint}")
-        url = f"{base_url}/1.0/images/{image.fingerprint}/export"
-        meta = self._store.new_partial()
-        try:
-            root = self._store.new_partial()
-        except BaseException:
-            meta.discard()
-            raise
-        meta.writeback = root.writeback = self._disk
-        download = ExportDownload(
-            upstream, url, image, self._index.get_parts(image.fingerprint), _Part(meta), _Part(root),
-            product=product or base_product(image), version=version or version_base(image),
-            background=background,
-        )
-        self._inflight[image.fingerprint] = download
-        Deferred.fromCoroutine(self._run(download))
-        return download
-
-    async def _run(self, download: ExportDownload) -> None:
-        health = self._health.get(download.upstream)
-        try:
-            await self._fetch(download, health)
-        except Exception as e:
-            if health is not None:
-                health.record_error(e, download.url)
-            failure = Failure(as_proxy_error(Failure(e), f"export of image {download.fingerprint}"))
-            self.log.warn(
-                "download of {url} failed, nothing cached: {reason}",
-                url=download.url, reason=failure.getErrorMessage(),
-            )
-            if not download.finished:
-                download.fail(failure)
-        finally:
-            self._inflight.pop(download.fingerprint, None)
-            self._index.note_fetched(download.received)
-
-    async def _fetch(self, download: ExportDownload, health: UpstreamHealth | None) -> None:
-        image = download.image
-        self.log.info("fetching {url} ({size} bytes)", url=download.url, size=image.size)
-        response: IResponse = await self._client.get(download.url)
-        if health is not None:
-            health.record_answer(response.code, download.url)
-        if response.code != 200:
-            reason = await self._error_text(response)
-            said = f": {reason}" if reason else ""
-            if response.code == 404:
-                raise NotFound(f"upstream has no image {image.fingerprint} (404{said})")
-            raise UpstreamFailed(f"upstream answered {response.code} for image {image.fingerprint}{said}")
-        content_type = response.headers.getRawHeaders(b"Content-Type")
-        try:
-            boundary = multipart_boundary(content_type[0] if content_type else None)
-        except MultipartError:
-            await self._error_text(response)
-            raise
-        if boundary is None:
-            await self._receive_unified(download, response)
-        else:
-            await self._receive_split(download, response, boundary)
-        await self._commit(download)
-
-    async def _receive_unified(self, download: ExportDownload, response: IResponse) -> None:
-        image = download.image
-        if isinstance(response.length, int) and response.length != image.size:
-            await self._error_text(response)
-            raise VerificationFailed(
-                f"upstream announced {response.length} bytes for image {image.fingerprint}, "
-                f"its size is {image.size}"
-            )
-        download.start("unified")
-        await receive_body(response, download.unified_data, limit=image.size, clock=self._clock,
-                           idle_timeout=self._idle_timeout)
-        download.unified_complete()
-
-    async def _receive_split(self, download: ExportDownload, response: IResponse, boundary: bytes) -> None:
-        splitter = MultipartSplitter(boundary, _SplitWriter(download))
-        download.start("split")
-        errors: list[Exception] = []
-
-        def sink(data: bytes) -> None:
-            download.received += len(data)
-            try:
-                splitter.feed(data)
-            except Exception as e:
-                # Raised from here, the body receiver would only say it could not store it.
-                errors.append(e)
-                raise
-
-        try:
-            await receive_body(response, sink, limit=download.image.size + MULTIPART_OVERHEAD_BYTES,
-                               clock=self._clock, idle_timeout=self._idle_timeout)
-        except Exception:
-            if errors:
-                raise errors[0]
-            raise
-        splitter.close()
-
-    async def _error_text(self, response: IResponse) -> str:
-        """LXD's error message from an error answer (its envelope), read and dropped."""
-        chunks: list[bytes] = []
-        try:
-            await receive_body(response, chunks.append, limit=MAX_ERROR_BODY_BYTES, clock=self._clock,
-                               idle_timeout=self._idle_timeout)
-        except Exception:
-            return ""
-        try:
-            doc = json.loads(b"".join(chunks))
-        except ValueError:
-            return ""
-        error = doc.get("error") if isinstance(doc, dict) else None
-        return " ".join(error.split())[:200] if isinstance(error, str) else ""
-
-    async def _commit(self, download: ExportDownload) -> None:
-        image = download.image
-        fingerprint = image.fingerprint
-        meta, root = download._meta_part, download._root_part
-        if download.kind == "unified":
-            digest = meta.partial.hexdigest()
-            total = meta.received
-        else:
-            if not root.name:
-                raise MultipartError(f"export of image {fingerprint} has no rootfs part")
-            digest = download._combined.hexdigest()
-            total = meta.received + root.received
-        if total != image.size:
-            raise VerificationFailed(f"upstream sent {total} of {image.size} bytes for image {fingerprint}")
-        if digest != fingerprint:
-            raise VerificationFailed(
-                f"sha256 of the export of image {fingerprint} is {digest}: not the fingerprint"
-            )
-        files: list[tuple[_Part, str, str]] = []
-        if download.kind == "unified":
-            parts = ImageParts(
-                fingerprint=fingerprint, upstream=download.upstream, meta_sha256=fingerprint,
-                meta_size=meta.received, meta_ftype=UNIFIED_FTYPE["lxd"], root_sha256=None,
-                root_size=0, root_ftype="",
-            )
-            files.append((meta, fingerprint, image_item_path(fingerprint, unified_filename(fingerprint))))
-        else:
-            assert meta.sha256 is not None and root.sha256 is not None
-            expected = download.expected
-            if expected is not None and expected.root_sha256 == root.sha256 and expected.root_ftype:
-                # As it is listed already: the files' paths must not move.
-                root_ftype = expected.root_ftype
-            else:
-                root_ftype = root_ftype_of(root.name, root.filename, image.type, image.prop("type"))
-            parts = ImageParts(
-                fingerprint=fingerprint, upstream=download.upstream, meta_sha256=meta.sha256,
-                meta_size=meta.received, meta_ftype=META_FTYPE["lxd"], root_sha256=root.sha256,
-                root_size=root.received, root_ftype=root_ftype,
-            )
-            files.append((meta, meta.sha256, image_item_path(fingerprint, meta_filename(fingerprint))))
-            root_path = image_item_path(fingerprint, root_filename(fingerprint, root_ftype))
-            files.append((root, root.sha256, root_path))
-
-        new: dict[str, int] = {}
-        for part, sha256, _path in files:
-            if self._index.get(sha256) is None:
-                new[sha256] = part.received
-        needed = sum(new.values())
-        index = self._index
-        # Learnt whether or not the files are kept: the image can be listed from now on.
-        await index.write(index.put_parts, parts)
-        if needed and self._make_room is not None and not await maybeDeferred(self._make_room, needed):
-            # No room even after evicting what may go: the clients have their bytes (each
-            # follower holds its file open), the cache does not keep them.
-            self._index.note_not_stored()
-            self.log.warn(
-                "not storing {url} ({size} bytes): the cache is full of files that may not be "
-                "evicted (pinned, in use or downloading)", url=download.url, size=needed,
-            )
-            download.succeed(parts, meta.partial.path, None if root.partial.closed else root.partial.path,
-                             stored=False)
-            # Deleted on the next turn rather than now: a follower may not have opened its file yet.
-            self._clock.callLater(0, self._disk, meta.partial.discard)
-            self._clock.callLater(0, self._disk, root.partial.discard)
-            return
-        # The fsyncs run on a worker; a follower may open the temp names until succeed().
-        committed: list[FilePath[Any]] = []
-        for part, sha256, _path in files:
-            committed.append(await self._disk(part.partial.commit, sha256, keep_temp=True))
-        now = self._clock.seconds()
-        for part, sha256, path in files:
-            if index.get(sha256) is None:
-                await index.write(index.put, FileRecord(
-                    sha256=sha256, size=part.received, upstream=download.upstream,
-                    paths=(f"{download.upstream}/{path}",), product=download.product,
-                    version=download.version, stored_at=now, last_used_at=now, use_count=0,
-                    cached=True, auto_update=False,
-                ))
-            else:
-                await index.write(index.add_path, sha256, download.upstream, path)
-        self.log.info(
-            "cached {url} as {count} files, image {fingerprint}",
-            url=download.url, count=len(files), fingerprint=fingerprint,
-        )
-        download.succeed(parts, committed[0], committed[1] if len(committed) > 1 else None, stored=True)
-        for part, _sha256, _path in files:
-            self._disk(part.partial.release_temp).addErrback(
-                lambda f: self.log.failure("removing the temp name of a stored file", f)
-            )
+    found = item_role(item.path)
+    if found is None:
+        raise NotFound(f"{upstream}: {item.path} is not a file of an image of this upstream")
+    fingerprint, role = found
+    if role == "unified":
+        size = item.size
+    else:
+        parts = index.get_parts(fingerprint)
+        if parts is None or parts.unified:
+            raise NotFound(f"{upstream}: the files of image {fingerprint} are not known")
+        size = parts.size
+    return RemoteImage(fingerprint=fingerprint, size=size), role
 
 
 __all__ = [
     "ExportDownload",
     "ItemDownload",
-    "LxdExportFetcher",
-    "MultipartError",
-    "MultipartSplitter",
     "PartSource",
     "WrongShape",
-    "multipart_boundary",
+    "listed_file",
 ]

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from proxy.catalogue import Image
 from proxy.config import Config
-from proxy.fetch import ItemFetcher
+from proxy.downloads import ItemFetcher
 from proxy.index import CacheIndex
 from proxy.metadata import UpstreamMetadata
 from proxy.resolve import host_architecture, lxd_arch, resolve_alias, versions_for
@@ -293,7 +293,7 @@ class Prefetcher(Service):
                 # another image with the same file (a container and a VM share the metadata).
                 if self._index.get(item.sha256) is not None:
                     continue
-                download = self._fetcher.get(upstream, meta.base_url, item, background=True)
+                download = self._fetcher.get(upstream, item, background=True)
                 await download.when_done()
                 # Two images sharing a file wait for the one download of it.
                 if item.path not in report.downloaded:

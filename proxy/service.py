@@ -25,7 +25,7 @@ from proxy.catalogue import Family
 from proxy.busy import InUse
 from proxy.config import LXD, Config, read_pem_certificates
 from proxy.errors import ConfigError
-from proxy.fetch import Fetcher, FetcherRouter, ItemFetcher
+from proxy.downloads import Fetcher
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, IndexFormatError, reconcile
 from proxy.lifecycle import CacheLifecycle
@@ -38,7 +38,6 @@ from proxy.lxd_face import (
     ServerCertificate,
     SimplestreamsImages,
 )
-from proxy.lxd_fetch import LxdExportFetcher
 from proxy.lxd_remote import LxdRemote
 from proxy.metadata import UpstreamMetadata
 from proxy.prefetch import Prefetcher
@@ -106,19 +105,16 @@ class CacheService(Service):
         self.lifecycle = CacheLifecycle(
             self.index, self.store, config.cache, reactor, self.busy, work=disk
         )
+        # One engine for every upstream: files of simplestreams upstreams, exports of LXD ones.
         self.fetcher = Fetcher(
-            self.client, self.store, self.index, reactor, config.cache.download_idle_timeout,
-            make_room=self.lifecycle.make_room_later, health=self.health, disk=disk,
-        )
-        self.export_fetcher = LxdExportFetcher(
-            self.client, self.store, self.index, reactor, config.cache.download_idle_timeout,
-            make_room=self.lifecycle.make_room_later, health=self.health, disk=disk,
+            self.client, self.store, self.index, reactor, config.upstreams,
+            config.cache.download_idle_timeout, make_room=self.lifecycle.make_room_later,
+            health=self.health, disk=disk,
         )
         self.agents = ClientAgents()
         self.metadata: dict[str, UpstreamMetadata] = {}
         self.families: dict[str, dict[Family, UpstreamMetadata]] = {}
         self.remotes: dict[str, LxdRemote] = {}
-        fetchers: dict[str, ItemFetcher] = {}
         for u in config.upstreams:
             if u.protocol == LXD:
                 remote = LxdRemote(
@@ -128,7 +124,6 @@ class CacheService(Service):
                 )
                 self.remotes[u.name] = remote
                 self.metadata[u.name] = remote
-                fetchers[u.name] = self.export_fetcher
             else:
                 # One catalogue per client family (an upstream may answer them differently);
                 # the LXD one is also what the prefetcher and the admin command read.
@@ -144,10 +139,8 @@ class CacheService(Service):
                 }
                 self.families[u.name] = by_family
                 self.metadata[u.name] = by_family["lxd"]
-                fetchers[u.name] = self.fetcher
-        self.fetchers = fetchers
         self.prefetcher = Prefetcher(
-            config, self.metadata, FetcherRouter(fetchers), self.index, reactor,
+            config, self.metadata, self.fetcher, self.index, reactor,
             discover=self.learn_pinned_parts, disk=disk,
         )
 
@@ -167,14 +160,14 @@ class CacheService(Service):
             )
             if not by_fingerprint and not names & set(image.aliases):
                 continue
-            download = self.export_fetcher.get_image(upstream, remote.base_url, image, background=True)
+            download = self.fetcher.get_image(upstream, image, background=True)
             await download.when_done()
             learnt += 1
         return learnt
 
     def busy(self) -> set[str]:
         """Files that may not be evicted now: being served or being downloaded."""
-        return self.in_use.current() | set(self.fetcher.in_flight()) | self.export_fetcher.busy()
+        return self.in_use.current() | self.fetcher.busy()
 
     def gc(self) -> "Deferred[object]":
         # Runs from a TimerService: a failure would stop it for good.
@@ -231,7 +224,7 @@ class CacheService(Service):
     def site(self, certificate: ServerCertificate) -> Site:
         upstreams = {
             name: UpstreamResource(
-                meta, self.fetchers[name], self.store, self.index, self.reactor, self.in_use,
+                meta, self.fetcher, self.store, self.index, self.reactor, self.in_use,
                 families=self.families.get(name), agents=self.agents,
             )
             for name, meta in self.metadata.items()
@@ -241,7 +234,7 @@ class CacheService(Service):
             remote = self.remotes.get(name)
             if remote is not None:
                 sources[name] = LxdRemoteImages(
-                    remote, self.export_fetcher, self.store, self.index, self.reactor
+                    remote, self.fetcher, self.store, self.index, self.reactor
                 )
             else:
                 sources[name] = SimplestreamsImages(

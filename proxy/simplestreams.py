@@ -24,7 +24,7 @@ from proxy.busy import InUse
 from proxy.agents import ClientAgents
 from proxy.catalogue import Family, Item
 from proxy.errors import BadRequest, NotFound
-from proxy.fetch import ItemFetcher
+from proxy.downloads import ItemFetcher
 from proxy.index import CacheIndex, FileRecord
 from proxy.metadata import UpstreamMetadata
 from proxy.streaming import CompleteFile
@@ -148,7 +148,7 @@ class UpstreamResource(AsyncResource):
             if request.method == b"HEAD":
                 await self._head_of_miss(request, item, metadata)
                 return
-            download = self._fetcher.get(self.name, self._metadata.base_url, item)
+            download = self._fetcher.get(self.name, item)
             await await_start(download, self._clock)
             await serve_file(
                 request, download, etag=item.sha256, last_modified=self._clock.seconds(),

@@ -23,7 +23,7 @@ from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from proxy import __version__
-from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout
+from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout, VerificationFailed
 
 USER_AGENT = f"lxd-image-proxy/{__version__}".encode("ascii")
 
@@ -113,10 +113,6 @@ class PerOriginTLSPolicy:
     def creatorForNetloc(self, hostname: bytes, port: int) -> Any:
         policy = self._policies.get((hostname.lower(), port), self._default)
         return policy.creatorForNetloc(hostname, port)
-
-
-class VerificationFailed(UpstreamFailed):
-    """An upstream body did not match the size or sha256 it must have."""
 
 
 class BodyReceiver(Protocol):

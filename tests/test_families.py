@@ -16,7 +16,8 @@ from twisted.web.server import Request
 
 from proxy.agents import DEFAULT_AGENTS, ClientAgents
 from proxy.catalogue import Family
-from proxy.fetch import Fetcher
+from proxy.config import UpstreamConfig
+from proxy.downloads import Fetcher
 from proxy.metadata import UpstreamMetadata
 from proxy.simplestreams import RootResource, UpstreamResource
 from tests.helpers.harness import CacheHarness, Closing
@@ -52,7 +53,9 @@ class Harness(CacheHarness):
         self.agents_seen: list[tuple[str, bytes]] = []
         self.upstream.override[PRODUCTS] = self._products
         super().__init__(tmp_path, self.upstream, BASE_URL)
-        self.fetcher = Fetcher(self.client, self.store, self.index, self.clock, 60)
+        self.fetcher = Fetcher(
+            self.client, self.store, self.index, self.clock, [UpstreamConfig("up", BASE_URL)], 60
+        )
         self.agents = ClientAgents()
         families: dict[Family, UpstreamMetadata] = {
             family: UpstreamMetadata(

@@ -9,7 +9,7 @@ L{Clock}; the simplestreams face through C{StubTreq}.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
@@ -19,15 +19,7 @@ from proxy.catalogue import Item, parse_images
 from proxy.config import CacheConfig, Config, PinConfig, ServerConfig, UpstreamConfig
 from proxy.errors import NotFound, Unavailable, UpstreamFailed
 from proxy.index import ImageParts
-from proxy.lxd_fetch import (
-    ExportDownload,
-    ItemDownload,
-    MultipartError,
-    MultipartSplitter,
-    PartSource,
-    WrongShape,
-    multipart_boundary,
-)
+from proxy.lxd_fetch import ExportDownload, ItemDownload, PartSource, WrongShape
 from proxy.lxd_remote import (
     PRODUCTS_PATH,
     RemoteImage,
@@ -81,7 +73,7 @@ def remote(image: FakeImage) -> RemoteImage:
 
 
 def start(h: LxdHarness, image: FakeImage, **kwargs: Any) -> ExportDownload:
-    return h.fetcher.get_image(UPSTREAM, LXD_URL, remote(image), **kwargs)
+    return h.fetcher.get_image(UPSTREAM, remote(image), **kwargs)
 
 
 def as_file_sources(part: PartSource, view: ItemDownload) -> list[FileSource]:
@@ -118,83 +110,6 @@ def assert_nothing_stored(h: LxdHarness, image: FakeImage) -> None:
         assert h.index.get(sha(data)) is None
     assert h.temp_files() == []
     assert h.fetcher.in_flight() == {}
-
-
-# Multipart framing, as Go writes and reads it
-
-
-def test_go_framing_is_split_into_its_parts_whatever_the_chunking() -> None:
-    parts = [("metadata", "meta-x.tar.xz", META), ("rootfs", "x.squashfs", ROOTFS)]
-    body = go_multipart(GO_BOUNDARY, parts)
-    for size in (1, 7, 64, 4096, len(body)):
-        seen: list[list[Any]] = []
-
-        class Sink:
-            def start_part(self, name: str, filename: str) -> None:
-                seen.append([name, filename, b""])
-
-            def part_data(self, data: bytes) -> None:
-                seen[-1][2] += data
-
-            def end_part(self) -> None:
-                seen[-1].append("ended")
-
-        splitter = MultipartSplitter(GO_BOUNDARY.encode(), Sink())
-        for i in range(0, len(body), size):
-            splitter.feed(body[i:i + size])
-        splitter.close()
-        assert seen == [[n, f, d, "ended"] for n, f, d in parts]
-
-
-def test_boundary_lookalikes_in_the_data_stay_data() -> None:
-    tricky = b"x\r\n--" + GO_BOUNDARY.encode() + b"X not a boundary\r\n--" + GO_BOUNDARY.encode()[:10]
-    body = b"preamble\r\n" + go_multipart(GO_BOUNDARY, [("metadata", "m", tricky)]) + b"epilogue"
-    got: list[bytes] = []
-
-    class Sink:
-        def start_part(self, name: str, filename: str) -> None:
-            got.append(b"")
-
-        def part_data(self, data: bytes) -> None:
-            got[-1] += data
-
-        def end_part(self) -> None:
-            pass
-
-    splitter = MultipartSplitter(GO_BOUNDARY.encode(), Sink())
-    for byte in range(len(body)):
-        splitter.feed(body[byte:byte + 1])
-    splitter.close()
-    assert got == [tricky]
-
-
-def test_lf_only_framing_is_read_as_go_reads_it() -> None:
-    body = go_multipart("b", [("metadata", "m", b"abc"), ("rootfs", "r", b"def")]).replace(b"\r\n", b"\n")
-    got: list[tuple[str, bytes]] = []
-
-    class Sink:
-        def start_part(self, name: str, filename: str) -> None:
-            got.append((name, b""))
-
-        def part_data(self, data: bytes) -> None:
-            got[-1] = (got[-1][0], got[-1][1] + data)
-
-        def end_part(self) -> None:
-            pass
-
-    splitter = MultipartSplitter(b"b", Sink())
-    splitter.feed(body)
-    splitter.close()
-    assert got == [("metadata", b"abc"), ("rootfs", b"def")]
-
-
-def test_content_types() -> None:
-    assert multipart_boundary(f"multipart/form-data; boundary={GO_BOUNDARY}") == GO_BOUNDARY.encode()
-    assert multipart_boundary(b'multipart/form-data; boundary="a b"') == b"a b"
-    assert multipart_boundary("application/octet-stream") is None
-    assert multipart_boundary(None) is None
-    with pytest.raises(MultipartError):
-        multipart_boundary("multipart/form-data")
 
 
 # Split exports
@@ -311,8 +226,8 @@ def test_a_listed_file_is_released_once_its_own_hash_is_right(make: Any) -> None
                      parts.meta_sha256, parts.meta_size, "lxd.tar.xz", "p", "v")
     root_item = Item(image_item_path(image.fingerprint, root_filename(image.fingerprint, "squashfs")),
                      sha(ROOTFS), len(ROOTFS), "squashfs", "p", "v")
-    meta = h.fetcher.get(UPSTREAM, LXD_URL, meta_item)
-    root = h.fetcher.get(UPSTREAM, LXD_URL, root_item)
+    meta = h.fetcher.get(UPSTREAM, meta_item)
+    root = h.fetcher.get(UPSTREAM, root_item)
     assert root.export is meta.export
     streaming = meta.when_streaming()
     h.settle()
@@ -337,7 +252,7 @@ def test_a_listed_file_with_another_hash_fails_its_followers(make: Any) -> None:
     ))
     wrong = Item(image_item_path(image.fingerprint, meta_filename(image.fingerprint)),
                  "0" * 64, len(META), "lxd.tar.xz", "p", "v")
-    view = h.fetcher.get(UPSTREAM, LXD_URL, wrong)
+    view = h.fetcher.get(UPSTREAM, wrong)
     result = outcome(h, view.when_done())
     assert isinstance(result, Failure) and result.check(VerificationFailed)
     assert view.available() < len(META)
@@ -351,9 +266,9 @@ def test_an_item_of_an_image_whose_parts_are_unknown_is_not_found(make: Any) -> 
     item = Item(image_item_path(image.fingerprint, meta_filename(image.fingerprint)),
                 sha(META), len(META), "lxd.tar.xz", "p", "v")
     with pytest.raises(NotFound):
-        h.fetcher.get(UPSTREAM, LXD_URL, item)
+        h.fetcher.get(UPSTREAM, item)
     with pytest.raises(NotFound):
-        h.fetcher.get(UPSTREAM, LXD_URL, Item("images/x", sha(META), 1, "lxd.tar.xz", "p", "v"))
+        h.fetcher.get(UPSTREAM, Item("images/x", sha(META), 1, "lxd.tar.xz", "p", "v"))
 
 
 # Unified exports
@@ -597,7 +512,7 @@ def test_the_prefetcher_brings_a_pinned_image_of_an_lxd_upstream(make: Any, tmp_
     h = make([image])
     # A split image is listed once its parts are known; the export teaches them.
     [waiting] = h.call(h.remote.awaiting_parts())
-    h.run(h.fetcher.get_image(UPSTREAM, LXD_URL, waiting, background=True).when_done())
+    h.run(h.fetcher.get_image(UPSTREAM, waiting, background=True).when_done())
     for data in (META, ROOTFS):
         h.index.remove(sha(data))
         h.store.remove(sha(data))
@@ -608,7 +523,7 @@ def test_the_prefetcher_brings_a_pinned_image_of_an_lxd_upstream(make: Any, tmp_
         pins=(PinConfig(UPSTREAM, "ubuntu/24.04", arch="x86_64"),),
     )
     prefetcher = Prefetcher(
-        config, {UPSTREAM: h.remote}, cast(Any, h.fetcher), h.index, h.clock, host_arch="x86_64",
+        config, {UPSTREAM: h.remote}, h.fetcher, h.index, h.clock, host_arch="x86_64",
     )
     report = h.call(prefetcher.tick())
     assert report.unresolved == [] and report.failed == []

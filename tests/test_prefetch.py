@@ -21,7 +21,8 @@ from twisted.python.filepath import FilePath
 
 from proxy.catalogue import Item
 from proxy.config import CacheConfig, Config, PinConfig, ServerConfig, UpstreamConfig
-from proxy.fetch import Download, Fetcher
+from proxy.downloads import Fetcher
+from proxy.fetch import Download, FetchedItem
 from proxy.index import PinRecord
 from proxy.metadata import UpstreamMetadata
 from proxy.prefetch import (
@@ -137,9 +138,9 @@ class RecordingFetcher(Fetcher):
         super().__init__(*args, **kwargs)
         self.gets: list[tuple[str, bool]] = []
 
-    def get(self, upstream: str, base_url: str, item: Item, *, background: bool = False) -> Download:
+    def get(self, upstream: str, item: Item, *, background: bool = False) -> FetchedItem:
         self.gets.append((item.path, background))
-        return super().get(upstream, base_url, item, background=background)
+        return super().get(upstream, item, background=background)
 
 
 class Harness(CacheHarness):
@@ -149,7 +150,9 @@ class Harness(CacheHarness):
         self.files = catalogue(products)
         self.upstream = ScriptedUpstream(self.files)
         super().__init__(tmp_path, self.upstream, BASE_URL, start=START)
-        self.fetcher = RecordingFetcher(self.client, self.store, self.index, self.clock, IDLE)
+        self.fetcher = RecordingFetcher(
+            self.client, self.store, self.index, self.clock, [UpstreamConfig("up", BASE_URL)], IDLE
+        )
         self.metadata = UpstreamMetadata(
             "up", BASE_URL, self.client, self.store, self.index, self.clock, ttl=TTL, idle_timeout=IDLE
         )
@@ -191,7 +194,10 @@ class Harness(CacheHarness):
 
     def client_download(self, path: str) -> Download:
         """What a client's miss starts (not in the background)."""
-        return self.fetcher.get("up", BASE_URL, self.item(path))
+        download = self.fetcher.get("up", self.item(path))
+        # A file of a simplestreams upstream is fetched as itself.
+        assert isinstance(download, Download)
+        return download
 
     def finish_held(self, path: str) -> None:
         held = [h for h in self.upstream.held.get(path, []) if not h.request.finished]

@@ -24,7 +24,8 @@ from twisted.python.filepath import FilePath
 from twisted.web.client import Agent
 from twisted.web.server import NOT_DONE_YET
 
-from proxy.fetch import Fetcher
+from proxy.config import UpstreamConfig
+from proxy.downloads import Fetcher
 from proxy.metadata import RETRY_AFTER_FAILURE_SECONDS, STALE_WAIT_SECONDS, UpstreamMetadata
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.upstream import AllowlistAgent, origin_of
@@ -48,7 +49,9 @@ class Harness(CacheHarness):
         self.files = files if files is not None else simple_tree()
         self.upstream = ScriptedUpstream(self.files)
         super().__init__(tmp_path, self.upstream, BASE_URL)
-        self.fetcher = Fetcher(self.client, self.store, self.index, self.clock, IDLE)
+        self.fetcher = Fetcher(
+            self.client, self.store, self.index, self.clock, [UpstreamConfig("up", BASE_URL)], IDLE
+        )
         self.metadata = UpstreamMetadata(
             "up", BASE_URL, self.client, self.store, self.index, self.clock, ttl=TTL, idle_timeout=IDLE
         )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 from attrs import define, field
 from treq.testing import StubTreq
@@ -23,7 +23,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from proxy.catalogue import Family
 from proxy.health import UpstreamHealth
-from proxy.lxd_fetch import LxdExportFetcher
+from proxy.config import LXD, UpstreamConfig
+from proxy.downloads import Fetcher
 from proxy.lxd_remote import LxdRemote
 from proxy.simplestreams import RootResource, UpstreamResource
 from tests.helpers.harness import IDLE, CacheHarness
@@ -227,9 +228,9 @@ UPSTREAM = "lxd"
 
 class LxdHarness(CacheHarness):
     """
-    An L{LxdRemote} and an L{LxdExportFetcher} reading a L{FakeLxd} through the proxy's own
-    L{UpstreamClient} over C{RequestTraversalAgent}; the simplestreams face over them as a
-    C{StubTreq} client sees it. Time is a L{Clock}; L{settle} pumps everything.
+    An L{LxdRemote} and the download engine (L{Fetcher}) reading a L{FakeLxd} through the
+    proxy's own L{UpstreamClient} over C{RequestTraversalAgent}; the simplestreams face over
+    them as a C{StubTreq} client sees it. Time is a L{Clock}; L{settle} pumps everything.
     """
 
     upstream_name = UPSTREAM
@@ -250,12 +251,12 @@ class LxdHarness(CacheHarness):
             UPSTREAM, LXD_URL, self.client, self.store, self.index, self.clock, ttl=TTL,
             idle_timeout=IDLE, health=self.health, families=families,
         )
-        self.fetcher = LxdExportFetcher(
-            self.client, self.store, self.index, self.clock, IDLE, make_room=make_room,
+        self.fetcher = Fetcher(
+            self.client, self.store, self.index, self.clock,
+            [UpstreamConfig(UPSTREAM, LXD_URL, protocol=LXD)], IDLE, make_room=make_room,
             health={UPSTREAM: self.health} if self.health is not None else None,
         )
-        # The face is typed for the simplestreams Fetcher; the export fetcher offers its get().
-        resource = UpstreamResource(self.remote, cast(Any, self.fetcher), self.store, self.index, self.clock)
+        resource = UpstreamResource(self.remote, self.fetcher, self.store, self.index, self.clock)
         self.proxy = StubTreq(RootResource({UPSTREAM: resource}, "banner\n"))
 
     def call(self, coroutine: Any) -> Any:

@@ -5,7 +5,7 @@ L{ScriptedUpstream} through C{RequestTraversalAgent}, a L{Clock}), as in
 C{tests/test_request_path.py}, plus what the service adds: one
 L{UpstreamHealth} shared by the fetcher and the metadata, an L{InUse} that the resource holds
 while it serves a file, and a L{CacheLifecycle} whose C{make_room} the fetcher calls before every
-commit, with C{busy()} being C{InUse.current() | set(fetcher.in_flight())}.
+commit, with C{busy()} being C{InUse.current() | fetcher.busy()}.
 
 L{catalogue_tree} builds small simplestreams trees with several products files and versions.
 """
@@ -22,8 +22,8 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from proxy.blobs import BlobStore
 from proxy.busy import InUse
-from proxy.config import CacheConfig
-from proxy.fetch import Fetcher
+from proxy.config import CacheConfig, UpstreamConfig
+from proxy.downloads import Fetcher
 from proxy.health import UpstreamHealth
 from proxy.index import FileRecord, MetadataRecord
 from proxy.lifecycle import CacheLifecycle
@@ -169,7 +169,7 @@ class Harness(CacheHarness):
                 self.index, self.store, config, self.clock, self.busy, capacity=capacity
             )
         self.fetcher = Fetcher(
-            self.client, self.store, self.index, self.clock, IDLE,
+            self.client, self.store, self.index, self.clock, [UpstreamConfig("up", BASE_URL)], IDLE,
             make_room=self.lifecycle.make_room, health={"up": self.health},
         )
         self.metadata = UpstreamMetadata(
@@ -182,7 +182,7 @@ class Harness(CacheHarness):
         self.proxy = StubTreq(RootResource({"up": self.resource}, "banner\n"))
 
     def busy(self) -> set[str]:
-        return self.in_use.current() | set(self.fetcher.in_flight())
+        return self.in_use.current() | self.fetcher.busy()
 
     # -- requests ------------------------------------------------------------
 
