@@ -2,7 +2,7 @@
 """The C{lxd-image-proxy} admin command: look at and manage the cache, also while the server runs.
 
 It opens the index (LMDB allows several processes) and the blob store directly, and never takes
-the server's state lock. Every command ends with exit status 0, or 1 and one sentence on stderr
+the server's state lock; what it shows of them is the model in L{proxy.inventory}. Every command ends with exit status 0, or 1 and one sentence on stderr
 (2 for a command line argparse cannot make sense of); never with a traceback.
 """
 
@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -20,22 +18,30 @@ from typing import Any, TextIO, cast
 
 import attrs
 import lmdb
-from attrs import define, frozen
+from attrs import define
 from twisted.internet.interfaces import IReactorTime
-from twisted.python.filepath import FilePath
 
 from proxy.blobs import BlobStore
 from proxy.bundle import BundleError, export_bundle, import_bundle
 from proxy.catalogue import CatalogueError, Image
-from proxy.config import LXD, Config, load_config
+from proxy.config import LXD, load_config
 from proxy.errors import ConfigError, ProxyError
-from proxy.index import CacheIndex, FileRecord, IndexFormatError
+from proxy.index import FileRecord
+from proxy.inventory import (
+    Cache,
+    Entry,
+    FingerprintRef,
+    InventoryError,
+    check_upstream,
+    inventory,
+    one_entry,
+    open_cache,
+    parse_ref,
+)
 from proxy.pins import (
     PinError,
     PinRef,
-    StoredCatalogue,
     keep_files,
-    load_catalogue,
     normalise_ref,
     pin,
     pin_refs,
@@ -48,281 +54,14 @@ from proxy.resolve import CONTAINER, VIRTUAL_MACHINE, resolve_alias
 PROG = "lxd-image-proxy"
 HASH_CHUNK_BYTES = 1024 * 1024
 PROGRESS_INTERVAL_SECONDS = 0.25
-_HEX = re.compile(r"[0-9a-f]{1,64}")
 
 
 class CliError(Exception):
     """A command that cannot be done; the message is one sentence for the admin."""
 
 
-# -- the cache ------------------------------------------------------------------------------
-
-
-@define
-class Cache:
-    """The configuration, index and blob store one command works on."""
-
-    config: Config
-    index: CacheIndex
-    store: BlobStore
-    clock: IReactorTime
-
-    @property
-    def upstream_names(self) -> list[str]:
-        return [u.name for u in self.config.upstreams]
-
-    def config_pins(self) -> list[PinRef]:
-        return [(p.upstream, p.alias, p.arch, p.type) for p in self.config.pins]
-
-    def close(self) -> None:
-        self.index.close()
-
-
-def _wall_clock() -> IReactorTime:
-    from twisted.internet import reactor
-
-    return cast(IReactorTime, reactor)
-
-
-def open_cache(config: Config, clock: IReactorTime | None = None) -> Cache:
-    """Open the index at C{<cache.dir>/index} and the blob store at C{<cache.dir>}."""
-    root = config.cache.dir
-    try:
-        store = BlobStore(FilePath(root))
-        index = CacheIndex(os.path.join(root, "index"), clock or _wall_clock())
-    except OSError as e:
-        raise CliError(f"cannot open the cache at {root}: {e.strerror or e}.") from None
-    except (lmdb.Error, IndexFormatError) as e:
-        raise CliError(f"cannot open the cache index at {root}: {e}.") from None
-    return Cache(config, index, store, clock or _wall_clock())
-
-
-# -- references -----------------------------------------------------------------------------
-
-
-@frozen
-class AliasRef:
-    upstream: str
-    alias: str
-
-
-@frozen
-class FingerprintRef:
-    prefix: str
-
-
-Ref = AliasRef | FingerprintRef
-
-
-def parse_ref(text: str) -> Ref:
-    """C{upstream:alias}, or a fingerprint (or a prefix of one)."""
-    if ":" in text:
-        upstream, _, alias = text.partition(":")
-        if not upstream or not alias:
-            raise CliError(f"{text!r} is not UPSTREAM:ALIAS, such as images:ubuntu/24.04.")
-        return AliasRef(upstream, alias)
-    if _HEX.fullmatch(text.lower()):
-        return FingerprintRef(text.lower())
-    raise CliError(f"{text!r} is neither UPSTREAM:ALIAS (such as images:ubuntu/24.04) nor a fingerprint.")
-
-
 def _image_type(args: argparse.Namespace) -> str:
     return VIRTUAL_MACHINE if getattr(args, "vm", False) else CONTAINER
-
-
-def _check_upstream(cache: Cache, upstream: str) -> None:
-    if upstream not in cache.upstream_names:
-        known = ", ".join(cache.upstream_names) or "none"
-        raise CliError(f"{upstream} is not a configured upstream (configured: {known}).")
-
-
-# -- inventory ------------------------------------------------------------------------------
-
-
-@define
-class Entry:
-    """
-    One row of C{list}: an image whose files are all stored, a pinned image not (fully)
-    stored yet, or a stored file that no stored catalogue lists (then C{image} is None and
-    C{fingerprint} is the file's sha256).
-    """
-
-    upstream: str
-    aliases: tuple[str, ...]
-    fingerprint: str
-    type: str
-    architecture: str
-    product: str
-    version: str
-    size: int
-    records: list[FileRecord]
-    image: Image | None = None
-    pins: list[PinRef] = attrs.field(factory=list)
-    missing: int = 0
-
-    @property
-    def stored(self) -> bool:
-        return self.missing == 0 and bool(self.records)
-
-    @property
-    def own_records(self) -> list[FileRecord]:
-        """The records that say what this image is: its root file's (the metadata file of a
-        split image may be shared with the other type's image), or the one file's."""
-        if self.image is not None and self.image.root is not None:
-            own = [r for r in self.records if r.sha256 == self.image.root.sha256]
-            if own:
-                return own
-        return self.records
-
-    @property
-    def status(self) -> str:
-        if not self.stored:
-            if self.pins:
-                return "pinned, not stored"
-            return "partly stored" if self.records else "not stored"
-        records = self.own_records
-        if any(not r.cached and r.auto_update for r in records) or self.pins:
-            return "pinned"
-        if any(not r.cached for r in records):
-            return "kept"
-        return "cached"
-
-    @property
-    def uses(self) -> int:
-        return max((r.use_count for r in self.records), default=0)
-
-    @property
-    def last_used_at(self) -> float | None:
-        if self.uses == 0:
-            return None
-        return max(r.last_used_at for r in self.records)
-
-    @property
-    def alias(self) -> str:
-        if self.pins:
-            return self.pins[0][1]
-        return self.aliases[0] if self.aliases else ""
-
-    @property
-    def kind(self) -> str:
-        return "file" if self.image is None else "image"
-
-
-@define
-class Inventory:
-    entries: list[Entry]
-    catalogues: dict[str, StoredCatalogue | None]
-
-
-def _upstream_names(cache: Cache) -> list[str]:
-    names = dict.fromkeys(cache.upstream_names)
-    for meta in cache.index.metadata_records():
-        names.setdefault(meta.upstream)
-    for record in cache.index.records():
-        names.setdefault(record.upstream)
-    return list(names)
-
-
-def inventory(cache: Cache) -> Inventory:
-    """Every stored image (from the stored catalogues and the stored files), then the rest."""
-    index, store = cache.index, cache.store
-    catalogues = {name: load_catalogue(index, store, name) for name in _upstream_names(cache)}
-    refs = pin_refs(index, cache.config_pins())
-    entries: list[Entry] = []
-    covered: set[str] = set()
-    seen: set[tuple[str, str]] = set()
-    resolved_pins: dict[tuple[str, str], list[PinRef]] = {}
-    for ref in refs:
-        catalogue = catalogues.get(ref[0])
-        image = resolve_alias(catalogue.images, ref[1], ref[2], ref[3]) if catalogue is not None else None
-        key = (ref[0], image.fingerprint if image is not None else f"unresolved:{ref[1]}:{ref[2]}:{ref[3]}")
-        resolved_pins.setdefault(key, []).append(ref)
-    for upstream, catalogue in catalogues.items():
-        if catalogue is None:
-            continue
-        for image in catalogue.images:
-            key = (upstream, image.fingerprint)
-            if key in seen:
-                continue
-            records = [index.get(item.sha256) for item in image.files]
-            present = [r for r in records if r is not None]
-            pins_here = resolved_pins.get(key, [])
-            if len(present) < len(records) and not pins_here:
-                continue
-            seen.add(key)
-            if len(present) == len(records):
-                covered.update(r.sha256 for r in present)
-            entries.append(Entry(
-                upstream=upstream, aliases=image.aliases, fingerprint=image.fingerprint, type=image.type,
-                architecture=image.architecture, product=image.product, version=image.version,
-                size=image.size, records=present, image=image, pins=pins_here,
-                missing=len(records) - len(present),
-            ))
-    for (upstream, pin_key), pins_here in resolved_pins.items():
-        if pin_key.startswith("unresolved:"):
-            _u, alias, arch, type = pins_here[0]
-            entries.append(Entry(
-                upstream=upstream, aliases=(alias,), fingerprint="", type=type, architecture=arch,
-                product="", version="", size=0, records=[], pins=pins_here, missing=1,
-            ))
-    for record in index.records():
-        if record.sha256 in covered:
-            continue
-        entries.append(Entry(
-            upstream=record.upstream, aliases=(), fingerprint=record.sha256, type="", architecture="",
-            product=record.product, version=record.version, size=record.size, records=[record],
-        ))
-    return Inventory(entries, catalogues)
-
-
-def find_entries(cache: Cache, inv: Inventory, ref: Ref, arch: str, type: str) -> list[Entry]:
-    """The entries a reference names: the image an alias resolves to, or a fingerprint's."""
-    if isinstance(ref, FingerprintRef):
-        return [e for e in inv.entries if e.fingerprint and e.fingerprint.startswith(ref.prefix)]
-    _check_upstream(cache, ref.upstream)
-    try:
-        architecture, type = normalise_ref(ref.alias, arch, type)
-    except PinError as e:
-        raise CliError(str(e)) from None
-    stored = [e for e in inv.entries if e.upstream == ref.upstream and e.image is not None and e.stored]
-    image = resolve_alias([e.image for e in stored if e.image is not None], ref.alias, architecture, type)
-    if image is not None:
-        return [e for e in stored if e.image == image]
-    catalogue = inv.catalogues.get(ref.upstream)
-    if catalogue is not None:
-        newest = resolve_alias(catalogue.images, ref.alias, architecture, type)
-        if newest is not None:
-            pending = [e for e in inv.entries if e.upstream == ref.upstream and e.fingerprint == newest.fingerprint]
-            if pending:
-                return pending
-            return [catalogue_entry(cache, ref.upstream, newest)]
-    return [e for e in inv.entries if e.upstream == ref.upstream and not e.stored and ref.alias in e.aliases
-            and e.architecture == architecture and e.type == type]
-
-
-def catalogue_entry(cache: Cache, upstream: str, image: Image) -> Entry:
-    """An entry for a catalogue image, whatever of it is stored."""
-    records = [r for r in (cache.index.get(i.sha256) for i in image.files) if r is not None]
-    return Entry(
-        upstream=upstream, aliases=image.aliases, fingerprint=image.fingerprint, type=image.type,
-        architecture=image.architecture, product=image.product, version=image.version, size=image.size,
-        records=records, image=image, missing=len(image.files) - len(records),
-    )
-
-
-def one_entry(cache: Cache, inv: Inventory, text: str, arch: str, type: str) -> Entry:
-    ref = parse_ref(text)
-    found = find_entries(cache, inv, ref, arch, type)
-    if not found:
-        if isinstance(ref, FingerprintRef):
-            raise CliError(f"no stored image or file has a fingerprint starting with {ref.prefix}.")
-        if inv.catalogues.get(ref.upstream) is None:
-            raise CliError(f"the cache holds no catalogue of {ref.upstream} yet, and no image of {ref.alias}.")
-        architecture = normalise_ref(ref.alias, arch, type)[0]
-        raise CliError(f"the stored catalogue of {ref.upstream} has no {type} image {ref.alias} for {architecture}.")
-    if len(found) > 1:
-        raise CliError(f"{text} matches {len(found)} images; give more of the fingerprint.")
-    return found[0]
 
 
 # -- formatting -----------------------------------------------------------------------------
@@ -656,7 +395,7 @@ def _alias_refs(refs: Sequence[str], args: argparse.Namespace) -> list[PinRef]:
 def cmd_bundle_export(cache: Cache, args: argparse.Namespace, out: TextIO) -> int:
     refs = _alias_refs(args.refs, args) if args.refs else None
     for upstream, *_rest in refs or []:
-        _check_upstream(cache, upstream)
+        check_upstream(cache, upstream)
     report = export_bundle(cache.index, cache.store, args.file, refs, extra_pins=cache.config_pins())
     out.write(f"wrote {report.path}: {report.images} images, {report.files} files, {human_size(report.bytes)}\n")
     if report.skipped:
@@ -678,7 +417,7 @@ def cmd_bundle_import(cache: Cache, args: argparse.Namespace, out: TextIO) -> in
 def cmd_prefetch(cache: Cache, args: argparse.Namespace, out: TextIO) -> int:
     refs = _alias_refs(args.refs, args)
     for upstream, *_rest in refs:
-        _check_upstream(cache, upstream)
+        check_upstream(cache, upstream)
         configured = cache.config.upstream(upstream)
         if configured is not None and configured.offline:
             raise CliError(f"{upstream} is configured offline, so nothing can be fetched from it.")
@@ -997,12 +736,12 @@ def main(
         return _fail(str(e), err)
     try:
         cache = open_cache(config, clock)
-    except CliError as e:
+    except InventoryError as e:
         return _fail(str(e), err)
     run = cast(Callable[[Cache, argparse.Namespace, TextIO], int], args.run)
     try:
         return run(cache, args, out)
-    except (CliError, PinError, BundleError, ConfigError) as e:
+    except (CliError, InventoryError, PinError, BundleError, ConfigError) as e:
         return _fail(str(e), err)
     except ProxyError as e:
         return _fail(e.message, err)

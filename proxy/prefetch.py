@@ -13,6 +13,7 @@ stay pinned until C{keep_versions} newer versions are stored, then turn C{cached
 
 from __future__ import annotations
 
+import re
 from typing import Any, Awaitable, Callable, Iterable, Mapping
 
 from attrs import define, field, frozen
@@ -24,8 +25,9 @@ from twisted.logger import Logger
 
 from proxy.catalogue import Image
 from proxy.config import Config
-from proxy.downloads import ItemFetcher
+from proxy.downloads import Fetcher, ItemFetcher
 from proxy.index import CacheIndex
+from proxy.lxd_remote import LxdRemote
 from proxy.metadata import UpstreamMetadata
 from proxy.resolve import host_architecture, lxd_arch, resolve_alias, versions_for
 from proxy.work import Run, inline
@@ -36,6 +38,9 @@ STARTUP_DELAY_SECONDS = 30.0
 # While a client waits for a download, background downloads wait this long before looking again.
 YIELD_TO_CLIENTS_SECONDS = 1.0
 DAY_SECONDS = 86400.0
+# A pin names an image by fingerprint with at least this many hex digits (as LXD's short form).
+MIN_FINGERPRINT_PREFIX = 12
+_HEX = re.compile(r"[0-9a-f]+")
 
 
 @frozen
@@ -55,6 +60,43 @@ class TickReport:
     failed: list[str] = field(factory=list)
     unresolved: list[str] = field(factory=list)
     unpinned: int = 0
+
+
+class PinnedPartsLearner:
+    """
+    Learns the files of the pinned images of LXD-server upstreams, so that their pins resolve.
+
+    Such an upstream's catalogue lists a split image only once its parts are known, and only an
+    export download tells them (and whether the image is split at all): L{learn} makes one,
+    as a background download, for each pinned image whose files are not known yet. It is the
+    L{Prefetcher}'s C{discover}.
+    """
+
+    def __init__(self, remotes: Mapping[str, LxdRemote], fetcher: Fetcher) -> None:
+        self._remotes = remotes
+        self._fetcher = fetcher
+
+    async def learn(self, upstream: str, names: set[str]) -> int:
+        """
+        Fetch the images of C{upstream} that C{names} (aliases or fingerprints) pin and whose
+        files are not known yet; return how many. An upstream that is not an LXD server has
+        nothing to learn.
+        """
+        remote = self._remotes.get(upstream)
+        if remote is None:
+            return 0
+        learnt = 0
+        for image in await remote.unknown_files():
+            by_fingerprint = any(
+                len(n) >= MIN_FINGERPRINT_PREFIX and _HEX.fullmatch(n) and image.fingerprint.startswith(n)
+                for n in names
+            )
+            if not by_fingerprint and not names & set(image.aliases):
+                continue
+            download = self._fetcher.get_image(upstream, image, background=True)
+            await download.when_done()
+            learnt += 1
+        return learnt
 
 
 class Prefetcher(Service):

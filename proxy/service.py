@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import socket
 from typing import Any, cast
 
@@ -40,7 +39,7 @@ from proxy.lxd_face import (
 )
 from proxy.lxd_remote import LxdRemote
 from proxy.metadata import UpstreamMetadata
-from proxy.prefetch import Prefetcher
+from proxy.prefetch import PinnedPartsLearner, Prefetcher
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.statedir import StateLock
 from proxy.urlimport import ImportResource
@@ -57,7 +56,6 @@ log = Logger()
 
 CLOSE_TIMEOUT_SECONDS = 2.0
 FAMILIES: tuple[Family, ...] = ("lxd", "incus")
-_HEX = re.compile(r"[0-9a-f]+")
 GC_INTERVAL_SECONDS = 3600.0
 
 
@@ -139,31 +137,11 @@ class CacheService(Service):
                 }
                 self.families[u.name] = by_family
                 self.metadata[u.name] = by_family["lxd"]
+        learner = PinnedPartsLearner(self.remotes, self.fetcher)
         self.prefetcher = Prefetcher(
             config, self.metadata, self.fetcher, self.index, reactor,
-            discover=self.learn_pinned_parts, disk=disk,
+            discover=learner.learn, disk=disk,
         )
-
-    async def learn_pinned_parts(self, upstream: str, names: set[str]) -> int:
-        """
-        Fetch the images of an LXD upstream that C{names} (aliases or fingerprints) pin and
-        whose files are not known yet: only an export download tells them (and whether the
-        image is split at all), and only then does the catalogue list them rightly.
-        """
-        remote = self.remotes.get(upstream)
-        if remote is None:
-            return 0
-        learnt = 0
-        for image in await remote.unknown_files():
-            by_fingerprint = any(
-                len(n) >= 12 and _HEX.fullmatch(n) and image.fingerprint.startswith(n) for n in names
-            )
-            if not by_fingerprint and not names & set(image.aliases):
-                continue
-            download = self.fetcher.get_image(upstream, image, background=True)
-            await download.when_done()
-            learnt += 1
-        return learnt
 
     def busy(self) -> set[str]:
         """Files that may not be evicted now: being served or being downloaded."""

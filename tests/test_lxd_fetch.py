@@ -28,7 +28,7 @@ from proxy.lxd_remote import (
     parse_remote_images,
     root_filename,
 )
-from proxy.prefetch import Prefetcher
+from proxy.prefetch import PinnedPartsLearner, Prefetcher
 from proxy.streaming import FileSource
 from proxy.upstream import VerificationFailed
 from tests.helpers.harness import Closing
@@ -505,6 +505,27 @@ def test_a_unified_image_is_served_through_the_simplestreams_face(make: Any) -> 
 
 
 # Through the prefetcher
+
+
+def test_the_files_of_pinned_images_are_learnt_by_one_export_each(make: Any) -> None:
+    by_alias = split_image(aliases=("ubuntu/24.04",))
+    by_fingerprint, unpinned = (
+        FakeImage(meta=META + name.encode(), rootfs=ROOTFS, aliases=(alias,),
+                  properties={"os": name, "release": alias.partition("/")[2], "type": "squashfs"})
+        for name, alias in (("debian", "debian/12"), ("alpine", "alpine/3.20"))
+    )
+    h = make([by_alias, by_fingerprint, unpinned])
+    learner = PinnedPartsLearner({UPSTREAM: h.remote}, h.fetcher)
+    # A fingerprint names an image with 12 hex digits or more, as LXD's short form.
+    names = {"ubuntu/24.04", by_fingerprint.fingerprint[:12], unpinned.fingerprint[:11]}
+    assert h.call(learner.learn(UPSTREAM, names)) == 2
+    for image, exports in ((by_alias, 1), (by_fingerprint, 1), (unpinned, 0)):
+        assert h.server.exports_requested(image.fingerprint) == exports
+        assert (h.index.get_parts(image.fingerprint) is not None) == bool(exports)
+    # Known now: nothing more to learn, and an upstream that is no LXD server has nothing.
+    assert h.call(learner.learn(UPSTREAM, names)) == 0
+    assert h.call(learner.learn("elsewhere", names)) == 0
+    assert h.server.exports_requested(by_alias.fingerprint) == 1
 
 
 def test_the_prefetcher_brings_a_pinned_image_of_an_lxd_upstream(make: Any, tmp_path: Any) -> None:
