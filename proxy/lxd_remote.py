@@ -655,22 +655,10 @@ class LxdRemote(UpstreamMetadata):
             )
 
     def _put_body(self, path: str, body: bytes, source: MetadataRecord, now: float) -> bool:
-        digest = hashlib.sha256(body).hexdigest()
         existing = super()._stored(path)
-        if existing is not None and existing.sha256 == digest:
+        if existing is not None and existing.sha256 == hashlib.sha256(body).hexdigest():
             return False
-        partial = self._store.new_partial()
-        try:
-            partial.write(body)
-            partial.commit(digest)
-        finally:
-            partial.discard()
-        self._index.put_metadata(MetadataRecord(
-            upstream=self.name, path=path, sha256=digest, etag=None, last_modified=None,
-            fetched_at=now, checked_at=source.checked_at,
-        ))
-        if existing is not None:
-            self._forget_blob(existing.sha256)
+        self._bodies.put_now(self.name, path, body, fetched_at=now, checked_at=source.checked_at)
         return True
 
 

@@ -17,9 +17,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from proxy.blobs import BlobStore
 from proxy.agents import ClientAgents
-from proxy.blobs import PartialBlob
+from proxy.blobs import BlobStore
 from proxy.catalogue import (
     Catalogue,
     CatalogueError,
@@ -34,6 +33,7 @@ from proxy.catalogue_filter import filter_index, filter_products
 from proxy.health import UpstreamHealth
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
+from proxy.metadata_store import MetadataStore
 from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
 from proxy.work import Run, inline
 
@@ -147,6 +147,7 @@ class UpstreamMetadata:
         # Reading and parsing a products file (tens of MiB for Ubuntu's) runs here, never on
         # the reactor thread.
         self._disk = disk
+        self._bodies = MetadataStore(store, index, disk)
         self._refreshing: dict[str, list[Deferred[MetadataRecord]]] = {}
         self._failing: set[str] = set()
         self._retry_at: dict[str, float] = {}
@@ -294,14 +295,11 @@ class UpstreamMetadata:
         )
 
     def read(self, record: MetadataRecord) -> bytes:
-        """The stored body of a metadata file."""
-        return self._store.path_for(record.sha256).getContent()
+        """The stored body of a metadata file (blocking: called inside C{disk} work)."""
+        return self._bodies.read(record.sha256)
 
     def _stored(self, path: str) -> MetadataRecord | None:
-        record = self._index.get_metadata(self.name, self._record_prefix + path)
-        if record is not None and self._store.exists(record.sha256):
-            return record
-        return None
+        return self._bodies.stored(self.name, self._record_prefix + path)
 
     async def _copy(self, path: str) -> MetadataRecord:
         """The copy held of C{path}, of any age; fetched only when there is none."""
@@ -426,7 +424,7 @@ class UpstreamMetadata:
                 upstream=self.name, path=self._record_prefix + path, sha256=stale.sha256, etag=stale.etag,
                 last_modified=stale.last_modified, fetched_at=stale.fetched_at, checked_at=now,
             )
-            await self._index.write(self._index.put_metadata, record)
+            await self._bodies.put_record(record)
             return record
         if response.code != 200:
             await receive_body(response, lambda _: None, limit=MAX_METADATA_BYTES,
@@ -441,36 +439,17 @@ class UpstreamMetadata:
         except BaseException:
             partial.discard()
             raise
-        digest = partial.hexdigest()
         try:
-            size, parsed = await self._disk(self._store_body, path, partial, digest)
+            record, parsed = await self._bodies.put(
+                self.name, self._record_prefix + path, partial,
+                etag=_header(response, b"ETag"), last_modified=_header(response, b"Last-Modified"),
+                fetched_at=now, checked_at=now, check=lambda body: self._validate(path, body),
+            )
         except CatalogueError as e:
             raise UpstreamFailed(f"{self.name}: {path} from upstream is not usable: {e}")
-        record = MetadataRecord(
-            upstream=self.name, path=self._record_prefix + path, sha256=digest,
-            etag=_header(response, b"ETag"), last_modified=_header(response, b"Last-Modified"),
-            fetched_at=now, checked_at=now,
-        )
-        await self._index.write(self._index.put_metadata, record)
-        self._remember(path, digest, parsed)
-        if stale is not None and stale.sha256 != digest:
-            await self._disk(self._forget_blob, stale.sha256)
-        self.log.info("fetched {url} ({size} bytes)", url=self._url(path), size=size)
+        self._remember(path, record.sha256, parsed)
+        self.log.info("fetched {url} ({size} bytes)", url=self._url(path), size=partial.size)
         return record
-
-    def _store_body(self, path: str, partial: PartialBlob, digest: str) -> tuple[int, object]:
-        """
-        Commit a fetched body, read it back and validate it (slow: a worker runs it).
-
-        @return: its size and what validating it parsed.
-        @raise CatalogueError: the body is not a usable file of the catalogue; it is not kept.
-        """
-        body = partial.commit(digest).getContent()
-        try:
-            return len(body), self._validate(path, body)
-        except CatalogueError:
-            self._forget_blob(digest)
-            raise
 
     def _remember(self, path: str, digest: str, parsed: object) -> None:
         """Keep what validating the copy C{digest} of C{path} parsed, so it is parsed once."""
@@ -484,14 +463,6 @@ class UpstreamMetadata:
         if path == INDEX_PATH:
             return products_paths(body)
         return parse_catalogue(body, self.family)
-
-    def _forget_blob(self, sha256: str) -> None:
-        """Remove a metadata body that nothing else refers to any more."""
-        if self._index.get(sha256) is not None:
-            return
-        if any(r.sha256 == sha256 for r in self._index.metadata_records()):
-            return
-        self._store.remove(sha256)
 
 
 def _header(response: Any, name: bytes) -> str | None:
