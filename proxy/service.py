@@ -40,7 +40,7 @@ from proxy.lxd_face import (
 )
 from proxy.lxd_fetch import LxdExportFetcher
 from proxy.lxd_remote import LxdRemote
-from proxy.metadata import UpstreamMetadata
+from proxy.metadata import SimplestreamsMetadata, UpstreamMetadata
 from proxy.prefetch import Prefetcher
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.statedir import StateLock
@@ -115,7 +115,7 @@ class CacheService(Service):
             make_room=self.lifecycle.make_room_later, health=self.health, disk=disk,
         )
         self.agents = ClientAgents()
-        self.metadata: dict[str, UpstreamMetadata] = {}
+        self.metadata: dict[str, SimplestreamsMetadata] = {}
         self.families: dict[str, dict[Family, UpstreamMetadata]] = {}
         self.remotes: dict[str, LxdRemote] = {}
         fetchers: dict[str, ItemFetcher] = {}
