@@ -32,6 +32,7 @@ from proxy.blobs import BlobStore, DigestMismatch, is_sha256
 from proxy.catalogue import CatalogueError, Image, Item, parse_products, products_paths
 from proxy.catalogue_filter import filter_index, filter_products
 from proxy.index import CacheIndex, FileRecord, MetadataRecord, PinRecord
+from proxy.metadata_store import MetadataStore
 from proxy.pins import (
     INDEX_PATH,
     PinError,
@@ -596,76 +597,38 @@ def _drop_unrecorded(index: CacheIndex, store: BlobStore, sha256s: Iterable[str]
 # -- catalogue merge ------------------------------------------------------------------------
 
 
-def _store_body(store: BlobStore, body: bytes) -> str:
-    partial = store.new_partial()
-    try:
-        partial.write(body)
-        digest = partial.hexdigest()
-        partial.commit(digest)
-    finally:
-        partial.discard()
-    return digest
-
-
-def _forget_blob(index: CacheIndex, store: BlobStore, sha256: str) -> None:
-    """Remove a replaced metadata body that nothing else refers to any more."""
-    if index.get(sha256) is not None:
-        return
-    if any(r.sha256 == sha256 for r in index.metadata_records()):
-        return
-    store.remove(sha256)
-
-
-def _put_body(
-    index: CacheIndex, store: BlobStore, upstream: str, path: str, body: bytes, stamp: float
-) -> None:
-    digest = _store_body(store, body)
-    index.put_metadata(MetadataRecord(
-        upstream=upstream, path=path, sha256=digest, etag=None, last_modified=None,
-        fetched_at=stamp, checked_at=stamp,
-    ))
-
-
-def _replace_body(index: CacheIndex, store: BlobStore, record: MetadataRecord, body: bytes) -> None:
+def _replace_body(bodies: MetadataStore, record: MetadataRecord, body: bytes) -> None:
     """Keep the record's validators: the merged file stands for the upstream's until it changes."""
-    digest = _store_body(store, body)
-    if digest == record.sha256:
-        return
-    index.put_metadata(attrs.evolve(record, sha256=digest))
-    _forget_blob(index, store, record.sha256)
+    bodies.put_now(
+        record.upstream, record.path, body, etag=record.etag, last_modified=record.last_modified,
+        fetched_at=record.fetched_at, checked_at=record.checked_at,
+    )
 
 
 def _merge_catalogue(
     index: CacheIndex, store: BlobStore, upstream: str, index_body: bytes, bodies: dict[str, bytes], stamp: float
 ) -> str:
-    stored_index = index.get_metadata(upstream, INDEX_PATH)
-    current = _read(store, stored_index.sha256) if stored_index is not None else None
-    if stored_index is None or current is None:
+    kept = MetadataStore(store, index)
+    held_index = kept.load(upstream, INDEX_PATH)
+    if held_index is None:
         for path, body in bodies.items():
-            _put_body(index, store, upstream, path, body, stamp)
-        _put_body(index, store, upstream, INDEX_PATH, index_body, stamp)
+            kept.put_now(upstream, path, body, fetched_at=stamp, checked_at=stamp)
+        kept.put_now(upstream, INDEX_PATH, index_body, fetched_at=stamp, checked_at=stamp)
         return "stored"
     for path, body in bodies.items():
-        record = index.get_metadata(upstream, path)
-        existing = _read(store, record.sha256) if record is not None else None
-        if record is None or existing is None:
-            _put_body(index, store, upstream, path, body, stamp)
+        held = kept.load(upstream, path)
+        if held is None:
+            kept.put_now(upstream, path, body, fetched_at=stamp, checked_at=stamp)
             continue
+        record, existing = held
         merged = merge_products(existing, body)
         if merged is not None:
-            _replace_body(index, store, record, merged)
+            _replace_body(kept, record, merged)
+    index_record, current = held_index
     merged_index = merge_index(current, index_body)
     if merged_index is not None:
-        _replace_body(index, store, stored_index, merged_index)
+        _replace_body(kept, index_record, merged_index)
     return "merged"
-
-
-def _read(store: BlobStore, sha256: str) -> bytes | None:
-    try:
-        with store.open(sha256) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
 
 
 def merge_products(target: bytes, extra: bytes) -> bytes | None:

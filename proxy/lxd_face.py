@@ -48,7 +48,7 @@ from proxy.lxd_model import (
     image_json,
     sync_body,
 )
-from proxy.metadata import INDEX_PATH, UpstreamMetadata
+from proxy.metadata import INDEX_PATH, SimplestreamsMetadata
 from proxy.resolve import host_architecture
 from proxy.simplestreams import await_start, record_hit
 from proxy.streaming import CompleteFile, FileSource
@@ -92,15 +92,15 @@ class SimplestreamsImages:
 
     def __init__(
         self,
-        metadata: UpstreamMetadata,
+        metadata: SimplestreamsMetadata,
         fetcher: Fetcher,
         store: BlobStore,
         clock: IReactorTime,
         *,
-        families: Mapping[Family, UpstreamMetadata] | None = None,
+        families: Mapping[Family, SimplestreamsMetadata] | None = None,
     ) -> None:
         self._metadata = metadata
-        self._families: dict[Family, UpstreamMetadata] = dict(families or {metadata.family: metadata})
+        self._families: dict[Family, SimplestreamsMetadata] = dict(families or {metadata.family: metadata})
         self._fetcher = fetcher
         self._store = store
         self._clock = clock

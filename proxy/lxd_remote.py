@@ -3,10 +3,11 @@
 An upstream with C{protocol = "lxd"} publishes its images through the LXD REST API
 (PROTOCOLS.md §2): C{GET /1.0/images?recursion=1} lists them, C{GET /1.0/images/FP/export}
 sends their files. L{LxdRemote} keeps the list with the same TTL, revalidation, stale-if-error,
-one-refresh-at-a-time and health rules as L{UpstreamMetadata} (it is one, for the list's path),
-and from it synthesises a C{streams/v1/index.json} and a C{streams/v1/images.json} that the
-LXD client accepts, stored as metadata records like an upstream's own. So the simplestreams
-face, the prefetcher, pins and the admin command treat it as any other upstream.
+one-refresh-at-a-time and health rules as an upstream's index (an L{UpstreamFiles} of the
+list's path), and from it synthesises a C{streams/v1/index.json} and a
+C{streams/v1/images.json} that the LXD client accepts, stored as metadata records like an
+upstream's own and read by an L{UpstreamMetadata}. So the simplestreams face, the prefetcher,
+pins and the admin command treat it as any other upstream (a L{SimplestreamsMetadata}).
 
 What the list cannot say, the export teaches: the API gives an image's fingerprint (the sha256
 of all its files together) and total size, never the sha256 and size of each file of a split
@@ -36,9 +37,11 @@ from typing import Any, Literal
 
 import attrs
 from attrs import frozen
+from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from proxy import jsonsteps
 from proxy.blobs import BlobStore, is_sha256
 from proxy.catalogue import (
     ARCHITECTURES,
@@ -50,10 +53,14 @@ from proxy.catalogue import (
     VM_ROOT_FTYPES,
     CatalogueError,
     Family,
+    Image,
+    Item,
 )
 from proxy.health import UpstreamHealth
+from proxy.errors import NotFound
 from proxy.index import CacheIndex, ImageParts, MetadataRecord
-from proxy.metadata import INDEX_PATH, UpstreamMetadata
+from proxy.metadata import INDEX_PATH, ParsedOnce, UpstreamFiles, UpstreamMetadata
+from proxy.metadata_store import MetadataStore
 from proxy.work import Run, inline
 from proxy.upstream import UpstreamClient
 
@@ -149,7 +156,7 @@ def parse_remote_images(body: bytes) -> list[RemoteImage]:
     public); a body that is not a sync envelope holding a list raises L{CatalogueError}.
     """
     try:
-        doc = json.loads(body)
+        doc = jsonsteps.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise CatalogueError(f"image list is not valid JSON: {e}") from None
     if not isinstance(doc, dict):
@@ -511,19 +518,142 @@ def _items(entry: _Listed, families: Sequence[Family]) -> dict[str, Any]:
 # -- the upstream ------------------------------------------------------------------------------
 
 
-class LxdRemote(UpstreamMetadata):
-    """
-    The image list of the LXD upstream C{name} at C{base_url}, and the simplestreams catalogue
-    synthesised from it.
+@frozen
+class _Built:
+    """The synthesised catalogue's files, with their sha256, and how many images it lists."""
 
-    Everything L{UpstreamMetadata} offers works the same (C{get}, C{products_paths}, C{item},
-    C{read}, C{offline}, C{offline_view}, C{health}): the synthesised files are current exactly
-    when the list they come from is, and the list is refreshed under the same rules as an
-    upstream's index. They are rebuilt when the list changes or when the parts of an image
-    are learnt.
+    index_body: bytes
+    index_sha256: str
+    products_body: bytes
+    products_sha256: str
+    listed: int
+
+
+class _SynthesisedFiles:
+    """
+    The files of an LXD upstream's catalogue (a L{MetadataFiles}): the synthesised index and
+    products file, each stored as a metadata record as fresh as the image list it was built
+    from. The list is fetched and kept by an L{UpstreamFiles}; each copy of it is parsed once,
+    and the catalogue is rebuilt once per change of the list or of the parts learnt, on the
+    disk worker, with its records written on the index's writer.
     """
 
     log = Logger()
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        client: UpstreamClient,
+        bodies: MetadataStore,
+        clock: IReactorTime,
+        *,
+        ttl: float,
+        idle_timeout: float,
+        health: UpstreamHealth | None,
+        families: Sequence[Family],
+    ) -> None:
+        self._name = name
+        self._bodies = bodies
+        self._index = bodies.index
+        self._clock = clock
+        self._families: tuple[Family, ...] = tuple(families)
+        self.list = UpstreamFiles(
+            name, base_url, client, bodies, clock, ttl=ttl, idle_timeout=idle_timeout,
+            validate=lambda _path, body: parse_remote_images(body), remember=self._remember,
+            health=health,
+        )
+        self._parsed: ParsedOnce[str, list[RemoteImage]] = ParsedOnce()
+        # The one rebuild per (sha256 of the list, parts records) that callers share; one at
+        # a time, so that a rebuild from an older list never writes after a newer one.
+        self._builds: ParsedOnce[str, None] = ParsedOnce()
+        self._building = DeferredLock()
+
+    def holds(self, path: str) -> bool:
+        # Whenever the list is held, its catalogue can be built without asking the upstream.
+        return path in SYNTHESISED_PATHS and self.list.holds(API_PATH)
+
+    async def copy(self, path: str) -> MetadataRecord:
+        return await self._synthesised(path, await self.list.copy(API_PATH))
+
+    async def current(self, path: str) -> MetadataRecord:
+        return await self._synthesised(path, await self.list.current(API_PATH))
+
+    def images(self, record: MetadataRecord) -> "Deferred[list[RemoteImage]]":
+        """The images of the copy C{record} of the list, parsed once per copy."""
+        return self._parsed.get(
+            API_PATH, record.sha256,
+            lambda: self._bodies.disk(lambda: parse_remote_images(self._bodies.read(record.sha256))),
+        )
+
+    def _remember(self, path: str, digest: str, parsed: object) -> None:
+        """Keep the list that validating a fetched copy parsed, so that it is parsed once."""
+        if isinstance(parsed, list):
+            self._parsed.put(API_PATH, digest, parsed)
+
+    async def _synthesised(self, path: str, source: MetadataRecord) -> MetadataRecord:
+        """The stored synthesised file C{path}, rebuilt first if C{source} or the parts changed."""
+        if path not in SYNTHESISED_PATHS:
+            raise NotFound(f"{self._name}: {path} is not a file of this upstream's catalogue")
+        if self._bodies.stored(self._name, path) is None:
+            # Built, but gone since (removed as corrupt, say).
+            self._builds.forget(API_PATH)
+        version = f"{source.sha256} {self._index.parts_count()}"
+        await self._builds.get(API_PATH, version, lambda: Deferred.fromCoroutine(self._rebuild(source)))
+        record = self._bodies.stored(self._name, path)
+        assert record is not None
+        if record.checked_at != source.checked_at:
+            # As fresh as the list it was built from: the TTL is the list's.
+            record = attrs.evolve(record, checked_at=source.checked_at)
+            await self._bodies.put_record(record)
+        return record
+
+    async def _rebuild(self, source: MetadataRecord) -> None:
+        async with self._building:
+            images = await self.images(source)
+            built = await self._bodies.disk(self._build, images)
+            now = self._clock.seconds()
+            changed = False
+            for path, body, digest in (
+                (PRODUCTS_PATH, built.products_body, built.products_sha256),
+                (INDEX_PATH, built.index_body, built.index_sha256),
+            ):
+                existing = self._bodies.stored(self._name, path)
+                if existing is None or existing.sha256 != digest:
+                    await self._bodies.put(self._name, path, body, fetched_at=now, checked_at=source.checked_at)
+                    changed = True
+            if changed:
+                self.log.info(
+                    "{upstream}: catalogue rebuilt from {url}: {listed} of {total} images listed",
+                    upstream=self._name, url=self.list.url(API_PATH), total=len(images), listed=built.listed,
+                )
+
+    def _build(self, images: list[RemoteImage]) -> _Built:
+        """Synthesise the catalogue of C{images} with the parts learnt so far (slow: a worker runs it)."""
+        known: dict[str, ImageParts] = {}
+        for image in images:
+            parts = self._index.get_parts(image.fingerprint)
+            if parts is not None:
+                known[image.fingerprint] = parts
+        index_body, products_body = synthesise(images, known, self._families)
+        products = jsonsteps.loads(products_body)["products"]
+        return _Built(
+            index_body=index_body, index_sha256=hashlib.sha256(index_body).hexdigest(),
+            products_body=products_body, products_sha256=hashlib.sha256(products_body).hexdigest(),
+            listed=sum(len(p["versions"]) for p in products.values()),
+        )
+
+
+class LxdRemote:
+    """
+    The image list of the LXD upstream C{name} at C{base_url}, and the simplestreams catalogue
+    synthesised from it: a L{SimplestreamsMetadata} like L{UpstreamMetadata}, which it holds
+    over the synthesised files, so that C{get}, C{products_paths}, C{item}, C{read},
+    C{offline}, C{offline_view} and C{health} work the same. The synthesised files are current
+    exactly when the list they come from is, and the list is refreshed under the same rules as
+    an upstream's index. They are rebuilt when the list changes or when the parts of an image
+    are learnt.
+    """
 
     def __init__(
         self,
@@ -540,14 +670,15 @@ class LxdRemote(UpstreamMetadata):
         families: Sequence[Family] = ("lxd",),
         disk: Run = inline,
     ) -> None:
-        super().__init__(
-            name, base_url, client, store, index, clock, ttl=ttl, idle_timeout=idle_timeout,
-            health=health, disk=disk,
+        self._index = index
+        self._files = _SynthesisedFiles(
+            name, base_url, client, MetadataStore(store, index, disk), clock, ttl=ttl,
+            idle_timeout=idle_timeout, health=health, families=families,
         )
-        self._families: tuple[Family, ...] = tuple(families)
-        self._remote: tuple[str, list[RemoteImage]] | None = None
-        # (sha256 of the list, parts records) the stored synthesis was built from
-        self._built_from: tuple[str, int] | None = None
+        self._metadata = UpstreamMetadata(
+            name, base_url, client, store, index, clock, ttl=ttl, idle_timeout=idle_timeout,
+            health=health, disk=disk, files=self._files, products=(PRODUCTS_PATH,),
+        )
 
     # -- what the LXD face and the export fetcher read --------------------------------------
 
@@ -556,8 +687,8 @@ class LxdRemote(UpstreamMetadata):
         The upstream's public images: from a list no older than the TTL (as a client's
         C{get} would have it), or with C{refresh=False} from whatever copy is held.
         """
-        record = await (self._current(API_PATH) if refresh else self._copy(API_PATH))
-        return self._parsed_list(record)
+        record = await (self._files.list.current(API_PATH) if refresh else self._files.list.copy(API_PATH))
+        return await self._files.images(record)
 
     async def unknown_files(self, *, refresh: bool = True) -> list[RemoteImage]:
         """
@@ -576,94 +707,53 @@ class LxdRemote(UpstreamMetadata):
         """
         return [i for i in await self.unknown_files(refresh=refresh) if not i.presumed_unified]
 
-    # -- UpstreamMetadata's hooks -----------------------------------------------------------
+    # -- SimplestreamsMetadata, from the synthesised catalogue --------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._metadata.name
+
+    @property
+    def base_url(self) -> str:
+        return self._metadata.base_url
+
+    @property
+    def family(self) -> Family:
+        return self._metadata.family
+
+    @property
+    def health(self) -> UpstreamHealth | None:
+        return self._metadata.health
+
+    @property
+    def offline(self) -> bool:
+        return self._metadata.offline
+
+    async def get(self, path: str) -> MetadataRecord:
+        return await self._metadata.get(path)
+
+    def holds_catalogue(self) -> bool:
+        return self._metadata.holds_catalogue()
+
+    async def offline_view(self, path: str) -> bytes:
+        return await self._metadata.offline_view(path)
 
     async def products_paths(self, *, refresh: bool = True) -> list[str]:
-        # Served even while it lists nothing (and the index so names no products file).
-        await (self._current(INDEX_PATH) if refresh else self._copy(INDEX_PATH))
-        return [PRODUCTS_PATH]
+        return await self._metadata.products_paths(refresh=refresh)
 
-    def _stored(self, path: str) -> MetadataRecord | None:
-        if path in SYNTHESISED_PATHS:
-            source = super()._stored(API_PATH)
-            return None if source is None else self._synthesised(path, source)
-        return super()._stored(path)
+    async def item(self, path: str) -> Item | None:
+        return await self._metadata.item(path)
 
-    async def _copy(self, path: str) -> MetadataRecord:
-        if path in SYNTHESISED_PATHS:
-            return self._synthesised(path, await super()._copy(API_PATH))
-        return await super()._copy(path)
+    async def catalogue_images(self, family: Family | None = None, *, refresh: bool = True) -> list[Image]:
+        return await self._metadata.catalogue_images(family, refresh=refresh)
 
-    async def _current(self, path: str) -> MetadataRecord:
-        if path in SYNTHESISED_PATHS:
-            return self._synthesised(path, await super()._current(API_PATH))
-        return await super()._current(path)
+    async def products_images(
+        self, products_path: str, family: Family | None = None, *, refresh: bool = True
+    ) -> list[Image]:
+        return await self._metadata.products_images(products_path, family, refresh=refresh)
 
-    def _validate(self, path: str, body: bytes) -> None:
-        if path == API_PATH:
-            parse_remote_images(body)
-        else:
-            super()._validate(path, body)
-
-    # -- synthesis --------------------------------------------------------------------------
-
-    def _parsed_list(self, record: MetadataRecord) -> list[RemoteImage]:
-        if self._remote is None or self._remote[0] != record.sha256:
-            self._remote = (record.sha256, parse_remote_images(self.read(record)))
-        return self._remote[1]
-
-    def _synthesised(self, path: str, source: MetadataRecord) -> MetadataRecord:
-        """The stored synthesised file C{path}, rebuilt first if C{source} or the parts changed."""
-        built_from = (source.sha256, self._index.parts_count())
-        record = super()._stored(path)
-        if record is None or built_from != self._built_from:
-            self._synthesise(source)
-            self._built_from = built_from
-            record = super()._stored(path)
-            assert record is not None
-        if record.checked_at != source.checked_at:
-            # As fresh as the list it was built from: the TTL is the list's.
-            record = attrs.evolve(record, checked_at=source.checked_at)
-            self._index.put_metadata(record)
-        return record
-
-    def _synthesise(self, source: MetadataRecord) -> None:
-        images = self._parsed_list(source)
-        known: dict[str, ImageParts] = {}
-        for image in images:
-            parts = self._index.get_parts(image.fingerprint)
-            if parts is not None:
-                known[image.fingerprint] = parts
-        index_body, products_body = synthesise(images, known, self._families)
-        now = self._clock.seconds()
-        changed = self._put_body(PRODUCTS_PATH, products_body, source, now)
-        changed = self._put_body(INDEX_PATH, index_body, source, now) or changed
-        if changed:
-            products = json.loads(products_body)["products"]
-            self.log.info(
-                "{upstream}: catalogue rebuilt from {url}: {listed} of {total} images listed",
-                upstream=self.name, url=self._url(API_PATH), total=len(images),
-                listed=sum(len(p["versions"]) for p in products.values()),
-            )
-
-    def _put_body(self, path: str, body: bytes, source: MetadataRecord, now: float) -> bool:
-        digest = hashlib.sha256(body).hexdigest()
-        existing = super()._stored(path)
-        if existing is not None and existing.sha256 == digest:
-            return False
-        partial = self._store.new_partial()
-        try:
-            partial.write(body)
-            partial.commit(digest)
-        finally:
-            partial.discard()
-        self._index.put_metadata(MetadataRecord(
-            upstream=self.name, path=path, sha256=digest, etag=None, last_modified=None,
-            fetched_at=now, checked_at=source.checked_at,
-        ))
-        if existing is not None:
-            self._forget_blob(existing.sha256)
-        return True
+    def read(self, record: MetadataRecord) -> bytes:
+        return self._metadata.read(record)
 
 
 __all__ = [

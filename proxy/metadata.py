@@ -1,15 +1,21 @@
 """The simplestreams metadata of one upstream: kept, refreshed, and read as a catalogue.
 
 The index and the products files it names are stored as blobs (byte for byte as the upstream
-sent them) with a L{MetadataRecord} holding their validators. A copy younger than the TTL is
-served as is; an older one is revalidated, and several clients asking at once share one
-refresh. When the upstream fails, the last good copy is served and the failure is logged once
-per outage, not once per request.
+sent them) with a L{MetadataRecord} holding their validators (L{MetadataStore}). A copy
+younger than the TTL is served as is; an older one is revalidated, and several clients asking
+at once share one refresh. When the upstream fails, the last good copy is served and the
+failure is logged once per outage, not once per request.
+
+L{UpstreamFiles} does that for any file of an upstream; L{UpstreamMetadata} reads the files it
+is given (an L{UpstreamFiles} of the index and products files by default) as a catalogue,
+parsing each copy once, off the reactor thread. Both it and L{proxy.lxd_remote.LxdRemote} are
+what their users know as a L{SimplestreamsMetadata}.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Sequence
+from typing import Any, Callable, Generic, Protocol, TypeVar
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -17,9 +23,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from proxy import jsonsteps
-from proxy.blobs import BlobStore
 from proxy.agents import ClientAgents
-from proxy.blobs import PartialBlob
+from proxy.blobs import BlobStore
 from proxy.catalogue import (
     Catalogue,
     CatalogueError,
@@ -34,6 +39,7 @@ from proxy.catalogue_filter import filter_index, filter_products
 from proxy.health import UpstreamHealth
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
+from proxy.metadata_store import MetadataStore
 from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
 from proxy.work import Run, inline
 
@@ -72,6 +78,10 @@ class ParsedOnce(Generic[K, V]):
     def put(self, key: K, version: str, value: V) -> None:
         self._done[key] = (version, value)
 
+    def forget(self, key: K) -> None:
+        """Compute the value of C{key} again next time, whatever its version (it went missing)."""
+        self._done.pop(key, None)
+
     def get(self, key: K, version: str, compute: Callable[[], "Deferred[V]"]) -> "Deferred[V]":
         done = self._done.get(key)
         if done is not None and done[0] == version:
@@ -102,15 +112,39 @@ class ParsedOnce(Generic[K, V]):
         return d
 
 
-class UpstreamMetadata:
+class MetadataFiles(Protocol):
     """
-    Metadata and catalogue of the upstream C{name} at C{base_url}.
+    Where the files of a catalogue come from, each as its L{MetadataRecord}: fetched from the
+    upstream (L{UpstreamFiles}), or synthesised from another file that is
+    (L{proxy.lxd_remote.LxdRemote}).
+    """
 
-    Every read of a file's record goes through C{_stored} (the copy held, or None),
-    C{_copy} (the copy of any age, fetched when there is none) and C{_current} (no older than
-    the TTL where the upstream allows), and every fetched body through C{_validate}:
-    L{proxy.lxd_remote.LxdRemote} overrides these four to serve files it synthesises from
-    another one that is fetched and refreshed here.
+    def holds(self, path: str) -> bool:
+        """Whether a copy of C{path} is held, so that reading it asks no upstream."""
+        ...
+
+    async def copy(self, path: str) -> MetadataRecord:
+        """The copy held of C{path}, of any age; fetched only when there is none."""
+        ...
+
+    async def current(self, path: str) -> MetadataRecord:
+        """A copy of C{path} no older than the TTL where the upstream allows."""
+        ...
+
+
+def _keep_nothing(path: str, digest: str, parsed: object) -> None:
+    return None
+
+
+class UpstreamFiles:
+    """
+    Metadata files of the upstream C{name} at C{base_url}, fetched and kept in C{bodies}:
+    the TTL, revalidation, stale-if-error, one-refresh-at-a-time and health rules of the
+    module docstring, for any path.
+
+    Every fetched body is checked by C{validate(path, body)} on the disk worker (raising
+    L{CatalogueError} refuses it: the copy held stays), and what that parsed goes to
+    C{remember(path, sha256, parsed)}, so that the owner parses each copy once.
     """
 
     log = Logger()
@@ -120,199 +154,54 @@ class UpstreamMetadata:
         name: str,
         base_url: str,
         client: UpstreamClient,
-        store: BlobStore,
-        index: CacheIndex,
+        bodies: MetadataStore,
         clock: IReactorTime,
         *,
         ttl: float,
         idle_timeout: float,
+        validate: Callable[[str, bytes], object],
+        remember: Callable[[str, str, object], None] = _keep_nothing,
         health: UpstreamHealth | None = None,
         family: Family = "lxd",
         agents: ClientAgents | None = None,
-        disk: Run = inline,
     ) -> None:
         self.name = name
         self.base_url = base_url
-        # The client family whose catalogue this is; the LXD one is kept under the plain paths
-        # (as before families were told apart), any other under "@FAMILY/".
         self.family: Family = family
+        # The LXD family's files are kept under the plain paths (as before families were told
+        # apart), any other's under "@FAMILY/".
         self._record_prefix = "" if family == "lxd" else f"@{family}/"
-        self._agents = agents
         self._client = client
-        self._store = store
-        self._index = index
+        self._bodies = bodies
+        self._store = bodies.store
         self._clock = clock
         self._ttl = ttl
         self._idle_timeout = idle_timeout
-        # Reading and parsing a products file (tens of MiB for Ubuntu's) runs here, never on
-        # the reactor thread.
-        self._disk = disk
+        self._validate = validate
+        self._remember = remember
+        self.health = health
+        self._agents = agents
         self._refreshing: dict[str, list[Deferred[MetadataRecord]]] = {}
         self._failing: set[str] = set()
         self._retry_at: dict[str, float] = {}
         # paths whose running refresh has outlasted STALE_WAIT_SECONDS
         self._slow: set[str] = set()
-        # Each products file parsed once per copy: its items and this family's images, from
-        # one pass; the images another family sees, when asked for, apart.
-        self._catalogues: ParsedOnce[str, Catalogue] = ParsedOnce()
-        self._other_images: ParsedOnce[tuple[str, Family], list[Image]] = ParsedOnce()
-        self._index_parsed: tuple[str, list[str]] | None = None
-        self.health = health
-        # path -> (when built, what it was built from, the body served while offline)
-        self._offline_views: dict[str, tuple[float, _ViewState, bytes]] = {}
 
-    async def get(self, path: str) -> MetadataRecord:
-        """
-        Return a current record for the metadata file C{path}: the index, or a products file
-        that the index names. Fails with L{NotFound} for any other path, without asking the
-        upstream, and with L{UpstreamFailed} when there is no good copy and the upstream fails.
-        """
-        if path != INDEX_PATH and path not in await self.products_paths():
-            raise NotFound(f"{self.name}: {path} is not a file of this upstream's catalogue")
-        return await self._current(path)
+    def stored(self, path: str) -> MetadataRecord | None:
+        """The copy held of C{path}, or None."""
+        return self._bodies.stored(self.name, self._record_prefix + path)
 
-    def holds_catalogue(self) -> bool:
-        """Whether a copy of the index is held (so that looking paths up asks no upstream)."""
-        return self._stored(INDEX_PATH) is not None
+    def holds(self, path: str) -> bool:
+        return self.stored(path) is not None
 
-    @property
-    def offline(self) -> bool:
-        return self.health is not None and self.health.offline
-
-    async def offline_view(self, path: str) -> bytes:
-        """
-        The body of C{path} as served while the upstream is offline: the catalogue filtered
-        to the images whose files are all stored, so that every alias resolves to the newest
-        image that can actually be served. Reused for at most C{OFFLINE_VIEW_SECONDS}, and
-        only while the copies and the stored files it was built from are unchanged.
-        """
-        now = self._clock.seconds()
-        # A view from an earlier outage (the upstream came back meanwhile and files were
-        # stored) would hide images that can be served.
-        state = self._offline_state()
-        cached = self._offline_views.get(path)
-        if cached is not None and cached[1] == state and now - cached[0] < OFFLINE_VIEW_SECONDS:
-            return cached[2]
-        copies: list[tuple[str, MetadataRecord]] = []
-        for products_path in await self.products_paths(refresh=False):
-            record = self._stored(products_path)
-            # One never fetched (nor imported) lists none of its images: asking the upstream
-            # for it is what offline rules out.
-            if record is not None:
-                copies.append((products_path, record))
-        index_record = await self._copy(INDEX_PATH)
-        bodies = await self._disk(self._filtered_bodies, copies, index_record)
-        for built_path, body in bodies.items():
-            self._offline_views[built_path] = (now, state, body)
-        if path not in bodies:
-            raise NotFound(f"{self.name}: {path} is not a file of this upstream's catalogue")
-        return bodies[path]
-
-    def _filtered_bodies(
-        self, copies: list[tuple[str, MetadataRecord]], index_record: MetadataRecord
-    ) -> dict[str, bytes]:
-        """The catalogue's files keeping only the images whose files are all stored (slow)."""
-        remaining: dict[str, list[str]] = {}
-        bodies: dict[str, bytes] = {}
-        for products_path, record in copies:
-            body = filter_products(self.read(record), lambda item: self._store.exists(item.sha256))
-            bodies[products_path] = body
-            doc = jsonsteps.loads(body)
-            remaining[products_path] = sorted(doc.get("products", {}))
-            jsonsteps.release(doc)
-        bodies[INDEX_PATH] = filter_index(self.read(index_record), remaining)
-        return bodies
-
-    def _offline_state(self) -> _ViewState:
-        """What the offline views of this upstream are built from, now."""
-        copies = frozenset(
-            (r.path, r.sha256) for r in self._index.metadata_records() if r.upstream == self.name
-        )
-        return (self._index.file_count(), self._index.total_size(), copies)
-
-    async def products_paths(self, *, refresh: bool = True) -> list[str]:
-        record = await (self._current(INDEX_PATH) if refresh else self._copy(INDEX_PATH))
-        if self._index_parsed is None or self._index_parsed[0] != record.sha256:
-            self._index_parsed = (record.sha256, products_paths(self.read(record)))
-        return self._index_parsed[1]
-
-    async def item(self, path: str) -> Item | None:
-        """
-        The catalogue entry for the item C{path}, or None when no products file lists it.
-
-        This reads the copies the proxy holds, whatever their age, and asks the upstream only
-        for a file it has no copy of: clients fetch the index and products files (which
-        refreshes them) before they ask for files, and a path that no catalogue lists must
-        not cost an upstream request.
-        """
-        unreadable: ProxyError | None = None
-        for products_path in await self.products_paths(refresh=False):
-            try:
-                items = await self._items(products_path)
-            except ProxyError as e:
-                # No copy and the upstream cannot give one now (offline, say): the item may
-                # still be listed by another products file.
-                unreadable = e
-                continue
-            found = items.get(path)
-            if found is not None:
-                return found
-        if unreadable is not None:
-            raise unreadable
-        return None
-
-    async def catalogue_images(self, family: Family | None = None, *, refresh: bool = True) -> list[Image]:
-        """
-        The images the catalogue lists for a client of C{family} (this catalogue's own by
-        default): from copies no older than the TTL, or with C{refresh=False} from whatever
-        copies are held.
-        """
-        images: list[Image] = []
-        for products_path in await self.products_paths(refresh=refresh):
-            images.extend(await self.products_images(products_path, family, refresh=refresh))
-        return images
-
-    async def products_images(
-        self, products_path: str, family: Family | None = None, *, refresh: bool = True
-    ) -> list[Image]:
-        """The images of one products file, parsed once per version of it."""
-        family = self.family if family is None else family
-        record = await (self.get(products_path) if refresh else self._copy(products_path))
-        if family == self.family:
-            return (await self._catalogue(products_path, record)).images
-        return await self._other_images.get(
-            (products_path, family), record.sha256,
-            lambda: self._disk(lambda: parse_images(self.read(record), family)),
-        )
-
-    async def _items(self, products_path: str) -> dict[str, Item]:
-        record = await self._copy(products_path)
-        return (await self._catalogue(products_path, record)).items
-
-    def _catalogue(self, products_path: str, record: MetadataRecord) -> "Deferred[Catalogue]":
-        return self._catalogues.get(
-            products_path, record.sha256,
-            lambda: self._disk(lambda: parse_catalogue(self.read(record), self.family)),
-        )
-
-    def read(self, record: MetadataRecord) -> bytes:
-        """The stored body of a metadata file."""
-        return self._store.path_for(record.sha256).getContent()
-
-    def _stored(self, path: str) -> MetadataRecord | None:
-        record = self._index.get_metadata(self.name, self._record_prefix + path)
-        if record is not None and self._store.exists(record.sha256):
-            return record
-        return None
-
-    async def _copy(self, path: str) -> MetadataRecord:
+    async def copy(self, path: str) -> MetadataRecord:
         """The copy held of C{path}, of any age; fetched only when there is none."""
-        record = self._stored(path)
+        record = self.stored(path)
         if record is not None:
             return record
         return await self._refresh_shared(path, None)
 
-    async def _current(self, path: str) -> MetadataRecord:
+    async def current(self, path: str) -> MetadataRecord:
         """
         A copy of C{path} no older than the TTL where the upstream allows.
 
@@ -321,7 +210,7 @@ class UpstreamMetadata:
         to everyone after the first wait ran out), and after a failure the copy is served
         without asking again until C{_retry_at}.
         """
-        record = self._stored(path)
+        record = self.stored(path)
         if record is None:
             return await self._refresh_shared(path, None)
         now = self._clock.seconds()
@@ -374,7 +263,7 @@ class UpstreamMetadata:
                 self.log.warn(
                     "refreshing {url} failed: {reason}; "
                     + ("serving the copy from {age:.0f}s ago until it recovers" if stale else "no copy to serve"),
-                    url=self._url(path), reason=error.message,
+                    url=self.url(path), reason=error.message,
                     age=(self._clock.seconds() - stale.fetched_at) if stale else 0.0,
                 )
             result = stale if stale is not None else Failure(error)
@@ -382,7 +271,7 @@ class UpstreamMetadata:
             self._retry_at.pop(path, None)
             if path in self._failing:
                 self._failing.discard(path)
-                self.log.info("{url} is answering again", url=self._url(path))
+                self.log.info("{url} is answering again", url=self.url(path))
         self._slow.discard(path)
         for d in self._refreshing.pop(path, []):
             # An observer whose client went away was cancelled: it has its answer.
@@ -393,7 +282,7 @@ class UpstreamMetadata:
             else:
                 d.callback(result)
 
-    def _url(self, path: str) -> str:
+    def url(self, path: str) -> str:
         return f"{self.base_url}/{path}"
 
     async def _refresh(self, path: str, stale: MetadataRecord | None) -> MetadataRecord:
@@ -404,7 +293,7 @@ class UpstreamMetadata:
             record = await self._fetch(path, stale)
         except Exception as e:
             if health is not None:
-                health.record_error(e, self._url(path))
+                health.record_error(e, self.url(path))
             raise
         return record
 
@@ -417,9 +306,9 @@ class UpstreamMetadata:
                 headers[b"If-Modified-Since"] = stale.last_modified.encode("latin-1")
         if self._agents is not None:
             headers[b"User-Agent"] = self._agents.for_family(self.family)
-        response = await self._client.get(self._url(path), headers)
+        response = await self._client.get(self.url(path), headers)
         if self.health is not None:
-            self.health.record_answer(response.code, self._url(path))
+            self.health.record_answer(response.code, self.url(path))
         now = self._clock.seconds()
         if response.code == 304 and stale is not None:
             await receive_body(response, lambda _: None, limit=MAX_METADATA_BYTES,
@@ -428,7 +317,7 @@ class UpstreamMetadata:
                 upstream=self.name, path=self._record_prefix + path, sha256=stale.sha256, etag=stale.etag,
                 last_modified=stale.last_modified, fetched_at=stale.fetched_at, checked_at=now,
             )
-            await self._index.write(self._index.put_metadata, record)
+            await self._bodies.put_record(record)
             return record
         if response.code != 200:
             await receive_body(response, lambda _: None, limit=MAX_METADATA_BYTES,
@@ -443,41 +332,259 @@ class UpstreamMetadata:
         except BaseException:
             partial.discard()
             raise
-        digest = partial.hexdigest()
         try:
-            size, parsed = await self._disk(self._store_body, path, partial, digest)
+            record, parsed = await self._bodies.put(
+                self.name, self._record_prefix + path, partial,
+                etag=_header(response, b"ETag"), last_modified=_header(response, b"Last-Modified"),
+                fetched_at=now, checked_at=now, check=lambda body: self._validate(path, body),
+            )
         except CatalogueError as e:
             raise UpstreamFailed(f"{self.name}: {path} from upstream is not usable: {e}")
-        record = MetadataRecord(
-            upstream=self.name, path=self._record_prefix + path, sha256=digest,
-            etag=_header(response, b"ETag"), last_modified=_header(response, b"Last-Modified"),
-            fetched_at=now, checked_at=now,
-        )
-        await self._index.write(self._index.put_metadata, record)
-        self._remember(path, digest, parsed)
-        if stale is not None and stale.sha256 != digest:
-            await self._disk(self._forget_blob, stale.sha256)
-        self.log.info("fetched {url} ({size} bytes)", url=self._url(path), size=size)
+        self._remember(path, record.sha256, parsed)
+        self.log.info("fetched {url} ({size} bytes)", url=self.url(path), size=partial.size)
         return record
 
-    def _store_body(self, path: str, partial: PartialBlob, digest: str) -> tuple[int, object]:
-        """
-        Commit a fetched body, read it back and validate it (slow: a worker runs it).
 
-        @return: its size and what validating it parsed.
-        @raise CatalogueError: the body is not a usable file of the catalogue; it is not kept.
+class SimplestreamsMetadata(Protocol):
+    """
+    The simplestreams metadata of one upstream, as the faces, the prefetcher and the admin
+    command read it: L{UpstreamMetadata} keeps the files an upstream publishes,
+    L{proxy.lxd_remote.LxdRemote} synthesises them from an LXD server's image list.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def base_url(self) -> str: ...
+
+    @property
+    def family(self) -> Family: ...
+
+    @property
+    def health(self) -> UpstreamHealth | None: ...
+
+    @property
+    def offline(self) -> bool: ...
+
+    async def get(self, path: str) -> MetadataRecord: ...
+
+    def holds_catalogue(self) -> bool: ...
+
+    async def offline_view(self, path: str) -> bytes: ...
+
+    async def products_paths(self, *, refresh: bool = True) -> list[str]: ...
+
+    async def item(self, path: str) -> Item | None: ...
+
+    async def catalogue_images(self, family: Family | None = None, *, refresh: bool = True) -> list[Image]: ...
+
+    async def products_images(
+        self, products_path: str, family: Family | None = None, *, refresh: bool = True
+    ) -> list[Image]: ...
+
+    def read(self, record: MetadataRecord) -> bytes: ...
+
+
+class UpstreamMetadata:
+    """
+    Metadata and catalogue of the upstream C{name} at C{base_url}: a L{SimplestreamsMetadata}.
+
+    Its files come from C{files}: by default an L{UpstreamFiles} fetching them from the
+    upstream (which is what C{client}, C{ttl}, C{idle_timeout} and C{agents} are for).
+    L{proxy.lxd_remote.LxdRemote} gives files it synthesises instead, and C{products}, the
+    products files its index names even while it lists none.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        client: UpstreamClient,
+        store: BlobStore,
+        index: CacheIndex,
+        clock: IReactorTime,
+        *,
+        ttl: float,
+        idle_timeout: float,
+        health: UpstreamHealth | None = None,
+        family: Family = "lxd",
+        agents: ClientAgents | None = None,
+        disk: Run = inline,
+        files: MetadataFiles | None = None,
+        products: Sequence[str] | None = None,
+    ) -> None:
+        self.name = name
+        self.base_url = base_url
+        # The client family whose catalogue this is.
+        self.family: Family = family
+        self._store = store
+        self._index = index
+        self._clock = clock
+        # Reading and parsing a products file (tens of MiB for Ubuntu's) runs here, never on
+        # the reactor thread.
+        self._disk = disk
+        self._bodies = MetadataStore(store, index, disk)
+        self.health = health
+        self._files: MetadataFiles = files if files is not None else UpstreamFiles(
+            name, base_url, client, self._bodies, clock, ttl=ttl, idle_timeout=idle_timeout,
+            validate=self._validate, remember=self._remember, health=health, family=family,
+            agents=agents,
+        )
+        self._products = None if products is None else list(products)
+        # Each catalogue file parsed once per copy: the index's products paths; each products
+        # file's items and this family's images, from one pass; the images another family
+        # sees, when asked for, apart.
+        self._index_paths: ParsedOnce[str, list[str]] = ParsedOnce()
+        self._catalogues: ParsedOnce[str, Catalogue] = ParsedOnce()
+        self._other_images: ParsedOnce[tuple[str, Family], list[Image]] = ParsedOnce()
+        # path -> (when built, what it was built from, the body served while offline)
+        self._offline_views: dict[str, tuple[float, _ViewState, bytes]] = {}
+
+    async def get(self, path: str) -> MetadataRecord:
         """
-        body = partial.commit(digest).getContent()
-        try:
-            return len(body), self._validate(path, body)
-        except CatalogueError:
-            self._forget_blob(digest)
-            raise
+        Return a current record for the metadata file C{path}: the index, or a products file
+        that the index names. Fails with L{NotFound} for any other path, without asking the
+        upstream, and with L{UpstreamFailed} when there is no good copy and the upstream fails.
+        """
+        if path != INDEX_PATH and path not in await self.products_paths():
+            raise NotFound(f"{self.name}: {path} is not a file of this upstream's catalogue")
+        return await self._files.current(path)
+
+    def holds_catalogue(self) -> bool:
+        """Whether a copy of the index is held (so that looking paths up asks no upstream)."""
+        return self._files.holds(INDEX_PATH)
+
+    @property
+    def offline(self) -> bool:
+        return self.health is not None and self.health.offline
+
+    async def offline_view(self, path: str) -> bytes:
+        """
+        The body of C{path} as served while the upstream is offline: the catalogue filtered
+        to the images whose files are all stored, so that every alias resolves to the newest
+        image that can actually be served. Reused for at most C{OFFLINE_VIEW_SECONDS}, and
+        only while the copies and the stored files it was built from are unchanged.
+        """
+        now = self._clock.seconds()
+        # A view from an earlier outage (the upstream came back meanwhile and files were
+        # stored) would hide images that can be served.
+        state = self._offline_state()
+        cached = self._offline_views.get(path)
+        if cached is not None and cached[1] == state and now - cached[0] < OFFLINE_VIEW_SECONDS:
+            return cached[2]
+        copies: list[tuple[str, MetadataRecord]] = []
+        for products_path in await self.products_paths(refresh=False):
+            # One never fetched (nor imported) lists none of its images: asking the upstream
+            # for it is what offline rules out.
+            if self._files.holds(products_path):
+                copies.append((products_path, await self._files.copy(products_path)))
+        index_record = await self._files.copy(INDEX_PATH)
+        bodies = await self._disk(self._filtered_bodies, copies, index_record)
+        for built_path, body in bodies.items():
+            self._offline_views[built_path] = (now, state, body)
+        if path not in bodies:
+            raise NotFound(f"{self.name}: {path} is not a file of this upstream's catalogue")
+        return bodies[path]
+
+    def _filtered_bodies(
+        self, copies: list[tuple[str, MetadataRecord]], index_record: MetadataRecord
+    ) -> dict[str, bytes]:
+        """The catalogue's files keeping only the images whose files are all stored (slow)."""
+        remaining: dict[str, list[str]] = {}
+        bodies: dict[str, bytes] = {}
+        for products_path, record in copies:
+            body = filter_products(self.read(record), lambda item: self._store.exists(item.sha256))
+            bodies[products_path] = body
+            doc = jsonsteps.loads(body)
+            remaining[products_path] = sorted(doc.get("products", {}))
+            jsonsteps.release(doc)
+        bodies[INDEX_PATH] = filter_index(self.read(index_record), remaining)
+        return bodies
+
+    def _offline_state(self) -> _ViewState:
+        """What the offline views of this upstream are built from, now."""
+        copies = frozenset(
+            (r.path, r.sha256) for r in self._index.metadata_records() if r.upstream == self.name
+        )
+        return (self._index.file_count(), self._index.total_size(), copies)
+
+    async def products_paths(self, *, refresh: bool = True) -> list[str]:
+        record = await (self._files.current(INDEX_PATH) if refresh else self._files.copy(INDEX_PATH))
+        if self._products is not None:
+            # Named even while the index names none (it lists no image yet).
+            return self._products
+        return await self._index_paths.get(
+            INDEX_PATH, record.sha256, lambda: self._disk(lambda: products_paths(self.read(record))),
+        )
+
+    async def item(self, path: str) -> Item | None:
+        """
+        The catalogue entry for the item C{path}, or None when no products file lists it.
+
+        This reads the copies the proxy holds, whatever their age, and asks the upstream only
+        for a file it has no copy of: clients fetch the index and products files (which
+        refreshes them) before they ask for files, and a path that no catalogue lists must
+        not cost an upstream request.
+        """
+        unreadable: ProxyError | None = None
+        for products_path in await self.products_paths(refresh=False):
+            try:
+                items = await self._items(products_path)
+            except ProxyError as e:
+                # No copy and the upstream cannot give one now (offline, say): the item may
+                # still be listed by another products file.
+                unreadable = e
+                continue
+            found = items.get(path)
+            if found is not None:
+                return found
+        if unreadable is not None:
+            raise unreadable
+        return None
+
+    async def catalogue_images(self, family: Family | None = None, *, refresh: bool = True) -> list[Image]:
+        """
+        The images the catalogue lists for a client of C{family} (this catalogue's own by
+        default): from copies no older than the TTL, or with C{refresh=False} from whatever
+        copies are held.
+        """
+        images: list[Image] = []
+        for products_path in await self.products_paths(refresh=refresh):
+            images.extend(await self.products_images(products_path, family, refresh=refresh))
+        return images
+
+    async def products_images(
+        self, products_path: str, family: Family | None = None, *, refresh: bool = True
+    ) -> list[Image]:
+        """The images of one products file, parsed once per version of it."""
+        family = self.family if family is None else family
+        record = await (self.get(products_path) if refresh else self._files.copy(products_path))
+        if family == self.family:
+            return (await self._catalogue(products_path, record)).images
+        return await self._other_images.get(
+            (products_path, family), record.sha256,
+            lambda: self._disk(lambda: parse_images(self.read(record), family)),
+        )
+
+    async def _items(self, products_path: str) -> dict[str, Item]:
+        record = await self._files.copy(products_path)
+        return (await self._catalogue(products_path, record)).items
+
+    def _catalogue(self, products_path: str, record: MetadataRecord) -> "Deferred[Catalogue]":
+        return self._catalogues.get(
+            products_path, record.sha256,
+            lambda: self._disk(lambda: parse_catalogue(self.read(record), self.family)),
+        )
+
+    def read(self, record: MetadataRecord) -> bytes:
+        """The stored body of a metadata file (blocking: called inside C{disk} work)."""
+        return self._bodies.read(record.sha256)
 
     def _remember(self, path: str, digest: str, parsed: object) -> None:
         """Keep what validating the copy C{digest} of C{path} parsed, so it is parsed once."""
         if path == INDEX_PATH and isinstance(parsed, list):
-            self._index_parsed = (digest, parsed)
+            self._index_paths.put(INDEX_PATH, digest, parsed)
         elif isinstance(parsed, Catalogue):
             self._catalogues.put(path, digest, parsed)
 
@@ -486,14 +593,6 @@ class UpstreamMetadata:
         if path == INDEX_PATH:
             return products_paths(body)
         return parse_catalogue(body, self.family)
-
-    def _forget_blob(self, sha256: str) -> None:
-        """Remove a metadata body that nothing else refers to any more."""
-        if self._index.get(sha256) is not None:
-            return
-        if any(r.sha256 == sha256 for r in self._index.metadata_records()):
-            return
-        self._store.remove(sha256)
 
 
 def _header(response: Any, name: bytes) -> str | None:
@@ -504,4 +603,11 @@ def _header(response: Any, name: bytes) -> str | None:
     return value.decode("latin-1") if isinstance(value, bytes) else value
 
 
-__all__ = ["INDEX_PATH", "UpstreamMetadata"]
+__all__ = [
+    "INDEX_PATH",
+    "MetadataFiles",
+    "ParsedOnce",
+    "SimplestreamsMetadata",
+    "UpstreamFiles",
+    "UpstreamMetadata",
+]

@@ -22,6 +22,7 @@ from twisted.internet.interfaces import IReactorTime
 from proxy.blobs import BlobStore
 from proxy.catalogue import CatalogueError, Image, Item, parse_images, products_paths
 from proxy.index import CacheIndex, MetadataRecord, PinRecord
+from proxy.metadata_store import MetadataStore
 from proxy.resolve import CONTAINER, VIRTUAL_MACHINE, host_architecture, lxd_arch, resolve_alias, versions_for
 
 INDEX_PATH = "streams/v1/index.json"
@@ -78,14 +79,6 @@ class PinResult:
     missing: tuple[Item, ...]
 
 
-def _read_blob(store: BlobStore, sha256: str) -> bytes | None:
-    try:
-        with store.open(sha256) as f:
-            return f.read()
-    except FileNotFoundError:
-        return None
-
-
 def load_catalogue(index: CacheIndex, store: BlobStore, upstream: str) -> StoredCatalogue | None:
     """
     The stored catalogue of C{upstream}, or None when its index is not stored (or unreadable).
@@ -93,24 +86,21 @@ def load_catalogue(index: CacheIndex, store: BlobStore, upstream: str) -> Stored
     A products file that is missing or that no client would accept is left out, as the
     proxy itself would not serve it either.
     """
-    index_record = index.get_metadata(upstream, INDEX_PATH)
-    if index_record is None:
+    bodies = MetadataStore(store, index)
+    held = bodies.load(upstream, INDEX_PATH)
+    if held is None:
         return None
-    index_body = _read_blob(store, index_record.sha256)
-    if index_body is None:
-        return None
+    index_record, index_body = held
     try:
         paths = products_paths(index_body)
     except CatalogueError:
         return None
     products: dict[str, tuple[MetadataRecord, bytes, list[Image]]] = {}
     for path in paths:
-        record = index.get_metadata(upstream, path)
-        if record is None:
+        held = bodies.load(upstream, path)
+        if held is None:
             continue
-        body = _read_blob(store, record.sha256)
-        if body is None:
-            continue
+        record, body = held
         try:
             images = parse_images(body)
         except CatalogueError:

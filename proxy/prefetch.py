@@ -28,7 +28,7 @@ from proxy.config import Config
 from proxy.downloads import Fetcher, ItemFetcher
 from proxy.index import CacheIndex
 from proxy.lxd_remote import LxdRemote
-from proxy.metadata import UpstreamMetadata
+from proxy.metadata import SimplestreamsMetadata
 from proxy.resolve import host_architecture, lxd_arch, resolve_alias, versions_for
 from proxy.work import Run, inline
 
@@ -107,7 +107,7 @@ class Prefetcher(Service):
     def __init__(
         self,
         config: Config,
-        metadata: Mapping[str, UpstreamMetadata],
+        metadata: Mapping[str, SimplestreamsMetadata],
         fetcher: ItemFetcher,
         index: CacheIndex,
         clock: IReactorTime,
@@ -308,7 +308,7 @@ class Prefetcher(Service):
                 used.setdefault(record.upstream, set()).add(record.sha256)
         return used
 
-    async def _images(self, meta: UpstreamMetadata, catalogues: dict[str, list[Image]]) -> list[Image]:
+    async def _images(self, meta: SimplestreamsMetadata, catalogues: dict[str, list[Image]]) -> list[Image]:
         """The upstream's images, from a catalogue refreshed as for a client (TTL applies)."""
         if meta.name in catalogues:
             return catalogues[meta.name]

@@ -38,7 +38,7 @@ from proxy.lxd_face import (
     SimplestreamsImages,
 )
 from proxy.lxd_remote import LxdRemote
-from proxy.metadata import UpstreamMetadata
+from proxy.metadata import SimplestreamsMetadata, UpstreamMetadata
 from proxy.prefetch import PinnedPartsLearner, Prefetcher
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.statedir import StateLock
@@ -110,7 +110,7 @@ class CacheService(Service):
             health=self.health, disk=disk,
         )
         self.agents = ClientAgents()
-        self.metadata: dict[str, UpstreamMetadata] = {}
+        self.metadata: dict[str, SimplestreamsMetadata] = {}
         self.families: dict[str, dict[Family, UpstreamMetadata]] = {}
         self.remotes: dict[str, LxdRemote] = {}
         for u in config.upstreams:

@@ -26,7 +26,7 @@ from proxy.catalogue import Family, Item
 from proxy.errors import BadRequest, NotFound
 from proxy.downloads import ItemFetcher
 from proxy.index import CacheIndex, FileRecord
-from proxy.metadata import UpstreamMetadata
+from proxy.metadata import SimplestreamsMetadata
 from proxy.streaming import CompleteFile
 from proxy.web import AsyncResource, serve_bytes, serve_file
 
@@ -67,21 +67,21 @@ class UpstreamResource(AsyncResource):
 
     def __init__(
         self,
-        metadata: UpstreamMetadata,
+        metadata: SimplestreamsMetadata,
         fetcher: ItemFetcher,
         store: BlobStore,
         index: CacheIndex,
         clock: IReactorTime,
         in_use: InUse | None = None,
         *,
-        families: Mapping[Family, UpstreamMetadata] | None = None,
+        families: Mapping[Family, SimplestreamsMetadata] | None = None,
         agents: ClientAgents | None = None,
     ) -> None:
         super().__init__()
         self._metadata = metadata
         # The catalogue each client family is served (PROTOCOLS.md §5.1: an upstream may
         # answer LXD and Incus differently); one shared by all when not told apart.
-        self._families: dict[Family, UpstreamMetadata] = dict(families or {metadata.family: metadata})
+        self._families: dict[Family, SimplestreamsMetadata] = dict(families or {metadata.family: metadata})
         self._agents = agents if agents is not None else ClientAgents()
         self._fetcher = fetcher
         self._store = store
@@ -104,7 +104,7 @@ class UpstreamResource(AsyncResource):
         else:
             await self._item_file(request, path, metadata)
 
-    async def _metadata_file(self, request: Request, path: str, metadata: UpstreamMetadata) -> None:
+    async def _metadata_file(self, request: Request, path: str, metadata: SimplestreamsMetadata) -> None:
         record = await metadata.get(path)
         if metadata.offline:
             body = await metadata.offline_view(path)
@@ -118,7 +118,7 @@ class UpstreamResource(AsyncResource):
             last_modified=record.fetched_at, clock=self._clock, content_type=b"application/json",
         )
 
-    async def _find_item(self, path: str, metadata: UpstreamMetadata) -> Item | None:
+    async def _find_item(self, path: str, metadata: SimplestreamsMetadata) -> Item | None:
         item = await metadata.item(path)
         if item is not None:
             return item
@@ -131,7 +131,7 @@ class UpstreamResource(AsyncResource):
                     return item
         return None
 
-    async def _item_file(self, request: Request, path: str, metadata: UpstreamMetadata) -> None:
+    async def _item_file(self, request: Request, path: str, metadata: SimplestreamsMetadata) -> None:
         item = await self._find_item(path, metadata)
         if item is None:
             raise NotFound(f"{self.name}: {path} is not in this upstream's catalogue")
@@ -158,7 +158,7 @@ class UpstreamResource(AsyncResource):
             # Counted once the body is out: the record exists only after the download committed.
             self._index.note_use(item.sha256)
 
-    async def _head_of_miss(self, request: Request, item: Item, metadata: UpstreamMetadata) -> None:
+    async def _head_of_miss(self, request: Request, item: Item, metadata: SimplestreamsMetadata) -> None:
         """
         Answer a HEAD for a file not stored from the catalogue alone: what a GET would send,
         without the download a GET starts (a monitoring check must not cost gigabytes).

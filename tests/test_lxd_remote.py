@@ -22,18 +22,21 @@ from proxy.index import ImageParts
 from proxy.lxd_remote import (
     API_PATH,
     PRODUCTS_PATH,
+    LxdRemote,
     RemoteImage,
     item_role,
     parse_remote_images,
     synthesise,
 )
 from proxy.metadata import INDEX_PATH, RETRY_AFTER_FAILURE_SECONDS, STALE_WAIT_SECONDS
+from proxy.work import inline
 from tests.helpers.harness import Closing
 from tests.helpers.logs import Logged
 from tests.helpers.lxd_server import (
     IDLE,
     LXD_URL,
     TTL,
+    UPSTREAM,
     FakeImage,
     LxdHarness,
     envelope,
@@ -328,6 +331,25 @@ def test_one_refresh_for_everything_that_asks_at_once(make: Any) -> None:
         h.call(coroutine)
     h.call(h.remote.images())
     assert len(h.server.list_requests()) == 2
+
+
+def test_the_catalogue_is_built_on_the_disk_worker_once_per_change(make: Any) -> None:
+    h = make([unified()])
+    jobs: list[str] = []
+
+    def disk(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        jobs.append(getattr(fn, "__name__", ""))
+        return inline(fn, *args, **kwargs)
+
+    remote = LxdRemote(UPSTREAM, LXD_URL, h.client, h.store, h.index, h.clock, ttl=TTL,
+                       idle_timeout=IDLE, disk=disk)
+    for path in (INDEX_PATH, PRODUCTS_PATH, INDEX_PATH):
+        h.call(remote.get(path))
+    assert jobs.count("_build") == 1
+    h.server.images.append(unified(b"N" * 500, created_at="2024-08-01T00:00:00Z"))
+    h.clock.advance(TTL + 1)
+    assert len(parse_images(remote.read(h.call(remote.get(PRODUCTS_PATH))))) == 2
+    assert jobs.count("_build") == 2
 
 
 def test_a_hanging_list_gets_the_copy_served(make: Any) -> None:
