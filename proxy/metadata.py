@@ -41,7 +41,7 @@ from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
 from proxy.metadata_store import MetadataStore
 from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
-from proxy.work import Run, inline
+from proxy.work import Run, inline, keep_from_collector
 
 INDEX_PATH = "streams/v1/index.json"
 # A products file is JSON that the proxy parses whole; this bounds what an upstream can make it
@@ -77,6 +77,7 @@ class ParsedOnce(Generic[K, V]):
 
     def put(self, key: K, version: str, value: V) -> None:
         self._done[key] = (version, value)
+        keep_from_collector()
 
     def forget(self, key: K) -> None:
         """Compute the value of C{key} again next time, whatever its version (it went missing)."""
@@ -99,6 +100,7 @@ class ParsedOnce(Generic[K, V]):
                 del self._running[key]
             if not isinstance(result, Failure):
                 self._done[key] = (version, result)
+                keep_from_collector()
             for w in waiters:
                 # A caller whose client went away cancelled its own Deferred.
                 if w.called:

@@ -71,6 +71,19 @@ def _without_collections(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
                 gc.enable()
 
 
+def keep_from_collector() -> None:
+    """
+    Take everything alive now out of the cyclic collector's sight (C{gc.freeze}).
+
+    Called when a parsed catalogue is kept: hundreds of thousands of objects that live until
+    the next copy, which every full collection would otherwise scan, holding the GIL for 0.1 s
+    per Ubuntu-sized catalogue. Frozen objects are still freed when their last reference goes
+    (a catalogue is a tree); only a reference cycle alive at this instant that dies later is
+    never collected, a bounded cost paid once per catalogue change.
+    """
+    gc.freeze()
+
+
 @define
 class ThreadRun:
     """Runs work on a thread pool of its own, started and stopped with the service."""
@@ -111,4 +124,4 @@ class Workers:
 
 INLINE = Workers(disk=inline, index=inline)
 
-__all__ = ["DISK_THREADS", "INLINE", "Run", "ThreadRun", "Workers", "inline"]
+__all__ = ["DISK_THREADS", "INLINE", "Run", "ThreadRun", "Workers", "inline", "keep_from_collector"]
