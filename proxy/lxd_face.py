@@ -21,23 +21,11 @@ from twisted.web.server import Request
 
 from proxy import __version__
 from proxy.agents import ClientAgents
-from proxy.blobs import BlobStore
-from proxy.busy import InUse
-from proxy.catalogue import ARCHITECTURES, Family, Image, Item
 from proxy.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, ProxyError
-from proxy.export import ExportPart, export_parts, serve_export
-from proxy.downloads import Fetcher
-from proxy.index import CacheIndex, FileRecord, ImageParts
-from proxy.lxd_remote import (
-    LxdRemote,
-    RemoteImage,
-    base_product,
-    image_item_path,
-    meta_filename,
-    root_filename,
-    unified_filename,
-    version_base,
-)
+from proxy.export import export_parts, serve_export
+from proxy.files import CacheFiles
+from proxy.images import FaceCatalogue
+from proxy.index import FileRecord
 from proxy.lxd_model import (
     ClientInfo,
     LxdCatalogue,
@@ -48,10 +36,7 @@ from proxy.lxd_model import (
     image_json,
     sync_body,
 )
-from proxy.metadata import INDEX_PATH, SimplestreamsMetadata
 from proxy.resolve import host_architecture
-from proxy.simplestreams import await_start, record_hit
-from proxy.streaming import CompleteFile, FileSource
 from proxy.web import AsyncResource
 
 # What this face offers of LXD's API extensions: only what works. In particular not
@@ -65,262 +50,12 @@ _READS = (b"GET", b"HEAD")
 _PATH_SAFE = "$&+:=@"
 
 
-class ImageSource(Protocol):
-    """One upstream as the LXD face (and URL import) sees it."""
-
-    @property
-    def name(self) -> str: ...
-
-    @property
-    def url(self) -> str: ...
-
-    @property
-    def protocol(self) -> str: ...
-
-    async def images(self, family: Family) -> tuple[object, list[Image]]:
-        """The upstream's images for C{family}, and a key that changes when they change."""
-
-    async def missing_parts(self, image: Image) -> list[ExportPart]:
-        """
-        The export parts of C{image}, some of whose files are not stored: started (or joined)
-        downloads, once the upstream has accepted them or the grace for that has run out.
-        """
-
-
-class SimplestreamsImages:
-    """The images of a simplestreams upstream, from its (cached, refreshed) catalogue."""
-
-    def __init__(
-        self,
-        metadata: SimplestreamsMetadata,
-        fetcher: Fetcher,
-        store: BlobStore,
-        clock: IReactorTime,
-        *,
-        families: Mapping[Family, SimplestreamsMetadata] | None = None,
-    ) -> None:
-        self._metadata = metadata
-        self._families: dict[Family, SimplestreamsMetadata] = dict(families or {metadata.family: metadata})
-        self._fetcher = fetcher
-        self._store = store
-        self._clock = clock
-
-    @property
-    def name(self) -> str:
-        return self._metadata.name
-
-    @property
-    def url(self) -> str:
-        return self._metadata.base_url
-
-    @property
-    def protocol(self) -> str:
-        return "simplestreams"
-
-    async def images(self, family: Family) -> tuple[object, list[Image]]:
-        metadata = self._families.get(family, self._metadata)
-        offline = metadata.offline
-        if offline:
-            paths = await metadata.products_paths(refresh=False)
-        else:
-            await metadata.get(INDEX_PATH)
-            paths = await metadata.products_paths()
-        images: list[Image] = []
-        key: list[object] = [offline]
-        for path in paths:
-            try:
-                record = await metadata.get(path)
-            except ProxyError:
-                if offline:
-                    # A products file never fetched lists nothing that can be served.
-                    continue
-                raise
-            key.append(record.sha256)
-            # Parsed once per copy, off the reactor, by the catalogue itself.
-            images.extend(await metadata.products_images(path, family, refresh=False))
-        if offline:
-            # As the simplestreams face does while offline: only images that can be served.
-            images = [i for i in images if all(self._store.exists(f.sha256) for f in i.files)]
-            key.append(frozenset(i.fingerprint for i in images))
-        return tuple(key), images
-
-    async def missing_parts(self, image: Image) -> list[ExportPart]:
-        sources: list[FileSource] = []
-        for item in image.files:
-            if self._store.exists(item.sha256):
-                sources.append(CompleteFile(self._store.path_for(item.sha256), item.size))
-                continue
-            download = self._fetcher.get(self.name, item)
-            await await_start(download, self._clock)
-            sources.append(download)
-        return export_parts(image, sources[0], sources[1] if len(sources) > 1 else None)
-
-
-class LxdRemoteImages:
-    """
-    The images of an upstream of protocol C{lxd}: every public image it lists, with its files
-    as far as an earlier export taught them (L{CacheIndex.get_parts}).
-    """
-
-    def __init__(
-        self,
-        remote: LxdRemote,
-        fetcher: Fetcher,
-        store: BlobStore,
-        index: CacheIndex,
-        clock: IReactorTime,
-    ) -> None:
-        self._remote = remote
-        self._fetcher = fetcher
-        self._store = store
-        self._index = index
-        self._clock = clock
-        self._by_fingerprint: dict[str, RemoteImage] = {}
-
-    @property
-    def name(self) -> str:
-        return self._remote.name
-
-    @property
-    def url(self) -> str:
-        return self._remote.base_url
-
-    @property
-    def protocol(self) -> str:
-        return "lxd"
-
-    async def images(self, family: Family) -> tuple[object, list[Image]]:
-        offline = self._remote.offline
-        remote_images = await self._remote.images(refresh=not offline)
-        self._by_fingerprint = {r.fingerprint: r for r in remote_images}
-        images: list[Image] = []
-        known: list[object] = []
-        for remote in remote_images:
-            arch = remote.arch
-            if arch is None:
-                continue
-            parts = self._index.get_parts(remote.fingerprint)
-            known.append(parts)
-            image = _image_of(remote, arch, parts)
-            if offline and not (
-                parts is not None and all(self._store.exists(i.sha256) for i in image.files)
-            ):
-                continue
-            images.append(image)
-        return (offline, tuple(r.fingerprint for r in remote_images), tuple(known)), images
-
-    async def missing_parts(self, image: Image) -> list[ExportPart]:
-        remote = self._by_fingerprint.get(image.fingerprint)
-        if remote is None:
-            raise NotFound(f"{self.name}: image {image.fingerprint} is no longer listed")
-        download = self._fetcher.get_image(self.name, remote)
-        await await_start(download, self._clock)
-        fp = image.fingerprint
-        if download.kind == "unified":
-            return [ExportPart("metadata", unified_filename(fp), download.unified)]
-        if download.kind is None:
-            # The upstream has not answered within the grace: the client gets its headers
-            # now, and the shape expected.
-            if remote.presumed_unified:
-                return [ExportPart("metadata", unified_filename(fp), download.unified)]
-        root_name = "rootfs.img" if remote.type == "virtual-machine" else "rootfs"
-        root_ftype = image.root.ftype if image.root is not None else (
-            "disk-kvm.img" if remote.type == "virtual-machine" else "squashfs"
-        )
-        return [
-            ExportPart("metadata", meta_filename(fp), download.meta),
-            ExportPart(root_name, root_filename(fp, root_ftype), download.root),
-        ]
-
-
-def _image_of(remote: RemoteImage, arch: str, parts: ImageParts | None) -> Image:
-    """
-    A catalogue image for an LXD upstream's image: with its real files when they are known,
-    else with one placeholder file of the whole size and no hash (never looked up in the store).
-    """
-    fp = remote.fingerprint
-    product = base_product(remote)
-    version = version_base(remote)
-    if parts is None:
-        meta = Item(remote.filename or unified_filename(fp), "", remote.size, "lxd_combined.tar.gz", product, version)
-        root = None
-    elif parts.root_sha256 is None:
-        meta = Item(image_item_path(fp, unified_filename(fp)), parts.meta_sha256, parts.meta_size,
-                    "lxd_combined.tar.gz", product, version)
-        root = None
-    else:
-        meta = Item(image_item_path(fp, meta_filename(fp, parts.meta_ftype)), parts.meta_sha256,
-                    parts.meta_size, parts.meta_ftype, product, version)
-        root = Item(image_item_path(fp, root_filename(fp, parts.root_ftype)), parts.root_sha256,
-                    parts.root_size, parts.root_ftype, product, version)
-    return Image(
-        fingerprint=fp,
-        type=remote.type,
-        arch=arch,
-        product=product,
-        version=remote.prop("serial") or version,
-        aliases=remote.aliases,
-        meta=meta,
-        root=root,
-        architecture=ARCHITECTURES.get(remote.architecture, remote.architecture),
-        os=remote.prop("os"),
-        release=remote.prop("release"),
-        release_title=remote.prop("release") or remote.prop("version"),
-        variant=remote.prop("variant"),
-        label=remote.prop("label"),
-        os_version=remote.prop("version"),
-        created_at=remote.created_at or _EPOCH,
-        expires_at=remote.expires_at or _EPOCH,
-    )
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-
-
 @define
 class ServerCertificate:
     """The certificate the listeners serve, filled in once it is loaded or generated."""
 
     pem: str = ""
     fingerprint: str = ""
-
-
-@frozen
-class _Built:
-    key: object
-    catalogue: LxdCatalogue
-
-
-class FaceCatalogue:
-    """The L{LxdCatalogue} of the listed upstreams, rebuilt only when one of them changed."""
-
-    def __init__(self, sources: Sequence[ImageSource]) -> None:
-        self._sources = list(sources)
-        self._built: dict[Family, _Built] = {}
-
-    @property
-    def sources(self) -> list[ImageSource]:
-        return list(self._sources)
-
-    def source(self, name: str) -> ImageSource:
-        for source in self._sources:
-            if source.name == name:
-                return source
-        raise NotFound(f"no upstream named {name!r} is listed here")
-
-    async def get(self, family: Family) -> LxdCatalogue:
-        keys: list[object] = []
-        published: list[tuple[str, list[Image]]] = []
-        for source in self._sources:
-            key, images = await source.images(family)
-            keys.append(key)
-            published.append((source.name, images))
-        key = tuple(keys)
-        built = self._built.get(family)
-        if built is None or built.key != key:
-            built = _Built(key, LxdCatalogue(published))
-            self._built[family] = built
-        return built.catalogue
 
 
 class LxdApiResource(AsyncResource):
@@ -333,10 +68,8 @@ class LxdApiResource(AsyncResource):
     def __init__(
         self,
         catalogue: FaceCatalogue,
-        store: BlobStore,
-        index: CacheIndex,
+        files: CacheFiles,
         clock: IReactorTime,
-        in_use: InUse,
         certificate: ServerCertificate,
         *,
         host_arch: str | None = None,
@@ -345,10 +78,8 @@ class LxdApiResource(AsyncResource):
         super().__init__()
         self._agents = agents if agents is not None else ClientAgents()
         self._catalogue = catalogue
-        self._store = store
-        self._index = index
+        self._files = files
         self._clock = clock
-        self._in_use = in_use
         self._certificate = certificate
         self._host_arch = host_arch or host_architecture()
 
@@ -453,10 +184,7 @@ class LxdApiResource(AsyncResource):
     def _image_json(self, catalogue: LxdCatalogue, published: Published, arch: str) -> dict[str, Any]:
         source = self._catalogue.source(published.upstream)
         # A placeholder file (an LXD upstream's image not exported yet) has no hash to look up.
-        records = [
-            self._index.get(item.sha256) if item.sha256 else None
-            for item in published.image.files
-        ]
+        records = self._files.records(published.image.files)
         stored = [r for r in records if r is not None]
         complete = len(stored) == len(records)
         pinned = complete and any(not r.cached for r in stored)
@@ -475,37 +203,20 @@ class LxdApiResource(AsyncResource):
         published = catalogue.find(prefix)
         source = self._catalogue.source(published.upstream)
         image = published.image
-        items = [item for item in image.files if item.sha256]
-        with ExitStack() as holds:
-            for item in items:
-                holds.enter_context(self._in_use.holding(item.sha256))
-            hit = len(items) == len(image.files) and all(
-                self._store.exists(item.sha256) for item in items
-            )
-            if hit:
-                sources = [
-                    CompleteFile(self._store.path_for(item.sha256), item.size) for item in items
-                ]
-                for item in items:
-                    await record_hit(self._index, self._clock, source.name, item.path, item)
-                parts = export_parts(image, sources[0], sources[1] if len(sources) > 1 else None)
-            elif request.method == b"HEAD" and len(items) == len(image.files):
+        files = self._files
+        async with files.open_image(source.name, image.files, sent=lambda: request.sentLength) as stored:
+            if stored is not None:
+                parts = export_parts(image, stored[0], stored[1] if len(stored) > 1 else None)
+            elif request.method == b"HEAD" and all(item.sha256 for item in image.files):
                 # The headers need only the sizes: a HEAD must not start a download. (An LXD
                 # upstream's image whose files are not known yet has no sizes to give.)
-                placeholders = [
-                    CompleteFile(self._store.path_for(item.sha256), item.size) for item in items
-                ]
+                placeholders = [files.stored_file(item) for item in image.files]
                 parts = export_parts(
                     image, placeholders[0], placeholders[1] if len(placeholders) > 1 else None
                 )
             else:
                 parts = await source.missing_parts(image)
             await serve_export(request, parts, clock=self._clock)
-        self._index.note_served(hit, request.sentLength)
-        if not hit:
-            # Counted once the body is out: the records exist only after the commit.
-            for item in items:
-                self._index.note_use(item.sha256)
 
 
 # -- request details ----------------------------------------------------------------------------

@@ -29,14 +29,9 @@ from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, IndexFormatError, reconcile
 from proxy.lifecycle import CacheLifecycle
 from proxy.listen import listen_tls
-from proxy.lxd_face import (
-    FaceCatalogue,
-    ImageSource,
-    LxdApiResource,
-    LxdRemoteImages,
-    ServerCertificate,
-    SimplestreamsImages,
-)
+from proxy.files import CacheFiles
+from proxy.images import FaceCatalogue, ImageSource, LxdRemoteImages, SimplestreamsImages
+from proxy.lxd_face import LxdApiResource, ServerCertificate
 from proxy.lxd_remote import LxdRemote
 from proxy.metadata import SimplestreamsMetadata, UpstreamMetadata
 from proxy.prefetch import PinnedPartsLearner, Prefetcher
@@ -200,9 +195,13 @@ class CacheService(Service):
         return d
 
     def site(self, certificate: ServerCertificate) -> Site:
+        # The one way the faces reach the cache's files, side by side.
+        files = CacheFiles(
+            self.store, self.index, self.fetcher, self.reactor, self.in_use, health=self.health
+        )
         upstreams = {
             name: UpstreamResource(
-                meta, self.fetcher, self.store, self.index, self.reactor, self.in_use,
+                meta, files, self.store, self.reactor,
                 families=self.families.get(name), agents=self.agents,
             )
             for name, meta in self.metadata.items()
@@ -220,10 +219,7 @@ class CacheService(Service):
                 )
         listed = FaceCatalogue([sources[u.name] for u in self.config.lxd_api_upstreams()])
         others = {
-            "1.0": LxdApiResource(
-                listed, self.store, self.index, self.reactor, self.in_use, certificate,
-                agents=self.agents,
-            ),
+            "1.0": LxdApiResource(listed, files, self.reactor, certificate, agents=self.agents),
             "import": ImportResource(sources, self.reactor),
         }
         banner = "lxd-image-proxy: a caching proxy for LXD and Incus images.\nUpstreams:\n" + "".join(

@@ -9,54 +9,21 @@ Anything else is a 404 that costs no upstream request.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Protocol
-from urllib.parse import unquote_to_bytes
+from typing import Any, Mapping
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
-from proxy.blobs import BlobStore
-from proxy.busy import InUse
 from proxy.agents import ClientAgents
+from proxy.blobs import BlobStore
 from proxy.catalogue import Family, Item
-from proxy.errors import BadRequest, NotFound
-from proxy.downloads import ItemFetcher
-from proxy.index import CacheIndex, FileRecord
+from proxy.errors import NotFound
+from proxy.files import CacheFiles
 from proxy.metadata import SimplestreamsMetadata
 from proxy.streaming import CompleteFile
-from proxy.web import AsyncResource, serve_bytes, serve_file
-
-# How long a miss may wait for the upstream's response headers before the client gets its own
-# 200 and headers anyway: long enough to turn the usual quick failures (404, 5xx, refused) into
-# a precise status, far below the LXD client's 30 s header timeout.
-UPSTREAM_START_GRACE_SECONDS = 5.0
-
-
-def relative_path(raw: bytes, prefix_segments: int) -> str:
-    """
-    Turn the raw request path into a clean path relative to the upstream's root.
-
-    Segments are percent-decoded (the client may encode C{:} and C{/}), empty and C{.} segments
-    dropped; C{..}, NUL and undecodable bytes are refused with L{BadRequest}.
-    """
-    segments = raw.split(b"/")[1 + prefix_segments:]
-    decoded = unquote_to_bytes(b"/".join(segments))
-    try:
-        text = decoded.decode("utf-8")
-    except UnicodeDecodeError:
-        raise BadRequest("request path is not valid UTF-8")
-    parts: list[str] = []
-    for part in text.split("/"):
-        if part in ("", "."):
-            continue
-        if part == ".." or "\x00" in part or "\\" in part:
-            raise BadRequest("request path may not contain '..', backslashes or NUL")
-        parts.append(part)
-    return "/".join(parts)
+from proxy.web import AsyncResource, relative_path, serve_bytes, serve_file
 
 
 class UpstreamResource(AsyncResource):
@@ -68,11 +35,9 @@ class UpstreamResource(AsyncResource):
     def __init__(
         self,
         metadata: SimplestreamsMetadata,
-        fetcher: ItemFetcher,
+        files: CacheFiles,
         store: BlobStore,
-        index: CacheIndex,
         clock: IReactorTime,
-        in_use: InUse | None = None,
         *,
         families: Mapping[Family, SimplestreamsMetadata] | None = None,
         agents: ClientAgents | None = None,
@@ -83,11 +48,10 @@ class UpstreamResource(AsyncResource):
         # answer LXD and Incus differently); one shared by all when not told apart.
         self._families: dict[Family, SimplestreamsMetadata] = dict(families or {metadata.family: metadata})
         self._agents = agents if agents is not None else ClientAgents()
-        self._fetcher = fetcher
+        self._files = files
+        # Where the metadata files' bodies are read from.
         self._store = store
-        self._index = index
         self._clock = clock
-        self._in_use = in_use if in_use is not None else InUse()
 
     @property
     def name(self) -> str:
@@ -135,96 +99,15 @@ class UpstreamResource(AsyncResource):
         item = await self._find_item(path, metadata)
         if item is None:
             raise NotFound(f"{self.name}: {path} is not in this upstream's catalogue")
-        with self._in_use.holding(item.sha256):
-            if self._store.exists(item.sha256):
-                record = await record_hit(self._index, self._clock, self.name, path, item)
-                blob = self._store.path_for(item.sha256)
-                await serve_file(
-                    request, CompleteFile(blob, item.size), etag=item.sha256,
-                    last_modified=record.stored_at, clock=self._clock,
-                )
-                self._index.note_served(True, request.sentLength)
-                return
-            if request.method == b"HEAD":
-                await self._head_of_miss(request, item, metadata)
-                return
-            download = self._fetcher.get(self.name, item)
-            await await_start(download, self._clock)
+        opening = self._files.open(
+            self.name, path, item, sent=lambda: request.sentLength, head=request.method == b"HEAD"
+        )
+        async with opening as opened:
+            # Ranges of a stored file only: a download is streamed whole, as it arrives.
             await serve_file(
-                request, download, etag=item.sha256, last_modified=self._clock.seconds(),
-                clock=self._clock, ranges=False,
+                request, opened.source, etag=item.sha256, last_modified=opened.last_modified,
+                clock=self._clock, ranges=opened.hit,
             )
-            self._index.note_served(False, request.sentLength)
-            # Counted once the body is out: the record exists only after the download committed.
-            self._index.note_use(item.sha256)
-
-    async def _head_of_miss(self, request: Request, item: Item, metadata: SimplestreamsMetadata) -> None:
-        """
-        Answer a HEAD for a file not stored from the catalogue alone: what a GET would send,
-        without the download a GET starts (a monitoring check must not cost gigabytes).
-        """
-        health = metadata.health
-        if health is not None:
-            health.check(item.path)
-        # Never opened for a HEAD: only its size is read.
-        placeholder = CompleteFile(self._store.path_for(item.sha256), item.size)
-        await serve_file(
-            request, placeholder, etag=item.sha256, last_modified=self._clock.seconds(),
-            clock=self._clock, ranges=False,
-        )
-
-
-class Starting(Protocol):
-    """A download that says when the upstream accepted it (L{Download}, an export download)."""
-
-    @property
-    def failure(self) -> Failure | None: ...
-
-    def when_streaming(self) -> "Deferred[None]": ...
-
-
-async def await_start(download: Starting, clock: IReactorTime) -> None:
-    """
-    Wait until the upstream accepted the download, at most C{UPSTREAM_START_GRACE_SECONDS}:
-    a quick failure (404, 5xx, refused) is raised for a precise status; after the grace the
-    client gets its headers anyway and follows the download.
-    """
-    started = download.when_streaming()
-    timer = clock.callLater(UPSTREAM_START_GRACE_SECONDS, started.cancel)
-    try:
-        await started
-    except Exception:
-        if download.failure is not None:
-            download.failure.raiseException()
-        # The grace ran out: stream anyway, the download goes on.
-    finally:
-        if timer.active():
-            timer.cancel()
-
-
-async def record_hit(
-    index: CacheIndex, clock: IReactorTime, upstream: str, path: str, item: Item
-) -> FileRecord:
-    """
-    Count a use of the stored file of C{item}, reached as C{upstream}/C{path}.
-
-    The use is counted in memory (written in batches by the usage flush); only a file reached
-    by a new path or stored without a record (as metadata) is written to the index at once.
-    """
-    record = index.get(item.sha256)
-    if record is None:
-        # A blob with no file record: the same bytes are stored as metadata. Record the file.
-        now = clock.seconds()
-        record = FileRecord(
-            sha256=item.sha256, size=item.size, upstream=upstream,
-            paths=(f"{upstream}/{path}",), product=item.product, version=item.version,
-            stored_at=now, last_used_at=now, use_count=0, cached=True, auto_update=False,
-        )
-        await index.write(index.put, record)
-    elif f"{upstream}/{path}" not in record.paths:
-        await index.write(index.add_path, item.sha256, upstream, path)
-    index.note_use(item.sha256)
-    return record
 
 
 class RootResource(Resource):
@@ -274,4 +157,4 @@ class _NotFoundResource(AsyncResource):
         raise NotFound(f"no upstream named {self._name!r} is configured here")
 
 
-__all__ = ["RootResource", "UpstreamResource", "await_start", "record_hit", "relative_path"]
+__all__ = ["RootResource", "UpstreamResource"]

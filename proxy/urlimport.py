@@ -22,11 +22,10 @@ from twisted.web.server import Request
 
 from proxy.catalogue import ARCHITECTURES, Image
 from proxy.errors import BadRequest, NotFound
-from proxy.lxd_face import ImageSource
+from proxy.images import ImageSource
 from proxy.lxd_model import client_info
 from proxy.resolve import CONTAINER, VIRTUAL_MACHINE, host_architecture, resolve_alias
-from proxy.simplestreams import relative_path
-from proxy.web import AsyncResource
+from proxy.web import AsyncResource, relative_path
 
 # A Host header fit to be put into a URL: a name or address and a port, nothing else.
 _HOST = re.compile(r"[A-Za-z0-9.-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from urllib.parse import unquote_to_bytes
 
 from attrs import define
 from twisted.internet.defer import Deferred
@@ -21,7 +22,7 @@ from twisted.web import http
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from proxy.errors import MethodNotAllowed, ProxyError, RangeNotSatisfiable
+from proxy.errors import BadRequest, MethodNotAllowed, ProxyError, RangeNotSatisfiable
 from proxy.streaming import FileProducer, FileSource, ProducerStopped, abort_connection
 
 INTERNAL_ERROR_MESSAGE = "internal error"
@@ -46,6 +47,29 @@ def finish_request(request: Request) -> None:
         request.finish()
     except RuntimeError:
         pass
+
+
+def relative_path(raw: bytes, prefix_segments: int) -> str:
+    """
+    Turn the raw request path into a clean path relative to the upstream's root.
+
+    Segments are percent-decoded (the client may encode C{:} and C{/}), empty and C{.} segments
+    dropped; C{..}, NUL and undecodable bytes are refused with L{BadRequest}.
+    """
+    segments = raw.split(b"/")[1 + prefix_segments:]
+    decoded = unquote_to_bytes(b"/".join(segments))
+    try:
+        text = decoded.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("request path is not valid UTF-8")
+    parts: list[str] = []
+    for part in text.split("/"):
+        if part in ("", "."):
+            continue
+        if part == ".." or "\x00" in part or "\\" in part:
+            raise BadRequest("request path may not contain '..', backslashes or NUL")
+        parts.append(part)
+    return "/".join(parts)
 
 
 @define

@@ -19,6 +19,7 @@ from proxy.catalogue import Family
 from proxy.config import UpstreamConfig
 from proxy.downloads import Fetcher
 from proxy.metadata import UpstreamMetadata
+from proxy.files import CacheFiles
 from proxy.simplestreams import RootResource, UpstreamResource
 from tests.helpers.harness import CacheHarness, Closing
 from tests.helpers.scripted import BASE_URL, META_PATH, ROOTFS_PATH, ScriptedUpstream, sha, simple_tree
@@ -66,8 +67,8 @@ class Harness(CacheHarness):
         }
         self.families = families
         resource = UpstreamResource(
-            families["lxd"], self.fetcher, self.store, self.index, self.clock,
-            families=families, agents=self.agents,
+            families["lxd"], CacheFiles(self.store, self.index, self.fetcher, self.clock),
+            self.store, self.clock, families=families, agents=self.agents,
         )
         self.proxy = StubTreq(RootResource({"up": resource}, "banner\n"))
 

@@ -27,6 +27,7 @@ from twisted.web.server import NOT_DONE_YET
 from proxy.config import UpstreamConfig
 from proxy.downloads import Fetcher
 from proxy.metadata import RETRY_AFTER_FAILURE_SECONDS, STALE_WAIT_SECONDS, UpstreamMetadata
+from proxy.files import CacheFiles
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.upstream import AllowlistAgent, origin_of
 from tests.helpers.harness import CacheHarness, Closing
@@ -55,7 +56,8 @@ class Harness(CacheHarness):
         self.metadata = UpstreamMetadata(
             "up", BASE_URL, self.client, self.store, self.index, self.clock, ttl=TTL, idle_timeout=IDLE
         )
-        resource = UpstreamResource(self.metadata, self.fetcher, self.store, self.index, self.clock)
+        cache_files = CacheFiles(self.store, self.index, self.fetcher, self.clock)
+        resource = UpstreamResource(self.metadata, cache_files, self.store, self.clock)
         self.proxy = StubTreq(RootResource({"up": resource}, "banner\n"))
 
 

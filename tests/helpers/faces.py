@@ -24,7 +24,9 @@ from twisted.internet.defer import Deferred
 
 from proxy.agents import ClientAgents
 from proxy.catalogue import Family
-from proxy.lxd_face import FaceCatalogue, LxdApiResource, ServerCertificate, SimplestreamsImages
+from proxy.files import CacheFiles
+from proxy.images import FaceCatalogue, SimplestreamsImages
+from proxy.lxd_face import LxdApiResource, ServerCertificate
 from proxy.metadata import UpstreamMetadata
 from proxy.service import FAMILIES
 from proxy.simplestreams import RootResource
@@ -175,8 +177,11 @@ class FaceHarness(Harness):
             for family in FAMILIES
         }
         self.metadata = self.families["lxd"]
+        self.files_of_cache = CacheFiles(
+            self.store, self.index, self.fetcher, self.clock, self.in_use, health={"up": self.health}
+        )
         self.resource = RecordingResource(
-            self.metadata, self.fetcher, self.store, self.index, self.clock, self.in_use,
+            self.metadata, self.files_of_cache, self.store, self.clock,
             families=self.families, agents=self.agents,
         )
         # As CacheService.site builds them.
@@ -188,7 +193,7 @@ class FaceHarness(Harness):
         listed = FaceCatalogue([sources["up"]])
         others = {
             "1.0": LxdApiResource(
-                listed, self.store, self.index, self.clock, self.in_use, self.certificate,
+                listed, self.files_of_cache, self.clock, self.certificate,
                 host_arch=HOST_ARCH, agents=self.agents,
             ),
             "import": ImportResource(sources, self.clock, host_arch=HOST_ARCH),

@@ -26,6 +26,7 @@ from proxy.health import UpstreamHealth
 from proxy.config import LXD, UpstreamConfig
 from proxy.downloads import Fetcher
 from proxy.lxd_remote import LxdRemote
+from proxy.files import CacheFiles
 from proxy.simplestreams import RootResource, UpstreamResource
 from tests.helpers.harness import IDLE, CacheHarness
 
@@ -256,7 +257,11 @@ class LxdHarness(CacheHarness):
             [UpstreamConfig(UPSTREAM, LXD_URL, protocol=LXD)], IDLE, make_room=make_room,
             health={UPSTREAM: self.health} if self.health is not None else None,
         )
-        resource = UpstreamResource(self.remote, self.fetcher, self.store, self.index, self.clock)
+        files = CacheFiles(
+            self.store, self.index, self.fetcher, self.clock,
+            health={UPSTREAM: self.health} if self.health is not None else None,
+        )
+        resource = UpstreamResource(self.remote, files, self.store, self.clock)
         self.proxy = StubTreq(RootResource({UPSTREAM: resource}, "banner\n"))
 
     def call(self, coroutine: Any) -> Any:

@@ -28,6 +28,7 @@ from proxy.health import UpstreamHealth
 from proxy.index import FileRecord, MetadataRecord
 from proxy.lifecycle import CacheLifecycle
 from proxy.metadata import UpstreamMetadata
+from proxy.files import CacheFiles
 from proxy.simplestreams import RootResource, UpstreamResource
 from tests.helpers.harness import IDLE, CacheHarness
 from tests.helpers.scripted import BASE_URL, ScriptedUpstream, sha
@@ -176,9 +177,11 @@ class Harness(CacheHarness):
             "up", BASE_URL, self.client, self.store, self.index, self.clock,
             ttl=TTL, idle_timeout=IDLE, health=self.health,
         )
-        self.resource = RecordingResource(
-            self.metadata, self.fetcher, self.store, self.index, self.clock, self.in_use
+        # As CacheService.site builds them.
+        self.files_of_cache = CacheFiles(
+            self.store, self.index, self.fetcher, self.clock, self.in_use, health={"up": self.health}
         )
+        self.resource = RecordingResource(self.metadata, self.files_of_cache, self.store, self.clock)
         self.proxy = StubTreq(RootResource({"up": self.resource}, "banner\n"))
 
     def busy(self) -> set[str]:
