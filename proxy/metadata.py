@@ -41,7 +41,7 @@ from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
 from proxy.metadata_store import MetadataStore
 from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
-from proxy.work import Run, inline, keep_from_collector
+from proxy.work import Run, free_in_steps, inline, kept
 
 INDEX_PATH = "streams/v1/index.json"
 # A products file is JSON that the proxy parses whole; this bounds what an upstream can make it
@@ -71,13 +71,17 @@ class ParsedOnce(Generic[K, V]):
     from an older copy is replaced, never served for a newer one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, retire: Callable[[V], object] | None = None) -> None:
         self._done: dict[K, tuple[str, V]] = {}
         self._running: dict[K, tuple[str, list[Deferred[V]]]] = {}
+        # Given each value replaced by a newer one (to free a large one in steps).
+        self._retire = retire
 
     def put(self, key: K, version: str, value: V) -> None:
+        old = self._done.get(key)
         self._done[key] = (version, value)
-        keep_from_collector()
+        if old is not None and old[1] is not value and self._retire is not None:
+            self._retire(old[1])
 
     def forget(self, key: K) -> None:
         """Compute the value of C{key} again next time, whatever its version (it went missing)."""
@@ -99,8 +103,7 @@ class ParsedOnce(Generic[K, V]):
             if self._running.get(key, (None, None))[1] is waiters:
                 del self._running[key]
             if not isinstance(result, Failure):
-                self._done[key] = (version, result)
-                keep_from_collector()
+                self.put(key, version, result)
             for w in waiters:
                 # A caller whose client went away cancelled its own Deferred.
                 if w.called:
@@ -438,7 +441,9 @@ class UpstreamMetadata:
         # file's items and this family's images, from one pass; the images another family
         # sees, when asked for, apart.
         self._index_paths: ParsedOnce[str, list[str]] = ParsedOnce()
-        self._catalogues: ParsedOnce[str, Catalogue] = ParsedOnce()
+        self._catalogues: ParsedOnce[str, Catalogue] = ParsedOnce(
+            retire=lambda old: free_in_steps(clock, old.items, old.images)
+        )
         self._other_images: ParsedOnce[tuple[str, Family], list[Image]] = ParsedOnce()
         # path -> (when built, what it was built from, the body served while offline)
         self._offline_views: dict[str, tuple[float, _ViewState, bytes]] = {}
@@ -566,7 +571,7 @@ class UpstreamMetadata:
             return (await self._catalogue(products_path, record)).images
         return await self._other_images.get(
             (products_path, family), record.sha256,
-            lambda: self._disk(lambda: parse_images(self.read(record), family)),
+            lambda: self._disk(lambda: kept(parse_images(self.read(record), family))),
         )
 
     async def _items(self, products_path: str) -> dict[str, Item]:
@@ -576,7 +581,7 @@ class UpstreamMetadata:
     def _catalogue(self, products_path: str, record: MetadataRecord) -> "Deferred[Catalogue]":
         return self._catalogues.get(
             products_path, record.sha256,
-            lambda: self._disk(lambda: parse_catalogue(self.read(record), self.family)),
+            lambda: self._disk(lambda: kept(parse_catalogue(self.read(record), self.family))),
         )
 
     def read(self, record: MetadataRecord) -> bytes:
@@ -594,7 +599,8 @@ class UpstreamMetadata:
         """Parse a fetched body as what C{path} must be; raise L{CatalogueError} if it is not."""
         if path == INDEX_PATH:
             return products_paths(body)
-        return parse_catalogue(body, self.family)
+        # Runs on the disk worker: the catalogue is kept, so out of the collector's scans.
+        return kept(parse_catalogue(body, self.family))
 
 
 def _header(response: Any, name: bytes) -> str | None:
