@@ -11,7 +11,7 @@ pins and the admin command treat it as any other upstream (a L{SimplestreamsMeta
 
 What the list cannot say, the export teaches: the API gives an image's fingerprint (the sha256
 of all its files together) and total size, never the sha256 and size of each file of a split
-image. A split image is therefore listed only once L{proxy.lxd_fetch.LxdExportFetcher} has
+image. A split image is therefore listed only once L{proxy.downloads.Fetcher} has
 downloaded it once and recorded its L{ImageParts}; a unified image's one file is the
 fingerprint itself, so it is listed at once.
 
@@ -703,7 +703,7 @@ class LxdRemote:
     async def awaiting_parts(self, *, refresh: bool = True) -> list[RemoteImage]:
         """
         The split images not listed yet, for want of their files' hashes and sizes: one
-        export download of each (L{proxy.lxd_fetch.LxdExportFetcher.get_image}) lists it.
+        export download of each (L{proxy.downloads.Fetcher.get_image}) lists it.
         """
         return [i for i in await self.unknown_files(refresh=refresh) if not i.presumed_unified]
 
