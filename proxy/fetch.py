@@ -18,7 +18,7 @@ from typing import Any, Callable, Protocol
 
 from attrs import define, field, frozen
 from treq import collect
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import IResponse
@@ -27,6 +27,7 @@ from proxy.blobs import PartialBlob
 from proxy.catalogue import Item
 from proxy.errors import VerificationFailed
 from proxy.index import ImageParts
+from proxy.observers import Observers
 
 DEFAULT_IDLE_TIMEOUT_SECONDS = 60.0
 
@@ -147,9 +148,9 @@ class Download:
     background: bool = field(default=False, init=False)
     # False when the verified file was streamed to its clients but not kept (no room)
     stored: bool = field(default=True, init=False)
-    _observers: list[Deferred[FilePath[Any]]] = field(factory=list, init=False)
-    _start_observers: list[Deferred[None]] = field(factory=list, init=False)
-    _waiters: list[Deferred[None]] = field(factory=list, init=False)
+    _observers: Observers[FilePath[Any]] = field(factory=Observers, init=False)
+    _start_observers: Observers[None] = field(factory=Observers, init=False)
+    _waiters: Observers[None] = field(factory=Observers, init=False)
     _received: int = field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -190,31 +191,22 @@ class Download:
         client can still be told a precise error for the common quick failures; fails with the
         download's failure otherwise.
         """
-        d: Deferred[None] = Deferred()
         if self.failure is not None:
-            d.errback(self.failure)
-        elif self.streaming or self.final_path is not None:
-            d.callback(None)
-        else:
-            self._start_observers.append(d)
-        return d
+            return fail(self.failure)
+        if self.streaming or self.final_path is not None:
+            return succeed(None)
+        return self._start_observers.add()
 
     def start_streaming(self) -> None:
         self.streaming = True
-        observers, self._start_observers = self._start_observers, []
-        for d in observers:
-            if not d.called:
-                d.callback(None)
+        self._start_observers.fire(None)
 
     def when_done(self) -> "Deferred[FilePath[Any]]":
-        d: Deferred[FilePath[Any]] = Deferred()
         if self.final_path is not None:
-            d.callback(self.final_path)
-        elif self.failure is not None:
-            d.errback(self.failure)
-        else:
-            self._observers.append(d)
-        return d
+            return succeed(self.final_path)
+        if self.failure is not None:
+            return fail(self.failure)
+        return self._observers.add()
 
     def available(self) -> int:
         # The last byte is held back until the file is verified and committed, so a follower
@@ -224,19 +216,10 @@ class Download:
         return self._received
 
     def wait(self) -> "Deferred[None]":
-        d: Deferred[None] = Deferred()
-        if self.finished:
-            d.callback(None)
-        else:
-            self._waiters.append(d)
-        return d
+        return succeed(None) if self.finished else self._waiters.add()
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            # A follower that went away cancelled its own waiter; it is already fired.
-            if not d.called:
-                d.callback(None)
+        self._waiters.fire(None)
 
     def data(self, chunk: bytes) -> None:
         self.partial.write(chunk)
@@ -289,23 +272,14 @@ class Download:
         self.stored = stored
         self.final_path = path
         self._wake()
-        for d in self._pop_observers():
-            d.callback(path)
+        self._observers.fire(path)
 
     def fail(self, failure: Failure) -> None:
         self.partial.discard()
         self.failure = failure
         self._wake()
-        for d in self._pop_observers():
-            d.errback(failure)
-        starters, self._start_observers = self._start_observers, []
-        for s in starters:
-            if not s.called:
-                s.errback(failure)
-
-    def _pop_observers(self) -> list[Deferred[FilePath[Any]]]:
-        observers, self._observers = self._observers, []
-        return [d for d in observers if not d.called]
+        self._observers.fire(failure)
+        self._start_observers.fire(failure)
 
 
 async def discard_body(response: IResponse) -> None:

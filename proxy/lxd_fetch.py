@@ -27,7 +27,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Callable, Literal
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.iweb import IResponse
@@ -49,6 +49,7 @@ from proxy.lxd_remote import (
     version_base,
 )
 from proxy.multipart import MultipartError, MultipartSplitter, multipart_boundary
+from proxy.observers import Observers
 from proxy.streaming import FileSource
 
 # Bytes an export may carry beyond the image's files: the boundaries and the two part headers
@@ -197,12 +198,12 @@ class ExportDownload:
     # body bytes received, framing included
     received: int = field(default=0, init=False)
     _combined: Any = field(factory=hashlib.sha256, init=False)
-    _waiters: list[Deferred[None]] = field(factory=list, init=False)
-    _start_observers: list[Deferred[None]] = field(factory=list, init=False)
-    _done_observers: list[Deferred[ImageParts]] = field(factory=list, init=False)
-    _meta_observers: list[Deferred[FileSource]] = field(factory=list, init=False)
-    _root_observers: list[Deferred[FileSource]] = field(factory=list, init=False)
-    _unified_observers: list[Deferred[FileSource]] = field(factory=list, init=False)
+    _waiters: Observers[None] = field(factory=Observers, init=False)
+    _start_observers: Observers[None] = field(factory=Observers, init=False)
+    _done_observers: Observers[ImageParts] = field(factory=Observers, init=False)
+    _meta_observers: Observers[FileSource] = field(factory=Observers, init=False)
+    _root_observers: Observers[FileSource] = field(factory=Observers, init=False)
+    _unified_observers: Observers[FileSource] = field(factory=Observers, init=False)
     _root_source: PartSource | None = field(default=None, init=False)
 
     @property
@@ -217,24 +218,18 @@ class ExportDownload:
 
     def when_streaming(self) -> "Deferred[None]":
         """Fires once the upstream answered 200 (then L{kind} is set); fails with the download."""
-        d: Deferred[None] = Deferred()
         if self.failure is not None:
-            d.errback(self.failure)
-        elif self.kind is not None:
-            d.callback(None)
-        else:
-            self._start_observers.append(d)
-        return d
+            return fail(self.failure)
+        if self.kind is not None:
+            return succeed(None)
+        return self._start_observers.add()
 
     def when_done(self) -> "Deferred[ImageParts]":
-        d: Deferred[ImageParts] = Deferred()
         if self.parts is not None:
-            d.callback(self.parts)
-        elif self.failure is not None:
-            d.errback(self.failure)
-        else:
-            self._done_observers.append(d)
-        return d
+            return succeed(self.parts)
+        if self.failure is not None:
+            return fail(self.failure)
+        return self._done_observers.add()
 
     @property
     def meta(self) -> "Deferred[FileSource]":
@@ -250,12 +245,7 @@ class ExportDownload:
 
     def wait(self) -> "Deferred[None]":
         """Fires when more bytes arrived, or the download ended either way."""
-        d: Deferred[None] = Deferred()
-        if self.finished:
-            d.callback(None)
-        else:
-            self._waiters.append(d)
-        return d
+        return succeed(None) if self.finished else self._waiters.add()
 
     def source_for(self, role: Role, item: Item) -> PartSource:
         """A source for the listed file C{item}, sized and checked by the catalogue's word."""
@@ -429,20 +419,14 @@ class ExportDownload:
     # -- internals ----------------------------------------------------------------------------
 
     def _observe(
-        self, observers: list[Deferred[FileSource]], kind: Kind, ready: Callable[[], PartSource | None],
+        self, observers: Observers[FileSource], kind: Kind, ready: Callable[[], PartSource | None],
     ) -> "Deferred[FileSource]":
-        d: Deferred[FileSource] = Deferred()
         if self.failure is not None:
-            d.errback(self.failure)
-        elif self.kind is not None and self.kind != kind:
-            d.errback(self._wrong_shape(kind))
-        else:
-            source = ready()
-            if source is not None:
-                d.callback(source)
-            else:
-                observers.append(d)
-        return d
+            return fail(self.failure)
+        if self.kind is not None and self.kind != kind:
+            return fail(self._wrong_shape(kind))
+        source = ready()
+        return succeed(source) if source is not None else observers.add()
 
     def _wrong_shape(self, wanted: Kind) -> Failure:
         return Failure(WrongShape(
@@ -462,22 +446,7 @@ class ExportDownload:
         return PartSource(self, self._meta_part, self.image.size, expect=self.fingerprint)
 
     def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            # A follower that went away cancelled its own waiter; it is already fired.
-            if not d.called:
-                d.callback(None)
-
-    def _fire(self, observers: list[Deferred[Any]], result: Any) -> None:
-        pending = list(observers)
-        observers.clear()
-        for d in pending:
-            if d.called:
-                continue
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
+        self._waiters.fire(None)
 
     def start(self, kind: Kind) -> None:
         """The upstream answered 200 with an export of C{kind}."""
@@ -485,12 +454,14 @@ class ExportDownload:
         if kind == "unified":
             # The one file goes where a split export's metadata would.
             self._root_part.partial.discard()
-            self._fire(self._unified_observers, self._unified_source())
-            self._fire(self._meta_observers, self._wrong_shape("split"))
-            self._fire(self._root_observers, self._wrong_shape("split"))
+            unified = self._unified_source()
+            assert unified is not None  # the kind is set
+            self._unified_observers.fire(unified)
+            self._meta_observers.fire(self._wrong_shape("split"))
+            self._root_observers.fire(self._wrong_shape("split"))
         else:
-            self._fire(self._unified_observers, self._wrong_shape("unified"))
-        self._fire(self._start_observers, None)
+            self._unified_observers.fire(self._wrong_shape("unified"))
+        self._start_observers.fire(None)
 
     def unified_data(self, data: bytes) -> None:
         part = self._meta_part
@@ -512,7 +483,7 @@ class ExportDownload:
             self._root_part.final_path = root_path
         self.parts = parts
         self._wake()
-        self._fire(self._done_observers, parts)
+        self._done_observers.fire(parts)
 
     def fail(self, failure: Failure) -> None:
         self._meta_part.partial.discard()
@@ -523,7 +494,7 @@ class ExportDownload:
             self._start_observers, self._done_observers, self._meta_observers,
             self._root_observers, self._unified_observers,
         ):
-            self._fire(observers, failure)
+            observers.fire(failure)
 
 
 @define(eq=False)
@@ -557,7 +528,7 @@ class _SplitWriter:
                 )
             expect = d.expected.root_sha256 if d.expected is not None else None
             d._root_source = PartSource(d, root, size, expect=expect)
-            d._fire(d._root_observers, d._root_source)
+            d._root_observers.fire(d._root_source)
 
     def part_data(self, data: bytes) -> None:
         d = self.download
@@ -580,7 +551,9 @@ class _SplitWriter:
         self._current = None
         d = self.download
         if part is d._meta_part:
-            d._fire(d._meta_observers, d._meta_source())
+            meta = d._meta_source()
+            assert meta is not None  # a split export whose metadata part is complete
+            d._meta_observers.fire(meta)
         d._wake()
 
 

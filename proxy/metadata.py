@@ -40,6 +40,7 @@ from proxy.health import UpstreamHealth
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
 from proxy.metadata_store import MetadataStore
+from proxy.observers import Observers
 from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
 from proxy.work import Run, free_in_steps, inline, kept
 
@@ -73,7 +74,7 @@ class ParsedOnce(Generic[K, V]):
 
     def __init__(self, retire: Callable[[V], object] | None = None) -> None:
         self._done: dict[K, tuple[str, V]] = {}
-        self._running: dict[K, tuple[str, list[Deferred[V]]]] = {}
+        self._running: dict[K, tuple[str, Observers[V]]] = {}
         # Given each value replaced by a newer one (to free a large one in steps).
         self._retire = retire
 
@@ -91,27 +92,19 @@ class ParsedOnce(Generic[K, V]):
         done = self._done.get(key)
         if done is not None and done[0] == version:
             return succeed(done[1])
-        d: Deferred[V] = Deferred()
         running = self._running.get(key)
         if running is not None and running[0] == version:
-            running[1].append(d)
-            return d
-        waiters = [d]
+            return running[1].add()
+        waiters: Observers[V] = Observers()
         self._running[key] = (version, waiters)
+        d = waiters.add()
 
         def finished(result: V | Failure) -> None:
             if self._running.get(key, (None, None))[1] is waiters:
                 del self._running[key]
             if not isinstance(result, Failure):
                 self.put(key, version, result)
-            for w in waiters:
-                # A caller whose client went away cancelled its own Deferred.
-                if w.called:
-                    continue
-                if isinstance(result, Failure):
-                    w.errback(result)
-                else:
-                    w.callback(result)
+            waiters.fire(result)
 
         compute().addBoth(finished)
         return d
@@ -186,7 +179,7 @@ class UpstreamFiles:
         self._remember = remember
         self.health = health
         self._agents = agents
-        self._refreshing: dict[str, list[Deferred[MetadataRecord]]] = {}
+        self._refreshing: dict[str, Observers[MetadataRecord]] = {}
         self._failing: set[str] = set()
         self._retry_at: dict[str, float] = {}
         # paths whose running refresh has outlasted STALE_WAIT_SECONDS
@@ -246,14 +239,13 @@ class UpstreamFiles:
                 timer.cancel()
 
     async def _refresh_shared(self, path: str, stale: MetadataRecord | None) -> MetadataRecord:
-        d: Deferred[MetadataRecord] = Deferred()
         observers = self._refreshing.get(path)
         if observers is not None:
-            observers.append(d)
-        else:
-            # Register before starting: the refresh may finish synchronously.
-            self._refreshing[path] = [d]
-            Deferred.fromCoroutine(self._refresh_and_tell(path, stale))
+            return await observers.add()
+        # Register before starting: the refresh may finish synchronously.
+        observers = self._refreshing[path] = Observers()
+        d = observers.add()
+        Deferred.fromCoroutine(self._refresh_and_tell(path, stale))
         return await d
 
     async def _refresh_and_tell(self, path: str, stale: MetadataRecord | None) -> None:
@@ -278,14 +270,9 @@ class UpstreamFiles:
                 self._failing.discard(path)
                 self.log.info("{url} is answering again", url=self.url(path))
         self._slow.discard(path)
-        for d in self._refreshing.pop(path, []):
-            # An observer whose client went away was cancelled: it has its answer.
-            if d.called:
-                continue
-            if isinstance(result, Failure):
-                d.errback(result)
-            else:
-                d.callback(result)
+        observers = self._refreshing.pop(path, None)
+        if observers is not None:
+            observers.fire(result)
 
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path}"
