@@ -14,7 +14,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TextIO, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import attrs
 import lmdb
@@ -23,7 +23,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from proxy.blobs import BlobStore
 from proxy.bundle import BundleError, export_bundle, import_bundle
-from proxy.catalogue import CatalogueError, Image
+from proxy.catalogue import CatalogueError, Image, Item
 from proxy.config import LXD, load_config
 from proxy.errors import ConfigError, ProxyError
 from proxy.index import FileRecord
@@ -49,7 +49,12 @@ from proxy.pins import (
     stored_versions,
     unpin,
 )
-from proxy.resolve import CONTAINER, VIRTUAL_MACHINE, resolve_alias
+from proxy.resolve import CONTAINER, VIRTUAL_MACHINE
+
+if TYPE_CHECKING:
+    # Imported when used: the commands that fetch nothing start without the fetch stack.
+    from proxy.fetch import FetchedItem
+    from proxy.prefetch import Planned
 
 PROG = "lxd-image-proxy"
 HASH_CHUNK_BYTES = 1024 * 1024
@@ -520,119 +525,91 @@ def run_prefetch(cache: Cache, refs: list[PinRef], out: TextIO, err: TextIO) -> 
     return outcome[0] if outcome else _fail("interrupted", err)
 
 
+@define
+class ProgressWatch:
+    """What a prefetch tells its L{Progress}: the L{proxy.prefetch.FetchWatch} of its downloads."""
+
+    progress: Progress
+    _downloading: dict[str, FetchedItem] = attrs.field(factory=dict)
+
+    def started(self, upstream: str, item: Item, download: FetchedItem) -> None:
+        self._downloading[item.sha256] = download
+        self.progress.started(f"{upstream}/{item.path}", item.size)
+
+    def finished(self, upstream: str, item: Item, problem: str | None) -> None:
+        download = self._downloading.pop(item.sha256, None)
+        if problem is None and download is not None and not download.stored:
+            problem = "not stored: the cache is full"
+        self.progress.finished(f"{upstream}/{item.path}", item.size, problem)
+
+    def draw(self) -> None:
+        self.progress.draw(sum(d.received for d in self._downloading.values()))
 
 
 async def _prefetch(reactor: Any, cache: Cache, refs: list[PinRef], out: TextIO, err: TextIO) -> int:
-    from twisted.internet.defer import Deferred, DeferredSemaphore, gatherResults
     from twisted.internet.task import LoopingCall
 
-    from proxy.catalogue import Item
-    from proxy.downloads import Fetcher
-    from proxy.lifecycle import CacheLifecycle
-    from proxy.metadata import UpstreamMetadata
-    from proxy.tls import upstream_tls_policy
-    from proxy.upstream import UpstreamClient
+    from proxy.core import build_core
+    from proxy.prefetch import PinRef as Wanted
+    from proxy.work import INLINE
 
-    config = cache.config
-    index, store = cache.index, cache.store
-    wanted = {ref[0] for ref in refs}
-    upstreams = [u for u in config.upstreams if u.name in wanted]
-    client = UpstreamClient.for_upstreams(
-        reactor,
-        {u.name: (u.url, upstream_tls_policy(u.ca_file or None)) for u in upstreams},
-        upstream_tls_policy(None),
-        connect_timeout=config.cache.connect_timeout,
-        header_timeout=config.cache.download_idle_timeout,
-    )
-    downloading: dict[str, Any] = {}
-    # The server's downloads are not known here; this process's own are busy.
-    lifecycle = CacheLifecycle(index, store, config.cache, reactor, lambda: set(downloading))
-    fetcher = Fetcher(client, store, index, reactor, upstreams, config.cache.download_idle_timeout,
-                      make_room=lifecycle.make_room)
-    metadata = {
-        u.name: UpstreamMetadata(u.name, u.url, client, store, index, reactor,
-                                 ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout)
-        for u in upstreams
-    }
+    index = cache.index
+    # Every reference has the same --arch and --vm: one that cannot be named fails them all,
+    # before anything is fetched.
+    wanted = [Wanted(upstream, alias, *normalise_ref(alias, arch, type)) for upstream, alias, arch, type in refs]
+    # The server's wiring, started as the server never is: no state lock, no reconcile (it
+    # would delete the running server's temp files). Inline work: one command, whose reactor
+    # serves nothing else. No health: every request is tried, each failure is reported.
+    core = build_core(cache.config, reactor, index, cache.store, INLINE, watch_health=False)
     try:
         failures = 0
-        plan: list[tuple[str, Image, PinRef]] = []
-        for upstream, alias, arch, type in refs:
-            architecture, type = normalise_ref(alias, arch, type)
-            name = f"{upstream}:{alias}"
-            try:
-                images = await metadata[upstream].catalogue_images()
-            except (ProxyError, CatalogueError) as e:
-                err.write(f"{PROG}: cannot read the catalogue of {upstream}: {getattr(e, 'message', e)}\n")
+        plan: list[tuple[Image, Planned]] = []
+        for planned in await core.prefetcher.plan(wanted):
+            ref = planned.ref
+            if planned.unreadable is not None:
+                # Also when the image was found in the part that could be read: an admin
+                # asking for an image now would rather know.
+                err.write(f"{PROG}: cannot read the catalogue of {ref.upstream}: {planned.unreadable}\n")
                 failures += 1
-                continue
-            image = resolve_alias(images, alias, architecture, type)
-            if image is None:
-                err.write(f"{PROG}: the catalogue of {upstream} has no {type} image {alias} for {architecture}.\n")
+            elif planned.image is None:
+                err.write(f"{PROG}: the catalogue of {ref.upstream} has no {ref.type} image {ref.alias} for"
+                          f" {ref.arch}.\n")
                 failures += 1
-                continue
-            plan.append((name, image, (upstream, alias, architecture, type)))
+            else:
+                plan.append((planned.image, planned))
 
         todo: dict[str, tuple[str, Item]] = {}
-        for _name, image, ref in plan:
+        for image, planned in plan:
             for item in image.files:
                 if index.get(item.sha256) is None:
-                    todo.setdefault(item.sha256, (ref[0], item))
+                    todo.setdefault(item.sha256, (planned.ref.upstream, item))
         progress = Progress(err, err.isatty(), sum(i.size for _u, i in todo.values()), len(todo))
-        slots = DeferredSemaphore(max(1, config.cache.prefetch_concurrency))
-
-        async def bring(upstream: str, item: Item) -> bool:
-            await slots.acquire()
-            label = f"{upstream}/{item.path}"
-            try:
-                download = fetcher.get(upstream, item)
-                downloading[item.sha256] = download
-                progress.started(label, item.size)
-                await download.when_done()
-                stored = bool(getattr(download, "stored", True))
-                progress.finished(label, item.size, None if stored else "not stored: the cache is full")
-                return stored
-            except Exception as e:
-                progress.finished(label, item.size, getattr(e, "message", None) or str(e))
-                return False
-            finally:
-                downloading.pop(item.sha256, None)
-                slots.release()
-
-        def draw() -> None:
-            progress.draw(sum(int(getattr(d, "received", 0)) for d in downloading.values()))
-
-        ticker = LoopingCall(draw)
+        watch = ProgressWatch(progress)
+        ticker = LoopingCall(watch.draw)
         ticker.clock = reactor
         if progress.tty and todo:
             ticker.start(PROGRESS_INTERVAL_SECONDS)
         try:
-            results = await gatherResults(
-                [Deferred.fromCoroutine(bring(upstream, item)) for upstream, item in todo.values()]
-            )
+            brought = await core.prefetcher.bring(todo.values(), watch=watch, background=False)
         finally:
             if ticker.running:
                 ticker.stop()
             progress.end()
-        failures += results.count(False)
+        failures += sum(1 for b in brought if not b.stored)
 
         pinned = set(pin_refs(index, cache.config_pins()))
-        for name, image, ref in plan:
-            files = image.files
-            stored = all(index.get(item.sha256) is not None for item in files)
-            if stored and ref in pinned:
-                for item in files:
-                    record = index.get(item.sha256)
-                    if record is not None and record.cached:
-                        index.set_flags(item.sha256, cached=False, auto_update=True)
+        for image, planned in plan:
+            ref = planned.ref
+            stored = all(index.get(item.sha256) is not None for item in image.files)
+            if stored and (ref.upstream, ref.alias, ref.arch, ref.type) in pinned:
+                # Only for an alias pinned already: prefetching never pins.
+                await core.prefetcher.keep(planned.images, image)
             state = "stored" if stored else "not stored"
-            out.write(f"{name} ({ref[3]}, {ref[2]}): {image.fingerprint[:12]} version {image.version}, {state}\n")
+            out.write(f"{ref.upstream}:{ref.alias} ({ref.type}, {ref.arch}): {image.fingerprint[:12]}"
+                      f" version {image.version}, {state}\n")
         return 1 if failures else 0
     finally:
-        try:
-            await client.close().addTimeout(2.0, reactor)
-        except Exception:
-            pass
+        await core.close()
 
 
 # -- the command line -----------------------------------------------------------------------

@@ -7,6 +7,11 @@ and downloads the files that are missing through the same L{Fetcher} as a client
 download per file, verified before it is stored). At most C{prefetch_concurrency} of these run at
 once, and none starts while a client waits for a download.
 
+A run is made of three steps, which C{lxd-image-proxy prefetch} also uses (with its own
+references, in the foreground, and with a L{FetchWatch} that draws its progress): L{Prefetcher.plan}
+resolves references to images, L{Prefetcher.bring} downloads files, L{Prefetcher.keep} pins the
+versions of a pinned alias that stay.
+
 Pinned images' files are C{cached = False, auto_update = True}; older versions of a pinned alias
 stay pinned until C{keep_versions} newer versions are stored, then turn C{cached} and age out.
 """
@@ -14,7 +19,7 @@ stay pinned until C{keep_versions} newer versions are stored, then turn C{cached
 from __future__ import annotations
 
 import re
-from typing import Any, Awaitable, Callable, Iterable, Mapping
+from typing import Any, Awaitable, Callable, Iterable, Mapping, Protocol, Sequence
 
 from attrs import define, field, frozen
 from twisted.application.service import Service
@@ -23,9 +28,10 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 
-from proxy.catalogue import Image
+from proxy.catalogue import Image, Item
 from proxy.config import Config
 from proxy.downloads import Fetcher, ItemFetcher
+from proxy.fetch import FetchedItem
 from proxy.index import CacheIndex
 from proxy.lxd_remote import LxdRemote
 from proxy.metadata import SimplestreamsMetadata
@@ -49,6 +55,56 @@ class PinRef:
     alias: str
     arch: str
     type: str
+
+
+@frozen
+class Planned:
+    """
+    What L{Prefetcher.plan} found for one reference.
+
+    @ivar image: the newest image C{ref} names, or None.
+    @ivar images: the catalogue it was looked up in (as far as it could be read): the versions
+        L{Prefetcher.keep} chooses from.
+    @ivar unreadable: why the catalogue, or a part of it, could not be read; None when it was
+        read in full. C{image} may still be found in the part that was read.
+    """
+
+    ref: PinRef
+    image: Image | None
+    images: Sequence[Image] = ()
+    unreadable: str | None = None
+
+
+@frozen
+class Brought:
+    """
+    How one file of L{Prefetcher.bring} ended.
+
+    @ivar downloaded: a download of it ran to its end (False: it failed, or the file was stored
+        by someone else before its turn came).
+    @ivar stored: the file is in the cache now.
+    @ivar problem: why its download failed; None when it did not.
+    """
+
+    upstream: str
+    item: Item
+    downloaded: bool
+    stored: bool
+    problem: str | None = None
+
+
+class FetchWatch(Protocol):
+    """Told how the downloads of one L{Prefetcher.bring} go (the admin command draws them)."""
+
+    def started(self, upstream: str, item: Item, download: FetchedItem) -> None:
+        """The download of C{item} started (or was joined); C{download.received} grows as it goes."""
+
+    def finished(self, upstream: str, item: Item, problem: str | None) -> None:
+        """
+        C{item} is settled: its download ended (C{problem} is None, and C{download.stored} says
+        whether the cache kept it), or failed (C{problem} says why), or it was found stored
+        when its turn came (then without C{started}).
+        """
 
 
 @define
@@ -100,7 +156,11 @@ class PinnedPartsLearner:
 
 
 class Prefetcher(Service):
-    """Runs the auto-update ticks; L{tick} is also what C{lxd-image-proxy prefetch} calls."""
+    """
+    Runs the auto-update ticks. C{lxd-image-proxy prefetch} uses the steps of a tick
+    (L{plan}, L{bring}, L{keep}) rather than L{tick}: it reports each reference and each file,
+    and pins nothing that is not pinned.
+    """
 
     log = Logger()
 
@@ -210,11 +270,53 @@ class Prefetcher(Service):
         if follow_cached is None:
             follow_cached = refs is None and self._config.cache.auto_update_cached
         targets: dict[str, tuple[str, Image, bool]] = {}
-        chains: list[tuple[list[Image], Image]] = []
-        catalogues: dict[str, list[Image]] = {}
+        catalogues: dict[str, _Catalogue] = {}
+        resolved: list[Planned] = []
+        for planned in await self._plan(pins, catalogues):
+            ref, image = planned.ref, planned.image
+            if image is None:
+                if ref.upstream in self._metadata:
+                    self.log.warn(
+                        "auto-update: {upstream}:{alias} ({type}, {arch}) is not in the catalogue",
+                        upstream=ref.upstream, alias=ref.alias, type=ref.type, arch=ref.arch,
+                    )
+                report.unresolved.append(f"{ref.upstream}:{ref.alias}")
+                continue
+            targets[image.fingerprint] = (ref.upstream, image, True)
+            resolved.append(planned)
+        if follow_cached:
+            for upstream, image in await self._recently_used(catalogues):
+                targets.setdefault(image.fingerprint, (upstream, image, False))
+        report.images = len(targets)
+        downloads = [self._bring_image(upstream, image, report) for upstream, image, _ in targets.values()]
+        await gatherResults([Deferred.fromCoroutine(d) for d in downloads])
+        kept: set[str] = set()
+        for planned in resolved:
+            assert planned.image is not None
+            kept |= await self.keep(planned.images, planned.image)
+        if refs is None and not report.unresolved:
+            # Only with every pin resolved is it known which pinned files no pin needs any more.
+            report.unpinned = await self._disk(self._release, kept)
+        self.log.info(
+            "auto-update: {images} images checked, {downloaded} files downloaded, {failed} failed",
+            images=report.images, downloaded=len(report.downloaded), failed=len(report.failed),
+        )
+        return report
+
+    # -- the steps of a run -----------------------------------------------------------------
+
+    async def plan(self, refs: Iterable[PinRef]) -> list[Planned]:
+        """
+        Resolve each of C{refs} to the newest image it names, from catalogues refreshed as for
+        a client (the TTL applies); one L{Planned} per reference, in order. Never fails: what
+        cannot be resolved says so in its L{Planned}.
+        """
+        return await self._plan(list(refs), {})
+
+    async def _plan(self, refs: list[PinRef], catalogues: dict[str, _Catalogue]) -> list[Planned]:
         if self._discover is not None:
             wanted: dict[str, set[str]] = {}
-            for ref in pins:
+            for ref in refs:
                 wanted.setdefault(ref.upstream, set()).add(ref.alias)
             for upstream, names in wanted.items():
                 try:
@@ -224,46 +326,50 @@ class Prefetcher(Service):
                         "auto-update: learning the images of {upstream} failed: {reason}",
                         upstream=upstream, reason=getattr(e, "message", str(e)),
                     )
-        for ref in pins:
+        planned: list[Planned] = []
+        for ref in refs:
             meta = self._metadata.get(ref.upstream)
             if meta is None:
-                report.unresolved.append(f"{ref.upstream}:{ref.alias}")
+                planned.append(Planned(ref, None))
                 continue
-            images = await self._images(meta, catalogues)
+            catalogue = await self._images(meta, catalogues)
+            images = catalogue.images
             image = resolve_alias(images, ref.alias, ref.arch, ref.type) if images else None
-            if image is None:
-                self.log.warn(
-                    "auto-update: {upstream}:{alias} ({type}, {arch}) is not in the catalogue",
-                    upstream=ref.upstream, alias=ref.alias, type=ref.type, arch=ref.arch,
-                )
-                report.unresolved.append(f"{ref.upstream}:{ref.alias}")
-                continue
-            targets[image.fingerprint] = (ref.upstream, image, True)
-            chains.append((images, image))
-        if follow_cached:
-            for upstream, image in await self._recently_used(catalogues):
-                targets.setdefault(image.fingerprint, (upstream, image, False))
-        report.images = len(targets)
-        downloads = [
-            self._bring(upstream, image, pinned, report) for upstream, image, pinned in targets.values()
-        ]
-        await gatherResults([Deferred.fromCoroutine(d) for d in downloads])
-        kept: set[str] = set()
-        for images, newest in chains:
-            kept |= self._kept_versions(images, newest)
+            planned.append(Planned(ref, image, images, catalogue.unreadable))
+        return planned
+
+    async def bring(
+        self, files: Iterable[tuple[str, Item]], *, watch: FetchWatch | None = None,
+        background: bool = True,
+    ) -> list[Brought]:
+        """
+        Download the files C{(upstream, item)} that are not stored, at most
+        C{prefetch_concurrency} at a time; one L{Brought} per file, in order. Never fails: a
+        failed download says so in its L{Brought}.
+
+        @param watch: told as each download starts and ends.
+        @param background: the downloads wait while a client waits for one, and a client
+            asking for the same file takes it over (the server's runs); False for the admin
+            command, whose own downloads are what it waits for.
+        """
+        return list(await gatherResults([
+            Deferred.fromCoroutine(self._bring_one(upstream, item, watch, background))
+            for upstream, item in files
+        ]))
+
+    async def keep(self, images: Sequence[Image], newest: Image) -> set[str]:
+        """
+        Pin (C{cached = False, auto_update = True}) the files of the versions of C{newest}
+        that stay: the newest C{keep_versions} stored in full, of those in C{images}. Return
+        their sha256. Only for an alias that is pinned: it is the pin that keeps them.
+        """
+        kept = self._kept_versions(list(images), newest)
         index = self._index
         for sha256 in kept:
             record = index.get(sha256)
             if record is not None and (record.cached or not record.auto_update):
                 await index.write(index.set_flags, sha256, cached=False, auto_update=True)
-        if refs is None and not report.unresolved:
-            # Only with every pin resolved is it known which pinned files no pin needs any more.
-            report.unpinned = await self._disk(self._release, kept)
-        self.log.info(
-            "auto-update: {images} images checked, {downloaded} files downloaded, {failed} failed",
-            images=report.images, downloaded=len(report.downloaded), failed=len(report.failed),
-        )
-        return report
+        return kept
 
     def _kept_versions(self, images: list[Image], newest: Image) -> set[str]:
         """Files of the versions of a pinned alias that stay pinned: the newest stored ones."""
@@ -283,7 +389,7 @@ class Prefetcher(Service):
                 released += 1
         return released
 
-    async def _recently_used(self, catalogues: dict[str, list[Image]]) -> list[tuple[str, Image]]:
+    async def _recently_used(self, catalogues: dict[str, _Catalogue]) -> list[tuple[str, Image]]:
         """The newest version of every image whose root (or unified) file was used lately."""
         window = self._config.cache.expiry_days * DAY_SECONDS
         used = await self._disk(self._used_since, self._clock.seconds() - window)
@@ -292,7 +398,7 @@ class Prefetcher(Service):
             meta = self._metadata.get(upstream)
             if meta is None:
                 continue
-            images = await self._images(meta, catalogues)
+            images = (await self._images(meta, catalogues)).images
             for image in images:
                 key = image.root if image.root is not None else image.meta
                 if key.sha256 in shas:
@@ -308,45 +414,77 @@ class Prefetcher(Service):
                 used.setdefault(record.upstream, set()).add(record.sha256)
         return used
 
-    async def _images(self, meta: SimplestreamsMetadata, catalogues: dict[str, list[Image]]) -> list[Image]:
+    async def _images(self, meta: SimplestreamsMetadata, catalogues: dict[str, _Catalogue]) -> _Catalogue:
         """The upstream's images, from a catalogue refreshed as for a client (TTL applies)."""
         if meta.name in catalogues:
             return catalogues[meta.name]
         images: list[Image] = []
+        unreadable: str | None = None
         try:
             # File by file: what the files read before one that fails still counts.
             for products_path in await meta.products_paths():
                 images.extend(await meta.products_images(products_path))
         except Exception as e:
+            unreadable = getattr(e, "message", None) or str(e)
             self.log.warn("auto-update: no catalogue for {upstream}: {reason}", upstream=meta.name, reason=e)
-        catalogues[meta.name] = images
-        return images
+        catalogues[meta.name] = found = _Catalogue(images, unreadable)
+        return found
 
-    async def _bring(self, upstream: str, image: Image, pinned: bool, report: TickReport) -> None:
-        meta = self._metadata[upstream]
+    async def _bring_image(self, upstream: str, image: Image, report: TickReport) -> None:
+        # File after file, and no further once one failed: the upstream is failing this image.
         for item in image.files:
-            if self._index.get(item.sha256) is not None:
-                continue
-            await self._slots.acquire()
-            try:
-                while self._fetcher.client_downloads() > 0:
-                    await deferLater(self._clock, YIELD_TO_CLIENTS_SECONDS, lambda: None)
-                # Stored while this waited: by the client download it gave way to, or for
-                # another image with the same file (a container and a VM share the metadata).
-                if self._index.get(item.sha256) is not None:
-                    continue
-                download = self._fetcher.get(upstream, item, background=True)
-                await download.when_done()
-                # Two images sharing a file wait for the one download of it.
-                if item.path not in report.downloaded:
-                    report.downloaded.append(item.path)
-            except Exception as e:
+            [brought] = await self.bring([(upstream, item)])
+            # Two images sharing a file wait for the one download of it.
+            if brought.downloaded and item.path not in report.downloaded:
+                report.downloaded.append(item.path)
+            if brought.problem is not None:
                 if item.path not in report.failed:
                     report.failed.append(item.path)
                 self.log.warn(
                     "auto-update: fetching {upstream}/{path} failed: {reason}",
-                    upstream=upstream, path=item.path, reason=getattr(e, "message", str(e)),
+                    upstream=upstream, path=item.path, reason=brought.problem,
                 )
                 return
+
+    async def _bring_one(
+        self, upstream: str, item: Item, watch: FetchWatch | None, background: bool
+    ) -> Brought:
+        if self._index.get(item.sha256) is None:
+            await self._slots.acquire()
+            try:
+                while background and self._fetcher.client_downloads() > 0:
+                    await deferLater(self._clock, YIELD_TO_CLIENTS_SECONDS, lambda: None)
+                # Stored while this waited: by the client download it gave way to, or for
+                # another image with the same file (a container and a VM share the metadata).
+                if self._index.get(item.sha256) is None:
+                    return await self._download(upstream, item, watch, background)
             finally:
                 self._slots.release()
+        if watch is not None:
+            watch.finished(upstream, item, None)
+        return Brought(upstream, item, downloaded=False, stored=True)
+
+    async def _download(
+        self, upstream: str, item: Item, watch: FetchWatch | None, background: bool
+    ) -> Brought:
+        try:
+            download = self._fetcher.get(upstream, item, background=background)
+            if watch is not None:
+                watch.started(upstream, item, download)
+            await download.when_done()
+        except Exception as e:
+            problem = getattr(e, "message", None) or str(e)
+            if watch is not None:
+                watch.finished(upstream, item, problem)
+            return Brought(upstream, item, downloaded=False, stored=False, problem=problem)
+        if watch is not None:
+            watch.finished(upstream, item, None)
+        return Brought(upstream, item, downloaded=True, stored=download.stored)
+
+
+@frozen
+class _Catalogue:
+    """An upstream's images as one run read them, and why not all of them, if so."""
+
+    images: list[Image]
+    unreadable: str | None = None

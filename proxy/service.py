@@ -18,23 +18,16 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.web.server import Site
 
-from proxy.agents import ClientAgents
 from proxy.blobs import BlobStore
-from proxy.catalogue import Family
-from proxy.busy import InUse
-from proxy.config import LXD, Config, read_pem_certificates
+from proxy.config import Config, read_pem_certificates
+# FAMILIES is named here too, for code that wires the faces as the service does.
+from proxy.core import FAMILIES as FAMILIES, build_core
 from proxy.errors import ConfigError
-from proxy.downloads import Fetcher
-from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, IndexFormatError, reconcile
-from proxy.lifecycle import CacheLifecycle
 from proxy.listen import listen_tls
 from proxy.files import CacheFiles
 from proxy.images import FaceCatalogue, ImageSource, LxdRemoteImages, SimplestreamsImages
 from proxy.lxd_face import LxdApiResource, ServerCertificate
-from proxy.lxd_remote import LxdRemote
-from proxy.metadata import SimplestreamsMetadata, UpstreamMetadata
-from proxy.prefetch import PinnedPartsLearner, Prefetcher
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.statedir import StateLock
 from proxy.urlimport import ImportResource
@@ -43,14 +36,10 @@ from proxy.tls import (
     certificate_fingerprint,
     ensure_server_certificate,
     server_tls_options,
-    upstream_tls_policy,
 )
-from proxy.upstream import UpstreamClient
 
 log = Logger()
 
-CLOSE_TIMEOUT_SECONDS = 2.0
-FAMILIES: tuple[Family, ...] = ("lxd", "incus")
 GC_INTERVAL_SECONDS = 3600.0
 
 
@@ -79,68 +68,26 @@ class CacheService(Service):
             self.lock.release()
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
             raise ConfigError(f"cache.dir: cannot use {root.path}: {reason}") from None
-        policies = {
-            u.name: (u.url, upstream_tls_policy(u.ca_file or None)) for u in config.upstreams
-        }
-        self.client = UpstreamClient.for_upstreams(
-            reactor, policies, upstream_tls_policy(None),
-            connect_timeout=config.cache.connect_timeout,
-            header_timeout=config.cache.download_idle_timeout,
-        )
-        self.health = {
-            u.name: UpstreamHealth(u.name, reactor, forced_offline=u.offline) for u in config.upstreams
-        }
         # Commits, parses, scans and index writes run on these threads, never on the reactor.
         self.workers, self._pools = Workers.threads(reactor)
-        disk = self.workers.disk
         self.index.writer = self.workers.index
-        self.in_use = InUse()
-        self.lifecycle = CacheLifecycle(
-            self.index, self.store, config.cache, reactor, self.busy, work=disk
-        )
-        # One engine for every upstream: files of simplestreams upstreams, exports of LXD ones.
-        self.fetcher = Fetcher(
-            self.client, self.store, self.index, reactor, config.upstreams,
-            config.cache.download_idle_timeout, make_room=self.lifecycle.make_room_later,
-            health=self.health, disk=disk,
-        )
-        self.agents = ClientAgents()
-        self.metadata: dict[str, SimplestreamsMetadata] = {}
-        self.families: dict[str, dict[Family, UpstreamMetadata]] = {}
-        self.remotes: dict[str, LxdRemote] = {}
-        for u in config.upstreams:
-            if u.protocol == LXD:
-                remote = LxdRemote(
-                    u.name, u.url, self.client, self.store, self.index, reactor,
-                    ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout,
-                    health=self.health[u.name], families=FAMILIES, disk=disk,
-                )
-                self.remotes[u.name] = remote
-                self.metadata[u.name] = remote
-            else:
-                # One catalogue per client family (an upstream may answer them differently);
-                # the LXD one is also what the prefetcher and the admin command read.
-                by_family = {
-                    family: UpstreamMetadata(
-                        u.name, u.url, self.client, self.store, self.index, reactor,
-                        ttl=config.cache.metadata_ttl,
-                        idle_timeout=config.cache.download_idle_timeout,
-                        health=self.health[u.name], family=family, agents=self.agents,
-                        disk=disk,
-                    )
-                    for family in FAMILIES
-                }
-                self.families[u.name] = by_family
-                self.metadata[u.name] = by_family["lxd"]
-        learner = PinnedPartsLearner(self.remotes, self.fetcher)
-        self.prefetcher = Prefetcher(
-            config, self.metadata, self.fetcher, self.index, reactor,
-            discover=learner.learn, disk=disk,
-        )
+        core = build_core(config, reactor, self.index, self.store, self.workers)
+        self.core = core
+        # The parts by name, as the site and the tests reach them.
+        self.client = core.client
+        self.health = core.health
+        self.in_use = core.in_use
+        self.lifecycle = core.lifecycle
+        self.fetcher = core.fetcher
+        self.agents = core.agents
+        self.metadata = core.metadata
+        self.families = core.families
+        self.remotes = core.remotes
+        self.prefetcher = core.prefetcher
 
     def busy(self) -> set[str]:
         """Files that may not be evicted now: being served or being downloaded."""
-        return self.in_use.current() | self.fetcher.busy()
+        return self.core.busy()
 
     def gc(self) -> "Deferred[object]":
         # Runs from a TimerService: a failure would stop it for good.
@@ -183,9 +130,8 @@ class CacheService(Service):
             self.index.flush_usage()
         except Exception:
             log.failure("writing usage counters to the index failed")
-        # Closing idle upstream connections waits for the peers' TLS goodbye; a peer that never
-        # answers must not hold up the shutdown.
-        d = self.client.close().addTimeout(CLOSE_TIMEOUT_SECONDS, self.reactor)
+        # The index closes once the upstream connections are closed (or given up on).
+        d = self.core.close()
 
         def close(_: object) -> None:
             self.index.close()

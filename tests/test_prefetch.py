@@ -29,6 +29,7 @@ from proxy.prefetch import (
     DAY_SECONDS,
     STARTUP_DELAY_SECONDS,
     YIELD_TO_CLIENTS_SECONDS,
+    PinRef,
     Prefetcher,
     TickReport,
 )
@@ -695,3 +696,73 @@ def test_a_failing_download_is_reported_and_the_others_still_run(make: Make, bre
     assert h.states(TESTOS.files(V1)) == ["cached", "missing"]
     assert h.states(OTHER.files(V1)) == ["pinned", "pinned"]
     assert list(FilePath(h.store.root.path).child("tmp").children()) == []
+
+
+# -- 7. the steps the admin command uses --------------------------------------------------------
+
+
+@attrs.define
+class Watch:
+    """A L{FetchWatch} that notes what it is told."""
+
+    events: list[tuple[str, str, str | None]] = attrs.field(factory=list)
+
+    def started(self, upstream: str, item: Item, download: FetchedItem) -> None:
+        self.events.append(("started", item.path, None))
+
+    def finished(self, upstream: str, item: Item, problem: str | None) -> None:
+        self.events.append(("finished", item.path, problem))
+
+
+def test_plan_resolves_each_reference_or_says_why_not(make: Make) -> None:
+    h = make([TESTOS])
+    refs = [PinRef("up", TESTOS.alias, "x86_64", VM), PinRef("up", "nosuch", "x86_64", CONTAINER),
+            PinRef("gone", TESTOS.alias, "x86_64", CONTAINER)]
+    planned = h.run(Deferred.fromCoroutine(h.prefetcher.plan(refs)))
+    assert [p.ref for p in planned] == refs
+    assert planned[0].image is not None and planned[0].image.type == VM
+    assert (planned[1].image, planned[1].unreadable) == (None, None)
+    assert (planned[2].image, list(planned[2].images)) == (None, [])
+    # Planning downloads nothing.
+    assert h.image_requests() == []
+
+
+def test_plan_says_when_the_catalogue_cannot_be_read(make: Make) -> None:
+    h = make([TESTOS])
+    h.upstream.statuses["streams/v1/index.json"] = 502
+    [planned] = h.run(Deferred.fromCoroutine(h.prefetcher.plan([PinRef("up", TESTOS.alias, "x86_64", CONTAINER)])))
+    assert planned.image is None and planned.unreadable is not None and "502" in planned.unreadable
+
+
+def test_bring_in_the_foreground_tells_its_watch_and_pins_nothing(make: Make) -> None:
+    h = make([TESTOS, OTHER])
+    h.run(h.client_download(OTHER.meta(V1)).when_done())
+    h.upstream.statuses[OTHER.root(V1)] = 404
+    files = [("up", h.item(path)) for path in TESTOS.files(V1) + OTHER.files(V1)]
+    watch = Watch()
+    brought = h.run(Deferred.fromCoroutine(h.prefetcher.bring(files, watch=watch, background=False)))
+    assert [(b.downloaded, b.stored, b.problem is None) for b in brought] == [
+        (True, True, True), (True, True, True), (False, True, True), (False, False, False)]
+    assert "404" in (brought[3].problem or "")
+    assert sorted(h.fetcher.gets) == sorted(
+        [(TESTOS.meta(V1), False), (TESTOS.root(V1), False), (OTHER.meta(V1), False), (OTHER.root(V1), False)])
+    # A file stored already is settled without a download.
+    assert ("finished", OTHER.meta(V1), None) in watch.events
+    assert ("started", OTHER.meta(V1), None) not in watch.events
+    for path in TESTOS.files(V1):
+        assert watch.events.index(("started", path, None)) < watch.events.index(("finished", path, None))
+    assert h.states(TESTOS.files(V1)) == ["cached", "cached"]
+
+
+def test_keep_pins_the_newest_stored_versions(make: Make) -> None:
+    testos = TESTOS.with_versions(V1, V2, V3)
+    h = make([testos], keep_versions=2)
+    for version in (V1, V2):
+        for path in testos.files(version):
+            h.run(h.client_download(path).when_done())
+    [planned] = h.run(Deferred.fromCoroutine(h.prefetcher.plan([PinRef("up", testos.alias, "x86_64", CONTAINER)])))
+    assert planned.image is not None and planned.image.version == V3
+    # V3 is not stored: the two newest stored versions stay.
+    kept = h.run(Deferred.fromCoroutine(h.prefetcher.keep(planned.images, planned.image)))
+    assert kept == {sha(h.files[path]) for path in testos.files(V1) + testos.files(V2)}
+    assert h.states(testos.files(V1) + testos.files(V2)) == ["pinned"] * 4

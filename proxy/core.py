@@ -1,0 +1,158 @@
+# -*- test-case-name: tests.test_process,tests.test_cli -*-
+"""The cache's working parts, wired once: for the server and for the admin command.
+
+L{build_core} makes, from a configuration, an open index and a blob store, everything that
+fetches into and looks after the cache: the upstream client, the health of each upstream, the
+one download engine, the catalogues, the lifecycle and the prefetcher. It starts nothing:
+no state lock, no listener, no timer, no start-up reconcile. L{proxy.service.CacheService}
+adds those for the server; C{lxd-image-proxy prefetch} uses a core as it is, beside a server
+that may be running on the same cache (so it must never reconcile: that would delete the
+server's temp files).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from attrs import define
+from twisted.internet.defer import Deferred
+
+from proxy.agents import ClientAgents
+from proxy.blobs import BlobStore
+from proxy.busy import InUse
+from proxy.catalogue import Family
+from proxy.config import LXD, Config
+from proxy.downloads import Fetcher
+from proxy.health import UpstreamHealth
+from proxy.index import CacheIndex
+from proxy.lifecycle import CacheLifecycle
+from proxy.lxd_remote import LxdRemote
+from proxy.metadata import SimplestreamsMetadata, UpstreamMetadata
+from proxy.prefetch import PinnedPartsLearner, Prefetcher
+from proxy.tls import upstream_tls_policy
+from proxy.upstream import UpstreamClient
+from proxy.work import Workers
+
+CLOSE_TIMEOUT_SECONDS = 2.0
+FAMILIES: tuple[Family, ...] = ("lxd", "incus")
+
+
+@define
+class CacheCore:
+    """
+    The cache's working parts (see the module docstring); made by L{build_core}.
+
+    @ivar health: by upstream; empty when the core watches no upstream's health.
+    @ivar metadata: every upstream's catalogue as an LXD client sees it: what the prefetcher
+        and the admin command read.
+    @ivar families: a simplestreams upstream's catalogue per client family.
+    @ivar remotes: the LXD-server upstreams.
+    """
+
+    config: Config
+    reactor: Any
+    index: CacheIndex
+    store: BlobStore
+    client: UpstreamClient
+    health: dict[str, UpstreamHealth]
+    in_use: InUse
+    lifecycle: CacheLifecycle
+    fetcher: Fetcher
+    agents: ClientAgents
+    metadata: dict[str, SimplestreamsMetadata]
+    families: dict[str, dict[Family, UpstreamMetadata]]
+    remotes: dict[str, LxdRemote]
+    prefetcher: Prefetcher
+
+    def busy(self) -> set[str]:
+        """Files that may not be evicted now: being served or being downloaded."""
+        return self.in_use.current() | self.fetcher.busy()
+
+    def close(self) -> "Deferred[None]":
+        """
+        Close the idle upstream connections; fires when done, or after
+        C{CLOSE_TIMEOUT_SECONDS}, and never fails.
+        """
+        # Closing waits for the peers' TLS goodbye; a peer that never answers must not hold
+        # up a shutdown.
+        d = self.client.close().addTimeout(CLOSE_TIMEOUT_SECONDS, self.reactor)
+        return d.addErrback(lambda _: None)
+
+
+def build_core(
+    config: Config,
+    reactor: Any,
+    index: CacheIndex,
+    store: BlobStore,
+    workers: Workers,
+    *,
+    watch_health: bool = True,
+) -> CacheCore:
+    """
+    Wire the cache's parts for C{config}, over C{index} and C{store}.
+
+    @param workers: where blocking work runs (the server's threads, or L{proxy.work.INLINE}).
+    @param watch_health: mark an upstream offline after a failure and fail its requests fast
+        until a probe finds it back (the server). Without, every request is tried (the admin
+        command: one run, whose every failure is reported as it comes).
+    """
+    policies = {u.name: (u.url, upstream_tls_policy(u.ca_file or None)) for u in config.upstreams}
+    client = UpstreamClient.for_upstreams(
+        reactor, policies, upstream_tls_policy(None),
+        connect_timeout=config.cache.connect_timeout,
+        header_timeout=config.cache.download_idle_timeout,
+    )
+    health = {
+        u.name: UpstreamHealth(u.name, reactor, forced_offline=u.offline) for u in config.upstreams
+    } if watch_health else {}
+    disk = workers.disk
+    in_use = InUse()
+
+    def busy() -> set[str]:
+        return in_use.current() | fetcher.busy()
+
+    lifecycle = CacheLifecycle(index, store, config.cache, reactor, busy, work=disk)
+    # One engine for every upstream: files of simplestreams upstreams, exports of LXD ones.
+    fetcher = Fetcher(
+        client, store, index, reactor, config.upstreams, config.cache.download_idle_timeout,
+        make_room=lifecycle.make_room_later, health=health, disk=disk,
+    )
+    agents = ClientAgents()
+    metadata: dict[str, SimplestreamsMetadata] = {}
+    families: dict[str, dict[Family, UpstreamMetadata]] = {}
+    remotes: dict[str, LxdRemote] = {}
+    for u in config.upstreams:
+        if u.protocol == LXD:
+            remote = LxdRemote(
+                u.name, u.url, client, store, index, reactor,
+                ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout,
+                health=health.get(u.name), families=FAMILIES, disk=disk,
+            )
+            remotes[u.name] = remote
+            metadata[u.name] = remote
+        else:
+            # One catalogue per client family (an upstream may answer them differently);
+            # the LXD one is also what the prefetcher and the admin command read.
+            by_family = {
+                family: UpstreamMetadata(
+                    u.name, u.url, client, store, index, reactor,
+                    ttl=config.cache.metadata_ttl,
+                    idle_timeout=config.cache.download_idle_timeout,
+                    health=health.get(u.name), family=family, agents=agents, disk=disk,
+                )
+                for family in FAMILIES
+            }
+            families[u.name] = by_family
+            metadata[u.name] = by_family["lxd"]
+    learner = PinnedPartsLearner(remotes, fetcher)
+    prefetcher = Prefetcher(
+        config, metadata, fetcher, index, reactor, discover=learner.learn, disk=disk,
+    )
+    return CacheCore(
+        config=config, reactor=reactor, index=index, store=store, client=client, health=health,
+        in_use=in_use, lifecycle=lifecycle, fetcher=fetcher, agents=agents, metadata=metadata,
+        families=families, remotes=remotes, prefetcher=prefetcher,
+    )
+
+
+__all__ = ["CLOSE_TIMEOUT_SECONDS", "FAMILIES", "CacheCore", "build_core"]
