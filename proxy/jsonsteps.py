@@ -59,9 +59,9 @@ def release(value: Any, depth: int = STEP_DEPTH) -> None:
     """
     Empty a decoded document's outer levels member by member, so that it is freed in steps.
 
-    Dropping the last reference to a decoded catalogue frees millions of objects in one C
-    call, which holds the GIL as long as decoding it did. Only for a document nobody else
-    uses: its containers are left empty.
+    Dropping the last reference to a decoded catalogue (or any large list or dict) frees
+    millions of objects in one C call, which holds the GIL as long as building them did.
+    Only for a document nobody else uses: its containers are left empty.
     """
     if depth <= 0:
         return

@@ -33,6 +33,7 @@ from twisted.logger import Logger
 from proxy.blobs import BlobStore
 from proxy.config import DEFAULT_EXPIRY_DAYS, CacheConfig
 from proxy.index import CacheIndex, FileRecord
+from proxy.jsonsteps import release
 from proxy.work import Run, inline
 
 __all__ = [
@@ -285,9 +286,9 @@ class CacheLifecycle:
                         count=len(evicted), freed=sum(r.size for r in evicted), size=size,
                     )
                 return True
-            plan = plan_eviction(
-                self._records(now), size, used, max_size, free, min_free, self._protected(now)
-            )
+            records = self._records(now)
+            plan = plan_eviction(records, size, used, max_size, free, min_free, self._protected(now))
+            release(records)
             if plan is None:
                 self.log.warn(
                     "no room for a file of {size} bytes: {used} bytes stored (cap {max_size}),"
@@ -327,6 +328,8 @@ class CacheLifecycle:
         plan = plan_eviction(remaining, 0, used, max_size, free, min_free, protected)
         evicted = self._remove(plan) if plan else []
         evicted_bytes = sum(r.size for r in evicted)
+        release(records)
+        release(remaining)
 
         report = GcReport(
             expired=len(expired),

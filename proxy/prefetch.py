@@ -383,7 +383,8 @@ class Prefetcher(Service):
     def _release(self, kept: set[str]) -> int:
         """Unpin the auto-updated files no pin keeps (a scan of the index: off the reactor)."""
         released = 0
-        for record in list(self._index.records()):
+        # Record by record, each freed as it goes: a list of them all would be freed at once.
+        for record in self._index.records():
             if not record.cached and record.auto_update and record.sha256 not in kept:
                 self._index.set_flags(record.sha256, cached=True, auto_update=False)
                 released += 1
