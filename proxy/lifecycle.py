@@ -251,11 +251,13 @@ class CacheLifecycle:
 
     def make_room_later(self, size: int) -> "Deferred[bool]":
         """L{make_room} on the worker, one operation at a time."""
-        return self._lock.run(self._work, self.make_room, size, True, self._now())
+        # The snapshot is taken once the lock is held, so that it is current and no other
+        # operation is removing records (and their pending uses) while it is read.
+        return self._lock.run(lambda: self._work(self.make_room, size, True, self._now()))
 
     def gc_later(self) -> "Deferred[GcReport]":
         """L{gc} on the worker, one operation at a time."""
-        return self._lock.run(self._work, self.gc, self._now())
+        return self._lock.run(lambda: self._work(self.gc, self._now()))
 
     def make_room(self, size: int, written: bool = True, now: _Now | None = None) -> bool:
         """Evict what must go before a file of C{size} bytes is stored.

@@ -401,3 +401,40 @@ def test_config_without_lifecycle_keys_uses_defaults(cache: Cache, tmp_path: Pat
 def test_free_bytes_reads_the_cache_file_system(cache: Cache, tmp_path: Path) -> None:
     free = cache.lifecycle(config(tmp_path)).free_bytes()
     assert free > 0
+
+
+def test_operations_on_the_worker_run_one_at_a_time_each_with_a_fresh_snapshot(
+    cache: Cache, tmp_path: Path
+) -> None:
+    """
+    gc and make_room run on a worker one after the other; what the reactor knows of busy
+    files is read when an operation starts, not when it was asked for.
+    """
+    from twisted.internet.defer import Deferred
+
+    cache.add("a", 1000, last_used_at=NOW - 1 * DAY)
+    jobs: list[tuple[Any, Deferred[Any]]] = []
+
+    def held(fn: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        jobs.append((lambda: fn(*args, **kwargs), d))
+        return d
+
+    asked: list[int] = []
+
+    def busy() -> set[str]:
+        asked.append(1)
+        return set()
+
+    lifecycle = CacheLifecycle(cache.index, cache.store, config(tmp_path), cache.clock, busy, work=held)
+    gc_done = lifecycle.gc_later()
+    room = lifecycle.make_room_later(10)
+    assert (len(jobs), len(asked)) == (1, 1)
+    run, d = jobs.pop()
+    d.callback(run())
+    assert gc_done.called
+    # Only now does the second operation start, with its own snapshot.
+    assert (len(jobs), len(asked)) == (1, 2)
+    run, d = jobs.pop()
+    d.callback(run())
+    assert room.result is True
