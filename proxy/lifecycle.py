@@ -34,7 +34,7 @@ from proxy.blobs import BlobStore
 from proxy.config import DEFAULT_EXPIRY_DAYS, CacheConfig
 from proxy.index import CacheIndex, FileRecord
 from proxy.jsonsteps import release
-from proxy.work import Run, inline
+from proxy.work import Run, heavy, inline
 
 __all__ = [
     "CacheLifecycle",
@@ -253,11 +253,11 @@ class CacheLifecycle:
         """L{make_room} on the worker, one operation at a time."""
         # The snapshot is taken once the lock is held, so that it is current and no other
         # operation is removing records (and their pending uses) while it is read.
-        return self._lock.run(lambda: self._work(self.make_room, size, True, self._now()))
+        return self._lock.run(lambda: self._work(heavy(self.make_room), size, True, self._now()))
 
     def gc_later(self) -> "Deferred[GcReport]":
         """L{gc} on the worker, one operation at a time."""
-        return self._lock.run(lambda: self._work(self.gc, self._now()))
+        return self._lock.run(lambda: self._work(heavy(self.gc), self._now()))
 
     def make_room(self, size: int, written: bool = True, now: _Now | None = None) -> bool:
         """Evict what must go before a file of C{size} bytes is stored.

@@ -61,7 +61,7 @@ from proxy.errors import NotFound
 from proxy.index import CacheIndex, ImageParts, MetadataRecord
 from proxy.metadata import INDEX_PATH, ParsedOnce, UpstreamFiles, UpstreamMetadata
 from proxy.metadata_store import MetadataStore
-from proxy.work import Run, inline
+from proxy.work import Run, heavy, inline
 from proxy.upstream import UpstreamClient
 
 # The upstream's image list, relative to its base URL; also the path of its copy in the index.
@@ -583,7 +583,7 @@ class _SynthesisedFiles:
         """The images of the copy C{record} of the list, parsed once per copy."""
         return self._parsed.get(
             API_PATH, record.sha256,
-            lambda: self._bodies.disk(lambda: parse_remote_images(self._bodies.read(record.sha256))),
+            lambda: self._bodies.disk(heavy(lambda: parse_remote_images(self._bodies.read(record.sha256)))),
         )
 
     def _remember(self, path: str, digest: str, parsed: object) -> None:
@@ -611,7 +611,7 @@ class _SynthesisedFiles:
     async def _rebuild(self, source: MetadataRecord) -> None:
         async with self._building:
             images = await self.images(source)
-            built = await self._bodies.disk(self._build, images)
+            built = await self._bodies.disk(heavy(self._build), images)
             now = self._clock.seconds()
             changed = False
             for path, body, digest in (

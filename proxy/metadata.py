@@ -42,7 +42,7 @@ from proxy.index import CacheIndex, MetadataRecord
 from proxy.metadata_store import MetadataStore
 from proxy.observers import Observers
 from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
-from proxy.work import Run, free_in_steps, inline, kept
+from proxy.work import Run, free_in_steps, heavy, inline, kept
 
 INDEX_PATH = "streams/v1/index.json"
 # A products file is JSON that the proxy parses whole; this bounds what an upstream can make it
@@ -328,7 +328,7 @@ class UpstreamFiles:
             record, parsed = await self._bodies.put(
                 self.name, self._record_prefix + path, partial,
                 etag=_header(response, b"ETag"), last_modified=_header(response, b"Last-Modified"),
-                fetched_at=now, checked_at=now, check=lambda body: self._validate(path, body),
+                fetched_at=now, checked_at=now, check=heavy(lambda body: self._validate(path, body)),
             )
         except CatalogueError as e:
             raise UpstreamFailed(f"{self.name}: {path} from upstream is not usable: {e}")
@@ -474,7 +474,7 @@ class UpstreamMetadata:
             if self._files.holds(products_path):
                 copies.append((products_path, await self._files.copy(products_path)))
         index_record = await self._files.copy(INDEX_PATH)
-        bodies = await self._disk(self._filtered_bodies, copies, index_record)
+        bodies = await self._disk(heavy(self._filtered_bodies), copies, index_record)
         for built_path, body in bodies.items():
             self._offline_views[built_path] = (now, state, body)
         if path not in bodies:
@@ -558,7 +558,7 @@ class UpstreamMetadata:
             return (await self._catalogue(products_path, record)).images
         return await self._other_images.get(
             (products_path, family), record.sha256,
-            lambda: self._disk(lambda: kept(parse_images(self.read(record), family))),
+            lambda: self._disk(heavy(lambda: kept(parse_images(self.read(record), family)))),
         )
 
     async def _items(self, products_path: str) -> dict[str, Item]:
@@ -568,7 +568,7 @@ class UpstreamMetadata:
     def _catalogue(self, products_path: str, record: MetadataRecord) -> "Deferred[Catalogue]":
         return self._catalogues.get(
             products_path, record.sha256,
-            lambda: self._disk(lambda: kept(parse_catalogue(self.read(record), self.family))),
+            lambda: self._disk(heavy(lambda: kept(parse_catalogue(self.read(record), self.family)))),
         )
 
     def read(self, record: MetadataRecord) -> bytes:

@@ -36,7 +36,7 @@ from proxy.index import CacheIndex
 from proxy.lxd_remote import LxdRemote
 from proxy.metadata import SimplestreamsMetadata
 from proxy.resolve import host_architecture, lxd_arch, resolve_alias, versions_for
-from proxy.work import Run, inline
+from proxy.work import Run, heavy, inline
 
 # The first run waits a little after start, so that start-up is not slowed and the listeners
 # are up before the WAN is busy.
@@ -296,7 +296,7 @@ class Prefetcher(Service):
             kept |= await self.keep(planned.images, planned.image)
         if refs is None and not report.unresolved:
             # Only with every pin resolved is it known which pinned files no pin needs any more.
-            report.unpinned = await self._disk(self._release, kept)
+            report.unpinned = await self._disk(heavy(self._release), kept)
         self.log.info(
             "auto-update: {images} images checked, {downloaded} files downloaded, {failed} failed",
             images=report.images, downloaded=len(report.downloaded), failed=len(report.failed),
@@ -393,7 +393,7 @@ class Prefetcher(Service):
     async def _recently_used(self, catalogues: dict[str, _Catalogue]) -> list[tuple[str, Image]]:
         """The newest version of every image whose root (or unified) file was used lately."""
         window = self._config.cache.expiry_days * DAY_SECONDS
-        used = await self._disk(self._used_since, self._clock.seconds() - window)
+        used = await self._disk(heavy(self._used_since), self._clock.seconds() - window)
         found: list[tuple[str, Image]] = []
         for upstream, shas in used.items():
             meta = self._metadata.get(upstream)

@@ -31,7 +31,7 @@ from proxy.lxd_face import LxdApiResource, ServerCertificate
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.statedir import StateLock
 from proxy.urlimport import ImportResource
-from proxy.work import Workers
+from proxy.work import Workers, collect_frozen
 from proxy.tls import (
     certificate_fingerprint,
     ensure_server_certificate,
@@ -304,6 +304,11 @@ class ProxyService(MultiService):
         gc = TimerService(GC_INTERVAL_SECONDS, self.cache.gc)
         gc.clock = reactor
         gc.setServiceParent(self)
+        # Parsed catalogues are frozen out of the cyclic collector's scans; once an hour one
+        # full collection reclaims the cycles frozen with them (see collect_frozen).
+        collect = TimerService(GC_INTERVAL_SECONDS, collect_frozen)
+        collect.clock = reactor
+        collect.setServiceParent(self)
         self.cache.prefetcher.setServiceParent(self)
 
 

@@ -15,6 +15,7 @@ what the deterministic tests use: the result is the same, only the thread differ
 
 from __future__ import annotations
 
+import functools
 import gc
 import threading
 from typing import Any, Callable, Protocol, TypeVar
@@ -60,18 +61,34 @@ def _without_collections(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """
     global _collector_paused
     with _collector_lock:
-        if _collector_paused == 0 and not gc.isenabled():
-            # Someone else turned it off: leave it to them.
-            return fn(*args, **kwargs)
-        _collector_paused += 1
-        gc.disable()
+        # Someone else turned it off: leave it to them.
+        pausing = _collector_paused > 0 or gc.isenabled()
+        if pausing:
+            _collector_paused += 1
+            gc.disable()
     try:
         return fn(*args, **kwargs)
     finally:
-        with _collector_lock:
-            _collector_paused -= 1
-            if _collector_paused == 0:
-                gc.enable()
+        if pausing:
+            with _collector_lock:
+                _collector_paused -= 1
+                if _collector_paused == 0:
+                    gc.enable()
+
+
+def heavy(fn: Callable[..., T]) -> Callable[..., T]:
+    """
+    C{fn}, to run on a worker with the cyclic collector paused: for a parse or a scan only.
+
+    Only for such short bursts of allocation: while any job runs paused, no cyclic garbage is
+    collected anywhere in the process.
+    """
+
+    @functools.wraps(fn)
+    def paused(*args: Any, **kwargs: Any) -> T:
+        return _without_collections(fn, *args, **kwargs)
+
+    return paused
 
 
 def kept(value: T) -> T:
@@ -88,6 +105,22 @@ def kept(value: T) -> T:
     """
     gc.freeze()
     return value
+
+
+def collect_frozen() -> None:
+    """
+    Collect everything once, frozen objects included, and freeze what survives again.
+
+    A reference cycle that was alive when L{kept} froze it and died since is only reclaimed
+    here: run hourly, it bounds that leak to an hour's catalogue changes, at the cost of one
+    full collection an hour (0.1 s per two Ubuntu-sized catalogues held, GIL held). Nothing
+    to do while nothing was frozen (at start-up, say).
+    """
+    if gc.get_freeze_count() == 0:
+        return
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def free_in_steps(clock: IReactorTime, *containers: dict[Any, Any] | list[Any]) -> None:
@@ -130,7 +163,7 @@ class ThreadRun:
         self._pool = ThreadPool(minthreads=0, maxthreads=self.threads, name=self.name)
 
     def __call__(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> "Deferred[T]":
-        return deferToThreadPool(self.reactor, self._pool, _without_collections, fn, *args, **kwargs)
+        return deferToThreadPool(self.reactor, self._pool, fn, *args, **kwargs)
 
     def start(self) -> None:
         self._pool.start()
@@ -159,12 +192,14 @@ INLINE = Workers(disk=inline, index=inline)
 
 __all__ = [
     "DISK_THREADS",
+    "collect_frozen",
     "FREE_STEP",
     "INLINE",
     "Run",
     "ThreadRun",
     "Workers",
     "free_in_steps",
+    "heavy",
     "inline",
     "kept",
 ]

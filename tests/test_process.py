@@ -226,7 +226,13 @@ async def test_sigkill_during_downloads_then_restart(
         upstream.resource.clear(image.root.path)
 
         port = await proxy.start()
-        log = proxy.log.read_text()
+        # The twist runner starts the service (which writes the port file) before it starts
+        # logging; the start-up lines reach the log a moment later.
+        for _ in range(int(START_TIMEOUT_SECONDS * 10)):
+            log = proxy.log.read_text()
+            if log.count("start-up check removed") == 2:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
         assert "start-up check removed 1 temp files" in log, log
         assert list((tmp_path / "state" / "tmp").iterdir()) == []
         response = await client.get(f"https://localhost:{port}/cache/{image.root.path}")

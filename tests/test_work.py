@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from proxy.metadata import ParsedOnce
-from proxy.work import FREE_STEP, Workers, free_in_steps, inline, kept
+from proxy.work import FREE_STEP, Workers, collect_frozen, free_in_steps, heavy, inline, kept
 
 reactor: Any = _reactor
 
@@ -29,7 +29,7 @@ def test_inline_runs_now_and_carries_failures() -> None:
 
 @pytest.mark.loopback
 @pytest_twisted.ensureDeferred
-async def test_thread_work_runs_off_the_reactor_thread_with_the_collector_paused() -> None:
+async def test_thread_work_runs_off_the_reactor_thread_heavy_work_with_the_collector_paused() -> None:
     workers, pools = Workers.threads(reactor)
     for pool in pools:
         pool.start()
@@ -42,12 +42,15 @@ async def test_thread_work_runs_off_the_reactor_thread_with_the_collector_paused
 
         assert await workers.disk(job, "disk").addTimeout(10, reactor) == "disk"
         assert await workers.index(job, "index").addTimeout(10, reactor) == "index"
+        assert await workers.disk(heavy(job), "parse").addTimeout(10, reactor) == "parse"
     finally:
         for pool in pools:
             pool.stop()
-    assert [enabled for _name, enabled in seen] == [False, False]
+    # Only a heavy job (a parse, a scan) pauses the collector: while any job is paused, no
+    # cyclic garbage is collected anywhere.
+    assert [enabled for _name, enabled in seen] == [True, True, False]
     assert all(name != threading.current_thread().name for name, _ in seen)
-    # Resumed once no job runs.
+    # Resumed once no heavy job runs.
     assert gc.isenabled()
 
 
@@ -121,3 +124,35 @@ def test_parsed_once_shares_a_computation_and_retires_what_it_replaces() -> None
     assert cache.get("k", "v1", compute).result == "parsed v1" and len(computed) == 1
     assert cache.get("k", "v2", lambda: succeed("parsed v2")).result == "parsed v2"
     assert retired == ["parsed v1"]
+
+
+def test_a_job_run_while_something_else_paused_the_collector_leaves_it_paused() -> None:
+    from proxy import work
+
+    gc.disable()
+    try:
+        assert work._without_collections(gc.isenabled) is False
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def test_collect_frozen_reclaims_a_cycle_frozen_while_alive() -> None:
+    import weakref
+
+    class Node:
+        pass
+
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # type: ignore[attr-defined]
+    alive = weakref.ref(a)
+    try:
+        kept(None)
+        del a, b
+        gc.collect()
+        # Frozen: out of the collector's sight.
+        assert alive() is not None
+        collect_frozen()
+        assert alive() is None
+    finally:
+        gc.unfreeze()
