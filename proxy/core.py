@@ -111,11 +111,14 @@ def build_core(
     def busy() -> set[str]:
         return in_use.current() | fetcher.busy()
 
-    lifecycle = CacheLifecycle(index, store, config.cache, reactor, busy, work=disk)
+    lifecycle = CacheLifecycle(
+        index, store, config.cache, reactor, busy, work=disk, in_use=in_use,
+        reactor=reactor if workers.threaded else None,
+    )
     # One engine for every upstream: files of simplestreams upstreams, exports of LXD ones.
     fetcher = Fetcher(
         client, store, index, reactor, config.upstreams, config.cache.download_idle_timeout,
-        make_room=lifecycle.make_room_later, health=health, disk=disk,
+        make_room=lifecycle.make_room_later, health=health, disk=disk, settled=in_use.settled,
     )
     agents = ClientAgents()
     metadata: dict[str, SimplestreamsMetadata] = {}

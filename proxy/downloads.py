@@ -17,7 +17,7 @@ what it must turn out to be. The rest is done here, once, for both:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
@@ -64,8 +64,11 @@ class Fetcher:
         make_room: Callable[[int], "bool | Deferred[bool]"] | None = None,
         health: Mapping[str, UpstreamHealth] | None = None,
         disk: Run = inline,
+        settled: Callable[[Iterable[str]], Awaitable[None]] | None = None,
     ) -> None:
         self._client = client
+        # Waits while files are being expired or evicted: one is not stored again until it is gone.
+        self._settled = settled
         self._disk = disk
         self._store = store
         self._index = index
@@ -208,6 +211,8 @@ class Fetcher:
 
     async def _commit(self, job: Job, verified: Verified) -> None:
         index = self._index
+        if self._settled is not None:
+            await self._settled(f.sha256 for f in verified.files)
         # A record already counts the bytes of a file stored meanwhile (another upstream, another
         # process): committing it adds nothing, so nothing need be evicted for it.
         new = {f.sha256: f.size for f in verified.files if index.get(f.sha256) is None}

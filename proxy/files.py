@@ -101,6 +101,8 @@ class CacheFiles:
         @raise Unavailable: a miss while the upstream is offline.
         @raise ProxyError: the upstream refused the download at once (404, 5xx ...).
         """
+        # A file being expired or evicted is gone once that is over: a miss.
+        await self._in_use.settled([item.sha256])
         with self._in_use.holding(item.sha256):
             if self._store.exists(item.sha256):
                 record = await self._record_hit(upstream, path, item)
@@ -131,6 +133,7 @@ class CacheFiles:
         """
         # A placeholder file (an LXD upstream's image not exported yet) has no hash to hold.
         items = [item for item in files if item.sha256]
+        await self._in_use.settled(item.sha256 for item in items)
         with ExitStack() as holds:
             for item in items:
                 holds.enter_context(self._in_use.holding(item.sha256))

@@ -685,11 +685,12 @@ class CacheIndex:
                 removed += self._remove_in(txn, sha256)
         return removed
 
-    def remove_cached(self, sha256s: Iterable[str]) -> list[FileRecord]:
+    def remove_cached(self, sha256s: Iterable[str], *, forget_uses: bool = True) -> list[FileRecord]:
         """Delete, in one transaction, the records among C{sha256s} that are still C{cached}.
 
         For expiry and eviction: a file pinned (by another process, say) since the caller
-        chose it is kept. Call this before deleting the blobs.
+        chose it is kept. Call this before deleting the blobs. From a worker thread, pass
+        C{forget_uses=False} and call L{forget_uses} on the reactor thread, which owns them.
 
         @return: the records removed.
         """
@@ -704,9 +705,14 @@ class CacheIndex:
                     continue
                 self._remove_in(txn, sha256)
                 removed.append(record)
-        for record in removed:
-            self._pending.pop(record.sha256, None)
+        if forget_uses:
+            self.forget_uses(r.sha256 for r in removed)
         return removed
+
+    def forget_uses(self, sha256s: Iterable[str]) -> None:
+        """Drop the pending uses of C{sha256s} (their records are gone). On the reactor thread."""
+        for sha256 in sha256s:
+            self._pending.pop(sha256, None)
 
     def set_flags(self, sha256: str, *, cached: bool, auto_update: bool) -> FileRecord | None:
         """Set the C{cached} and C{auto_update} flags of a record.

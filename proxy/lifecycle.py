@@ -22,16 +22,19 @@ operation runs at a time.
 from __future__ import annotations
 
 import os
+from typing import Any
 from collections.abc import Callable, Iterable
 
 import attrs
 from attrs import frozen
 from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.threads import blockingCallFromThread
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from proxy.blobs import BlobStore
 from proxy.config import DEFAULT_EXPIRY_DAYS, CacheConfig
+from proxy.busy import InUse
 from proxy.index import CacheIndex, FileRecord
 from proxy.jsonsteps import release
 from proxy.work import Run, heavy, inline
@@ -182,6 +185,8 @@ class CacheLifecycle:
         busy: Callable[[], set[str]],
         *,
         work: Run = inline,
+        in_use: InUse | None = None,
+        reactor: Any = None,
     ) -> None:
         self._index = index
         self._store = store
@@ -189,6 +194,10 @@ class CacheLifecycle:
         self._clock = clock
         self._busy = busy
         self._work = work
+        # Where files being removed are claimed, so that nothing serves or stores them meanwhile.
+        self._in_use = in_use if in_use is not None else InUse()
+        # Given when C{work} runs on other threads: the reactor, to claim files on its thread.
+        self._reactor = reactor
         self._lock = DeferredLock()
 
     # -- configuration -----------------------------------------------------
@@ -241,13 +250,46 @@ class CacheLifecycle:
         return protected
 
     def _remove(self, digests: list[str]) -> list[FileRecord]:
-        """Remove records (still cached ones only), then their blobs; return the records removed."""
-        removed = self._index.remove_cached(digests)
-        for record in removed:
-            self._store.remove(record.sha256)
+        """
+        Remove records (still cached ones only), then their blobs; return the records removed.
+
+        Only the files nobody holds when the removal starts go, and they are claimed until it
+        is over (L{InUse.claim}), so that no response opens one and no download stores one
+        meanwhile. On a worker, the claim is made on the reactor thread, where files are held.
+        """
+        if not digests:
+            return []
+        reactor = self._reactor
+        if reactor is not None:
+            claimed = blockingCallFromThread(reactor, self._claim, digests)
+        else:
+            claimed = self._claim(digests)
+        removed: list[FileRecord] = []
+        try:
+            removed = self._index.remove_cached(claimed, forget_uses=reactor is None)
+            for record in removed:
+                self._store.remove(record.sha256)
+        finally:
+            if reactor is not None:
+                reactor.callFromThread(self._released, claimed, removed)
+            else:
+                self._in_use.release(claimed)
         return removed
 
+    def _released(self, claimed: list[str], removed: list[FileRecord]) -> None:
+        self._index.forget_uses(r.sha256 for r in removed)
+        self._in_use.release(claimed)
+
+    def _claim(self, digests: list[str]) -> list[str]:
+        # The busy files now, not when the plan was made: a response may have started since.
+        busy = self._busy()
+        return self._in_use.claim(d for d in digests if d not in busy)
+
     # -- operations --------------------------------------------------------
+
+    def idle(self) -> "Deferred[None]":
+        """Fires once no operation runs (the one under way, if any, has ended)."""
+        return self._lock.run(lambda: None)
 
     def make_room_later(self, size: int) -> "Deferred[bool]":
         """L{make_room} on the worker, one operation at a time."""

@@ -21,7 +21,7 @@ from twisted.web.server import Site
 from proxy.blobs import BlobStore
 from proxy.config import Config, read_pem_certificates
 # FAMILIES is named here too, for code that wires the faces as the service does.
-from proxy.core import FAMILIES as FAMILIES, build_core
+from proxy.core import CLOSE_TIMEOUT_SECONDS, FAMILIES as FAMILIES, build_core
 from proxy.errors import ConfigError
 from proxy.index import CacheIndex, IndexFormatError, reconcile
 from proxy.listen import listen_tls
@@ -122,6 +122,14 @@ class CacheService(Service):
 
     def stopService(self) -> "Deferred[None]":
         super().stopService()
+        # An expiry or eviction under way waits for the reactor thread now and then: it ends
+        # before the pools are joined (on this thread), or the join would wait for it forever.
+        d = self.lifecycle.idle().addTimeout(CLOSE_TIMEOUT_SECONDS, self.reactor)
+        d.addErrback(lambda _: None)
+        d.addCallback(lambda _: self._stop_work())
+        return d
+
+    def _stop_work(self) -> "Deferred[None]":
         # The work queued (commits, index writes) ends before the index closes; the pending
         # uses are then written here, as the last write.
         for pool in self._pools:

@@ -179,13 +179,15 @@ class Workers:
 
     disk: Run
     index: Run
+    # The jobs run on other threads than the caller's (the reactor's).
+    threaded: bool = False
 
     @classmethod
     def threads(cls, reactor: Any) -> "tuple[Workers, list[ThreadRun]]":
         """Thread-backed workers, and the pools to start and stop."""
         disk = ThreadRun(reactor, "lxd-image-proxy-disk", DISK_THREADS)
         index = ThreadRun(reactor, "lxd-image-proxy-index", 1)
-        return cls(disk=disk, index=index), [disk, index]
+        return cls(disk=disk, index=index, threaded=True), [disk, index]
 
 
 INLINE = Workers(disk=inline, index=inline)

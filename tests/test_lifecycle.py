@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any, cast
 
 import attrs
+from twisted.internet.defer import Deferred
 import pytest
 from twisted.internet.task import Clock
 from twisted.python.filepath import FilePath
@@ -410,7 +411,6 @@ def test_operations_on_the_worker_run_one_at_a_time_each_with_a_fresh_snapshot(
     gc and make_room run on a worker one after the other; what the reactor knows of busy
     files is read when an operation starts, not when it was asked for.
     """
-    from twisted.internet.defer import Deferred
 
     cache.add("a", 1000, last_used_at=NOW - 1 * DAY)
     jobs: list[tuple[Any, Deferred[Any]]] = []
@@ -438,3 +438,34 @@ def test_operations_on_the_worker_run_one_at_a_time_each_with_a_fresh_snapshot(
     run, d = jobs.pop()
     d.callback(run())
     assert room.result is True
+
+
+def test_gc_keeps_a_file_a_response_started_reading_after_planning(cache: Cache, tmp_path: Path) -> None:
+    """The files held are read again when the removal starts, not only when it was planned."""
+    a = cache.add("a", 1000, last_used_at=0)
+    lifecycle = cache.lifecycle(config(tmp_path))
+    real_records = lifecycle._records
+
+    def held_meanwhile(now: Any) -> list[FileRecord]:
+        records = real_records(now)
+        cache.busy.add(a.sha256)
+        return records
+
+    lifecycle._records = held_meanwhile  # type: ignore[method-assign]
+    assert lifecycle.gc().expired == 0
+    assert cache.store.exists(a.sha256) and cache.index.get(a.sha256) is not None
+
+
+def test_a_file_being_removed_is_claimed_until_the_removal_is_over() -> None:
+    from proxy.busy import InUse
+
+    in_use = InUse()
+    with in_use.holding("held"):
+        assert in_use.claim(["held", "free"]) == ["free"]
+    assert in_use.removing("free") and not in_use.removing("held")
+    results: list[object] = []
+    Deferred.fromCoroutine(in_use.settled(["free", "other"])).addBoth(results.append)
+    assert results == []
+    in_use.release(["free"])
+    assert results == [None]
+    assert not in_use.removing("free")
