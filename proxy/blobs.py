@@ -5,10 +5,10 @@ Layout under the cache directory::
     blobs/sha256/<first 2 hex>/<64 hex>   complete, verified files
     tmp/<random>.part                     files still being written
 
-A blob only ever appears under ``blobs/`` by an atomic rename of a fully
+A blob only ever appears under ``blobs/`` by an atomic link (or rename) of a fully
 written, hashed and fsynced temp file, so a crash leaves either nothing or a
 complete blob there; whatever is left in ``tmp/`` is garbage swept at start-up.
-Temp files live under the same root as the blobs so that the rename never
+Temp files live under the same root as the blobs so that the link never
 crosses a filesystem.
 """
 
@@ -83,7 +83,7 @@ class PartialBlob:
     Writes go straight to the file descriptor (no user-space buffer), so a
     follower that opens L{path} and reads it while it grows sees every byte as
     soon as L{write} returns. The descriptor, and so the inode, survive the
-    rename in L{commit}; a reader that opened the temp path keeps a valid file.
+    link into the store in L{commit}; a reader that opened the temp path keeps a valid file.
 
     @ivar path: the temp file while writing; after a successful L{commit}, the
         blob's final path.

@@ -8,7 +8,7 @@ what it must turn out to be. The rest is done here, once, for both:
   - one table of the downloads in flight, by the sha256 of a file or the fingerprint of an
     image, so that a second client joins the first's download;
   - one verdict on the upstream's health per answer, and one count of the bytes fetched;
-  - one commit path: verified bytes, then room, then the fsync and rename on the disk worker,
+  - one commit path: verified bytes, then room, then the fsync and link on the disk worker,
     then the index records, then the followers told; a file is in the index only once its bytes
     and its directory entry are durable;
   - one rule when there is no room: the clients get their bytes, the cache does not keep them.

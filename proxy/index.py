@@ -25,7 +25,7 @@ rather than misread. Transactions are short and synchronous; none ever spans an
 C{await}. Reads are cheap (a memory map) and may run on the reactor thread; a
 write waits for the disk (every commit is synced), so the server runs writes on
 its one index thread through L{CacheIndex.write}, and scans on a worker thread. Blobs are written and
-renamed into the store before their record is committed, and records are
+linked into the store before their record is committed, and records are
 removed before their blobs, so after a crash at any instant L{reconcile} only
 ever has orphans and stale temp files to clean up, never a half-written blob
 behind a record.

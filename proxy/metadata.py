@@ -98,12 +98,17 @@ class ParsedOnce(Generic[K, V]):
         waiters: Observers[V] = Observers()
         self._running[key] = (version, waiters)
         d = waiters.add()
+        before = self._done.get(key)
 
         def finished(result: V | Failure) -> None:
             if self._running.get(key, (None, None))[1] is waiters:
                 del self._running[key]
             if not isinstance(result, Failure):
-                self.put(key, version, result)
+                if self._done.get(key) is before:
+                    self.put(key, version, result)
+                elif self._retire is not None:
+                    # A newer copy's value was kept meanwhile: this one only serves its callers.
+                    self._retire(result)
             waiters.fire(result)
 
         compute().addBoth(finished)

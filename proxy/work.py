@@ -2,7 +2,7 @@
 
 Two kinds of work leave the reactor:
 
-- C{disk}: fsync and rename of a finished file, reading and parsing a catalogue, scanning the
+- C{disk}: fsync and link into the store of a finished file, reading and parsing a catalogue, scanning the
   whole index, deleting files. Several threads: one slow fsync must not hold up a parse.
 - C{index}: every write to the LMDB index. One thread, so that writes keep their order and
   never wait for each other's locks on the reactor; LMDB allows a write transaction on any

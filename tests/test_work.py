@@ -156,3 +156,16 @@ def test_collect_frozen_reclaims_a_cycle_frozen_while_alive() -> None:
         assert alive() is None
     finally:
         gc.unfreeze()
+
+
+def test_parsed_once_keeps_a_newer_value_stored_while_an_older_one_was_computed() -> None:
+    retired: list[str] = []
+    cache: ParsedOnce[str, str] = ParsedOnce(retire=retired.append)
+    slow: Deferred[str] = Deferred()
+    old = cache.get("k", "v1", lambda: slow)
+    # The copy changed and its value was stored (by a fetch's validation) meanwhile.
+    cache.put("k", "v2", "parsed v2")
+    slow.callback("parsed v1")
+    assert old.result == "parsed v1"
+    assert cache.get("k", "v2", lambda: succeed("again")).result == "parsed v2"
+    assert retired == ["parsed v1"]
