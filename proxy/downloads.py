@@ -242,16 +242,13 @@ class Fetcher:
         ]
         now = self._clock.seconds()
         for f in verified.files:
-            # Looked up again: the files are durable only now, and a record made meanwhile (by
-            # another process) must keep its paths and flags.
-            if index.get(f.sha256) is None:
-                await index.write(index.put, FileRecord(
-                    sha256=f.sha256, size=f.size, upstream=job.upstream,
-                    paths=(f"{job.upstream}/{f.path}",), product=f.product, version=f.version,
-                    stored_at=now, last_used_at=now, use_count=0, cached=True, auto_update=False,
-                ))
-            else:
-                await index.write(index.add_path, f.sha256, job.upstream, f.path)
+            # One transaction looks and writes: the files are durable only now, and a record
+            # made meanwhile (another path, another process, a pin) keeps its paths and flags.
+            await index.write(index.record_path, FileRecord(
+                sha256=f.sha256, size=f.size, upstream=job.upstream,
+                paths=(f"{job.upstream}/{f.path}",), product=f.product, version=f.version,
+                stored_at=now, last_used_at=now, use_count=0, cached=True, auto_update=False,
+            ), job.upstream, f.path)
         self.log.info(
             "cached {url} as {files}", url=job.url,
             files=" and ".join(f"sha256:{f.sha256}" for f in verified.files),

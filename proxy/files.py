@@ -159,16 +159,15 @@ class CacheFiles:
         """
         index = self._index
         record = index.get(item.sha256)
-        if record is None:
+        if record is None or f"{upstream}/{path}" not in record.paths:
             now = self._clock.seconds()
-            record = FileRecord(
+            # One transaction looks again and writes: a record written meanwhile keeps its
+            # paths and flags.
+            record = await index.write(index.record_path, FileRecord(
                 sha256=item.sha256, size=item.size, upstream=upstream,
                 paths=(f"{upstream}/{path}",), product=item.product, version=item.version,
                 stored_at=now, last_used_at=now, use_count=0, cached=True, auto_update=False,
-            )
-            await index.write(index.put, record)
-        elif f"{upstream}/{path}" not in record.paths:
-            await index.write(index.add_path, item.sha256, upstream, path)
+            ), upstream, path)
         index.note_use(item.sha256)
         return record
 

@@ -664,6 +664,30 @@ class CacheIndex:
                 self._write_file_in(txn, record)
         return record
 
+    def record_path(self, new: FileRecord, upstream: str, path: str) -> FileRecord:
+        """
+        Record that blob C{new.sha256} is served at C{upstream}/C{path}: add the path to its
+        record, or store C{new} if it has none. One transaction, so that a record written
+        since the caller looked (by another path, a pin) keeps its paths and flags.
+
+        @return: the record as it now is.
+        """
+        item = item_path(upstream, path)
+        with self._env.begin(write=True) as txn:
+            record = self._get_in(txn, new.sha256)
+            if record is None:
+                record = new if item in new.paths else attrs.evolve(new, paths=new.paths + (item,))
+                for location in record.paths:
+                    self._claim_location_in(txn, record.sha256, location)
+                self._add_counter_in(txn, _STORED_BYTES_KEY, record.size)
+            elif item in record.paths:
+                return record
+            else:
+                self._claim_location_in(txn, record.sha256, item)
+                record = attrs.evolve(record, paths=record.paths + (item,))
+            self._write_file_in(txn, record)
+        return record
+
     def remove(self, sha256: str) -> bool:
         """Delete the record for C{sha256} and its path entries; True if it existed.
 

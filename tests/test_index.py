@@ -819,3 +819,18 @@ def test_a_full_reader_table_fails_one_read_with_503_and_recovers(
         assert idx.get(sha(b"a")) == record(b"a")
     finally:
         idx.close()
+
+
+def test_record_path_stores_a_new_record_or_adds_the_path_keeping_flags(index: CacheIndex) -> None:
+    a = record(b"a", "ubuntu/images/a")
+    assert index.record_path(a, "ubuntu", "images/a") == a
+    assert index.total_size() == a.size
+    # Pinned meanwhile: a later path keeps the flags and counts no bytes twice.
+    index.set_flags(a.sha256, cached=False, auto_update=True)
+    other = attrs.evolve(a, paths=("mirror/images/a",), stored_at=99.0)
+    got = index.record_path(other, "mirror", "images/a")
+    assert got.paths == ("ubuntu/images/a", "mirror/images/a")
+    assert (got.cached, got.auto_update, got.stored_at) == (False, True, a.stored_at)
+    assert index.find_path("mirror", "images/a") == got
+    assert index.total_size() == a.size
+    assert index.record_path(other, "mirror", "images/a") == got
