@@ -195,8 +195,15 @@ class PartialBlob:
         self.path = self._target
 
     def discard(self) -> None:
-        """Close and delete the temp file. Idempotent; a no-op after commit."""
-        if self._committed or self._discarded:
+        """
+        Close and delete the temp file. Idempotent. After a commit only the temp name kept by
+        C{keep_temp} goes (a download failing after its commit): the verified blob stays,
+        recorded by whoever reaches it next or swept at start-up if nobody does.
+        """
+        if self._committed:
+            self.release_temp()
+            return
+        if self._discarded:
             return
         self._discarded = True
         self._close_fd()

@@ -275,3 +275,16 @@ def test_writeback_syncs_what_was_written_while_more_arrives(
     started[1][0]()
     data = b"x" * 321
     assert partial.commit(hashlib.sha256(data).hexdigest()).getContent() == data
+
+
+def test_discard_after_a_commit_keeping_the_temp_name_removes_only_that_name(store: BlobStore) -> None:
+    partial = store.new_partial()
+    partial.write(b"data")
+    temp = partial.path
+    target = partial.commit(hashlib.sha256(b"data").hexdigest(), keep_temp=True)
+    assert os.path.exists(temp.path) and os.path.exists(target.path)
+    # What a download failing after its commit (its index write, say) does to its partials.
+    partial.discard()
+    assert not os.path.exists(temp.path)
+    assert target.getContent() == b"data"
+    partial.discard()
