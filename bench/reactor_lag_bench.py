@@ -226,7 +226,7 @@ TIMED = (
     ("proxy.metadata", "UpstreamMetadata.read"),
     ("proxy.lifecycle", "CacheLifecycle.gc"),
     ("proxy.lifecycle", "CacheLifecycle._records"),
-    ("proxy.prefetch", "Prefetcher._release"),
+    ("proxy.prefetch", "Prefetcher._released"),
 )
 
 

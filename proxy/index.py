@@ -752,6 +752,21 @@ class CacheIndex:
                 self._write_file_in(txn, record)
         return record
 
+    def unpin(self, sha256s: Iterable[str]) -> int:
+        """
+        Make the pinned (auto-updated, not cached) files among C{sha256s} plain cached ones,
+        in one transaction; a file no longer pinned is left as it is. Return how many changed.
+        """
+        changed = 0
+        with self._env.begin(write=True) as txn:
+            for sha256 in sha256s:
+                record = self._get_in(txn, sha256)
+                if record is None or record.cached or not record.auto_update:
+                    continue
+                self._write_file_in(txn, attrs.evolve(record, cached=True, auto_update=False))
+                changed += 1
+        return changed
+
     def total_size(self) -> int:
         """The sum of the sizes of every file record, read from the index (cheap)."""
         with self._read(self._counters) as txn:

@@ -296,7 +296,8 @@ class Prefetcher(Service):
             kept |= await self.keep(planned.images, planned.image)
         if refs is None and not report.unresolved:
             # Only with every pin resolved is it known which pinned files no pin needs any more.
-            report.unpinned = await self._disk(heavy(self._release), kept)
+            released = await self._disk(heavy(self._released), kept)
+            report.unpinned = await self._index.write(self._index.unpin, released)
         self.log.info(
             "auto-update: {images} images checked, {downloaded} files downloaded, {failed} failed",
             images=report.images, downloaded=len(report.downloaded), failed=len(report.failed),
@@ -380,15 +381,13 @@ class Prefetcher(Service):
         ]
         return {item.sha256 for image in stored[:keep] for item in image.files}
 
-    def _release(self, kept: set[str]) -> int:
-        """Unpin the auto-updated files no pin keeps (a scan of the index: off the reactor)."""
-        released = 0
+    def _released(self, kept: set[str]) -> list[str]:
+        """The auto-updated files no pin keeps (a scan of the index: off the reactor)."""
         # Record by record, each freed as it goes: a list of them all would be freed at once.
-        for record in self._index.records():
-            if not record.cached and record.auto_update and record.sha256 not in kept:
-                self._index.set_flags(record.sha256, cached=True, auto_update=False)
-                released += 1
-        return released
+        return [
+            record.sha256 for record in self._index.records()
+            if not record.cached and record.auto_update and record.sha256 not in kept
+        ]
 
     async def _recently_used(self, catalogues: dict[str, _Catalogue]) -> list[tuple[str, Image]]:
         """The newest version of every image whose root (or unified) file was used lately."""

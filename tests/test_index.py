@@ -834,3 +834,15 @@ def test_record_path_stores_a_new_record_or_adds_the_path_keeping_flags(index: C
     assert index.find_path("mirror", "images/a") == got
     assert index.total_size() == a.size
     assert index.record_path(other, "mirror", "images/a") == got
+
+
+def test_unpin_turns_only_still_pinned_files_into_cached_ones(index: CacheIndex) -> None:
+    pinned, cached, plain = record(b"p"), record(b"c"), record(b"x")
+    index.put(attrs.evolve(pinned, cached=False, auto_update=True))
+    index.put(cached)
+    index.put(attrs.evolve(plain, cached=False, auto_update=False))
+    assert index.unpin([pinned.sha256, cached.sha256, plain.sha256, sha(b"gone")]) == 1
+    got = index.get(pinned.sha256)
+    assert got is not None and (got.cached, got.auto_update) == (True, False)
+    assert index.get(plain.sha256) == attrs.evolve(plain, cached=False, auto_update=False)
+    assert index.get(cached.sha256) == cached
