@@ -20,8 +20,10 @@ keep free, calls the blocking methods directly.
 from __future__ import annotations
 
 from typing import Callable
+from weakref import WeakKeyDictionary
 
 from attrs import frozen
+from twisted.internet.defer import DeferredLock
 
 from proxy.blobs import BlobStore, PartialBlob
 from proxy.index import CacheIndex, MetadataRecord
@@ -34,6 +36,18 @@ Check = Callable[[bytes], object]
 
 def _accept(body: bytes) -> None:
     return None
+
+
+# The metadata bodies of a blob store are put one at a time in a process (see put): one lock
+# per blob store, whichever MetadataStore (family, upstream) puts them.
+_PUTS: "WeakKeyDictionary[BlobStore, DeferredLock]" = WeakKeyDictionary()
+
+
+def _puts_of(store: BlobStore) -> DeferredLock:
+    lock = _PUTS.get(store)
+    if lock is None:
+        lock = _PUTS[store] = DeferredLock()
+    return lock
 
 
 @frozen
@@ -94,14 +108,22 @@ class MetadataStore:
         @return: the new record, and what C{check} returned.
         @raise Exception: whatever C{check} raised; the body is not kept and no record changes.
         """
-        digest, parsed = await self.disk(self._commit, body, check)
-        record = MetadataRecord(
-            upstream=upstream, path=path, sha256=digest, etag=etag, last_modified=last_modified,
-            fetched_at=fetched_at, checked_at=checked_at,
-        )
-        replaced = await self.index.write(self._replace, record)
-        if replaced is not None:
-            await self.disk(self.forget, replaced)
+        # One put at a time in the process: another catalogue (family, upstream) may hold the
+        # same bytes, and a body this commit keeps because it exists must not be forgotten by
+        # that one's put before this record names it.
+        lock = _puts_of(self.store)
+        await lock.acquire()
+        try:
+            digest, parsed = await self.disk(self._commit, body, check)
+            record = MetadataRecord(
+                upstream=upstream, path=path, sha256=digest, etag=etag,
+                last_modified=last_modified, fetched_at=fetched_at, checked_at=checked_at,
+            )
+            replaced = await self.index.write(self._replace, record)
+            if replaced is not None:
+                await self.disk(self.forget, replaced)
+        finally:
+            lock.release()
         return record, parsed
 
     def put_now(

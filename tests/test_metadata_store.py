@@ -105,3 +105,29 @@ def test_a_record_without_its_body_is_not_held(bodies: MetadataStore) -> None:
     assert bodies.load(UPSTREAM, PATH) is None
     with pytest.raises(FileNotFoundError):
         bodies.read(record.sha256)
+
+
+def test_two_stores_over_one_blob_store_put_one_at_a_time(bodies: MetadataStore) -> None:
+    """
+    Another catalogue (family, upstream) may put the same bytes: one put's commit keeps the
+    existing body, and the other's forget must not remove it before the record names it.
+    """
+    from typing import Any
+
+    jobs: list[tuple[Any, Deferred[Any]]] = []
+
+    def held(fn: Any, *args: Any, **kwargs: Any) -> "Deferred[Any]":
+        d: Deferred[Any] = Deferred()
+        jobs.append((lambda: fn(*args, **kwargs), d))
+        return d
+
+    first = MetadataStore(bodies.store, bodies.index, held)
+    second = MetadataStore(bodies.store, bodies.index, held)
+    one = Deferred.fromCoroutine(first.put(UPSTREAM, PATH, b"same", fetched_at=1.0, checked_at=1.0))
+    two = Deferred.fromCoroutine(second.put("other", PATH, b"same", fetched_at=1.0, checked_at=1.0))
+    assert len(jobs) == 1  # the second put waits for the first
+    while jobs:
+        run, d = jobs.pop(0)
+        d.callback(run())
+    assert now(one)[0].sha256 == now(two)[0].sha256 == sha(b"same")
+    assert bodies.stored(UPSTREAM, PATH) is not None and bodies.stored("other", PATH) is not None
