@@ -119,6 +119,7 @@ def build_core(
     fetcher = Fetcher(
         client, store, index, reactor, config.upstreams, config.cache.download_idle_timeout,
         make_room=lifecycle.make_room_later, health=health, disk=disk, settled=in_use.settled,
+        writeback=workers.writeback,
     )
     agents = ClientAgents()
     metadata: dict[str, SimplestreamsMetadata] = {}

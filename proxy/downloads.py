@@ -65,8 +65,11 @@ class Fetcher:
         health: Mapping[str, UpstreamHealth] | None = None,
         disk: Run = inline,
         settled: Callable[[Iterable[str]], Awaitable[None]] | None = None,
+        writeback: Run | None = None,
     ) -> None:
         self._client = client
+        # Where a download's bytes are synced while they arrive (see PartialBlob.writeback).
+        self._writeback = writeback if writeback is not None else disk
         # Waits while files are being expired or evicted: one is not stored again until it is gone.
         self._settled = settled
         self._disk = disk
@@ -146,7 +149,7 @@ class Fetcher:
 
     def _new_partial(self) -> PartialBlob:
         partial = self._store.new_partial()
-        partial.writeback = self._disk
+        partial.writeback = self._writeback
         return partial
 
     def _start(

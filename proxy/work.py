@@ -30,6 +30,8 @@ T = TypeVar("T")
 
 # Objects a turn of the reactor frees of a replaced catalogue (0.5 ms of work).
 FREE_STEP = 2000
+# Syncs of downloads in progress at once; more would only queue in the disk's own queue.
+WRITEBACK_THREADS = 2
 # Enough for a commit, a parse and a scan at once on a small box; the work is mostly waiting
 # for the disk or holding the GIL, so more threads would not make it faster.
 DISK_THREADS = 4
@@ -179,6 +181,8 @@ class Workers:
 
     disk: Run
     index: Run
+    # Where downloads sync their bytes while they arrive; the disk worker when not set apart.
+    writeback: Run | None = None
     # The jobs run on other threads than the caller's (the reactor's).
     threaded: bool = False
 
@@ -187,7 +191,11 @@ class Workers:
         """Thread-backed workers, and the pools to start and stop."""
         disk = ThreadRun(reactor, "lxd-image-proxy-disk", DISK_THREADS)
         index = ThreadRun(reactor, "lxd-image-proxy-index", 1)
-        return cls(disk=disk, index=index, threaded=True), [disk, index]
+        # Apart from the disk pool: many downloads' syncs must not queue a commit, which the
+        # last byte of a client's response waits for, behind them.
+        writeback = ThreadRun(reactor, "lxd-image-proxy-writeback", WRITEBACK_THREADS)
+        workers = cls(disk=disk, index=index, writeback=writeback, threaded=True)
+        return workers, [disk, index, writeback]
 
 
 INLINE = Workers(disk=inline, index=inline)
@@ -199,6 +207,7 @@ __all__ = [
     "INLINE",
     "Run",
     "ThreadRun",
+    "WRITEBACK_THREADS",
     "Workers",
     "free_in_steps",
     "heavy",
