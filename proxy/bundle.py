@@ -30,7 +30,7 @@ from attrs import frozen
 
 from proxy.blobs import BlobStore, DigestMismatch, is_sha256
 from proxy.catalogue import CatalogueError, Image, Item, parse_products, products_paths
-from proxy.catalogue_filter import filter_index, filter_products
+from proxy.catalogue_filter import filter_catalogue, filter_index
 from proxy.index import CacheIndex, FileRecord, MetadataRecord, PinRecord
 from proxy.metadata_store import MetadataStore
 from proxy.pins import (
@@ -260,8 +260,7 @@ def export_bundle(
             if not _safe_path(products_path):
                 raise BundleError(f"the catalogue of {upstream} names an unusable products path {products_path!r}.")
             body = catalogue.products[products_path][1]
-            filtered = filter_products(body, _keeping(keep))
-            remaining[products_path] = list(json.loads(filtered).get("products", {}))
+            filtered, remaining[products_path] = filter_catalogue(body, _keeping(keep))
             catalogue_files.append((_catalogue_member(upstream, products_path), filtered))
         catalogue_files.append(
             (_catalogue_member(upstream, INDEX_PATH), filter_index(catalogue.index_body, remaining))

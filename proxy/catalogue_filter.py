@@ -107,7 +107,13 @@ def _has_image(items: Mapping[str, Mapping[str, Any]]) -> bool:
 
 
 def filter_products(data: bytes, keep: Callable[[Item], bool]) -> bytes:
-    """A products file reduced to what `keep` accepts.
+    """A products file reduced to what `keep` accepts (see `filter_catalogue`)."""
+    return filter_catalogue(data, keep)[0]
+
+
+def filter_catalogue(data: bytes, keep: Callable[[Item], bool]) -> tuple[bytes, list[str]]:
+    """A products file reduced to what `keep` accepts, and the ids of the products left in it
+    (in document order), as `filter_index` wants them.
 
     `keep` is asked about every item that has a path, a lowercase hex sha256 and a size (no
     other item can be stored); items it rejects, and items that lack those, are removed from
@@ -141,11 +147,12 @@ def filter_products(data: bytes, keep: Callable[[Item], bool]) -> bytes:
     if "products" in doc:
         doc["products"] = remaining_products
     body = _encode(doc)
+    left = list(remaining_products)
     # The filtered document shares only leaves (kept items) with the decoded one: free both
     # in steps.
     jsonsteps.release(products)
     jsonsteps.release(doc)
-    return body
+    return body, left
 
 
 def filter_index(data: bytes, products_by_path: Mapping[str, list[str]]) -> bytes:

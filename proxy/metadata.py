@@ -22,7 +22,6 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from proxy import jsonsteps
 from proxy.agents import ClientAgents
 from proxy.blobs import BlobStore
 from proxy.catalogue import (
@@ -35,7 +34,7 @@ from proxy.catalogue import (
     parse_images,
     products_paths,
 )
-from proxy.catalogue_filter import filter_index, filter_products
+from proxy.catalogue_filter import filter_catalogue, filter_index
 from proxy.health import UpstreamHealth
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
@@ -493,11 +492,11 @@ class UpstreamMetadata:
         remaining: dict[str, list[str]] = {}
         bodies: dict[str, bytes] = {}
         for products_path, record in copies:
-            body = filter_products(self.read(record), lambda item: self._store.exists(item.sha256))
+            body, left = filter_catalogue(
+                self.read(record), lambda item: self._store.exists(item.sha256)
+            )
             bodies[products_path] = body
-            doc = jsonsteps.loads(body)
-            remaining[products_path] = sorted(doc.get("products", {}))
-            jsonsteps.release(doc)
+            remaining[products_path] = sorted(left)
         bodies[INDEX_PATH] = filter_index(self.read(index_record), remaining)
         return bodies
 
