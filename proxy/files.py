@@ -115,8 +115,7 @@ class CacheFiles:
                     health.check(item.path)
                 yield Opened(self.stored_file(item), hit=False, last_modified=self._clock.seconds())
                 return
-            download = self._fetcher.get(upstream, item)
-            await await_start(download, self._clock)
+            download = await self._join(upstream, item)
             yield Opened(download, hit=False, last_modified=self._clock.seconds())
             self._index.note_served(False, sent())
             # Counted once the body is out: the record exists only after the download committed.
@@ -149,6 +148,20 @@ class CacheFiles:
             # Counted once the body is out: the records exist only after the commit.
             for item in items:
                 self._index.note_use(item.sha256)
+
+    async def source(self, upstream: str, item: Item) -> FileSource:
+        """
+        The stored file of C{item}, or its download joined or started once the upstream has
+        accepted it (or the grace for that ran out): a part of an export being assembled.
+        """
+        if self._store.exists(item.sha256):
+            return self.stored_file(item)
+        return await self._join(upstream, item)
+
+    async def _join(self, upstream: str, item: Item) -> FileSource:
+        download = self._fetcher.get(upstream, item)
+        await await_start(download, self._clock)
+        return download
 
     async def _record_hit(self, upstream: str, path: str, item: Item) -> FileRecord:
         """

@@ -19,7 +19,7 @@ from proxy.catalogue import ARCHITECTURES, Family, Image, Item
 from proxy.downloads import Fetcher
 from proxy.errors import NotFound, ProxyError
 from proxy.export import ExportPart, export_parts
-from proxy.files import await_start
+from proxy.files import CacheFiles, await_start
 from proxy.index import CacheIndex, ImageParts
 from proxy.lxd_model import LxdCatalogue
 from proxy.lxd_remote import (
@@ -33,7 +33,6 @@ from proxy.lxd_remote import (
     version_base,
 )
 from proxy.metadata import INDEX_PATH, SimplestreamsMetadata
-from proxy.streaming import CompleteFile, FileSource
 
 
 class ImageSource(Protocol):
@@ -64,17 +63,13 @@ class SimplestreamsImages:
     def __init__(
         self,
         metadata: SimplestreamsMetadata,
-        fetcher: Fetcher,
-        store: BlobStore,
-        clock: IReactorTime,
+        files: CacheFiles,
         *,
         families: Mapping[Family, SimplestreamsMetadata] | None = None,
     ) -> None:
         self._metadata = metadata
         self._families: dict[Family, SimplestreamsMetadata] = dict(families or {metadata.family: metadata})
-        self._fetcher = fetcher
-        self._store = store
-        self._clock = clock
+        self._files = files
 
     @property
     def name(self) -> str:
@@ -111,19 +106,12 @@ class SimplestreamsImages:
             images.extend(await metadata.products_images(path, family, refresh=False))
         if offline:
             # As the simplestreams face does while offline: only images that can be served.
-            images = [i for i in images if all(self._store.exists(f.sha256) for f in i.files)]
+            images = [i for i in images if self._files.stored(i.files)]
             key.append(frozenset(i.fingerprint for i in images))
         return tuple(key), images
 
     async def missing_parts(self, image: Image) -> list[ExportPart]:
-        sources: list[FileSource] = []
-        for item in image.files:
-            if self._store.exists(item.sha256):
-                sources.append(CompleteFile(self._store.path_for(item.sha256), item.size))
-                continue
-            download = self._fetcher.get(self.name, item)
-            await await_start(download, self._clock)
-            sources.append(download)
+        sources = [await self._files.source(self.name, item) for item in image.files]
         return export_parts(image, sources[0], sources[1] if len(sources) > 1 else None)
 
 

@@ -168,9 +168,7 @@ class CacheService(Service):
                     remote, self.fetcher, self.store, self.index, self.reactor
                 )
             else:
-                sources[name] = SimplestreamsImages(
-                    meta, self.fetcher, self.store, self.reactor, families=self.families.get(name)
-                )
+                sources[name] = SimplestreamsImages(meta, files, families=self.families.get(name))
         listed = FaceCatalogue([sources[u.name] for u in self.config.lxd_api_upstreams()])
         others = {
             "1.0": LxdApiResource(listed, files, self.reactor, certificate, agents=self.agents),

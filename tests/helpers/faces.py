@@ -186,9 +186,7 @@ class FaceHarness(Harness):
         )
         # As CacheService.site builds them.
         sources = {
-            "up": SimplestreamsImages(
-                self.metadata, self.fetcher, self.store, self.clock, families=self.families
-            )
+            "up": SimplestreamsImages(self.metadata, self.files_of_cache, families=self.families)
         }
         listed = FaceCatalogue([sources["up"]])
         others = {
