@@ -7,7 +7,9 @@ what it must turn out to be. The rest is done here, once, for both:
 
   - one table of the downloads in flight, by the sha256 of a file or the fingerprint of an
     image, so that a second client joins the first's download;
-  - one verdict on the upstream's health per answer, and one count of the bytes fetched;
+  - one verdict on the upstream's health per answer (a failure before the answer is the
+    upstream's, one after it the file's, see L{proxy.health}), and one count of the bytes
+    fetched;
   - one commit path: verified bytes, then room, then the fsync and link on the disk worker,
     then the index records, then the followers told; a file is in the index only once its bytes
     and its directory entry are durable;
@@ -28,9 +30,9 @@ from twisted.web.iweb import IResponse
 from proxy.blobs import BlobStore, PartialBlob
 from proxy.catalogue import Item
 from proxy.config import LXD, UpstreamConfig
-from proxy.errors import NotFound, UpstreamFailed
+from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.fetch import DEFAULT_IDLE_TIMEOUT_SECONDS, Download, FetchedItem, Job, Verified
-from proxy.health import UpstreamHealth
+from proxy.health import FileFailures, UpstreamHealth
 from proxy.index import CacheIndex, FileRecord
 from proxy.lxd_fetch import ExportDownload, ItemDownload, listed_file
 from proxy.lxd_remote import RemoteImage
@@ -80,6 +82,7 @@ class Fetcher:
         self._idle_timeout = idle_timeout
         self._make_room = make_room
         self._health = dict(health or {})
+        self._file_failures = FileFailures(clock)
         # By kind as well as key: a unified image's fingerprint is the sha256 of its one file,
         # which a simplestreams upstream may list too; each kind has its own followers.
         self._inflight: dict[tuple[type[Job], str], Job] = {}
@@ -107,7 +110,9 @@ class Fetcher:
         @raise NotFound: an item of an LXD upstream that is not a file of one of its images,
             or whose image is split and its files are not known (they are listed only once
             they are).
-        @raise Unavailable: the upstream is offline and it is not yet time to probe it again.
+        @raise Unavailable: the upstream is offline and another request is probing it.
+        @raise ProxyError: the file keeps failing and is backed off (its last error, with
+            C{Retry-After}).
         """
         config = self._upstreams[upstream]
         if config.protocol == LXD:
@@ -162,9 +167,10 @@ class Fetcher:
             if not background:
                 running.background = False
             return running
+        self._file_failures.check((kind, key))
         health = self._health.get(upstream)
         if health is not None:
-            health.check(subject)
+            health.check(subject, background=background)
         job = make()
         job.background = background
         self._inflight[(kind, key)] = job
@@ -174,28 +180,44 @@ class Fetcher:
     # -- one download, start to end -------------------------------------------------------------
 
     async def _run(self, kind: type[Job], job: Job) -> None:
-        health = self._health.get(job.upstream)
+        answered = False
         try:
-            await self._fetch(job, health)
+            response = await self._ask(job)
+            answered = True
+            await self._take(job, response)
         except Exception as e:
-            if health is not None:
-                health.record_error(e, job.url)
-            failure = Failure(as_proxy_error(Failure(e), job.transfer_subject))
+            error = as_proxy_error(Failure(e), job.transfer_subject)
+            # Before an answer, a connection, TLS or timeout failure is the upstream's (its
+            # health has it); anything after, or a refused redirect, is this file's alone.
+            if answered or isinstance(e, ProxyError):
+                self._file_failures.failed((kind, job.key), error, job.url)
             self.log.warn(
-                "download of {url} failed, nothing cached: {reason}",
-                url=job.url, reason=failure.getErrorMessage(),
+                "download of {url} failed, nothing cached: {reason}", url=job.url, reason=error.message,
             )
             if not job.finished:
-                job.fail(failure)
+                job.fail(Failure(error))
+        else:
+            self._file_failures.succeeded((kind, job.key))
         finally:
             self._inflight.pop((kind, job.key), None)
             self._index.note_fetched(job.received)
 
-    async def _fetch(self, job: Job, health: UpstreamHealth | None) -> None:
+    async def _ask(self, job: Job) -> IResponse:
+        """Send the request for C{job}; whether the upstream answered is its health's to know."""
+        health = self._health.get(job.upstream)
         self.log.info("fetching {url} ({size} bytes)", url=job.url, size=job.size)
-        response: IResponse = await self._client.get(job.url)
+        try:
+            response: IResponse = await self._client.get(job.url)
+        except Exception as e:
+            if health is not None:
+                health.record_error(e, job.url)
+            raise
         if health is not None:
-            health.record_answer(response.code, job.url)
+            health.record_file_answer(response.code, job.url)
+        return response
+
+    async def _take(self, job: Job, response: IResponse) -> None:
+        """Receive the body of C{job}'s answer and commit it, or fail with the reason."""
         if response.code != 200:
             reason = await job.error_text(response, self._receive)
             said = f": {reason}" if reason else ""

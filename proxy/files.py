@@ -112,7 +112,9 @@ class CacheFiles:
             if head:
                 health = self._health.get(upstream)
                 if health is not None:
-                    health.check(item.path)
+                    # Only whether a GET would be let through: a HEAD fetches nothing, so it
+                    # must not take the probe and leave it unreported.
+                    health.check(item.path, probe=False)
                 yield Opened(self.stored_file(item), hit=False, last_modified=self._clock.seconds())
                 return
             download = await self._join(upstream, item)

@@ -1,11 +1,18 @@
-"""Whether an upstream is worth asking: offline detection, fail-fast and probing with backoff.
+"""Whether an upstream, and one file of it, is worth asking: offline detection and per-file backoff.
 
-When an upstream is unreachable (connection refused or reset, DNS, TLS handshake, timeout) or
-failing (5xx), every request that tried it would otherwise wait for its own connect timeout. So
-the first such failure marks the upstream offline: requests then fail fast (503 with
-C{Retry-After}, or the offline catalogue), and exactly one request at a time is let through as a
-probe once the backoff has run out (5 s, 10 s, 20 s ... up to 5 minutes). Any success brings the
-upstream back. Which outcomes count is the call sites' decision: a 404 is an answer, not a fault.
+An upstream is down only when it cannot be reached (connection refused or reset, DNS, TLS
+handshake, no response headers in time) or cannot serve its catalogue (a 5xx for its metadata).
+The first such failure marks it offline: its catalogue is then served cut down to what is
+stored, and while one request is finding out whether it is back (the probe), every other fails
+fast with a 503 instead of waiting for its own connect timeout. A client's request made while no
+probe is outstanding is the next probe, so the first request after the upstream recovers
+succeeds; background work (prefetch) probes no more often than the backoff allows (5 s, 10 s,
+20 s ... up to 5 minutes). Any answer other than a 5xx brings the upstream back.
+
+A 4xx or 5xx for one file, or a body that breaks off or does not verify, is that file's failure
+(L{FileFailures}): its clients get the error, the next request for it tries again, and only a
+file that keeps failing is backed off on its own. It says nothing about the upstream's other
+files or its catalogue.
 
 C{[upstreams.NAME] offline = true} forces the offline state for good (air-gapped sites): nothing
 ever tries the upstream, and no success can end it.
@@ -15,6 +22,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
+from collections.abc import Hashable
 from typing import ClassVar
 
 from attrs import define, field
@@ -30,6 +39,7 @@ __all__ = [
     "DEFAULT_MAX_BACKOFF_SECONDS",
     "DEFAULT_PROBE_TIMEOUT_SECONDS",
     "FORCED_RETRY_AFTER_SECONDS",
+    "FileFailures",
     "UpstreamHealth",
 ]
 
@@ -57,16 +67,16 @@ class UpstreamHealth:
     The reachability of one upstream, as seen from the outcomes of the requests sent to it.
 
     Call sites ask L{may_try} before sending a request and report the outcome with
-    L{record_success} or L{record_failure}. While the upstream is offline, L{may_try} lets one
-    request through once the next probe time has come and then refuses every other until that
-    probe reports; L{retry_after} and L{describe} say what a refused client should be told.
+    L{record_success}, L{record_failure} or L{record_file_answer}. While the upstream is
+    offline, L{may_try} lets one request through as the probe and refuses every other until
+    that probe reports; L{retry_after} and L{describe} say what a refused client should be told.
 
     @ivar name: the upstream's name in the configuration, for log lines and messages.
     @ivar clock: the source of time; the backoff is measured with C{clock.seconds()}.
     @ivar forced_offline: offline by configuration: never tried, never back online.
-    @ivar base_backoff: seconds from the first failure to the first probe; doubled after each
-        failed probe.
-    @ivar max_backoff: the longest wait between probes, in seconds.
+    @ivar base_backoff: seconds from the first failure to the first background probe; doubled
+        after each failed probe.
+    @ivar max_backoff: the longest wait between background probes, in seconds.
     @ivar probe_timeout: seconds after which a probe that never reported is given up, so
         that another request may probe.
     """
@@ -114,31 +124,48 @@ class UpstreamHealth:
         """True while a probe has been let through and has not reported yet."""
         return self._probe_started_at is not None
 
-    def may_try(self) -> bool:
+    def may_try(self, *, background: bool = False) -> bool:
         """
         Whether a request may be sent to the upstream now.
 
-        Always while online; never when forced offline. While offline, true once the next probe
-        time has come, and that call takes the probe: every other call is false until the
-        probe reports through L{record_success} or L{record_failure} (or has been outstanding
-        for C{probe_timeout} seconds). The caller that got true must report the outcome.
+        Always while online; never when forced offline. While offline, a client's request is
+        let through as the probe when no probe is outstanding, and every other call is false
+        until the probe reports through L{record_success}, L{record_failure} or
+        L{record_file_answer} (or has been outstanding for C{probe_timeout} seconds). A
+        C{background} request (nobody waits for it) probes only once the backoff has run out.
+        The caller that got true must report the outcome.
         """
         if self.forced_offline:
             return False
         if self._since is None:
             return True
-        now = self.clock.seconds()
-        if self._probe_started_at is not None:
-            if now - self._probe_started_at < self.probe_timeout:
-                return False
-            self.log.debug(
-                "probe of upstream {upstream} reported nothing in {seconds:g} s; allowing another",
-                upstream=self.name, seconds=now - self._probe_started_at,
-            )
-            self._probe_started_at = None
-        if now < self._next_probe_at:
+        if not self._probe_free():
             return False
-        self._probe_started_at = now
+        if background and self.clock.seconds() < self._next_probe_at:
+            return False
+        self._probe_started_at = self.clock.seconds()
+        return True
+
+    @property
+    def probe_due(self) -> bool:
+        """
+        True while offline (not forced) with no probe outstanding: a client's request now
+        would find out whether the upstream is back. Takes nothing, unlike L{may_try}.
+        """
+        return not self.forced_offline and self._since is not None and self._probe_free()
+
+    def _probe_free(self) -> bool:
+        """No probe outstanding (one that never reported is given up after C{probe_timeout})."""
+        if self._probe_started_at is None:
+            return True
+        waited = self.clock.seconds() - self._probe_started_at
+        if waited < self.probe_timeout:
+            return False
+        self.log.debug(
+            "probe of upstream {upstream} reported nothing in {seconds:g} s; allowing another",
+            upstream=self.name, seconds=waited,
+        )
+        self._probe_started_at = None
         return True
 
     def record_failure(self, reason: str, transport: bool) -> None:
@@ -165,10 +192,10 @@ class UpstreamHealth:
             delay = self._backoff()
             self._next_probe_at = now + delay
             self.log.warn(
-                "upstream {upstream} is {kind} ({reason}): marked offline, requests fail fast; "
-                "next attempt in {delay:g} s, at {next_at}",
+                "upstream {upstream} is {kind} ({reason}): marked offline, its catalogue is "
+                "served as far as it is stored; one request at a time tries it again, "
+                "background work after {delay:g} s",
                 upstream=self.name, kind=kind, reason=reason, delay=delay,
-                next_at=self._clock_time(self._next_probe_at),
             )
             return
         if self._probe_started_at is not None or now >= self._next_probe_at:
@@ -181,31 +208,54 @@ class UpstreamHealth:
             delay = self._backoff()
             self._next_probe_at = now + delay
             self.log.debug(
-                "probe of upstream {upstream} failed ({reason}); next attempt in {delay:g} s",
+                "probe of upstream {upstream} failed ({reason}); background work waits {delay:g} s",
                 upstream=self.name, reason=reason, delay=delay,
             )
         else:
             self.log.debug(
-                "upstream {upstream} still {kind} ({reason}); next attempt in {delay:g} s",
+                "upstream {upstream} still {kind} ({reason}); background work waits {delay:g} s",
                 upstream=self.name, kind=kind, reason=reason, delay=self._next_probe_at - now,
             )
 
-    def check(self, missing: str = "") -> None:
+    def check(self, missing: str = "", *, background: bool = False, probe: bool = True) -> None:
         """
-        Raise a 503 with C{Retry-After} unless the upstream may be asked now (online, or due
-        for a probe); C{missing} names what the cache lacks, for the message.
+        Raise a 503 with C{Retry-After} unless the upstream may be asked now (see L{may_try});
+        C{missing} names what the cache lacks, for the message. With C{probe} false nothing is
+        taken: the question is only whether a request would be let through.
         """
-        if self.may_try():
+        if probe:
+            allowed = self.may_try(background=background)
+        else:
+            allowed = not self.forced_offline and (self._since is None or self._probe_free())
+        if allowed:
             return
         reason = self.describe() + (f"; {missing} is not in the cache" if missing else "")
         raise Unavailable(reason, headers={b"Retry-After": str(self.retry_after()).encode("ascii")})
 
     def record_answer(self, code: int, url: str) -> None:
-        """The upstream answered C{url} with status C{code}: a 5xx is a failure, any other an answer."""
+        """
+        The upstream answered C{url}, a file of its catalogue (index, products file, image
+        list), with status C{code}: a 5xx is a failure, any other an answer.
+        """
         if code >= 500:
             self.record_failure(f"{code} for {url}", transport=False)
         else:
             self.record_success()
+
+    def record_file_answer(self, code: int, url: str) -> None:
+        """
+        The upstream answered C{url}, an image file, with status C{code}. It is reachable; a
+        5xx is that file's failure (see L{FileFailures}) and says nothing either way about
+        the rest of the upstream, but it ends a probe so that the next request may probe.
+        """
+        if code < 500:
+            self.record_success()
+        elif self._probe_started_at is not None:
+            self._probe_started_at = None
+            self.log.debug(
+                "probe of upstream {upstream} got {code} for {url}: that file's failure, "
+                "still offline", upstream=self.name, code=code, url=url,
+            )
 
     def record_error(self, error: BaseException, url: str) -> None:
         """
@@ -243,19 +293,24 @@ class UpstreamHealth:
 
     def retry_after(self) -> int:
         """
-        Whole seconds until the next probe, at least 1, for a 503's C{Retry-After}; 1 while a
-        probe is outstanding or the upstream is online, C{FORCED_RETRY_AFTER_SECONDS} when forced.
+        Whole seconds for a refused client's C{Retry-After}: 1 (a client's next request probes
+        as soon as the outstanding probe has reported), C{FORCED_RETRY_AFTER_SECONDS} when
+        forced offline.
         """
         if self.forced_offline:
             return FORCED_RETRY_AFTER_SECONDS
-        if self._since is None or self._probe_started_at is not None:
-            return 1
-        return max(1, math.ceil(self._next_probe_at - self.clock.seconds()))
+        return 1
+
+    def next_background_attempt(self) -> float:
+        """Seconds until background work may probe again; 0 while online."""
+        if self._since is None:
+            return 0.0
+        return max(0.0, self._next_probe_at - self.clock.seconds())
 
     def describe(self) -> str:
         """
         One line for a 503 body, e.g. C{"upstream images is offline since 12:00:03
-        (connection refused); next attempt in 20 s"}.
+        (connection refused); an attempt is in progress"}.
         """
         if self.forced_offline:
             return f"upstream {self.name} is offline by configuration (upstreams.{self.name}.offline = true)"
@@ -264,7 +319,7 @@ class UpstreamHealth:
         head = f"upstream {self.name} is offline since {self._clock_time(self._since)} ({self._reason})"
         if self._probe_started_at is not None:
             return f"{head}; an attempt is in progress"
-        return f"{head}; next attempt in {self.retry_after()} s"
+        return f"{head}; the next request tries again"
 
     def _backoff(self) -> float:
         return min(self.base_backoff * 2.0 ** min(self._failed_probes, _MAX_DOUBLINGS), self.max_backoff)
@@ -273,3 +328,79 @@ class UpstreamHealth:
         """Local wall-clock time of C{when}; with the date once it is not within the last day."""
         fmt = "%H:%M:%S" if self.clock.seconds() - when < _SECONDS_PER_DAY else "%Y-%m-%d %H:%M:%S"
         return time.strftime(fmt, time.localtime(when))
+
+
+@define
+class _Failing:
+    """One file that failed: how often in a row, the last error, and when it may be tried."""
+
+    count: int
+    error: ProxyError
+    retry_at: float
+
+
+@define
+class FileFailures:
+    """
+    The files whose last download failed for a reason of their own (a 4xx or 5xx for that
+    file, a body that broke off, stalled or did not verify), and when each may be tried again.
+
+    The first failure costs nothing: the next request for the file tries again at once, since
+    most faults of one file are passing. A file that keeps failing is backed off on its own
+    (C{base_backoff}, doubled per further failure, up to C{max_backoff}): meanwhile its clients
+    get its last error at once, with C{Retry-After}. A success forgets it. At most C{capacity}
+    files are remembered (the oldest failure is forgotten first), so a client asking for
+    thousands of broken files cannot grow the table.
+
+    @ivar clock: the source of time.
+    """
+
+    log: ClassVar[Logger] = Logger()
+
+    clock: IReactorTime
+    base_backoff: float = field(
+        default=DEFAULT_BASE_BACKOFF_SECONDS, kw_only=True, validator=_positive
+    )
+    max_backoff: float = field(default=DEFAULT_MAX_BACKOFF_SECONDS, kw_only=True, validator=_positive)
+    capacity: int = field(default=4096, kw_only=True)
+    _failing: "OrderedDict[Hashable, _Failing]" = field(factory=OrderedDict, init=False)
+
+    def check(self, key: Hashable) -> None:
+        """Raise the last error of C{key}, with C{Retry-After}, while it is backed off."""
+        failing = self._failing.get(key)
+        if failing is None:
+            return
+        wait = failing.retry_at - self.clock.seconds()
+        if wait <= 0:
+            return
+        seconds = max(1, math.ceil(wait))
+        raise ProxyError(
+            f"{failing.error.message}; it failed {failing.count} times in a row, "
+            f"next attempt in {seconds} s",
+            code=failing.error.code,
+            headers={b"Retry-After": str(seconds).encode("ascii")},
+        )
+
+    def failed(self, key: Hashable, error: ProxyError, subject: str) -> None:
+        """The download of C{key} (C{subject}, for the log) failed with C{error}."""
+        now = self.clock.seconds()
+        previous = self._failing.pop(key, None)
+        count = 1 if previous is None else previous.count + 1
+        delay = 0.0
+        if count > 1:
+            delay = min(self.base_backoff * 2.0 ** min(count - 2, _MAX_DOUBLINGS), self.max_backoff)
+            self.log.warn(
+                "{subject} failed {count} times in a row ({reason}); its clients get that error "
+                "for {delay:g} s before it is tried again",
+                subject=subject, count=count, reason=error.message, delay=delay,
+            )
+        self._failing[key] = _Failing(count=count, error=error, retry_at=now + delay)
+        while len(self._failing) > self.capacity:
+            self._failing.popitem(last=False)
+
+    def succeeded(self, key: Hashable) -> None:
+        """The download of C{key} succeeded: it is no longer failing."""
+        self._failing.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._failing)

@@ -8,6 +8,7 @@ listed upstreams that the LXD face publishes, rebuilt only when one of them chan
 
 from __future__ import annotations
 
+from contextlib import suppress
 from datetime import datetime, timezone
 from typing import Mapping, Protocol, Sequence
 
@@ -85,6 +86,10 @@ class SimplestreamsImages:
 
     async def images(self, family: Family) -> tuple[object, list[Image]]:
         metadata = self._families.get(family, self._metadata)
+        if metadata.offline:
+            # The request that may probe the upstream does; the copy serves if it is still down.
+            with suppress(ProxyError):
+                await metadata.get(INDEX_PATH)
         offline = metadata.offline
         if offline:
             paths = await metadata.products_paths(refresh=False)
@@ -149,6 +154,9 @@ class LxdRemoteImages:
         return "lxd"
 
     async def images(self, family: Family) -> tuple[object, list[Image]]:
+        if self._remote.offline:
+            with suppress(ProxyError):
+                await self._remote.images()
         offline = self._remote.offline
         remote_images = await self._remote.images(refresh=not offline)
         self._by_fingerprint = {r.fingerprint: r for r in remote_images}

@@ -216,7 +216,10 @@ class UpstreamFiles:
         if record is None:
             return await self._refresh_shared(path, None)
         now = self._clock.seconds()
-        if now - record.checked_at < self._ttl or now < self._retry_at.get(path, 0.0):
+        # While the upstream is offline, a request that may probe it does, fresh copy or not:
+        # the first one after it comes back brings the whole catalogue back.
+        probe = self.health is not None and self.health.probe_due
+        if not probe and (now - record.checked_at < self._ttl or now < self._retry_at.get(path, 0.0)):
             return record
         if path in self._slow:
             # A refresh is already running past the wait: nobody else waits for it.

@@ -605,8 +605,8 @@ def test_offline_lists_only_images_whose_files_are_all_stored(h: FaceHarness) ->
     h.clock.advance(TTL + 1)
     h.upstream_down()
     assert len(h.metadata_of("/1.0/images")) == len(h.listed())
-    assert h.health.offline and h.health.retry_after() > 1
-    before = len(h.upstream.requests)
+    assert h.health.offline
+    before = len(image_requests(h))
 
     urls = h.metadata_of("/1.0/images")
     assert sorted(urls) == sorted(f"/1.0/images/{i.fingerprint}" for i in (stored, unified))
@@ -623,7 +623,8 @@ def test_offline_lists_only_images_whose_files_are_all_stored(h: FaceHarness) ->
     missing = h.image(SPLIT_OS, "amd64", V3)
     code, envelope, _ = h.lxd(export_path(missing))
     assert_error(code, envelope, 404)
-    assert len(h.upstream.requests) == before
+    # Each listing probed the catalogue; no image file was asked of the upstream.
+    assert len(image_requests(h)) == before
 
 
 def test_forced_offline_without_a_catalogue_is_503(tmp_path: Any) -> None:

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 
 from proxy.catalogue import Item, parse_images
 from proxy.config import CacheConfig, Config, PinConfig, ServerConfig, UpstreamConfig
-from proxy.errors import NotFound, Unavailable, UpstreamFailed
+from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.index import ImageParts
 from proxy.lxd_fetch import ExportDownload, ItemDownload, PartSource, WrongShape
 from proxy.lxd_remote import (
@@ -414,9 +414,12 @@ def test_upstream_errors_are_reported_with_lxds_message(make: Any) -> None:
     h.server.export_status[image.fingerprint] = 500
     result = outcome(h, start(h, image).when_done())
     assert result.check(UpstreamFailed) and "scripted export failure" in result.getErrorMessage()
-    assert h.health is not None and h.health.offline
-    with pytest.raises(Unavailable):
+    # One image's failures: the upstream stays online, and an image that keeps failing (the
+    # 404, then the 500) is backed off on its own.
+    assert h.health is not None and not h.health.offline
+    with pytest.raises(ProxyError) as raised:
         start(h, image)
+    assert raised.value.code == 502 and b"Retry-After" in raised.value.headers
     assert_nothing_stored(h, image)
 
 

@@ -4,8 +4,10 @@ The request path while an upstream is down, in memory and deterministic.
 The proxy is wired as the service wires it (L{tests.helpers.wired.Harness}): one
 L{UpstreamHealth} shared by the fetcher and the metadata. The upstream's catalogue has two
 products files: C{images.json} with two versions of one product, C{other.json} with one version
-of another. A failure marks the upstream offline; from then on misses fail fast with a 503 and
-the catalogue is cut down to what is stored, until a probe after the backoff finds it back.
+of another. A failure to reach the upstream, or a 5xx for its catalogue, marks it offline: the
+catalogue is cut down to what is stored, one request at a time probes the upstream (the others
+fail fast with a 503), and the first request after it is back finds it back. A failure of one
+file is that file's alone.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any, Callable
 
 import pytest
 import treq
+from twisted.internet.defer import Deferred
 from twisted.web.server import NOT_DONE_YET, Request
 
+from proxy.errors import Unavailable
 from proxy.health import DEFAULT_BASE_BACKOFF_SECONDS, FORCED_RETRY_AFTER_SECONDS
 from tests.helpers.harness import Closing
 from tests.helpers.scripted import BASE_URL, sha
@@ -25,6 +29,7 @@ from tests.helpers.wired import (
     TTL,
     Harness,
     catalogue_tree,
+    hang_up,
     meta_path,
     rootfs_path,
 )
@@ -123,25 +128,74 @@ def test_a_failing_metadata_refresh_marks_the_upstream_offline(h: Harness, fault
     index = h.json(INDEX)
     assert offline(h)
     assert list(index["index"]) == ["images"]
-    body = assert_fails_fast(h, rootfs_path(OS1, V2), retry=BACKOFF)
     if fault != "connection":
-        assert f"{fault} for {BASE_URL}/{INDEX}".encode() in body
+        assert f"{fault} for {BASE_URL}/{INDEX}" in h.health.describe()
+    # A miss meanwhile is the next probe: the upstream is still down, so it fails.
+    before = h.upstream_gets(rootfs_path(OS1, V2))
+    assert h.fetch(rootfs_path(OS1, V2))[0] == 502
+    assert h.upstream_gets(rootfs_path(OS1, V2)) == before + 1
+    assert offline(h)
 
 
-@pytest.mark.parametrize("fault", ["connection", "500", "502"])
-def test_a_failing_miss_marks_the_upstream_offline(h: Harness, fault: str) -> None:
+def test_a_miss_that_cannot_reach_the_upstream_marks_it_offline(h: Harness) -> None:
     fetch_catalogue(h)
-    break_upstream(h, fault)
+    h.upstream_down()
     code, _, _ = h.fetch(rootfs_path(OS1, V1))
     assert code == 502
     assert offline(h)
-    assert h.upstream_gets(rootfs_path(OS1, V1)) == 1
-    # Neither the same file nor another one is asked for until the backoff has run out.
-    assert_fails_fast(h, rootfs_path(OS1, V1), retry=BACKOFF)
-    h.clock.advance(2)
-    assert_fails_fast(h, meta_path(OS1, V1), retry=BACKOFF - 2)
-    assert h.upstream_gets(rootfs_path(OS1, V1)) == 1
-    assert h.upstream_gets(meta_path(OS1, V1)) == 0
+    assert list(h.json(IMAGES)["products"]) == []
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 403])
+def test_an_error_for_one_file_is_that_files_failure(h: Harness, status: int) -> None:
+    fetch_catalogue(h)
+    broken = rootfs_path(OS1, V1)
+    h.upstream.statuses[broken] = status
+    assert h.fetch(broken)[0] == 502
+    assert not offline(h)
+    # Every other file, and the whole catalogue when it is revalidated, is unaffected.
+    for path in (meta_path(OS1, V1), meta_path(OS1, V2), rootfs_path(OS1, V2)):
+        code, body, _ = h.fetch(path)
+        assert (code, body) == (200, h.files[path])
+    h.clock.advance(TTL + 1)
+    for path in (INDEX, IMAGES, OTHER):
+        code, body, _ = h.fetch(path)
+        assert (code, body) == (200, h.files[path])
+    # The next request for it tries again at once; a second failure in a row backs it off.
+    assert h.fetch(broken)[0] == 502
+    assert h.upstream_gets(broken) == 2
+    code, body, response = h.fetch(broken)
+    assert code == 502
+    assert retry_after(response) == [str(BACKOFF).encode()]
+    assert b"failed 2 times in a row" in body
+    assert h.upstream_gets(broken) == 2
+    assert not offline(h)
+    # Fixed upstream: once the backoff has run out the file comes, and is forgotten as failing.
+    del h.upstream.statuses[broken]
+    h.clock.advance(BACKOFF)
+    code, body, _ = h.fetch(broken)
+    assert (code, body) == (200, h.files[broken])
+    assert h.upstream_gets(broken) == 3
+
+
+def test_a_body_that_breaks_off_is_that_files_failure(h: Harness) -> None:
+    fetch_catalogue(h)
+    broken = rootfs_path(OS1, V1)
+
+    def half_then_hang_up(request: Request) -> Any:
+        data = h.files[broken]
+        request.setHeader(b"Content-Length", str(len(data)).encode())
+        request.write(data[: len(data) // 2])
+        return hang_up(request)
+
+    h.upstream.override[broken] = half_then_hang_up
+    code, body, _ = h.fetch(broken)
+    assert code != 200 or len(body) < len(h.files[broken])
+    assert not offline(h)
+    assert h.json(IMAGES) == upstream_doc(h, IMAGES)
+    del h.upstream.override[broken]
+    code, body, _ = h.fetch(broken)
+    assert (code, body) == (200, h.files[broken])
 
 
 def test_an_upstream_404_does_not_mark_it_offline(h: Harness) -> None:
@@ -187,7 +241,8 @@ def test_offline_catalogue_lists_only_versions_whose_files_are_all_stored(h: Har
         code, body, response = h.fetch(path)
         assert (code, body) == (200, h.files[path])
         assert response.headers.getRawHeaders(b"Accept-Ranges") == [b"bytes"]
-    assert h.upstream_gets() == before
+    # The catalogue requests probed the upstream; no hit asked it for anything.
+    assert {path for _, path, _ in h.upstream.requests[before:]} <= {INDEX, IMAGES, OTHER}
 
 
 def test_offline_catalogue_has_its_own_validators(h: Harness) -> None:
@@ -214,15 +269,16 @@ def test_offline_with_nothing_stored_lists_nothing(h: Harness) -> None:
 
 def test_offline_catalogue_follows_what_is_stored(h: Harness) -> None:
     fetch_catalogue(h)
-    h.upstream.statuses[rootfs_path(OS1, V2)] = 500
+    h.upstream_down()
     h.fetch(rootfs_path(OS1, V2))
     assert offline(h)
     assert h.json(IMAGES)["products"] == {}
-    # The probe after the backoff stores V1 (metadata first: the squashfs completes it).
-    h.clock.advance(BACKOFF)
+    # Back: the next request stores V1 (metadata first: the squashfs completes it).
+    h.upstream_up()
     h.fetch(meta_path(OS1, V1))
     assert not offline(h)
     h.fetch(rootfs_path(OS1, V1))
+    h.upstream_down()
     h.fetch(rootfs_path(OS1, V2))
     assert offline(h)
     # Seconds later: the view built in the first outage would now leave V1 out.
@@ -233,27 +289,21 @@ def test_offline_catalogue_follows_what_is_stored(h: Harness) -> None:
 # Coming back
 
 
-def test_after_the_backoff_a_miss_probes_and_recovery_restores_everything(h: Harness) -> None:
+def test_while_down_each_miss_probes_and_the_first_after_recovery_succeeds(h: Harness) -> None:
     fetch_catalogue(h)
     store_v1(h)
     h.upstream_down()
     assert h.fetch(rootfs_path(OS1, V2))[0] == 502
-    h.clock.advance(BACKOFF - 1)
-    assert_fails_fast(h, meta_path(OS1, V2), retry=1)
-
-    # The backoff has run out: the next miss goes to the upstream, which is still down.
-    h.clock.advance(1)
+    # Still down: the next miss tries at once, and fails like the first.
     before = h.upstream_gets()
     assert h.fetch(meta_path(OS1, V2))[0] == 502
-    assert h.upstream_gets() == before + 1
-    # Failed probes double the backoff.
-    assert_fails_fast(h, meta_path(OS1, V2), retry=2 * BACKOFF)
-    h.clock.advance(2 * BACKOFF - 1)
-    assert_fails_fast(h, meta_path(OS1, V2), retry=1)
+    assert h.upstream_gets(meta_path(OS1, V2)) == 1
     assert list(h.json(IMAGES)["products"][OS1]["versions"]) == [V1]
+    assert h.upstream_gets() > before
 
+    # A moment after the upstream is back, the first request gets what it asked for.
     h.upstream_up()
-    h.clock.advance(1)
+    h.clock.advance(0.1)
     code, body, _ = h.fetch(rootfs_path(OS1, V2))
     assert (code, body) == (200, h.files[rootfs_path(OS1, V2)])
     assert not offline(h)
@@ -264,6 +314,20 @@ def test_after_the_backoff_a_miss_probes_and_recovery_restores_everything(h: Har
     code, body, _ = h.fetch(meta_path(OS2, V1))
     assert (code, body) == (200, h.files[meta_path(OS2, V1)])
     assert h.upstream_gets(meta_path(OS2, V1)) == 1
+
+
+def test_a_catalogue_request_after_recovery_gets_the_whole_catalogue(h: Harness) -> None:
+    fetch_catalogue(h)
+    store_v1(h)
+    h.upstream_down()
+    h.fetch(rootfs_path(OS1, V2))
+    assert list(h.json(IMAGES)["products"][OS1]["versions"]) == [V1]
+    # The copies are fresh, but the first request after recovery asks the upstream all the same.
+    h.upstream_up()
+    for path in (INDEX, IMAGES, OTHER):
+        code, body, _ = h.fetch(path)
+        assert (code, body) == (200, h.files[path])
+    assert not offline(h)
 
 
 def test_a_metadata_refresh_after_the_backoff_probes_and_brings_the_catalogue_back(
@@ -390,3 +454,35 @@ def test_a_probe_answered_with_a_refused_redirect_ends_the_probe(h: Harness) -> 
     assert not offline(h)
     code, body, _ = h.fetch(rootfs_path(OS1, V2))
     assert (code, body) == (200, h.files[rootfs_path(OS1, V2)])
+
+
+# What takes the probe
+
+
+def test_a_head_miss_while_offline_takes_no_probe(h: Harness) -> None:
+    fetch_catalogue(h)
+    h.upstream_down()
+    h.fetch(rootfs_path(OS1, V1))
+    assert offline(h)
+    response = h.run(h.proxy.head(f"https://proxy.test/up/{meta_path(OS1, V1)}"))
+    assert response.code == 200
+    # It fetched nothing, so it must not have left a probe outstanding: a GET still probes.
+    assert not h.health.probing
+    before = h.upstream_gets(meta_path(OS1, V1))
+    h.fetch(meta_path(OS1, V1))
+    assert h.upstream_gets(meta_path(OS1, V1)) == before + 1
+
+
+def test_background_downloads_probe_only_after_the_backoff(h: Harness) -> None:
+    fetch_catalogue(h)
+    h.upstream_down()
+    h.fetch(rootfs_path(OS1, V1))
+    item = h.run(Deferred.fromCoroutine(h.metadata.item(meta_path(OS1, V1))))
+    assert item is not None
+    with pytest.raises(Unavailable):
+        h.fetcher.get("up", item, background=True)
+    h.clock.advance(BACKOFF)
+    h.upstream_up()
+    download = h.fetcher.get("up", item, background=True)
+    h.run(download.when_done())
+    assert not offline(h)
