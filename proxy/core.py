@@ -118,7 +118,8 @@ def build_core(
     # One engine for every upstream: files of simplestreams upstreams, exports of LXD ones.
     fetcher = Fetcher(
         client, store, index, reactor, config.upstreams, config.cache.download_idle_timeout,
-        make_room=lifecycle.make_room_later, health=health, disk=disk, settled=in_use.settled,
+        make_room=lifecycle.make_room_later, room_to_receive=lifecycle.room_to_receive_later,
+        health=health, disk=disk, settled=in_use.settled,
         writeback=workers.writeback,
     )
     agents = ClientAgents()

@@ -13,7 +13,9 @@ what it must turn out to be. The rest is done here, once, for both:
   - one commit path: verified bytes, then room, then the fsync and link on the disk worker,
     then the index records, then the followers told; a file is in the index only once its bytes
     and its directory entry are durable;
-  - one rule when there is no room: the clients get their bytes, the cache does not keep them.
+  - one rule when there is no room: the clients get their bytes, the cache does not keep them;
+    and one when there is not even room to receive them: the clients get a 507 before any
+    header, and the upstream is not asked.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from twisted.web.iweb import IResponse
 from proxy.blobs import BlobStore, PartialBlob
 from proxy.catalogue import Item
 from proxy.config import LXD, UpstreamConfig
-from proxy.errors import NotFound, ProxyError, UpstreamFailed
+from proxy.errors import InsufficientStorage, NotFound, ProxyError, UpstreamFailed
 from proxy.fetch import DEFAULT_IDLE_TIMEOUT_SECONDS, Download, FetchedItem, Job, Verified
 from proxy.health import FileFailures, UpstreamHealth
 from proxy.index import CacheIndex, FileRecord
@@ -64,6 +66,7 @@ class Fetcher:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
         *,
         make_room: Callable[[int], "bool | Deferred[bool]"] | None = None,
+        room_to_receive: Callable[[int], "Deferred[bool]"] | None = None,
         health: Mapping[str, UpstreamHealth] | None = None,
         disk: Run = inline,
         settled: Callable[[Iterable[str]], Awaitable[None]] | None = None,
@@ -81,6 +84,7 @@ class Fetcher:
         self._upstreams = {u.name: u for u in upstreams}
         self._idle_timeout = idle_timeout
         self._make_room = make_room
+        self._room_to_receive = room_to_receive
         self._health = dict(health or {})
         self._file_failures = FileFailures(clock)
         # By kind as well as key: a unified image's fingerprint is the sha256 of its one file,
@@ -182,6 +186,12 @@ class Fetcher:
     async def _run(self, kind: type[Job], job: Job) -> None:
         answered = False
         try:
+            if self._room_to_receive is not None and job.size > 0:
+                if not await self._room_to_receive(job.size):
+                    raise InsufficientStorage(
+                        f"no room on the cache's file system to receive {job.subject} "
+                        f"({job.size} bytes), even after evicting what may go"
+                    )
             response = await self._ask(job)
             answered = True
             await self._take(job, response)
@@ -189,7 +199,7 @@ class Fetcher:
             error = as_proxy_error(Failure(e), job.transfer_subject)
             # Before an answer, a connection, TLS or timeout failure is the upstream's (its
             # health has it); anything after, or a refused redirect, is this file's alone.
-            if answered or isinstance(e, ProxyError):
+            if answered or (isinstance(e, ProxyError) and not isinstance(e, InsufficientStorage)):
                 self._file_failures.failed((kind, job.key), error, job.url)
             self.log.warn(
                 "download of {url} failed, nothing cached: {reason}", url=job.url, reason=error.message,
@@ -250,8 +260,8 @@ class Fetcher:
             # follower holds its file open), the cache does not keep them.
             index.note_not_stored()
             self.log.warn(
-                "not storing {url} ({size} bytes): the cache is full of files that may not be "
-                "evicted (pinned, in use or downloading)", url=job.url, size=needed,
+                "not storing {url} ({size} bytes): no room within the cache's limits (the line "
+                "before says which); its clients get it all the same", url=job.url, size=needed,
             )
             job.committed(verified, [f.partial.path for f in verified.files], stored=False)
             # Deleted on the next turn rather than now: get() may have handed this download to

@@ -57,3 +57,9 @@ class Unavailable(ProxyError):
 
 class UpstreamTimeout(ProxyError):
     code = 504
+
+
+class InsufficientStorage(ProxyError):
+    """A miss that cannot be received: the cache's file system has no room even for its temp file."""
+
+    code = 507

@@ -301,6 +301,46 @@ class CacheLifecycle:
         """L{gc} on the worker, one operation at a time."""
         return self._lock.run(lambda: self._work(heavy(self.gc), self._now()))
 
+    def room_to_receive_later(self, size: int) -> "Deferred[bool]":
+        """
+        Whether a download of C{size} bytes can be written to the cache's file system (its
+        temp file needs the space whether or not it is kept), evicting least recently used
+        files for it when it cannot. The free space is read on the worker; only a download that
+        does not fit waits for the lock.
+        """
+        def fits() -> bool:
+            return self.free_bytes() >= size
+
+        def evict_for_it() -> "Deferred[bool]":
+            return self._lock.run(
+                lambda: self._work(heavy(self.room_to_receive), size, self._now())
+            )
+
+        return self._work(fits).addCallback(lambda ok: True if ok else evict_for_it())
+
+    def room_to_receive(self, size: int, now: _Now | None = None) -> bool:
+        """L{room_to_receive_later}'s work: evict until C{size} bytes are free, if that can be."""
+        free = self.free_bytes()
+        if free >= size:
+            return True
+        now = self._now() if now is None else now
+        records = self._records(now)
+        plan = plan_eviction(records, size, self._index.total_size(), None, free, 0, self._protected(now))
+        release(records)
+        if plan is None:
+            self.log.warn(
+                "no room to receive {size} bytes: the cache's file system has {free} bytes free "
+                "and too few stored files may be evicted (pinned, in use or downloading)",
+                size=size, free=free,
+            )
+            return False
+        removed = self._remove(plan)
+        self.log.info(
+            "evicted {count} least recently used files ({freed} bytes) to receive {size} bytes",
+            count=len(removed), freed=sum(r.size for r in removed), size=size,
+        )
+        return free + sum(r.size for r in removed) >= size
+
     def make_room(self, size: int, written: bool = True, now: _Now | None = None) -> bool:
         """Evict what must go before a file of C{size} bytes is stored.
 
@@ -334,10 +374,16 @@ class CacheLifecycle:
             plan = plan_eviction(records, size, used, max_size, free, min_free, self._protected(now))
             release(records)
             if plan is None:
+                limits = []
+                if max_size is not None and used + size > max_size:
+                    limits.append(f"storing it would exceed max_size ({used} of {max_size} bytes stored)")
+                if free - size < min_free:
+                    limits.append(f"it would leave {free - size} bytes free, less than min_free ({min_free})")
                 self.log.warn(
-                    "no room for a file of {size} bytes: {used} bytes stored (cap {max_size}),"
-                    " {free} bytes free (floor {min_free}), and not enough may be evicted",
-                    size=size, used=used, max_size=max_size, free=free, min_free=min_free,
+                    "no room to store a file of {size} bytes: {limits}, and too few stored files"
+                    " may be evicted (pinned, in use or downloading)",
+                    size=size, limits=" and ".join(limits), used=used, max_size=max_size,
+                    free=free, min_free=min_free,
                 )
                 return False
             removed = self._remove(plan)

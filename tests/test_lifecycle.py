@@ -298,6 +298,47 @@ def test_make_room_with_min_free(cache: Cache, tmp_path: Path) -> None:
     assert cache.stored() == set()
 
 
+def test_make_room_names_the_limit_that_binds(cache: Cache, tmp_path: Path, logged: Logged) -> None:
+    cache.add("pinned", 1000, last_used_at=NOW, cached=False)
+    assert cache.lifecycle(config(tmp_path, min_free=10_000), free=9_000).make_room(500) is False
+    assert cache.lifecycle(config(tmp_path, max_size=1200), free=10**9).make_room(500) is False
+    lines = [e["log_format"].format(**e) for e in logged.starting("no room")]
+    assert "it would leave 9000 bytes free, less than min_free (10000)" in lines[0]
+    assert "max_size" not in lines[0]
+    assert "would exceed max_size (1000 of 1200 bytes stored)" in lines[1]
+    assert "min_free" not in lines[1]
+
+
+def test_room_to_receive_needs_the_bytes_free_on_the_file_system(
+    cache: Cache, tmp_path: Path, logged: Logged
+) -> None:
+    old = cache.add("old", 1000, last_used_at=NOW - 3 * DAY)
+    new = cache.add("new", 1000, last_used_at=NOW - 1 * DAY)
+    pinned = cache.add("pinned", 1000, last_used_at=NOW - 9 * DAY, cached=False)
+    # No limit is configured; the file system's own free space is what counts.
+    cfg = config(tmp_path)
+    assert cache.lifecycle(cfg, free=800).room_to_receive(800) is True
+    assert cache.stored() == {old.sha256, new.sha256, pinned.sha256}
+    # 500 short: the least recently used cached file goes.
+    assert cache.lifecycle(cfg, free=300).room_to_receive(800) is True
+    assert cache.stored() == {new.sha256, pinned.sha256}
+    # More than every evictable file frees: nothing goes, and the line says why.
+    assert cache.lifecycle(cfg, free=300).room_to_receive(5000) is False
+    assert cache.stored() == {new.sha256, pinned.sha256}
+    assert any(
+        e["log_format"].format(**e).startswith("no room to receive 5000 bytes: the cache's file system has 300")
+        for e in logged.starting("no room")
+    )
+
+
+def test_room_to_receive_later_takes_the_lock_only_when_short(cache: Cache, tmp_path: Path) -> None:
+    lifecycle = cache.lifecycle(config(tmp_path), free=1000)
+    results: list[bool] = []
+    lifecycle.room_to_receive_later(1000).addCallback(results.append)
+    lifecycle.room_to_receive_later(1001).addCallback(results.append)
+    assert results == [True, False]
+
+
 def test_make_room_without_limits_does_nothing(cache: Cache, tmp_path: Path) -> None:
     cache.add("a", 1000, last_used_at=0)
     lifecycle = cache.lifecycle(config(tmp_path), free=0)

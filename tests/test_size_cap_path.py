@@ -387,3 +387,31 @@ def test_the_floor_and_the_cap_together(make: MakeHarness) -> None:
     # The cap would keep three; the floor keeps two.
     assert stored(h) == {1, 2}
     assert bytes_on_disk(h.store) - metadata == 2 * SIZE
+
+
+# A full file system
+
+
+def test_a_miss_with_no_room_to_receive_it_is_a_507_before_any_header(
+    make: MakeHarness, logged: Logged
+) -> None:
+    metadata = len(FILES[INDEX]) + len(FILES[IMAGES])
+    # Room for two squashfs files and nothing else; both pinned, so nothing may be evicted.
+    h = make(capacity=metadata + 2 * SIZE)
+    miss(h, 0)
+    miss(h, 1)
+    pin(h, 0)
+    pin(h, 1)
+    code, body, _ = h.fetch(rootfs(2))
+    assert code == 507
+    assert body.startswith(b"no room on the cache's file system to receive")
+    # The upstream was not asked, nothing was written, and the upstream is not to blame.
+    assert h.upstream_gets(rootfs(2)) == 0
+    assert h.temp_files() == []
+    assert not h.health.offline
+    assert any("no room to receive 1000 bytes" in line for line in logged.lines(LogLevel.warn))
+    # Room again (an unpinned file may go): the next request for it is served and stored.
+    assert h.index.set_flags(digest(0), cached=True, auto_update=False) is not None
+    h.clock.advance(10)
+    miss(h, 2)
+    assert stored(h) == {1, 2}

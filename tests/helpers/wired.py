@@ -171,7 +171,8 @@ class Harness(CacheHarness):
             )
         self.fetcher = Fetcher(
             self.client, self.store, self.index, self.clock, [UpstreamConfig("up", BASE_URL)], IDLE,
-            make_room=self.lifecycle.make_room, health={"up": self.health},
+            make_room=self.lifecycle.make_room, room_to_receive=self.lifecycle.room_to_receive_later,
+            health={"up": self.health},
         )
         self.metadata = UpstreamMetadata(
             "up", BASE_URL, self.client, self.store, self.index, self.clock,
