@@ -175,7 +175,12 @@ class Fetcher:
         health = self._health.get(upstream)
         if health is not None:
             health.check(subject, background=background)
-        job = make()
+        try:
+            job = make()
+        except BaseException:
+            if health is not None:
+                health.end_probe(f"the download of {subject} could not start")
+            raise
         job.background = background
         self._inflight[(kind, key)] = job
         Deferred.fromCoroutine(self._run(kind, job))
@@ -188,6 +193,9 @@ class Fetcher:
         try:
             if self._room_to_receive is not None and job.size > 0:
                 if not await self._room_to_receive(job.size):
+                    health = self._health.get(job.upstream)
+                    if health is not None:
+                        health.end_probe(f"no room to receive {job.subject}")
                     raise InsufficientStorage(
                         f"no room on the cache's file system to receive {job.subject} "
                         f"({job.size} bytes), even after evicting what may go"

@@ -251,11 +251,20 @@ class UpstreamHealth:
         if code < 500:
             self.record_success()
         elif self._probe_started_at is not None:
-            self._probe_started_at = None
-            self.log.debug(
-                "probe of upstream {upstream} got {code} for {url}: that file's failure, "
-                "still offline", upstream=self.name, code=code, url=url,
-            )
+            self.end_probe(f"{code} for {url}: that file's failure")
+
+    def end_probe(self, why: str) -> None:
+        """
+        The request let through by L{may_try} ended without telling whether the upstream is
+        back (C{why}, for the debug log): the next request may probe.
+        """
+        if self._probe_started_at is None:
+            return
+        self._probe_started_at = None
+        self.log.debug(
+            "probe of upstream {upstream} ended without a verdict ({why}); still offline",
+            upstream=self.name, why=why,
+        )
 
     def record_error(self, error: BaseException, url: str) -> None:
         """

@@ -369,3 +369,13 @@ def test_the_table_is_bounded(clock: Clock) -> None:
     files.check("a")
     with pytest.raises(ProxyError):
         files.check("e")
+
+
+def test_a_probe_ended_without_a_verdict_lets_the_next_request_probe(clock: Clock) -> None:
+    health = UpstreamHealth("images", clock)
+    health.record_failure("connection refused", transport=True)
+    assert health.may_try()
+    assert not health.may_try()
+    health.end_probe("the download could not start")
+    assert offline(health)
+    assert health.may_try()

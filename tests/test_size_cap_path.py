@@ -415,3 +415,13 @@ def test_a_miss_with_no_room_to_receive_it_is_a_507_before_any_header(
     h.clock.advance(10)
     miss(h, 2)
     assert stored(h) == {1, 2}
+
+
+def test_no_room_while_offline_leaves_no_probe_outstanding(make: MakeHarness) -> None:
+    metadata = len(FILES[INDEX]) + len(FILES[IMAGES])
+    h = make(capacity=metadata + SIZE)
+    miss(h, 0)
+    pin(h, 0)
+    h.health.record_failure("connection refused", transport=True)
+    assert h.fetch(rootfs(1))[0] == 507
+    assert not h.health.probing
