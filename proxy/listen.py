@@ -134,7 +134,8 @@ def sniffing_tls_factory(
     tls_options: IOpenSSLServerConnectionCreator, factory: IProtocolFactory, clock: IReactorTime
 ) -> SniffingFactory:
     """The factory L{listen_tls} listens with: sniffing, then TLS around C{factory}."""
-    return SniffingFactory(TLSMemoryBIOFactory(tls_options, False, factory), clock)
+    # The TLS layer gathers small writes until the clock's next turn.
+    return SniffingFactory(TLSMemoryBIOFactory(tls_options, False, factory, clock), clock)
 
 
 def listen_tls(

@@ -19,6 +19,7 @@ from twisted.python.filepath import FilePath
 from twisted.web.server import Site
 
 from proxy.blobs import BlobStore
+from proxy.channel import HeadLimits, ProxySite
 from proxy.config import Config, read_pem_certificates
 # FAMILIES is named here too, for code that wires the faces as the service does.
 from proxy.core import CLOSE_TIMEOUT_SECONDS, FAMILIES as FAMILIES, build_core
@@ -177,7 +178,11 @@ class CacheService(Service):
         banner = "lxd-image-proxy: a caching proxy for LXD and Incus images.\nUpstreams:\n" + "".join(
             f"  /{u.name}/ -> {u.url}\n" for u in self.config.upstreams
         )
-        site = Site(RootResource(upstreams, banner, others))
+        site = ProxySite(
+            RootResource(upstreams, banner, others),
+            HeadLimits.from_config(self.config.server),
+            self.reactor,
+        )
         site.displayTracebacks = False
         return site
 
