@@ -65,6 +65,7 @@ DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 15 * SECONDS
 DEFAULT_MAX_REQUEST_LINE = 8 * 1024
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 DEFAULT_MAX_HEADERS = 100
+DEFAULT_MAX_CONNECTIONS = 4096
 # Below this a request line or header section could not carry an ordinary LXD request.
 MIN_HEAD_LIMIT_BYTES = 1024
 # LXD's own images.remote_cache_expiry, images.auto_update_interval and
@@ -110,6 +111,8 @@ class ServerConfig:
     @ivar max_request_line: the longest request line in bytes (longer: 414).
     @ivar max_header_bytes: the most bytes of header lines in one request (more: 431).
     @ivar max_headers: the most header fields in one request (more: 431).
+    @ivar max_connections: the most client connections open at once; more are closed as
+        soon as they are accepted.  The service may lower it to fit the open-file limit.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -123,6 +126,7 @@ class ServerConfig:
     max_request_line: int = DEFAULT_MAX_REQUEST_LINE
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_headers: int = DEFAULT_MAX_HEADERS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 @frozen
@@ -558,6 +562,7 @@ _SERVER_KEYS = {
     "max_request_line",
     "max_header_bytes",
     "max_headers",
+    "max_connections",
 }
 
 
@@ -604,6 +609,7 @@ def _parse_server(table: Mapping[str, Any], base_dir: str) -> ServerConfig:
         max_request_line=_head_limit(table, "max_request_line", defaults.max_request_line),
         max_header_bytes=_head_limit(table, "max_header_bytes", defaults.max_header_bytes),
         max_headers=_count(table, "max_headers", prefix, defaults.max_headers),
+        max_connections=_count(table, "max_connections", prefix, defaults.max_connections),
     )
 
 

@@ -18,6 +18,13 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.web.server import Site
 
+from proxy.admission import (
+    FDS_PER_CONNECTION,
+    RESERVED_FDS,
+    ConnectionCap,
+    fitting_cap,
+    raise_open_file_limit,
+)
 from proxy.blobs import BlobStore
 from proxy.channel import HeadLimits, ProxySite
 from proxy.config import Config, read_pem_certificates
@@ -200,6 +207,8 @@ class ListenService(Service):
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[list[int]] = Deferred()
         self.cert_path = ""
+        # Shared by every listener; set when listening starts.
+        self.cap: ConnectionCap | None = None
         self._listening_started = False
 
     def privilegedStartService(self) -> None:
@@ -232,7 +241,10 @@ class ListenService(Service):
         self.cert_path = cert_path
         self.certificate.pem = leaf.public_bytes(serialization.Encoding.PEM).decode("ascii")
         self.certificate.fingerprint = certificate_fingerprint(cert_path)
-        listening = [listen_tls(self.reactor, desc, options, self.site) for desc in server.listen]
+        self.cap = ConnectionCap(self._connection_cap(), self.reactor)
+        listening = [
+            listen_tls(self.reactor, desc, options, self.site, self.cap) for desc in server.listen
+        ]
         outcome: list[list[tuple[bool, Any]]] = []
         all_listening = DeferredList(listening, consumeErrors=True)
         all_listening.addCallback(outcome.append)
@@ -242,6 +254,26 @@ class ListenService(Service):
             self._listening(outcome[0])
         else:
             all_listening.addCallback(lambda _: self._listening(outcome[0]))
+
+    def _connection_cap(self) -> int:
+        limit = raise_open_file_limit()
+        if limit.soft != limit.before:
+            log.info(
+                "open-file limit raised from {before} to {soft} (the hard limit is {hard})",
+                before=limit.before, soft=limit.soft, hard=limit.hard,
+            )
+        configured = self.config.server.max_connections
+        cap = fitting_cap(configured, limit.soft)
+        if cap < configured:
+            log.warn(
+                "server.max_connections = {configured} does not fit in the open-file limit "
+                "of {soft} ({per} per connection and {reserve} kept for the rest): at most "
+                "{cap} client connections at once; raise the limit (LimitNOFILE= in the "
+                "systemd unit, ulimit -n) to allow more",
+                configured=configured, soft=limit.soft, per=FDS_PER_CONNECTION,
+                reserve=RESERVED_FDS, cap=cap,
+            )
+        return cap
 
     def _listening(self, results: list[tuple[bool, Any]]) -> None:
         failures = [r for ok, r in results if not ok]

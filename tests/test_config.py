@@ -75,6 +75,7 @@ def test_default_config_whole() -> None:
             max_request_line=8192,
             max_header_bytes=32768,
             max_headers=100,
+            max_connections=4096,
         ),
         cache=CacheConfig(
             dir=default_state_dir(),
@@ -237,6 +238,7 @@ keepalive_timeout = "75s"
 max_request_line = "16KiB"
 max_header_bytes = 65536
 max_headers = 64
+max_connections = 512
 
 [cache]
 dir = "state"
@@ -290,6 +292,7 @@ type = "virtual-machine"
             max_request_line=16384,
             max_header_bytes=65536,
             max_headers=64,
+            max_connections=512,
         ),
         cache=CacheConfig(
             dir=str(tmp_path / "state"),
@@ -472,6 +475,8 @@ def test_duration_bounds(tmp_path: Path) -> None:
          'server.max_header_bytes: expected at least 1024 bytes, got "1000B"'),
         ("max_headers = 0", "server.max_headers: expected 1 or more, got 0"),
         ('max_headers = "100"', 'server.max_headers: expected a whole number, got "100"'),
+        ("max_connections = 0", "server.max_connections: expected 1 or more, got 0"),
+        ("max_connections = 1.5", "server.max_connections: expected a whole number, got 1.5"),
     ],
 )
 def test_connection_limit_errors(tmp_path: Path, text: str, sentence: str) -> None:
@@ -501,7 +506,7 @@ def test_connection_limit_units(tmp_path: Path) -> None:
          "pins: unknown table; expected one of cache, lxd_api, pin, server, upstreams"),
         ('[server]\nlisen = ["8443"]\n',
          "server.lisen: unknown key; expected one of keepalive_timeout, listen, "
-         "max_header_bytes, max_headers, max_request_line, port_file, "
+         "max_connections, max_header_bytes, max_headers, max_request_line, port_file, "
          "request_head_timeout, tls_cert, tls_handshake_timeout, tls_key, tls_names"),
         ("[cache]\ndirectory = 'x'\n",
          "cache.directory: unknown key; expected one of auto_update_cached, "
