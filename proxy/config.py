@@ -5,7 +5,8 @@ Every problem a configuration file can have becomes one L{ConfigError} whose mes
 single sentence naming the key (``cache.metadata_ttl: expected ...``), so that twistd can
 show it to the admin without a traceback.
 
-Sizes (C{cache.max_size}, C{cache.min_free}) are whole bytes or strings with a unit, decimal
+Sizes (C{cache.max_size}, C{cache.min_free}, C{server.max_request_line},
+C{server.max_header_bytes}) are whole bytes or strings with a unit, decimal
 (C{"500MB"}, powers of 1000) or binary (C{"200GiB"}, powers of 1024); see L{parse_size}.
 
 Relative paths in a configuration file (``cache.dir``, ``server.tls_cert``,
@@ -54,6 +55,19 @@ DEFAULT_METADATA_TTL_SECONDS = 5 * MINUTE
 DEFAULT_DOWNLOAD_IDLE_TIMEOUT_SECONDS = 60 * SECONDS
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 30 * SECONDS
 DEFAULT_USAGE_FLUSH_INTERVAL_SECONDS = 10 * SECONDS
+# Client connections: deadlines and limits near nginx's and Varnish's defaults
+# (client_header_timeout 60 s, keepalive_timeout 75 s, large_client_header_buffers 4 8k;
+# http_req_hdr_len 8k, http_req_size 32k, http_max_hdr 64), a little tighter where an LXD
+# or Incus client never comes near them.
+DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS = 30 * SECONDS
+DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS = 10 * SECONDS
+DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 15 * SECONDS
+DEFAULT_MAX_REQUEST_LINE = 8 * 1024
+DEFAULT_MAX_HEADER_BYTES = 32 * 1024
+DEFAULT_MAX_HEADERS = 100
+DEFAULT_MAX_CONNECTIONS = 4096
+# Below this a request line or header section could not carry an ordinary LXD request.
+MIN_HEAD_LIMIT_BYTES = 1024
 # LXD's own images.remote_cache_expiry, images.auto_update_interval and
 # images.auto_update_cached defaults (PROTOCOLS.md §4), so the LAN cache behaves like a host's.
 DEFAULT_EXPIRY_DAYS = 10.0
@@ -88,6 +102,17 @@ class ServerConfig:
         them is the name LXD clients will check.
     @ivar port_file: where to write the bound port numbers once listening, or C{""} to only
         log them.
+    @ivar request_head_timeout: seconds from the first byte of a request to the end of its
+        head (request line and headers), for every request on a connection.
+    @ivar tls_handshake_timeout: seconds from a connection's first byte to the end of its TLS
+        handshake.
+    @ivar keepalive_timeout: seconds a connection may wait, with no request in progress,
+        for the first byte of its next request.
+    @ivar max_request_line: the longest request line in bytes (longer: 414).
+    @ivar max_header_bytes: the most bytes of header lines in one request (more: 431).
+    @ivar max_headers: the most header fields in one request (more: 431).
+    @ivar max_connections: the most client connections open at once; more are closed as
+        soon as they are accepted.  The service may lower it to fit the open-file limit.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -95,6 +120,13 @@ class ServerConfig:
     tls_key: str = ""
     tls_names: tuple[str, ...] = ()
     port_file: str = ""
+    request_head_timeout: float = DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
+    tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS
+    keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
+    max_request_line: int = DEFAULT_MAX_REQUEST_LINE
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_headers: int = DEFAULT_MAX_HEADERS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
 
 @frozen
@@ -518,7 +550,20 @@ def read_pem_private_key(path: str, key: str) -> PrivateKeyTypes:
 
 # -- [server] ------------------------------------------------------------------------------
 
-_SERVER_KEYS = {"listen", "tls_cert", "tls_key", "tls_names", "port_file"}
+_SERVER_KEYS = {
+    "listen",
+    "tls_cert",
+    "tls_key",
+    "tls_names",
+    "port_file",
+    "request_head_timeout",
+    "tls_handshake_timeout",
+    "keepalive_timeout",
+    "max_request_line",
+    "max_header_bytes",
+    "max_headers",
+    "max_connections",
+}
 
 
 def _parse_server(table: Mapping[str, Any], base_dir: str) -> ServerConfig:
@@ -547,13 +592,34 @@ def _parse_server(table: Mapping[str, Any], base_dir: str) -> ServerConfig:
     names_values = _string_list(table, "tls_names", prefix) or []
     tls_names = tuple(_tls_name(v) for v in names_values)
     port_file = _resolve(base_dir, _string(table, "port_file", prefix))
+    defaults = ServerConfig()
+
+    def duration(key: str, default: float) -> float:
+        return _duration(table, key, prefix, default, False)
+
     return ServerConfig(
         listen=listen,
         tls_cert=tls_cert,
         tls_key=tls_key,
         tls_names=tls_names,
         port_file=port_file,
+        request_head_timeout=duration("request_head_timeout", defaults.request_head_timeout),
+        tls_handshake_timeout=duration("tls_handshake_timeout", defaults.tls_handshake_timeout),
+        keepalive_timeout=duration("keepalive_timeout", defaults.keepalive_timeout),
+        max_request_line=_head_limit(table, "max_request_line", defaults.max_request_line),
+        max_header_bytes=_head_limit(table, "max_header_bytes", defaults.max_header_bytes),
+        max_headers=_count(table, "max_headers", prefix, defaults.max_headers),
+        max_connections=_count(table, "max_connections", prefix, defaults.max_connections),
     )
+
+
+def _head_limit(table: Mapping[str, Any], key: str, default: int) -> int:
+    size = _size(table, key, "server", default, False)
+    if size < MIN_HEAD_LIMIT_BYTES:
+        raise ConfigError(
+            f"server.{key}: expected at least {MIN_HEAD_LIMIT_BYTES} bytes, got {_show(table[key])}"
+        )
+    return size
 
 
 def _check_certificate_pair(cert_path: str, key_path: str) -> None:

@@ -6,6 +6,9 @@ falls back to HTTPS only when that attempt fails.  If the port swallowed the pla
 (a TLS server waiting for a ClientHello), each file would stall until a client timeout, so
 the first byte of each connection is sniffed: a TLS handshake record goes to TLS, anything
 else gets a short C{400} telling the user to use C{https://}, and the connection is closed.
+
+With a L{ConnectionCap}, a connection over the cap is closed as soon as it is accepted,
+before any byte is read.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
+
+from proxy.admission import ConnectionCap
 
 # The content type byte of a TLS handshake record, which every ClientHello starts with.
 TLS_HANDSHAKE_RECORD = 0x16
@@ -56,9 +61,12 @@ class SniffingProtocol(Protocol):
 
     log = Logger()
 
-    def __init__(self, tls_factory: IProtocolFactory, clock: IReactorTime) -> None:
+    def __init__(
+        self, tls_factory: IProtocolFactory, clock: IReactorTime, cap: ConnectionCap | None = None
+    ) -> None:
         self._tls_factory = tls_factory
         self._clock = clock
+        self._cap = cap
         self._delegate: IProtocol | None = None
         self._answered = False
         self._timeout: IDelayedCall | None = None
@@ -101,18 +109,27 @@ class SniffingProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timeout()
+        if self._cap is not None:
+            self._cap.release()
+            self._cap = None
         if self._delegate is not None:
             self._delegate.connectionLost(reason)
 
 
 class SniffingFactory(Factory):
-    """Builds a L{SniffingProtocol} per connection; starts and stops the TLS factory with it."""
+    """
+    Builds a L{SniffingProtocol} per connection admitted by C{cap}; starts and stops the
+    TLS factory with it.
+    """
 
     noisy = False
 
-    def __init__(self, tls_factory: IProtocolFactory, clock: IReactorTime) -> None:
+    def __init__(
+        self, tls_factory: IProtocolFactory, clock: IReactorTime, cap: ConnectionCap | None = None
+    ) -> None:
         self._tls_factory = tls_factory
         self._clock = clock
+        self._cap = cap
 
     def logPrefix(self) -> str:
         # Shown by the port: "HTTPS starting on 8443".
@@ -124,17 +141,24 @@ class SniffingFactory(Factory):
     def stopFactory(self) -> None:
         self._tls_factory.doStop()
 
-    def buildProtocol(self, addr: IAddress | None) -> Protocol:
-        protocol = SniffingProtocol(self._tls_factory, self._clock)
+    def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
+        if self._cap is not None and not self._cap.admit():
+            # The port closes the accepted socket at once.
+            return None
+        protocol = SniffingProtocol(self._tls_factory, self._clock, self._cap)
         protocol.factory = self
         return protocol
 
 
 def sniffing_tls_factory(
-    tls_options: IOpenSSLServerConnectionCreator, factory: IProtocolFactory, clock: IReactorTime
+    tls_options: IOpenSSLServerConnectionCreator,
+    factory: IProtocolFactory,
+    clock: IReactorTime,
+    cap: ConnectionCap | None = None,
 ) -> SniffingFactory:
     """The factory L{listen_tls} listens with: sniffing, then TLS around C{factory}."""
-    return SniffingFactory(TLSMemoryBIOFactory(tls_options, False, factory), clock)
+    # The TLS layer gathers small writes until the clock's next turn.
+    return SniffingFactory(TLSMemoryBIOFactory(tls_options, False, factory, clock), clock, cap)
 
 
 def listen_tls(
@@ -142,6 +166,7 @@ def listen_tls(
     description: str,
     tls_options: IOpenSSLServerConnectionCreator,
     factory: IProtocolFactory,
+    cap: ConnectionCap | None = None,
 ) -> Deferred[IListeningPort]:
     """
     Listen on the plain TCP endpoint C{description} and serve C{factory} over TLS there,
@@ -149,8 +174,9 @@ def listen_tls(
 
     @param reactor: the reactor to listen with; it must also provide C{IReactorTCP}.
     @param tls_options: e.g. L{proxy.tls.server_tls_options}.
+    @param cap: the cap on client connections open at once, shared by every listener.
     @return: fires with the listening port, or fails with
         L{twisted.internet.error.CannotListenError}.
     """
     endpoint = serverFromString(reactor, description)
-    return endpoint.listen(sniffing_tls_factory(tls_options, factory, reactor))
+    return endpoint.listen(sniffing_tls_factory(tls_options, factory, reactor, cap))

@@ -18,7 +18,15 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.web.server import Site
 
+from proxy.admission import (
+    FDS_PER_CONNECTION,
+    RESERVED_FDS,
+    ConnectionCap,
+    fitting_cap,
+    raise_open_file_limit,
+)
 from proxy.blobs import BlobStore
+from proxy.channel import HeadLimits, ProxySite
 from proxy.config import Config, read_pem_certificates
 # FAMILIES is named here too, for code that wires the faces as the service does.
 from proxy.core import CLOSE_TIMEOUT_SECONDS, FAMILIES as FAMILIES, build_core
@@ -177,7 +185,11 @@ class CacheService(Service):
         banner = "lxd-image-proxy: a caching proxy for LXD and Incus images.\nUpstreams:\n" + "".join(
             f"  /{u.name}/ -> {u.url}\n" for u in self.config.upstreams
         )
-        site = Site(RootResource(upstreams, banner, others))
+        site = ProxySite(
+            RootResource(upstreams, banner, others),
+            HeadLimits.from_config(self.config.server),
+            self.reactor,
+        )
         site.displayTracebacks = False
         return site
 
@@ -195,6 +207,8 @@ class ListenService(Service):
         self.ports: list[IListeningPort] = []
         self.ready: Deferred[list[int]] = Deferred()
         self.cert_path = ""
+        # Shared by every listener; set when listening starts.
+        self.cap: ConnectionCap | None = None
         self._listening_started = False
 
     def privilegedStartService(self) -> None:
@@ -227,7 +241,10 @@ class ListenService(Service):
         self.cert_path = cert_path
         self.certificate.pem = leaf.public_bytes(serialization.Encoding.PEM).decode("ascii")
         self.certificate.fingerprint = certificate_fingerprint(cert_path)
-        listening = [listen_tls(self.reactor, desc, options, self.site) for desc in server.listen]
+        self.cap = ConnectionCap(self._connection_cap(), self.reactor)
+        listening = [
+            listen_tls(self.reactor, desc, options, self.site, self.cap) for desc in server.listen
+        ]
         outcome: list[list[tuple[bool, Any]]] = []
         all_listening = DeferredList(listening, consumeErrors=True)
         all_listening.addCallback(outcome.append)
@@ -237,6 +254,26 @@ class ListenService(Service):
             self._listening(outcome[0])
         else:
             all_listening.addCallback(lambda _: self._listening(outcome[0]))
+
+    def _connection_cap(self) -> int:
+        limit = raise_open_file_limit()
+        if limit.soft != limit.before:
+            log.info(
+                "open-file limit raised from {before} to {soft} (the hard limit is {hard})",
+                before=limit.before, soft=limit.soft, hard=limit.hard,
+            )
+        configured = self.config.server.max_connections
+        cap = fitting_cap(configured, limit.soft)
+        if cap < configured:
+            log.warn(
+                "server.max_connections = {configured} does not fit in the open-file limit "
+                "of {soft} ({per} per connection and {reserve} kept for the rest): at most "
+                "{cap} client connections at once; raise the limit (LimitNOFILE= in the "
+                "systemd unit, ulimit -n) to allow more",
+                configured=configured, soft=limit.soft, per=FDS_PER_CONNECTION,
+                reserve=RESERVED_FDS, cap=cap,
+            )
+        return cap
 
     def _listening(self, results: list[tuple[bool, Any]]) -> None:
         failures = [r for ok, r in results if not ok]

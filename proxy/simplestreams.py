@@ -22,6 +22,7 @@ from proxy.catalogue import Family, Item
 from proxy.errors import NotFound
 from proxy.files import CacheFiles
 from proxy.metadata import SimplestreamsMetadata
+from proxy.request_target import READ_METHODS
 from proxy.streaming import CompleteFile
 from proxy.web import AsyncResource, relative_path, serve_bytes, serve_file
 
@@ -137,6 +138,18 @@ class RootResource(Resource):
         if path == b"":
             return self
         return _NotFoundResource(name)
+
+    def render(self, request: Request) -> bytes:
+        # Twisted would answer an unknown method with a 501 HTML page.
+        if request.method not in READ_METHODS:
+            body = b"method not allowed\n"
+            request.setResponseCode(405)
+            request.setHeader(b"Allow", b", ".join(READ_METHODS))
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            request.setHeader(b"Content-Length", b"%d" % (len(body),))
+            return body
+        rendered: bytes = super().render(request)
+        return rendered
 
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")

@@ -69,6 +69,13 @@ def test_default_config_whole() -> None:
             tls_key="",
             tls_names=(),
             port_file="",
+            request_head_timeout=30.0,
+            tls_handshake_timeout=10.0,
+            keepalive_timeout=15.0,
+            max_request_line=8192,
+            max_header_bytes=32768,
+            max_headers=100,
+            max_connections=4096,
         ),
         cache=CacheConfig(
             dir=default_state_dir(),
@@ -225,6 +232,13 @@ tls_cert = "cert.pem"
 tls_key = "key.pem"
 tls_names = ["Proxy.Example.", "10.0.0.1"]
 port_file = "run/ports"
+request_head_timeout = "1m"
+tls_handshake_timeout = 5
+keepalive_timeout = "75s"
+max_request_line = "16KiB"
+max_header_bytes = 65536
+max_headers = 64
+max_connections = 512
 
 [cache]
 dir = "state"
@@ -272,6 +286,13 @@ type = "virtual-machine"
             tls_key=str(tmp_path / "key.pem"),
             tls_names=("proxy.example", "10.0.0.1"),
             port_file=str(tmp_path / "run" / "ports"),
+            request_head_timeout=60.0,
+            tls_handshake_timeout=5.0,
+            keepalive_timeout=75.0,
+            max_request_line=16384,
+            max_header_bytes=65536,
+            max_headers=64,
+            max_connections=512,
         ),
         cache=CacheConfig(
             dir=str(tmp_path / "state"),
@@ -433,6 +454,47 @@ def test_duration_bounds(tmp_path: Path) -> None:
     )
 
 
+# -- client connection limits --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, sentence",
+    [
+        ("request_head_timeout = 0",
+         "server.request_head_timeout: expected more than zero seconds, got 0"),
+        ('tls_handshake_timeout = "soon"',
+         'server.tls_handshake_timeout: expected seconds or a duration like "5m", got "soon"'),
+        ('keepalive_timeout = "-1s"',
+         'server.keepalive_timeout: expected seconds or a duration like "5m", got "-1s"'),
+        ("keepalive_timeout = -1", "server.keepalive_timeout: expected more than zero seconds, got -1"),
+        ('max_request_line = "lots"',
+         'server.max_request_line: expected bytes or a size like "200GiB", got "lots"'),
+        ("max_request_line = 0", "server.max_request_line: expected more than zero bytes, got 0"),
+        ("max_request_line = 512", "server.max_request_line: expected at least 1024 bytes, got 512"),
+        ('max_header_bytes = "1000B"',
+         'server.max_header_bytes: expected at least 1024 bytes, got "1000B"'),
+        ("max_headers = 0", "server.max_headers: expected 1 or more, got 0"),
+        ('max_headers = "100"', 'server.max_headers: expected a whole number, got "100"'),
+        ("max_connections = 0", "server.max_connections: expected 1 or more, got 0"),
+        ("max_connections = 1.5", "server.max_connections: expected a whole number, got 1.5"),
+    ],
+)
+def test_connection_limit_errors(tmp_path: Path, text: str, sentence: str) -> None:
+    assert error_of(tmp_path, f"[server]\n{text}\n") == sentence
+
+
+def test_connection_limit_units(tmp_path: Path) -> None:
+    text = (
+        '[server]\nrequest_head_timeout = "2.5s"\nmax_request_line = "1KiB"\n'
+        'max_header_bytes = "1MB"\n'
+    )
+    server = load_config(write(tmp_path, text)).server
+    assert server.request_head_timeout == 2.5
+    assert (server.max_request_line, server.max_header_bytes) == (1024, 1_000_000)
+    # Keys left out keep their defaults.
+    assert server.keepalive_timeout == ServerConfig().keepalive_timeout == 15.0
+
+
 # -- structure and types -------------------------------------------------------------------
 
 
@@ -443,7 +505,9 @@ def test_duration_bounds(tmp_path: Path) -> None:
         ('[[pins]]\nupstream = "images"\n',
          "pins: unknown table; expected one of cache, lxd_api, pin, server, upstreams"),
         ('[server]\nlisen = ["8443"]\n',
-         "server.lisen: unknown key; expected one of listen, port_file, tls_cert, tls_key, tls_names"),
+         "server.lisen: unknown key; expected one of keepalive_timeout, listen, "
+         "max_connections, max_header_bytes, max_headers, max_request_line, port_file, "
+         "request_head_timeout, tls_cert, tls_handshake_timeout, tls_key, tls_names"),
         ("[cache]\ndirectory = 'x'\n",
          "cache.directory: unknown key; expected one of auto_update_cached, "
          "auto_update_interval, connect_timeout, dir, download_idle_timeout, expiry_days, "

@@ -73,6 +73,7 @@ class RecordingFactory(Factory):
 def connected(tls: RecordingFactory, clock: Clock) -> tuple[Protocol, StringTransport]:
     factory = SniffingFactory(tls, clock)
     protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    assert protocol is not None
     transport = StringTransport()
     protocol.makeConnection(transport)
     return protocol, transport

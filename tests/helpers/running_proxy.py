@@ -39,6 +39,7 @@ async def start_proxy(
     *,
     upstream_options: Mapping[str, Mapping[str, Any]] | None = None,
     pins: list[Mapping[str, Any]] | None = None,
+    server: Mapping[str, Any] | None = None,
 ) -> RunningProxy:
     """
     Start a proxy on 127.0.0.1 with an ephemeral port.
@@ -47,6 +48,7 @@ async def start_proxy(
     @param cache: extra C{[cache]} keys.
     @param upstream_options: name -> extra C{[upstreams.NAME]} keys (such as C{offline}).
     @param pins: C{[[pin]]} tables.
+    @param server: extra C{[server]} keys (such as C{request_head_timeout}).
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     tables: dict[str, Any] = {}
@@ -55,7 +57,7 @@ async def start_proxy(
         ca_file.write_bytes(ca_pem)
         tables[name] = {"url": url, "ca_file": str(ca_file), **(upstream_options or {}).get(name, {})}
     document: dict[str, Any] = {
-        "server": {"listen": ["127.0.0.1:0"], "tls_names": ["localhost"]},
+        "server": {"listen": ["127.0.0.1:0"], "tls_names": ["localhost"], **(server or {})},
         "cache": {"dir": str(state_dir), **(cache or {})},
         "upstreams": tables,
     }
