@@ -47,6 +47,7 @@ from proxy.config import (
     DEFAULT_MAX_HEADERS,
     DEFAULT_MAX_REQUEST_LINE,
     DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS,
+    DEFAULT_SEND_TIMEOUT_SECONDS,
     DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS,
     ServerConfig,
 )
@@ -72,6 +73,7 @@ class HeadLimits:
     request_head_timeout: float = DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
+    send_timeout: float = DEFAULT_SEND_TIMEOUT_SECONDS
     max_request_line: int = DEFAULT_MAX_REQUEST_LINE
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_headers: int = DEFAULT_MAX_HEADERS
@@ -82,6 +84,7 @@ class HeadLimits:
             request_head_timeout=server.request_head_timeout,
             tls_handshake_timeout=server.tls_handshake_timeout,
             keepalive_timeout=server.keepalive_timeout,
+            send_timeout=server.send_timeout,
             max_request_line=server.max_request_line,
             max_header_bytes=server.max_header_bytes,
             max_headers=server.max_headers,
@@ -114,8 +117,9 @@ class ProxyChannel(HTTPChannel):
     An L{HTTPChannel} with the deadlines and limits of L{HeadLimits}.
 
     While a request is being answered no deadline applies (as in L{HTTPChannel}), so a
-    slow reader of a large response is never cut off; while a request body arrives, the
-    site's idle timeout (C{timeOut}) does, reset by every byte.
+    slow reader of a large response is never cut off, unless it reads nothing at all for
+    C{send_timeout} (the transport keeps the channel paused that long); while a request body
+    arrives, the site's idle timeout (C{timeOut}) does, reset by every byte.
     """
 
     log = Logger()
@@ -127,6 +131,8 @@ class ProxyChannel(HTTPChannel):
         # The site's idle timeout, for a request body; set in connectionMade.
         self._active_timeout: float | None = None
         self._deadline: IDelayedCall | None = None
+        # Runs while the transport has paused the channel: its send buffers are full.
+        self._stalled: IDelayedCall | None = None
         self._close_grace = CLOSE_GRACE_SECONDS
         # The head being read: still its request line, and its header bytes and fields.
         self._in_request_line = True
@@ -241,7 +247,17 @@ class ProxyChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
+        self._cancel_stall()
         super().connectionLost(reason)
+
+    def pauseProducing(self) -> None:
+        super().pauseProducing()
+        if self._stalled is None:
+            self._stalled = self.callLater(self.limits.send_timeout, self._send_expired)
+
+    def resumeProducing(self) -> None:
+        self._cancel_stall()
+        super().resumeProducing()
 
     # -- helpers --------------------------------------------------------------------------
 
@@ -279,6 +295,23 @@ class ProxyChannel(HTTPChannel):
         )
         self.state = CLOSING
         # No TLS session to close politely.
+        self._abort()
+
+    def _cancel_stall(self) -> None:
+        if self._stalled is not None:
+            if self._stalled.active():
+                self._stalled.cancel()
+            self._stalled = None
+
+    def _send_expired(self) -> None:
+        self._stalled = None
+        self.log.info(
+            "client {peer} read nothing for {seconds:g} s; dropping its connection",
+            peer=self._peer(), seconds=self.limits.send_timeout,
+        )
+        self.state = CLOSING
+        self._cancel_deadline()
+        # Its buffers are full: a polite close would wait on it too.
         self._abort()
 
     def _head_expired(self) -> None:

@@ -62,6 +62,8 @@ DEFAULT_USAGE_FLUSH_INTERVAL_SECONDS = 10 * SECONDS
 DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS = 30 * SECONDS
 DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS = 10 * SECONDS
 DEFAULT_KEEPALIVE_TIMEOUT_SECONDS = 15 * SECONDS
+# nginx's send_timeout: a client that reads nothing of its response for this long is gone.
+DEFAULT_SEND_TIMEOUT_SECONDS = 60 * SECONDS
 DEFAULT_MAX_REQUEST_LINE = 8 * 1024
 DEFAULT_MAX_HEADER_BYTES = 32 * 1024
 DEFAULT_MAX_HEADERS = 100
@@ -108,6 +110,8 @@ class ServerConfig:
         handshake.
     @ivar keepalive_timeout: seconds a connection may wait, with no request in progress,
         for the first byte of its next request.
+    @ivar send_timeout: seconds a client may read nothing of a response being sent (its
+        connection's send buffers staying full) before the connection is dropped.
     @ivar max_request_line: the longest request line in bytes (longer: 414).
     @ivar max_header_bytes: the most bytes of header lines in one request (more: 431).
     @ivar max_headers: the most header fields in one request (more: 431).
@@ -123,6 +127,7 @@ class ServerConfig:
     request_head_timeout: float = DEFAULT_REQUEST_HEAD_TIMEOUT_SECONDS
     tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS
     keepalive_timeout: float = DEFAULT_KEEPALIVE_TIMEOUT_SECONDS
+    send_timeout: float = DEFAULT_SEND_TIMEOUT_SECONDS
     max_request_line: int = DEFAULT_MAX_REQUEST_LINE
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_headers: int = DEFAULT_MAX_HEADERS
@@ -559,6 +564,7 @@ _SERVER_KEYS = {
     "request_head_timeout",
     "tls_handshake_timeout",
     "keepalive_timeout",
+    "send_timeout",
     "max_request_line",
     "max_header_bytes",
     "max_headers",
@@ -606,6 +612,7 @@ def _parse_server(table: Mapping[str, Any], base_dir: str) -> ServerConfig:
         request_head_timeout=duration("request_head_timeout", defaults.request_head_timeout),
         tls_handshake_timeout=duration("tls_handshake_timeout", defaults.tls_handshake_timeout),
         keepalive_timeout=duration("keepalive_timeout", defaults.keepalive_timeout),
+        send_timeout=duration("send_timeout", defaults.send_timeout),
         max_request_line=_head_limit(table, "max_request_line", defaults.max_request_line),
         max_header_bytes=_head_limit(table, "max_header_bytes", defaults.max_header_bytes),
         max_headers=_count(table, "max_headers", prefix, defaults.max_headers),

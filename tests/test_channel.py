@@ -17,6 +17,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from proxy.channel import (
+    CLOSING,
     BUSY,
     CLOSE_GRACE_SECONDS,
     IDLE,
@@ -192,6 +193,34 @@ def test_request_in_progress_is_never_timed_out() -> None:
     assert conn.channel.state == IDLE
     conn.clock.advance(LIMITS.keepalive_timeout)
     assert conn.closing()
+
+
+def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout() -> None:
+    conn = Conn(HeadLimits(send_timeout=20))
+    conn.send(b"GET /held HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    [request] = conn.resource.waiting
+    request.write(b"part")
+    # Its buffers fill: the transport pauses the channel, and the client reads nothing.
+    conn.channel.pauseProducing()
+    conn.clock.advance(19)
+    assert not conn.closing()
+    conn.clock.advance(1)
+    assert conn.transport.disconnecting and conn.channel.state == CLOSING
+
+
+def test_a_slow_reader_that_reads_something_is_never_dropped() -> None:
+    conn = Conn(HeadLimits(send_timeout=20))
+    conn.send(b"GET /held HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    [request] = conn.resource.waiting
+    for _ in range(30):
+        conn.channel.pauseProducing()
+        conn.clock.advance(19)
+        conn.channel.resumeProducing()
+        request.write(b"more")
+    assert not conn.closing()
+    request.finish()
+    conn.channel.connectionLost(Failure(Exception("gone")))
+    assert conn.clock.getDelayedCalls() == []
 
 
 def test_stalled_request_body_gets_the_site_idle_timeout() -> None:

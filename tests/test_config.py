@@ -72,6 +72,7 @@ def test_default_config_whole() -> None:
             request_head_timeout=30.0,
             tls_handshake_timeout=10.0,
             keepalive_timeout=15.0,
+            send_timeout=60.0,
             max_request_line=8192,
             max_header_bytes=32768,
             max_headers=100,
@@ -235,6 +236,7 @@ port_file = "run/ports"
 request_head_timeout = "1m"
 tls_handshake_timeout = 5
 keepalive_timeout = "75s"
+send_timeout = "2m"
 max_request_line = "16KiB"
 max_header_bytes = 65536
 max_headers = 64
@@ -289,6 +291,7 @@ type = "virtual-machine"
             request_head_timeout=60.0,
             tls_handshake_timeout=5.0,
             keepalive_timeout=75.0,
+            send_timeout=120.0,
             max_request_line=16384,
             max_header_bytes=65536,
             max_headers=64,
@@ -507,7 +510,7 @@ def test_connection_limit_units(tmp_path: Path) -> None:
         ('[server]\nlisen = ["8443"]\n',
          "server.lisen: unknown key; expected one of keepalive_timeout, listen, "
          "max_connections, max_header_bytes, max_headers, max_request_line, port_file, "
-         "request_head_timeout, tls_cert, tls_handshake_timeout, tls_key, tls_names"),
+         "request_head_timeout, send_timeout, tls_cert, tls_handshake_timeout, tls_key, tls_names"),
         ("[cache]\ndirectory = 'x'\n",
          "cache.directory: unknown key; expected one of auto_update_cached, "
          "auto_update_interval, connect_timeout, dir, download_idle_timeout, expiry_days, "
