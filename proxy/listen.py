@@ -39,6 +39,9 @@ TLS_HANDSHAKE_RECORD = 0x16
 # A connection that sends nothing at all for this long is closed: no other timeout covers
 # a connection before its first byte.
 FIRST_BYTE_TIMEOUT_SECONDS = 30.0
+# The listen queue when an address does not give one: nginx's on Linux. Twisted's 50 overflows
+# when hundreds of clients connect at once (each overflow costs its client a 1 s SYN retry).
+DEFAULT_BACKLOG = 511
 
 PLAIN_HTTP_BODY = b"This port speaks HTTPS only; use https:// to reach the LXD image proxy.\n"
 PLAIN_HTTP_ANSWER = (
@@ -178,5 +181,7 @@ def listen_tls(
     @return: fires with the listening port, or fails with
         L{twisted.internet.error.CannotListenError}.
     """
+    if ":backlog=" not in description:
+        description += f":backlog={DEFAULT_BACKLOG}"
     endpoint = serverFromString(reactor, description)
     return endpoint.listen(sniffing_tls_factory(tls_options, factory, reactor, cap))

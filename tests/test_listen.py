@@ -15,7 +15,8 @@ from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IAddress, IListeningPort
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.ssl import CertificateOptions
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.web.client import Agent, HTTPConnectionPool
@@ -24,6 +25,7 @@ from twisted.web.server import Site
 from twisted.web.static import Data
 
 from proxy.listen import (
+    DEFAULT_BACKLOG,
     FIRST_BYTE_TIMEOUT_SECONDS,
     PLAIN_HTTP_ANSWER,
     SniffingFactory,
@@ -205,3 +207,14 @@ async def test_loopback_plain_and_tls(tmp_path: Path) -> None:
     finally:
         await pool.closeCachedConnections()
         await maybeDeferred(port.stopListening)
+
+
+def test_listen_queue_defaults_to_511_unless_given() -> None:
+    reactor = MemoryReactorClock()
+    options: Any = CertificateOptions()
+    listen_tls(reactor, "tcp:8443:interface=127.0.0.1", options, Site(Resource()))
+    listen_tls(reactor, "tcp:8444:interface=127.0.0.1:backlog=64", options, Site(Resource()))
+    assert [(port, backlog) for port, _factory, backlog, _interface in reactor.tcpServers] == [
+        (8443, DEFAULT_BACKLOG), (8444, 64),
+    ]
+    assert DEFAULT_BACKLOG == 511
