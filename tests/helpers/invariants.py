@@ -17,7 +17,7 @@ L{receive} reads a response the way a careful client does, keeping how its body 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
 from attrs import frozen
@@ -65,7 +65,8 @@ class Received:
 
 
 class _Body(Protocol):
-    def __init__(self) -> None:
+    def __init__(self, progress: Callable[[int], None] | None) -> None:
+        self.progress = progress
         self.chunks: list[bytes] = []
         self.ended: Failure | None = None
         # Fired with None: a Deferred given a Failure would raise it in the awaiting coroutine.
@@ -73,19 +74,27 @@ class _Body(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.chunks.append(data)
+        if self.progress is not None:
+            self.progress(len(data))
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.ended = reason
         self.done.callback(None)
 
 
-async def receive(response: "Deferred[Any]") -> Received:
-    """The whole of what a request (its response Deferred) brought, failures included."""
+async def receive(
+    response: "Deferred[Any]", progress: Callable[[int], None] | None = None
+) -> Received:
+    """
+    The whole of what a request (its response Deferred) brought, failures included.
+
+    @param progress: told the size of each piece of the body as it arrives.
+    """
     try:
         answered: IResponse = await response
     except Exception:
         return Received(code=None, length=None, body=b"", ended=None)
-    body = _Body()
+    body = _Body(progress)
     answered.deliverBody(body)
     await body.done
     length = answered.length
