@@ -138,6 +138,17 @@ class RootResource(Resource):
             return self
         return _NotFoundResource(name)
 
+    def render(self, request: Request) -> bytes:
+        if request.method not in (b"GET", b"HEAD"):
+            # As every face answers them; Twisted's own answer to a method it has no handler
+            # for is a 501 (or a 405 for POST), which says the fault is the server's.
+            request.setResponseCode(405)
+            request.setHeader(b"Allow", b"GET, HEAD")
+            request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+            return b"method not allowed\n"
+        result: bytes = super().render(request)
+        return result
+
     def render_GET(self, request: Request) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         return self._banner
