@@ -23,7 +23,6 @@ import pytest
 
 # No stubs or py.typed marker in pytest-twisted.
 import pytest_twisted  # type: ignore[import-untyped]
-from attrs import frozen
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
@@ -41,6 +40,7 @@ from tests.faults.upstreams import (
     Loopback,
     start_loopback,
 )
+from tests.faults.wire import Answer, parse, request
 from tests.helpers.invariants import assert_no_traceback, assert_only_catalogue, assert_whole
 from tests.helpers.logs import Logged
 from tests.helpers.wired import INDEX
@@ -88,40 +88,6 @@ class RawClient(Protocol):
         self.done.callback(None)
 
 
-@frozen
-class Answer:
-    """What came back on one connection: the responses in order, and any bytes left over."""
-
-    responses: list[tuple[int, dict[bytes, bytes], bytes]]
-    rest: bytes
-
-    @property
-    def codes(self) -> list[int]:
-        return [code for code, _, _ in self.responses]
-
-
-def parse(data: bytes) -> Answer:
-    """Split HTTP/1.1 responses, each with a Content-Length (the proxy's always have one here)."""
-    responses: list[tuple[int, dict[bytes, bytes], bytes]] = []
-    while data.startswith(b"HTTP/1."):
-        head, separator, rest = data.partition(b"\r\n\r\n")
-        if not separator:
-            break
-        lines = head.split(b"\r\n")
-        code = int(lines[0].split()[1])
-        headers = {}
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            headers[name.strip().lower()] = value.strip()
-        assert b"transfer-encoding" not in headers, headers
-        length = int(headers.get(b"content-length", b"0"))
-        if len(rest) < length:
-            break
-        responses.append((code, headers, rest[:length]))
-        data = rest[length:]
-    return Answer(responses, data)
-
-
 def client_hello() -> bytes:
     """The first flight of a real TLS client: a ClientHello record."""
     context = ssl.create_default_context()
@@ -130,11 +96,6 @@ def client_hello() -> bytes:
     with pytest.raises(ssl.SSLWantReadError):
         tls.do_handshake()
     return outgoing.read()
-
-
-def request(target: str, *, close: bool = True, extra: bytes = b"", method: str = "GET") -> bytes:
-    head = f"{method} {target} HTTP/1.1\r\nHost: localhost\r\n".encode() + extra
-    return head + (b"Connection: close\r\n" if close else b"") + b"\r\n"
 
 
 @pytest_twisted.async_yield_fixture
