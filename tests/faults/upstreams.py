@@ -27,7 +27,7 @@ from tests.helpers.certs import make_ca
 from tests.helpers.invariants import Received, receive
 from tests.helpers.running_proxy import RunningProxy, start_proxy
 from tests.helpers.upstream import RunningUpstream, TreeResource, start_https_upstream
-from tests.helpers.wired import INDEX, Harness, catalogue_tree, meta_path, rootfs_path
+from tests.helpers.wired import Harness, catalogue_tree, rootfs_path
 
 PRODUCTS = "streams/v1/images.json"
 OS1 = "testos:1.0:amd64:default"
@@ -40,8 +40,6 @@ OTHER = rootfs_path(OS2, V1)
 UNLISTED = "images/unlisted/secret.bin"
 KiB = 1024
 ROOTFS_BYTES = 160_000
-# Every file a client may ask for, catalogue first.
-LISTED = (INDEX, PRODUCTS, meta_path(OS1, V1), BROKEN, meta_path(OS2, V1), OTHER)
 # What the proxy's upstream is called on loopback: its URLs are /cache/PATH.
 NAME = "cache"
 # Bounds every wait on loopback; none is expected to come near it.
