@@ -274,7 +274,9 @@ def _not_modified_since(request: Request, last_modified: int) -> bool:
         return False
     try:
         since = http.stringToDatetime(header.split(b";", 1)[0])
-    except ValueError:
+    except (ValueError, IndexError):
+        # Twisted's parser raises IndexError for an empty or blank value; a date that cannot
+        # be read is ignored, as RFC 9110 (13.1.3) says.
         return False
     return since >= last_modified
 

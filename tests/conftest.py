@@ -5,11 +5,26 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import cast
 
+import os
+import tempfile
+
 import pytest
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from twisted.logger import ILogObserver, globalLogPublisher
 
 from tests.helpers.harness import Closing
 from tests.helpers.logs import Logged
+
+# Property tests run the same examples every time and keep no example database;
+# HYPOTHESIS_PROFILE=explore looks for new ones, at random and many more of them. What
+# Hypothesis caches on its own goes to the temp directory, not into the checkout.
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "lxd-image-proxy-hypothesis"))
+settings.register_profile(
+    "repeatable", max_examples=500, derandomize=True, database=None, deadline=None
+)
+settings.register_profile("explore", max_examples=5000, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture

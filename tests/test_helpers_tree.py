@@ -411,6 +411,90 @@ def test_status_and_redirect(shared_tree: Tree) -> None:
     assert [r.path for r in resource.requests].count(INDEX_PATH) == 3
 
 
+def collecting(stub: StubTreq, response: Any) -> tuple[list[bytes], list[Any]]:
+    """Start reading C{response}'s body: the chunks so far, and its end (None or a Failure)."""
+    chunks: list[bytes] = []
+    done: list[Any] = []
+    treq.collect(response, chunks.append).addBoth(done.append)
+    stub.flush()
+    return chunks, done
+
+
+def test_reset(shared_tree: Tree) -> None:
+    resource = TreeResource(shared_tree.root, chunk_size=1000)
+    stub = stub_for(resource)
+    item = shared_tree.image("testos").root
+    assert item is not None
+    resource.reset(item.path, 1500, times=1)
+    response = get(stub, item.path, unbuffered=True)
+    assert response.length == item.size
+    chunks, done = collecting(stub, response)
+    assert isinstance(done[0], Failure) and done[0].check(ResponseFailed)
+    assert b"".join(chunks) == shared_tree.read(item)[:1500]
+    assert sha256(cast(bytes, body(stub, get(stub, item.path)))) == item.sha256
+
+
+@pytest.mark.parametrize("n", [0, 1500])
+def test_stall_after_n_bytes(shared_tree: Tree, n: int) -> None:
+    resource = TreeResource(shared_tree.root, chunk_size=1000)
+    stub = stub_for(resource)
+    item = shared_tree.image("testos").root
+    assert item is not None
+    resource.stall(item.path, n)
+    response = get(stub, item.path, unbuffered=True)
+    assert response.code == 200
+    chunks, done = collecting(stub, response)
+    assert resource.held(item.path) == 1
+    assert b"".join(chunks) == shared_tree.read(item)[:n]
+    assert done == []
+    resource.clear(item.path)
+    stub.flush()
+    assert done == [None]
+    assert sha256(b"".join(chunks)) == item.sha256
+
+
+def test_silence(shared_tree: Tree) -> None:
+    resource = TreeResource(shared_tree.root)
+    stub = stub_for(resource)
+    resource.silence(INDEX_PATH)
+    results: list[Any] = []
+    cast(Any, stub).get(f"{BASE}/{INDEX_PATH}").addBoth(results.append)
+    stub.flush()
+    assert results == []
+    assert len(resource.silenced[INDEX_PATH]) == 1
+    resource.clear(INDEX_PATH)
+    stub.flush()
+    assert isinstance(results[0], Failure)
+    assert resource.silenced == {}
+    assert get(stub, INDEX_PATH).code == 200
+
+
+def test_rate(shared_tree: Tree) -> None:
+    clock = Clock()
+    resource = TreeResource(shared_tree.root, clock=clock)
+    stub = stub_for(resource)
+    item = shared_tree.image("testos").root
+    assert item is not None and item.size > 3000
+    # 10 000 bytes a second: 1000 bytes each tenth of a second.
+    resource.rate(item.path, 10_000)
+    chunks, done = collecting(stub, get(stub, item.path, unbuffered=True))
+    seen = [sum(map(len, chunks))]
+    for _ in range(2):
+        clock.advance(0.1)
+        stub.flush()
+        seen.append(sum(map(len, chunks)))
+    assert seen == [1000, 2000, 3000]
+    for _ in range(item.size // 1000 + 2):  # bounded by the ticks the body needs
+        if done:
+            break
+        clock.advance(0.1)
+        stub.flush()
+    assert done == [None]
+    assert sha256(b"".join(chunks)) == item.sha256
+    with pytest.raises(ValueError):
+        TreeResource(shared_tree.root).rate(item.path, 10_000)
+
+
 def test_hold_and_release(shared_tree: Tree) -> None:
     resource = TreeResource(shared_tree.root, chunk_size=1024)
     stub = stub_for(resource)
@@ -555,12 +639,13 @@ async def test_https_upstream_serves_and_faults(shared_tree: Tree, upstream: Run
 
         item = shared_tree.image("testos").root
         assert item is not None
-        upstream.resource.truncate(item.path, 100, times=1)
-        response = await bounded(client.get(f"{upstream.url}/{item.path}", unbuffered=True))
-        with pytest.raises(ResponseFailed):
-            await bounded(treq.content(response))
-        response = await bounded(client.get(f"{upstream.url}/{item.path}"))
-        assert sha256(await bounded(treq.content(response))) == item.sha256
+        for fault in (upstream.resource.truncate, upstream.resource.reset):
+            fault(item.path, 100, times=1)
+            response = await bounded(client.get(f"{upstream.url}/{item.path}", unbuffered=True))
+            with pytest.raises(ResponseFailed):
+                await bounded(treq.content(response))
+            response = await bounded(client.get(f"{upstream.url}/{item.path}"))
+            assert sha256(await bounded(treq.content(response))) == item.sha256
     finally:
         await pool.closeCachedConnections()
 

@@ -25,27 +25,20 @@ import treq
 from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from proxy.blobs import BlobStore
 from proxy.index import CacheIndex
 from tests.helpers.certs import make_ca
+from tests.helpers.proxy_process import START_TIMEOUT_SECONDS, ProxyProcess
+from tests.helpers.proxy_process import env as _env
+from tests.helpers.proxy_process import https_client as _client
+from tests.helpers.proxy_process import stop as _stop
 from tests.helpers.tree import build_tree
 from tests.helpers.upstream import start_https_upstream
 
-ROOT = Path(__file__).resolve().parent.parent
 reactor: Any = _reactor
-START_TIMEOUT_SECONDS = 30.0
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
-    env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
 
 
 def _twistd() -> list[str]:
@@ -63,16 +56,6 @@ def _port_free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if process.poll() is None:
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=15)
 
 
 def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
@@ -134,60 +117,12 @@ ca_file = "ca.pem"
     return config
 
 
-class ProxyProcess:
-    """The proxy started with C{python -m twisted lxd-image-proxy --config FILE}."""
-
-    def __init__(self, config: Path) -> None:
-        self.config = config
-        self.dir = config.parent
-        self.process: subprocess.Popen[bytes] | None = None
-        self.log = self.dir / "proxy.log"
-
-    async def start(self) -> int:
-        port_file = self.dir / "port"
-        port_file.unlink(missing_ok=True)
-        out = self.log.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "twisted", "--log-format", "text", "lxd-image-proxy",
-             "--config", str(self.config)],
-            cwd=self.dir, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-        )
-        out.close()
-        for _ in range(int(START_TIMEOUT_SECONDS * 10)):
-            if port_file.exists() and port_file.read_text().strip():
-                return int(port_file.read_text().split()[0])
-            assert self.process.poll() is None, self.log.read_text()
-            await deferLater(reactor, 0.1, lambda: None)
-        raise AssertionError("the proxy did not write its port file:\n" + self.log.read_text())
-
-    def kill(self) -> None:
-        if self.process is not None:
-            _stop(self.process, signal.SIGKILL)
-
-    async def stop(self) -> int:
-        """SIGTERM, then wait without blocking the reactor (the upstream lives in it)."""
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        for _ in range(int(START_TIMEOUT_SECONDS * 10)):
-            code = self.process.poll()
-            if code is not None:
-                return code
-            await deferLater(reactor, 0.1, lambda: None)
-        raise AssertionError("the proxy did not stop on SIGTERM:\n" + self.log.read_text())
-
-
 @pytest.fixture
 def proxy_process(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
     started: list[ProxyProcess] = []
     yield started
     for p in started:
         p.kill()
-
-
-def _client(cert_pem: bytes) -> HTTPClient:
-    trust = trustRootFromCertificates([Certificate.loadPEM(cert_pem)])
-    pool = HTTPConnectionPool(reactor, persistent=False)
-    return HTTPClient(Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trust), pool=pool))
 
 
 @pytest.mark.loopback

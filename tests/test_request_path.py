@@ -418,13 +418,15 @@ def test_same_content_through_two_paths_is_stored_once(tmp_path: Any) -> None:
     h.index.close()
 
 
-def test_methods_other_than_get_and_head_are_405(h: Harness) -> None:
-    async def go() -> int:
-        response = await h.proxy.post(f"https://proxy.test/up/{ROOTFS_PATH}", data=b"x")
+@pytest.mark.parametrize("path", [f"/up/{ROOTFS_PATH}", "/", "/nope/x"])
+@pytest.mark.parametrize("method", ["POST", "OPTIONS", "DELETE", "PROPFIND"])
+def test_methods_other_than_get_and_head_are_405(h: Harness, path: str, method: str) -> None:
+    async def go() -> tuple[int, list[bytes]]:
+        response = await h.proxy.request(method, f"https://proxy.test{path}", data=b"x")
         await treq.content(response)
-        return int(response.code)
+        return int(response.code), response.headers.getRawHeaders(b"Allow")
 
-    assert h.run(Deferred.fromCoroutine(go())) == 405
+    assert h.run(Deferred.fromCoroutine(go())) == (405, [b"GET, HEAD"])
 
 
 # Not an open proxy

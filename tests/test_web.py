@@ -182,6 +182,16 @@ def test_if_modified_since(cached: tuple[Harness, FileResource], data: bytes) ->
     assert harness.body(response) == data
 
 
+@pytest.mark.parametrize("value", ["", " ", "yesterday", "Mon, 01 Jan", "a b c d e"])
+def test_malformed_if_modified_since_ignored(
+    cached: tuple[Harness, FileResource], data: bytes, value: str
+) -> None:
+    harness, _ = cached
+    response = harness.get(headers={"If-Modified-Since": value})
+    assert response.code == 200
+    assert harness.body(response) == data
+
+
 @pytest.mark.parametrize(
     "spec, start, end",
     [

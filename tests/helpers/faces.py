@@ -196,7 +196,8 @@ class FaceHarness(Harness):
             ),
             "import": ImportResource(sources, self.clock, host_arch=HOST_ARCH),
         }
-        self.proxy = StubTreq(RootResource({"up": self.resource}, "banner\n", others))
+        self.root_resource = RootResource({"up": self.resource}, "banner\n", others)
+        self.proxy = StubTreq(self.root_resource)
 
     # -- the catalogue ------------------------------------------------------------------------
 

@@ -10,12 +10,18 @@ requests for it, or until `clear(path)` when `times` is None:
 
 * `corrupt(path)`: the right length, the wrong bytes (the first byte of the body is inverted);
 * `truncate(path, n)`: the full Content-Length, only `n` bytes, then the connection is closed;
+* `reset(path, n)`: the full Content-Length, `n` bytes, then the connection is aborted (on a
+  real socket, with a TCP RST once those bytes have left the process);
 * `status(path, code)`: that status with a short text body;
 * `redirect(path, location)`: a 302 (or `code`) to `location`;
+* `silence(path)`: the request is read and never answered, not even with a status line;
+* `rate(path, bytes_per_second)`: the body goes out a tenth of that every 0.1 s (needs a clock);
 * `hold(path)`: headers and the first chunk go out, the rest waits for `release(path)`;
+  `stall(path, n)` is the same after exactly `n` bytes (0: after the headers alone);
   `when_held(path)` fires once a body is parked (and is cancelled if released first).
 
-`corrupt`, `truncate` and `hold` concern bodies and are used up by GET requests only.
+`corrupt`, `truncate`, `reset`, `rate`, `hold` and `stall` concern bodies and are used up by
+GET requests only.
 
 `throttle=Throttle(chunk_size, delay)` sends every body in small chunks `delay` seconds apart on
 the given clock (a `Clock` in memory, the reactor on loopback).
@@ -24,6 +30,8 @@ the given clock (a `Clock` in memory, the reactor on loopback).
 from __future__ import annotations
 
 import os
+import socket
+import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, Literal, cast
@@ -78,7 +86,14 @@ class Throttle:
     delay: float
 
 
-FaultKind = Literal["corrupt", "truncate", "status", "redirect"]
+FaultKind = Literal["corrupt", "truncate", "reset", "status", "redirect", "silence", "rate"]
+# The body faults a HEAD must not use up.
+_BODY_FAULTS = ("corrupt", "truncate", "reset", "rate")
+# A rate is kept by sending a tenth of a second's worth of bytes each tenth of a second.
+RATE_TICK_SECONDS = 0.1
+# A reset waits for the bytes before it to leave the process, a second at most.
+RESET_DRAIN_POLL_SECONDS = 0.001
+RESET_DRAIN_POLLS = 1000
 
 
 @define
@@ -93,6 +108,8 @@ class _Fault:
 @define
 class _Hold:
     remaining: int | None
+    # Bytes sent before parking; None: the first chunk.
+    after: int | None = None
     parked: list[_BodyProducer] = field(factory=list)
     waiters: list[Deferred[None]] = field(factory=list)
 
@@ -132,6 +149,8 @@ class TreeResource(Resource):
         self._faults: dict[str, _Fault] = {}
         self._holds: dict[str, _Hold] = {}
         self.active: set[_BodyProducer] = set()
+        # Requests that `silence` left unanswered, so that `clear` can hang up on them.
+        self.silenced: dict[str, list[Request]] = {}
 
     # -- fault injection ------------------------------------------------------------------------
 
@@ -141,6 +160,19 @@ class TreeResource(Resource):
     def truncate(self, path: str, n: int, times: int | None = None) -> None:
         self._faults[path] = _Fault("truncate", times, count=n)
 
+    def reset(self, path: str, n: int, times: int | None = None) -> None:
+        self._faults[path] = _Fault("reset", times, count=n)
+
+    def silence(self, path: str, times: int | None = None) -> None:
+        self._faults[path] = _Fault("silence", times)
+
+    def rate(self, path: str, bytes_per_second: int, times: int | None = None) -> None:
+        if self.clock is None:
+            raise ValueError("a rate needs a clock")
+        if bytes_per_second * RATE_TICK_SECONDS < 1:
+            raise ValueError("a rate must send at least one byte per tick")
+        self._faults[path] = _Fault("rate", times, count=bytes_per_second)
+
     def status(self, path: str, code: int, times: int | None = None) -> None:
         self._faults[path] = _Fault("status", times, code=code)
 
@@ -149,11 +181,19 @@ class TreeResource(Resource):
 
     def hold(self, path: str, times: int | None = None) -> None:
         """Park the next `times` bodies for `path` after their first chunk."""
+        self._hold(path, times, None)
+
+    def stall(self, path: str, n: int, times: int | None = None) -> None:
+        """Park the next `times` bodies for `path` after exactly `n` bytes (0: the headers only)."""
+        self._hold(path, times, n)
+
+    def _hold(self, path: str, times: int | None, after: int | None) -> None:
         existing = self._holds.get(path)
         if existing is not None:
             existing.remaining = times
+            existing.after = after
         else:
-            self._holds[path] = _Hold(times)
+            self._holds[path] = _Hold(times, after)
 
     def release(self, path: str) -> None:
         """Stop holding `path` and let every parked body for it continue."""
@@ -182,10 +222,17 @@ class TreeResource(Resource):
         return len(hold.parked) if hold is not None else 0
 
     def clear(self, path: str | None = None) -> None:
-        """Remove the fault (and hold, releasing parked bodies) of `path`, or of every path."""
-        for p in [path] if path is not None else list(self._faults.keys() | self._holds.keys()):
+        """
+        Remove the fault (and hold, releasing parked bodies) of `path`, or of every path.
+
+        Silenced requests still waiting are hung up on: they were never going to get an answer.
+        """
+        every = self._faults.keys() | self._holds.keys() | self.silenced.keys()
+        for p in [path] if path is not None else list(every):
             self._faults.pop(p, None)
             self.release(p)
+            for request in list(self.silenced.pop(p, [])):
+                _transport_of(request).abortConnection()
 
     # -- inspection -----------------------------------------------------------------------------
 
@@ -215,7 +262,7 @@ class TreeResource(Resource):
 
         fault = self._faults.get(path)
         # Body faults are kept for a GET: a HEAD first must not use them up.
-        if fault is not None and (method == "GET" or fault.kind in ("status", "redirect")):
+        if fault is not None and (method == "GET" or fault.kind not in _BODY_FAULTS):
             applies, fault.remaining = _take(fault.remaining)
             if not applies:
                 fault = None
@@ -227,6 +274,11 @@ class TreeResource(Resource):
             request.setResponseCode(fault.code)
             request.setHeader(b"location", fault.location)
             return b""
+        if fault is not None and fault.kind == "silence":
+            waiting = self.silenced.setdefault(path, [])
+            waiting.append(request)
+            request.notifyFinish().addBoth(lambda _: waiting.remove(request))
+            return NOT_DONE_YET
 
         # Refuse anything that could leave the tree; the real server cleans paths the same way.
         if not segments or any(s in ("", ".", "..") for s in segments) or "\0" in path:
@@ -263,18 +315,26 @@ class TreeResource(Resource):
             return b""
 
         hold = self._holds.get(path)
-        parks = False
+        park_at: int | None = None
         if hold is not None:
             parks, hold.remaining = _take(hold.remaining)
+            if parks:
+                park_at = hold.after if hold.after is not None else -1
+        kind = fault.kind if fault is not None else None
+        throttle = self.throttle
+        if fault is not None and kind == "rate":
+            throttle = Throttle(int(fault.count * RATE_TICK_SECONDS), RATE_TICK_SECONDS)
         producer = _BodyProducer(
             resource=self,
             request=request,
             path=path,
             file=f,
             length=st.st_size,
-            stop_at=fault.count if fault is not None and fault.kind == "truncate" else None,
-            corrupt=fault is not None and fault.kind == "corrupt",
-            park=parks,
+            stop_at=fault.count if fault is not None and kind in ("truncate", "reset") else None,
+            reset=kind == "reset",
+            corrupt=kind == "corrupt",
+            park_at=park_at,
+            throttle=throttle,
         )
         producer.start()
         return NOT_DONE_YET
@@ -304,7 +364,12 @@ class TreeResource(Resource):
 
 @implementer(IPushProducer)
 class _BodyProducer:
-    """Writes one file body to a request, honouring pause/resume, throttle, hold and faults."""
+    """
+    Writes one file body to a request, honouring pause/resume, throttle, hold and faults.
+
+    `park_at`: the bytes sent before parking (hold, stall), -1 for "after the first chunk", or
+    None; `stop_at`: the bytes sent before the connection is closed (truncate) or reset.
+    """
 
     def __init__(
         self,
@@ -314,19 +379,24 @@ class _BodyProducer:
         file: IO[bytes],
         length: int,
         stop_at: int | None,
+        reset: bool,
         corrupt: bool,
-        park: bool,
+        park_at: int | None,
+        throttle: Throttle | None,
     ) -> None:
         self.resource = resource
         self.request = request
         self.path = path
         self.file = file
         self.length = length
+        self.throttle = throttle
+        self.chunk_size = throttle.chunk_size if throttle is not None else resource.chunk_size
         # Bytes to send before closing the connection (truncate), or the whole file.
         self.limit = length if stop_at is None else min(stop_at, length)
         self.truncated = stop_at is not None and stop_at < length
+        self.reset = reset
         self.corrupt = corrupt
-        self.park_pending = park
+        self.park_at = min(self.chunk_size, length) if park_at == -1 else park_at
         self.sent = 0
         self.paused = False
         self.parked = False
@@ -350,21 +420,24 @@ class _BodyProducer:
         self.running = True
         try:
             while not (self.done or self.paused or self.parked or self.delayed is not None):
-                throttle = self.resource.throttle
-                size = throttle.chunk_size if throttle is not None else self.resource.chunk_size
-                data = self.file.read(min(size, self.limit - self.sent))
+                want = min(self.chunk_size, self.limit - self.sent)
+                if self.park_at is not None:
+                    want = min(want, self.park_at - self.sent)
+                data = self.file.read(want) if want > 0 else b""
                 if self.corrupt and self.sent == 0 and data:
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
                 self.sent += len(data)
+                # Even an empty write sends the headers, so a stall at 0 has sent them.
                 self.request.write(data)
-                if self.sent >= self.limit or not data:
+                if self.sent >= self.limit or (want > 0 and not data):
                     self._end()
                     return
-                if self.park_pending:
-                    self.park_pending = False
+                if self.park_at is not None and self.sent >= self.park_at:
+                    self.park_at = None
                     if self.resource._parked(self):
                         self.parked = True
                         return
+                throttle = self.throttle
                 if throttle is not None and throttle.delay > 0:
                     clock = self.resource.clock
                     assert clock is not None
@@ -380,7 +453,9 @@ class _BodyProducer:
         request = self.request
         self._close()
         request.unregisterProducer()
-        if self.truncated or self.sent < self.length:
+        if self.reset:
+            _reset(_transport_of(request), self.resource.clock)
+        elif self.truncated or self.sent < self.length:
             # Content-Length promised more: dropping the connection is the only honest signal.
             request.loseConnection()
         else:
@@ -412,6 +487,52 @@ class _BodyProducer:
 
     def stopProducing(self) -> None:
         self._close()
+
+
+def _transport_of(request: Request) -> ITCPTransport:
+    # Every stream transport has abortConnection, though ITransport does not say so.
+    return cast(ITCPTransport, request.channel.transport)
+
+
+def _reset(transport: ITCPTransport, clock: IReactorTime | None) -> None:
+    """
+    Abort the connection; on a real socket (under TLS or not), with an RST rather than a FIN,
+    once what was written has left the process: an RST drops what the socket still holds, so
+    the peer would not see the offset asked for.
+    """
+    # TLS wraps the TCP transport (its own handle is the TLS connection): the socket is the
+    # handle of a transport further in. Two layers at most; in memory there is none.
+    inner: Any = transport
+    sock: socket.socket | None = None
+    for _layer in range(3):
+        # Twisted's TLS transport holds small writes back for a reactor turn: out with them.
+        aggregator = getattr(inner, "_aggregator", None)
+        if aggregator is not None:
+            aggregator.flush()
+        handle = inner.getHandle() if hasattr(inner, "getHandle") else None
+        if isinstance(handle, socket.socket):
+            sock = handle
+            break
+        inner = getattr(inner, "transport", None)
+        if inner is None:
+            break
+    if sock is None or clock is None:
+        transport.abortConnection()
+        return
+
+    def attempt(tries_left: int) -> None:
+        # Twisted's write buffers (FileDescriptor's); on loopback the kernel hands data to the
+        # peer as it is sent.
+        pending = getattr(inner, "dataBuffer", b"") or getattr(inner, "_tempDataBuffer", None)
+        if pending and tries_left > 0:
+            clock.callLater(RESET_DRAIN_POLL_SECONDS, attempt, tries_left - 1)
+            return
+        if sock.fileno() != -1:
+            # A zero linger time makes close() send an RST.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abortConnection()
+
+    attempt(RESET_DRAIN_POLLS)
 
 
 class _TrackedChannel(HTTPChannel):

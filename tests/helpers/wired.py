@@ -18,6 +18,7 @@ from typing import Any
 
 from treq.testing import StubTreq
 from twisted.internet.defer import Deferred
+from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from proxy.blobs import BlobStore
@@ -159,7 +160,7 @@ class Harness(CacheHarness):
         self.files = files
         self.upstream = ScriptedUpstream(files)
         # Far from the epoch, so that "last used at 0" is never a tie with anything real.
-        super().__init__(tmp_path, self.upstream, BASE_URL, start=1_000_000)
+        super().__init__(tmp_path, self.origin(), BASE_URL, start=1_000_000)
         self.health = UpstreamHealth("up", self.clock, forced_offline=forced_offline)
         self.in_use = InUse()
         config = CacheConfig(dir=self.root.path, max_size=max_size, min_free=min_free)
@@ -184,6 +185,10 @@ class Harness(CacheHarness):
         )
         self.resource = RecordingResource(self.metadata, self.files_of_cache, self.store, self.clock)
         self.proxy = StubTreq(RootResource({"up": self.resource}, "banner\n"))
+
+    def origin(self) -> Resource:
+        """What the upstream's origin serves: the scripted upstream, unless a subclass says."""
+        return self.upstream
 
     def busy(self) -> set[str]:
         return self.in_use.current() | self.fetcher.busy()
