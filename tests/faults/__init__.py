@@ -18,8 +18,10 @@ for nothing outside its catalogue.
 
 Narrower tests elsewhere assert more about some of these faults, and are not repeated here:
 C{tests/test_request_path.py} (the log line of a corrupt body, the idle timeout of a stalled
-body, the allow-list agent), C{tests/test_offline_path.py} (what a 5xx or a lost connection
-does to the upstream's health today), C{tests/test_listen.py} (the plain-HTTP answer),
+body, the allow-list agent), C{tests/test_offline_path.py} (what a lost connection or a 5xx
+does to the upstream's health, the per-file backoff), C{tests/test_channel.py} and
+C{tests/test_slowloris.py} (the deadlines and limits of client connections),
+C{tests/test_listen.py} (the plain-HTTP answer),
 C{tests/test_crash_recovery.py} (SIGKILL of a writer of the store and index) and
 C{tests/test_process.py} (SIGKILL of a proxy with three clients of one held download).
 """

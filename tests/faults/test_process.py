@@ -267,11 +267,6 @@ async def test_a_full_disk_keeps_the_invariants(full_disk: Loopback, logged: Log
 
 
 @pytest.mark.loopback
-@pytest.mark.xfail(strict=True, reason=(
-    "a miss on a full disk answers 200 today and cuts the connection where the disk filled up "
-    "(after the bytes that fitted, none if none did); the required answer is a 5xx before any "
-    "header claims success, or the whole body streamed from the upstream without storing it"
-))
 @pytest_twisted.ensureDeferred
 async def test_a_full_disk_answers_a_miss_honestly(full_disk: Loopback) -> None:
     received = await full_disk.get(BROKEN)

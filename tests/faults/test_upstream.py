@@ -7,11 +7,11 @@ the file while the fault is on, the clock is driven past every timeout the fault
 the invariants of L{tests.helpers.invariants} are checked; then the fault is cleared and the
 next request must get the whole file.
 
-A 5xx answer or headers never sent mark the whole upstream offline today (see
-C{tests/test_offline_path.py}), so the next request is made once the health's first backoff
-has run out. The required behaviour for an error answer or a bad body of one file, that it is
-that file's failure only, is L{test_a_failing_file_is_that_files_failure_only} (expected to
-fail for a 5xx until it is built).
+An error answer or a bad body for one file is that file's failure only
+(L{test_a_failing_file_is_that_files_failure_only}); a file that failed twice in a row (two
+clients that did not share a download) is backed off on its own for 5 s, so the next request
+is made once that has run out. Headers never sent mark the upstream offline, and the next
+request probes it at once.
 
 On loopback (a real proxy service and a real TLS upstream in the test's reactor): the faults
 whose meaning is in the sockets and in real time, a reset (an RST), a stall and headers never
@@ -63,7 +63,7 @@ reactor: Any = _reactor
 
 # A body in 16 KiB steps every 50 ms: about a second for a rootfs.
 PACE = Throttle(16 * KiB, 0.05)
-# Past the first backoff of an upstream marked offline: the next request is a probe.
+# Past the first backoff of a file that failed twice in a row.
 RECOVERY_SECONDS = DEFAULT_BASE_BACKOFF_SECONDS + 1
 
 
@@ -146,16 +146,9 @@ def test_an_upstream_fault_on_a_miss(h: TreeHarness, logged: Logged, name: str, 
     assert_index_reopens(h.index, h.store)
 
 
-FILE_ONLY_REASON = (
-    "a 5xx answer for one file marks the whole upstream offline today (proxy/health.py, "
-    "proxy/downloads.py): every other miss, and this file's next request, get 503 until the "
-    "backoff has run out, and the catalogue is cut down to what is stored"
-)
-
-
 @pytest.mark.parametrize("fault, status", [
-    pytest.param("500", 502, marks=pytest.mark.xfail(strict=True, reason=FILE_ONLY_REASON)),
-    pytest.param("503", 502, marks=pytest.mark.xfail(strict=True, reason=FILE_ONLY_REASON)),
+    ("500", 502),
+    ("503", 502),
     ("403", 502),
     ("404", 404),
     ("wrong bytes", 502),
@@ -191,7 +184,7 @@ def test_a_failing_file_is_that_files_failure_only(h: TreeHarness, fault: str, s
 
 
 @pytest.mark.parametrize("code, status", [
-    pytest.param(500, 502, marks=pytest.mark.xfail(strict=True, reason=FILE_ONLY_REASON)),
+    (500, 502),
     (404, 404),
 ])
 def test_a_failing_file_leaves_the_lxd_face_alone(
@@ -223,15 +216,13 @@ class LoopbackFault:
     inject: Callable[[TreeResource, str], None]
     # Whether the download can still succeed while the fault is on.
     completes: bool = False
-    # Whether the fault leaves the upstream online, so the next request may go at once (a
-    # silence marks it offline for the first backoff, 5 s: that recovery is checked in memory).
-    online: bool = True
 
 
 LOOPBACK_FAULTS: dict[str, LoopbackFault] = {
     "reset mid-body": LoopbackFault(lambda tree, path: tree.reset(path, 100_000)),
     "stall after 100 000 bytes": LoopbackFault(lambda tree, path: tree.stall(path, 100_000)),
-    "headers never sent": LoopbackFault(lambda tree, path: tree.silence(path), online=False),
+    # Marks the upstream offline; the next request probes it at once.
+    "headers never sent": LoopbackFault(lambda tree, path: tree.silence(path)),
     "100 KiB/s": LoopbackFault(lambda tree, path: tree.rate(path, 100 * KiB), completes=True),
 }
 
@@ -257,9 +248,8 @@ async def test_an_upstream_fault_on_loopback(tmp_path: Path, logged: Logged, nam
             if fault.completes:
                 assert_whole(received, expected)
         site.tree.clear()
-        if fault.online:
-            assert_whole(await site.get(BROKEN), expected)
-            assert_whole(await site.get(OTHER), site.files[OTHER])
+        assert_whole(await site.get(BROKEN), expected)
+        assert_whole(await site.get(OTHER), site.files[OTHER])
         assert_only_catalogue(site.tree.paths(), site.files)
         await site.stop_proxy()
         index, store = site.open_cache()
