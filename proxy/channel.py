@@ -111,6 +111,12 @@ def _answer(status: bytes, message: str) -> bytes:
     ) + body
 
 
+def _cancel(call: IDelayedCall | None) -> None:
+    """Cancel C{call} if it is still pending."""
+    if call is not None and call.active():
+        call.cancel()
+
+
 @implementer(IHandshakeListener)
 class ProxyChannel(HTTPChannel):
     """
@@ -282,10 +288,8 @@ class ProxyChannel(HTTPChannel):
         self._deadline = self.callLater(seconds, expired)
 
     def _cancel_deadline(self) -> None:
-        if self._deadline is not None:
-            if self._deadline.active():
-                self._deadline.cancel()
-            self._deadline = None
+        _cancel(self._deadline)
+        self._deadline = None
 
     def _handshake_expired(self) -> None:
         self._deadline = None
@@ -298,10 +302,8 @@ class ProxyChannel(HTTPChannel):
         self._abort()
 
     def _cancel_stall(self) -> None:
-        if self._stalled is not None:
-            if self._stalled.active():
-                self._stalled.cancel()
-            self._stalled = None
+        _cancel(self._stalled)
+        self._stalled = None
 
     def _send_expired(self) -> None:
         self._stalled = None

@@ -15,6 +15,7 @@ from twisted.logger import ILogObserver, globalLogPublisher
 
 from tests.helpers.harness import Closing
 from tests.helpers.logs import Logged
+from tests.helpers.proxy_process import ProxyProcess
 
 # Property tests run the same examples every time and keep no example database;
 # HYPOTHESIS_PROFILE=explore looks for new ones, at random and many more of them. What
@@ -45,3 +46,12 @@ def closing() -> Iterator[Closing]:
     made = Closing()
     yield made
     made.close()
+
+
+@pytest.fixture
+def proxy_processes() -> Iterator[list[ProxyProcess]]:
+    """Real proxy processes a test starts: each is killed at the end, whatever happened."""
+    started: list[ProxyProcess] = []
+    yield started
+    for proxy in started:
+        proxy.kill()

@@ -117,18 +117,10 @@ ca_file = "ca.pem"
     return config
 
 
-@pytest.fixture
-def proxy_process(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for p in started:
-        p.kill()
-
-
 @pytest.mark.loopback
 @pytest_twisted.ensureDeferred
 async def test_sigkill_during_downloads_then_restart(
-    tmp_path: Path, proxy_process: list[ProxyProcess]
+    tmp_path: Path, proxy_processes: list[ProxyProcess]
 ) -> None:
     if shutil.which("mksquashfs") is None:
         pytest.skip("mksquashfs is not installed (apt-get install squashfs-tools)")
@@ -139,7 +131,7 @@ async def test_sigkill_during_downloads_then_restart(
     upstream = start_https_upstream(reactor, tree.root, ca)
     try:
         proxy = ProxyProcess(_write_config(tmp_path, upstream.url, ca.cert_pem))
-        proxy_process.append(proxy)
+        proxy_processes.append(proxy)
         port = await proxy.start()
         cert_pem = (tmp_path / "state" / "tls" / "server.crt").read_bytes()
         client = _client(cert_pem)

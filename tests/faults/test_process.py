@@ -140,18 +140,10 @@ class KillPoint:
             self.reached.callback(None)
 
 
-@pytest.fixture
-def proxies() -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proxy in started:
-        proxy.kill()
-
-
 @pytest.mark.loopback
 @pytest_twisted.ensureDeferred
 async def test_sigkill_at_random_points_during_twenty_downloads(
-    tmp_path: Path, proxies: list[ProxyProcess]
+    tmp_path: Path, proxy_processes: list[ProxyProcess]
 ) -> None:
     seed = int(os.environ.get("FAULTS_SEED", DEFAULT_SEED))
     print(f"SIGKILL points from seed {seed} (FAULTS_SEED={seed} replays them)")
@@ -164,7 +156,7 @@ async def test_sigkill_at_random_points_during_twenty_downloads(
     upstream.resource.throttle = PACE
     try:
         proxy = ProxyProcess(write_config(tmp_path, upstream))
-        proxies.append(proxy)
+        proxy_processes.append(proxy)
         state = tmp_path / "state"
         for kill in range(KILLS):
             port = await proxy.start()
