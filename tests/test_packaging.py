@@ -24,6 +24,8 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +119,67 @@ def test_changelog_version_is_the_program_version() -> None:
     import proxy
 
     assert match.group(1) == proxy.__version__
+
+
+def _pip_install_line(text: str) -> str:
+    """The one command of C{text} that installs the checkout, without C{--quiet}."""
+    lines = [ln.strip() for ln in text.splitlines() if "pip install" in ln and "-e '.[test]'" in ln]
+    assert len(lines) == 1, lines
+    return " ".join(w for w in lines[0].split() if w != "--quiet")
+
+
+def test_readme_install_is_the_ci_install() -> None:
+    """The README's install command is the one CI runs, and neither uses setuptools'
+    deprecated C{compat} editable mode."""
+    readme = _pip_install_line((ROOT / "README.md").read_text())
+    ci = _pip_install_line((ROOT / ".ci" / "run").read_text())
+    assert readme == ci
+    assert "compat" not in readme
+    assert "editable_mode=strict" in readme
+
+
+def test_editable_install_shows_the_plugin_to_twistd(tmp_path: Path) -> None:
+    """The README's editable install, into a new virtualenv, of a copy of this checkout: from
+    anywhere, without C{PYTHONPATH}, twistd lists the C{lxd-image-proxy} plugin and imports
+    the checkout's code. The virtualenv borrows this one's packages through a path file and
+    builds without the network."""
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed: the checkout's files are taken from git ls-files")
+    pytest.importorskip("wheel", reason="wheel is not installed (it is in the [test] extra)")
+    src = tmp_path / "src"
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, files):
+        source = ROOT / os.fsdecode(name)
+        if source.is_file():
+            target = src / os.fsdecode(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site_packages = next(venv.glob("lib/python3*/site-packages"))
+    # The packages of this virtualenv, but not its .pth files (an install of another checkout).
+    (site_packages / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    python = str(venv / "bin" / "python")
+    # --ignore-installed: this virtualenv's own lxd-image-proxy is visible, and stays as it is.
+    _ok_in(src, [python, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                 "--no-build-isolation", "--ignore-installed",
+                 "-e", ".", "--config-settings", "editable_mode=strict"])
+
+    imported = _ok_in(Path("/"), [python, "-c", "import proxy; print(proxy.__file__)"])
+    assert Path(imported.strip()).resolve() == (src / "proxy" / "__init__.py").resolve()
+    listed = _ok_in(Path("/"), [python, "-c", "import sys; from twisted.scripts.twistd import run; "
+                                "sys.argv = ['twistd', '--help']; run()"])
+    assert "lxd-image-proxy" in listed, listed
+
+
+def _ok_in(cwd: Path, args: list[str]) -> str:
+    done = subprocess.run(args, cwd=cwd, env=_clean_env(), stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=DPKG_TIMEOUT_SECONDS)
+    assert done.returncode == 0, f"{shlex.join(args)} exited {done.returncode}:\n{done.stdout}{done.stderr}"
+    return done.stdout
 
 
 @pytest.fixture(scope="module")
