@@ -159,7 +159,7 @@ def test_systemd_unit_runs_the_plugin() -> None:
     for key, value in settings:
         values.setdefault(key, []).append(value)
     assert values["ExecStart"] == [
-        "twistd --nodaemon --pidfile= lxd-image-proxy "
+        "/opt/venvs/lxd-image-proxy/bin/twistd --nodaemon --pidfile= lxd-image-proxy "
         "--config /etc/lxd-image-proxy/lxd-image-proxy.toml"
     ]
     assert values["StateDirectory"] == ["lxd-image-proxy"]
