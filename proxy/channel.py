@@ -51,7 +51,7 @@ from proxy.config import (
     DEFAULT_TLS_HANDSHAKE_TIMEOUT_SECONDS,
     ServerConfig,
 )
-from proxy.request_target import TargetRequest
+from proxy.access_log import LoggedRequest
 
 # After the proxy closes a connection, a TLS peer has this long to answer with its own
 # close_notify (or to close) before the connection is aborted; until then the TLS layer
@@ -350,11 +350,19 @@ class ProxyChannel(HTTPChannel):
 
 
 class ProxySite(Site):
-    """A L{Site} whose connections are L{ProxyChannel}s and whose requests L{TargetRequest}s."""
+    """
+    A L{Site} whose connections are L{ProxyChannel}s and whose requests L{LoggedRequest}s,
+    which write the access log (L{proxy.access_log}) instead of Twisted's combined-log line.
+    """
 
     def __init__(self, resource: IResource, limits: HeadLimits, reactor: IReactorTime) -> None:
-        super().__init__(resource, requestFactory=TargetRequest, reactor=reactor)
+        super().__init__(resource, requestFactory=LoggedRequest, reactor=reactor)
         self.limits = limits
+
+    def log(self, request: Any) -> None:
+        # Called by Request.finish: the response is complete.
+        if isinstance(request, LoggedRequest):
+            request.log_finished()
 
     def protocol(self) -> ProxyChannel:  # type: ignore[override]
         # Twisted's default wraps the channel in a proxy that can switch to HTTP/2 (never

@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +23,7 @@ import lmdb
 from attrs import define
 from twisted.internet.interfaces import IReactorTime
 
+from proxy import __version__
 from proxy.blobs import BlobStore
 from proxy.bundle import BundleError, export_bundle, import_bundle
 from proxy.catalogue import CatalogueError, Image, Item
@@ -206,8 +209,21 @@ def cmd_pin(cache: Cache, args: argparse.Namespace, out: TextIO) -> int:
     if result.missing:
         size = sum(item.size for item in result.missing)
         out.write(f"{len(result.missing)} files ({human_size(size)}) are downloaded at the next auto-update,"
-                  f" or now with: {PROG} prefetch {record.upstream}:{record.alias}\n")
+                  f" or now with: {_prefetch_command(args, record.upstream, record.alias)}\n")
     return 0
+
+
+def _prefetch_command(args: argparse.Namespace, upstream: str, alias: str) -> str:
+    """The prefetch command for the image a pin named, with the pin's own options."""
+    words = [PROG]
+    if args.config:
+        words += ["--config", shlex.quote(args.config)]
+    words += ["prefetch", shlex.quote(f"{upstream}:{alias}")]
+    if args.arch:
+        words += ["--arch", shlex.quote(args.arch)]
+    if getattr(args, "vm", False):
+        words.append("--vm")
+    return " ".join(words)
 
 
 def cmd_unpin(cache: Cache, args: argparse.Namespace, out: TextIO) -> int:
@@ -629,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE", default=None,
                         help="configuration file (default: the built-in configuration, as the server)")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = commands.add_parser("list", help="list the stored images")
@@ -699,9 +716,28 @@ def main(
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
-    """Run one command; return the exit status (0, 1 on failure, 2 for a usage error)."""
+    """
+    Run one command; return the exit status (0, 1 on failure, 2 for a usage error).
+
+    A reader that goes away (C{lxd-image-proxy list | head}) ends the command quietly with
+    status 1, as the Python documentation's note on SIGPIPE recommends: no message, and no
+    "Exception ignored" from the interpreter's last flush.
+    """
     out = out if out is not None else sys.stdout
     err = err if err is not None else sys.stderr
+    try:
+        status = _main(argv, clock, out, err)
+        out.flush()
+        return status
+    except BrokenPipeError:
+        if out is sys.stdout:
+            # The interpreter flushes stdout once more at exit: give it somewhere to go.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _main(argv: Sequence[str] | None, clock: IReactorTime | None, out: TextIO, err: TextIO) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -724,6 +760,9 @@ def main(
         return _fail(e.message, err)
     except CatalogueError as e:
         return _fail(f"a stored catalogue is unusable: {e}", err)
+    except BrokenPipeError:
+        # Not a failure to report: the reader has what it wanted (see main).
+        raise
     except OSError as e:
         return _fail(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}", err)
     except lmdb.Error as e:

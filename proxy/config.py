@@ -228,6 +228,21 @@ class LxdApiConfig:
     upstreams: tuple[str, ...] = ()
 
 
+LOG_FORMATS = ("text", "json")
+
+
+@frozen
+class LogConfig:
+    """
+    The C{[log]} table.
+
+    @ivar format: C{"text"}, one line per event after a timestamp, or C{"json"}, one JSON
+        object per line (Twisted's event serialisation) for log shippers.
+    """
+
+    format: str = "text"
+
+
 @frozen
 class Config:
     """
@@ -241,6 +256,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...]
     pins: tuple[PinConfig, ...] = ()
     lxd_api: LxdApiConfig = LxdApiConfig()
+    log: LogConfig = LogConfig()
 
     def lxd_api_upstreams(self) -> tuple[UpstreamConfig, ...]:
         """The upstreams the LXD image API lists, in order of precedence."""
@@ -319,7 +335,7 @@ def parse_config(document: Mapping[str, Any], base_dir: str) -> Config:
     @param base_dir: the directory that relative paths are taken from.
     @raise ConfigError: as L{load_config}.
     """
-    _check_keys(document, "", {"server", "cache", "upstreams", "pin", "lxd_api"})
+    _check_keys(document, "", {"server", "cache", "upstreams", "pin", "lxd_api", "log"})
     defaults = default_config()
     server = _parse_server(_table(document, "server"), base_dir)
     cache = _parse_cache(_table(document, "cache"), base_dir, defaults.cache)
@@ -328,7 +344,19 @@ def parse_config(document: Mapping[str, Any], base_dir: str) -> Config:
         upstreams = _parse_upstreams(_table(document, "upstreams"), base_dir)
     pins = _parse_pins(document.get("pin", []), upstreams)
     lxd_api = _parse_lxd_api(_table(document, "lxd_api"), upstreams)
-    return Config(server=server, cache=cache, upstreams=upstreams, pins=pins, lxd_api=lxd_api)
+    log = _parse_log(_table(document, "log"))
+    return Config(
+        server=server, cache=cache, upstreams=upstreams, pins=pins, lxd_api=lxd_api, log=log
+    )
+
+
+def _parse_log(table: Mapping[str, Any]) -> LogConfig:
+    _check_keys(table, "log", {"format"})
+    format = _string(table, "format", "log", "text")
+    if format not in LOG_FORMATS:
+        choices = " or ".join(_show(f) for f in LOG_FORMATS)
+        raise ConfigError(f"log.format: expected {choices}, got {_show(format)}")
+    return LogConfig(format=format)
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from proxy.catalogue import Item
 from proxy.downloads import ItemFetcher
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, FileRecord
+from proxy.lxd_fetch import ItemDownload
 from proxy.streaming import CompleteFile, FileSource
 
 # How long a miss may wait for the upstream's response headers before the client gets its own
@@ -39,11 +40,13 @@ class Opened:
     @ivar source: what to stream.
     @ivar hit: the file is stored (else it is downloading, or absent for a HEAD).
     @ivar last_modified: when it was stored, for a hit; now, otherwise.
+    @ivar joined: a miss that follows a download already in flight (another client's).
     """
 
     source: FileSource
     hit: bool
     last_modified: float
+    joined: bool = False
 
 
 class Starting(Protocol):
@@ -117,8 +120,12 @@ class CacheFiles:
                     health.check(item.path, probe=False)
                 yield Opened(self.stored_file(item), hit=False, last_modified=self._clock.seconds())
                 return
+            running = self._running()
             download = await self._join(upstream, item)
-            yield Opened(download, hit=False, last_modified=self._clock.seconds())
+            yield Opened(
+                download, hit=False, last_modified=self._clock.seconds(),
+                joined=any(job is _job_of(download) for job in running),
+            )
             self._index.note_served(False, sent())
             # Counted once the body is out: the record exists only after the download committed.
             self._index.note_use(item.sha256)
@@ -160,6 +167,10 @@ class CacheFiles:
             return self.stored_file(item)
         return await self._join(upstream, item)
 
+    def _running(self) -> list[object]:
+        """The downloads in flight now, to tell a joined one from one a request starts."""
+        return list(self._fetcher.in_flight().values())
+
     async def _join(self, upstream: str, item: Item) -> FileSource:
         download = self._fetcher.get(upstream, item)
         await await_start(download, self._clock)
@@ -185,6 +196,11 @@ class CacheFiles:
             ), upstream, path)
         index.note_use(item.sha256)
         return record
+
+
+def _job_of(download: FileSource) -> object:
+    # A file of an LXD upstream follows its image's export, which is what is in flight.
+    return download.export if isinstance(download, ItemDownload) else download
 
 
 async def await_start(download: Starting, clock: IReactorTime) -> None:

@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 
 from proxy import __version__
+from proxy.access_log import HIT, MISS, note_cache
 from proxy.agents import ClientAgents
 from proxy.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, ProxyError
 from proxy.export import export_parts, serve_export
@@ -205,6 +206,8 @@ class LxdApiResource(AsyncResource):
         image = published.image
         files = self._files
         async with files.open_image(source.name, image.files, sent=lambda: request.sentLength) as stored:
+            # Started and joined exports are not told apart here: both are misses.
+            note_cache(request, HIT if stored is not None else MISS)
             if stored is not None:
                 parts = export_parts(image, stored[0], stored[1] if len(stored) > 1 else None)
             elif request.method == b"HEAD" and all(item.sha256 for item in image.files):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any, cast
 
 import lmdb
@@ -18,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 from twisted.web.server import Site
 
+from proxy.addresses import advertised_host
 from proxy.admission import (
     FDS_PER_CONNECTION,
     RESERVED_FDS,
@@ -49,6 +49,8 @@ from proxy.tls import (
 log = Logger()
 
 GC_INTERVAL_SECONDS = 3600.0
+# The client commands the start-up hints are written for.
+CLIENTS = ("lxc", "incus")
 
 
 class CacheService(Service):
@@ -296,7 +298,9 @@ class ListenService(Service):
                 f.write("".join(f"{p}\n" for p in bound))
             os.replace(tmp, server.port_file)
         log.info("listening with TLS on port(s) {ports}", ports=" ".join(str(p) for p in bound))
-        host = server.tls_names[0] if server.tls_names else socket.gethostname()
+        # The first listener's address, as clients elsewhere can reach it.
+        first = cast(IPv4Address | IPv6Address, self.ports[0].getHost())
+        host = advertised_host(first.host, server.tls_names)
         fingerprint = self.certificate.fingerprint
         log.info(
             "server certificate {cert} (sha256 fingerprint {fingerprint}); a client needs it as "
@@ -305,17 +309,20 @@ class ListenService(Service):
         )
         port = bound[0]
         listed = ", ".join(u.name for u in self.config.lxd_api_upstreams())
-        log.info(
-            "LXD image API ({listed}): lxc remote add cache https://{host}:{port} --public "
-            "--accept-certificate",
-            listed=listed, host=host, port=port,
-        )
-        for upstream in self.config.upstreams:
+        # The same line for each client; an Incus host reads the LXD image API as its own.
+        for client in CLIENTS:
             log.info(
-                "upstream {name} ({url}): lxc remote add {name} https://{host}:{port}/{name} "
-                "--protocol simplestreams",
-                name=upstream.name, url=upstream.url, host=host, port=port,
+                "LXD image API ({listed}): {client} remote add cache https://{host}:{port} "
+                "--public --accept-certificate",
+                listed=listed, client=client, host=host, port=port,
             )
+        for upstream in self.config.upstreams:
+            for client in CLIENTS:
+                log.info(
+                    "upstream {name} ({url}): {client} remote add {name} "
+                    "https://{host}:{port}/{name} --protocol simplestreams",
+                    name=upstream.name, url=upstream.url, client=client, host=host, port=port,
+                )
 
     def stopService(self) -> "Deferred[Any]":
         super().stopService()

@@ -16,6 +16,7 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 
+from proxy.access_log import HIT, JOINED, MISS, note_cache, note_face
 from proxy.agents import ClientAgents
 from proxy.blobs import BlobStore
 from proxy.catalogue import Family, Item
@@ -104,11 +105,16 @@ class UpstreamResource(AsyncResource):
             self.name, path, item, sent=lambda: request.sentLength, head=request.method == b"HEAD"
         )
         async with opening as opened:
+            note_cache(request, HIT if opened.hit else JOINED if opened.joined else MISS)
             # Ranges of a stored file only: a download is streamed whole, as it arrives.
             await serve_file(
                 request, opened.source, etag=item.sha256, last_modified=opened.last_modified,
                 clock=self._clock, ranges=opened.hit,
             )
+
+
+# The access log's names of the faces beside the upstreams.
+FACES = {"1.0": "lxd"}
 
 
 class RootResource(Resource):
@@ -132,10 +138,13 @@ class RootResource(Resource):
         except UnicodeDecodeError:
             name = ""
         if name in self._upstreams:
+            note_face(request, name)
             return self._upstreams[name]
         if name in self._others:
+            note_face(request, FACES.get(name, name))
             return self._others[name]
         if path == b"":
+            note_face(request, "root")
             return self
         return _NotFoundResource(name)
 

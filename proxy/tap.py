@@ -1,18 +1,24 @@
 # -*- test-case-name: tests.test_tap -*-
 """twistd plugin glue: command-line options and the service they make.
 
-Reading the configuration happens while the options are parsed, so that a bad file is a
-usage error: both C{twistd} and C{twist} print it as one sentence and exit non-zero,
-without a traceback.
+Reading the configuration happens while the options are parsed, so that a bad file stops
+C{twistd} and C{twist} before anything starts: with one sentence naming the key on standard
+error and exit status 1, without a traceback and without the usage text both runners print
+in front of a usage error (a wrong value is not a wrong command line). The configuration's
+C{[log] format} is handed to the runner here too (L{proxy.logs}).
 """
 
 from __future__ import annotations
 
+import sys
+
 from twisted.application.service import IService
 from twisted.python import usage
 
+from proxy import __version__
 from proxy.config import load_config
 from proxy.errors import ConfigError
+from proxy.logs import apply_log_format
 
 
 class Options(usage.Options):
@@ -27,11 +33,21 @@ class Options(usage.Options):
         ["config", "c", None, "TOML configuration file (default: the built-in configuration)."],
     ]
 
+    def opt_version(self) -> None:
+        """Display the proxy's version (and Twisted's) and exit."""
+        from twisted import copyright
+
+        print(f"lxd-image-proxy {__version__} (Twisted {copyright.version})")
+        sys.exit(0)
+
     def postOptions(self) -> None:
         try:
-            self["proxy_config"] = load_config(self["config"])
+            config = load_config(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise SystemExit(f"lxd-image-proxy: {e}") from None
+        self["proxy_config"] = config
+        # Set by usage.Options when these options are a runner's sub-command.
+        apply_log_format(getattr(self, "parent", None), config.log.format)
 
 
 def makeService(options: Options) -> IService:

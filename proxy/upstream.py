@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web._newclient import _WrapperException
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.client import _HTTP11ClientFactory
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
@@ -186,6 +187,12 @@ def receive_body(response: IResponse, sink: Callable[[bytes], None], *, limit: i
     return finished
 
 
+class _QuietClientFactory(_HTTP11ClientFactory):
+    """The pool's connection factory without a log line for each connection made or closed."""
+
+    noisy = False
+
+
 class UpstreamClient:
     """
     Makes GET requests to configured upstreams.
@@ -228,6 +235,9 @@ class UpstreamClient:
         origins = [origin_of(url) for url, _ in upstreams.values()]
         policies = {(host, port): policy for (url, policy), (_, host, port) in zip(upstreams.values(), origins)}
         pool = HTTPConnectionPool(reactor, persistent=True)
+        # Twisted's pool logs "Starting factory" and "Stopping factory" at info for every
+        # upstream connection; the downloads say what an admin needs of them.
+        pool._factory = _QuietClientFactory
         pool.maxPersistentPerHost = 4
         pool.cachedConnectionTimeout = 120
         agent = Agent(

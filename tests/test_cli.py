@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -205,6 +207,59 @@ def test_pin_and_unpin(capsys: pytest.CaptureFixture[str], config: Path, tree: T
     assert flags_of(config, image) == [(False, True), (True, False)]
     code, _, err = run(capsys, config, "unpin", f"{UPSTREAM}:testos/2.0", "--arch", "amd64")
     assert code == 1 and "is not pinned" in one_sentence(err)
+
+
+def test_pin_suggests_the_prefetch_of_the_same_image(
+    capsys: pytest.CaptureFixture[str], config: Path, tree: Tree
+) -> None:
+    """The prefetch command a pin suggests names the same architecture, type and config."""
+    seeded(config, tree, [])
+    code, out, _ = run(capsys, config, "pin", f"{UPSTREAM}:testos/2.0", "--arch", "arm64", "--vm")
+    assert code == 0
+    suggested = out.splitlines()[-1].split("or now with: ", 1)[1]
+    assert suggested == (
+        f"lxd-image-proxy --config {config} prefetch {UPSTREAM}:testos/2.0 --arch arm64 --vm"
+    )
+    # What it suggests parses as the prefetch of that image.
+    from proxy.cli import build_parser
+
+    args = build_parser().parse_args(shlex.split(suggested)[1:])
+    assert (args.command, args.refs, args.arch, args.vm, args.config) == (
+        "prefetch", [f"{UPSTREAM}:testos/2.0"], "arm64", True, str(config)
+    )
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out == f"lxd-image-proxy {__version__}\n"
+
+
+def _into_a_closed_pipe(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run the command with its standard output a pipe whose reader has gone, as after head."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "proxy.cli", *args], stdout=write, stderr=subprocess.PIPE,
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+            timeout=PROCESS_TIMEOUT_SECONDS,
+        )
+    finally:
+        os.close(write)
+
+
+# argparse swallows a failed write of its help text itself, and ends as it would have.
+@pytest.mark.parametrize(("args", "status"), [(["list"], 1), (["stats"], 1), (["--help"], 0)])
+def test_a_reader_that_goes_away_ends_it_quietly(
+    tmp_path: Path, config: Path, tree: Tree, args: list[str], status: int
+) -> None:
+    """C{lxd-image-proxy list | head}: no "Broken pipe", no traceback."""
+    seeded(config, tree, squashfs_images(tree, "2.0"))
+    result = _into_a_closed_pipe(tmp_path, "--config", str(config), *args)
+    assert result.stderr == b""
+    assert result.returncode == status
 
 
 def test_pin_errors(capsys: pytest.CaptureFixture[str], config: Path, tree: Tree) -> None:

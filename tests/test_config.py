@@ -14,6 +14,7 @@ from proxy import config as config_module
 from proxy.config import (
     CacheConfig,
     Config,
+    LogConfig,
     PinConfig,
     ServerConfig,
     UpstreamConfig,
@@ -176,7 +177,7 @@ def test_sample_config_sets_every_key() -> None:
     # The per-upstream switches are documented once, on the first upstream.
     assert keys - expected == {
         "upstreams.images.allow_insecure", "upstreams.images.offline", "upstreams.images.protocol",
-        "lxd_api.upstreams",
+        "lxd_api.upstreams", "log.format",
     }
 
 
@@ -504,9 +505,9 @@ def test_connection_limit_units(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text, sentence",
     [
-        ("[sever]\n", "sever: unknown table; expected one of cache, lxd_api, pin, server, upstreams"),
+        ("[sever]\n", "sever: unknown table; expected one of cache, log, lxd_api, pin, server, upstreams"),
         ('[[pins]]\nupstream = "images"\n',
-         "pins: unknown table; expected one of cache, lxd_api, pin, server, upstreams"),
+         "pins: unknown table; expected one of cache, log, lxd_api, pin, server, upstreams"),
         ('[server]\nlisen = ["8443"]\n',
          "server.lisen: unknown key; expected one of keepalive_timeout, listen, "
          "max_connections, max_header_bytes, max_headers, max_request_line, port_file, "
@@ -939,3 +940,23 @@ def test_upstream_protocol_and_lxd_api(tmp_path: Path) -> None:
 )
 def test_protocol_and_lxd_api_errors(tmp_path: Path, text: str, message: str) -> None:
     assert error_of(tmp_path, text) == message
+
+
+@pytest.mark.parametrize(("text", "format"), [("", "text"), ('[log]\nformat = "json"\n', "json")])
+def test_log_format(tmp_path: Path, text: str, format: str) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(text)
+    assert load_config(str(path)).log == LogConfig(format=format)
+
+
+@pytest.mark.parametrize(("text", "sentence"), [
+    ('[log]\nformat = "xml"\n', 'log.format: expected "text" or "json", got "xml"'),
+    ("[log]\nformat = 1\n", "log.format: expected a string, got 1"),
+    ('[log]\nlevel = "debug"\n', "log.level: unknown key; expected one of format"),
+])
+def test_bad_log_table(tmp_path: Path, text: str, sentence: str) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == sentence

@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 
+from proxy.addresses import advertised_host, interface_addresses
 from proxy.blobs import BlobStore
 from proxy.index import CacheIndex
 from tests.helpers.certs import make_ca
@@ -60,8 +61,9 @@ def _port_free(port: int) -> bool:
 def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
     """
     C{twistd -n lxd-image-proxy} with no configuration file: HTTPS on 8443, a generated
-    certificate in the state directory, one C{lxc remote add} line per default upstream.
-    It is only started and stopped: its upstreams are public servers.
+    certificate in the state directory, one C{lxc remote add} and one C{incus remote add}
+    line per default upstream, naming an address of this host (the proxy listens on all of
+    them), not 0.0.0.0. It is only started and stopped: its upstreams are public servers.
     """
     if not _port_free(8443):
         pytest.skip("port 8443 is in use on this machine")
@@ -75,15 +77,21 @@ def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
         try:
             deadline = time.monotonic() + START_TIMEOUT_SECONDS
             while time.monotonic() < deadline and process.poll() is None:
-                if b"lxc remote add linuxcontainers" in log.read_bytes():
+                if b"incus remote add linuxcontainers" in log.read_bytes():
                     break
                 time.sleep(0.1)
             text = log.read_text()
             assert process.poll() is None, text
             assert "listening with TLS on port(s) 8443" in text, text
-            for name in ("images", "ubuntu", "ubuntu-daily", "linuxcontainers"):
-                assert f"lxc remote add {name} https://" in text
-                assert f":8443/{name} --protocol simplestreams" in text
+            host = advertised_host("0.0.0.0")
+            assert host != "0.0.0.0" and host.strip("[]") in interface_addresses() + ["127.0.0.1"]
+            for client in ("lxc", "incus"):
+                assert f"{client} remote add cache https://{host}:8443 --public" in text
+                for name in ("images", "ubuntu", "ubuntu-daily", "linuxcontainers"):
+                    assert (
+                        f"{client} remote add {name} https://{host}:8443/{name} "
+                        "--protocol simplestreams"
+                    ) in text
             assert "sha256 fingerprint" in text
             assert (state / "tls" / "server.crt").exists()
             assert (state / "index").is_dir()

@@ -46,12 +46,13 @@ def test_options_config(tmp_path: Path, flag: str) -> None:
     assert parse(f"{flag}={path}" if flag == "--config" else f"-c{path}")["config"] == str(path)
 
 
-def test_options_bad_config_is_a_usage_error(tmp_path: Path) -> None:
+def test_options_bad_config_exits_with_the_sentence(tmp_path: Path) -> None:
+    # SystemExit, not a UsageError: the runners print their usage text before a usage error.
     path = tmp_path / "bad.toml"
     path.write_text('[cache]\nmetadata_ttl = "soon"\n')
-    with pytest.raises(usage.UsageError) as info:
+    with pytest.raises(SystemExit) as info:
         parse("--config", str(path))
-    assert str(info.value) == BAD_SENTENCE
+    assert str(info.value) == f"lxd-image-proxy: {BAD_SENTENCE}"
 
 
 def test_options_reject_stray_arguments() -> None:
@@ -124,12 +125,12 @@ def test_plugin_is_listed(tmp_path: Path) -> None:
 
 
 def test_bad_config_from_checkout(tmp_path: Path) -> None:
-    """A bad configuration ends `python3 -m twisted lxd-image-proxy` with its sentence."""
+    """A bad configuration ends `python3 -m twisted lxd-image-proxy` with its sentence alone."""
     (tmp_path / "bad.toml").write_text('[cache]\nmetadata_ttl = "soon"\n')
     result = run(["-m", "twisted", "lxd-image-proxy", "--config", "bad.toml"], tmp_path)
-    assert result.returncode != 0
-    assert BAD_SENTENCE in result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
+    assert result.returncode == 1
+    assert result.stderr == f"lxd-image-proxy: {BAD_SENTENCE}\n"
+    assert result.stdout == ""
 
 
 def test_missing_config_from_checkout(tmp_path: Path) -> None:
@@ -139,17 +140,30 @@ def test_missing_config_from_checkout(tmp_path: Path) -> None:
     assert "Traceback" not in result.stdout + result.stderr
 
 
+TWISTD = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
+
+
 def test_bad_config_under_twistd(tmp_path: Path) -> None:
-    """twistd reports the same sentence (it prints usage errors on stdout) and exits 1."""
+    """twistd ends with the same one sentence on stderr, no usage text, and exit status 1."""
     (tmp_path / "bad.toml").write_text('[cache]\nmetadata_ttl = "soon"\n')
-    twistd = "import sys; from twisted.scripts.twistd import run; sys.argv[0] = 'twistd'; run()"
     result = run(
-        ["-c", twistd, "--nodaemon", "--pidfile=", "lxd-image-proxy", "--config", "bad.toml"],
+        ["-c", TWISTD, "--nodaemon", "--pidfile=", "lxd-image-proxy", "--config", "bad.toml"],
         tmp_path,
     )
     assert result.returncode == 1
-    assert BAD_SENTENCE in result.stdout
-    assert "Traceback" not in result.stdout + result.stderr
+    assert result.stderr == f"lxd-image-proxy: {BAD_SENTENCE}\n"
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("runner", [["-m", "twisted"], ["-c", TWISTD, "--pidfile="]])
+def test_version(tmp_path: Path, runner: list[str]) -> None:
+    from twisted import copyright
+
+    from proxy import __version__
+
+    result = run([*runner, "lxd-image-proxy", "--version"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"lxd-image-proxy {__version__} (Twisted {copyright.version})\n"
 
 
 def test_systemd_unit_runs_the_plugin() -> None:
