@@ -63,8 +63,9 @@ def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
     certificate in the state directory, one C{lxc remote add} line per default upstream.
     It is only started and stopped: its upstreams are public servers.
     """
-    if not _port_free(8443):
-        pytest.skip("port 8443 is in use on this machine")
+    for port in (8443, 9464):
+        if not _port_free(port):
+            pytest.skip(f"port {port} is in use on this machine")
     state = tmp_path / "state"
     log = tmp_path / "out.log"
     with log.open("wb") as out:
@@ -75,7 +76,7 @@ def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
         try:
             deadline = time.monotonic() + START_TIMEOUT_SECONDS
             while time.monotonic() < deadline and process.poll() is None:
-                if b"lxc remote add linuxcontainers" in log.read_bytes():
+                if b"over plain HTTP on" in log.read_bytes():
                     break
                 time.sleep(0.1)
             text = log.read_text()
@@ -85,6 +86,7 @@ def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
                 assert f"lxc remote add {name} https://" in text
                 assert f":8443/{name} --protocol simplestreams" in text
             assert "sha256 fingerprint" in text
+            assert "metrics, /healthz and /readyz over plain HTTP on 127.0.0.1:9464" in text, text
             assert (state / "tls" / "server.crt").exists()
             assert (state / "index").is_dir()
         finally:
@@ -104,6 +106,8 @@ listen = ["127.0.0.1:0"]
 tls_names = ["localhost"]
 port_file = "port"
 
+[metrics]
+listen = ["127.0.0.1:0"]
 [cache]
 dir = "state"
 download_idle_timeout = "20s"
@@ -210,6 +214,8 @@ def test_a_port_in_use_stops_start_up_with_one_sentence(tmp_path: Path) -> None:
         result = _run_proxy(tmp_path, f"""
 [server]
 listen = ["127.0.0.1:{port}"]
+[metrics]
+listen = ["127.0.0.1:0"]
 [cache]
 dir = "state"
 """ + _UPSTREAM_TABLE)
@@ -223,6 +229,8 @@ dir = "state"
 def test_an_unusable_cache_dir_stops_start_up_with_one_sentence(tmp_path: Path, directory: str) -> None:
     result = _run_proxy(tmp_path, f"""
 [server]
+listen = ["127.0.0.1:0"]
+[metrics]
 listen = ["127.0.0.1:0"]
 [cache]
 dir = "{directory}"
@@ -240,6 +248,8 @@ def test_a_second_proxy_on_the_same_state_is_refused(tmp_path: Path) -> None:
     try:
         result = _run_proxy(tmp_path, """
 [server]
+listen = ["127.0.0.1:0"]
+[metrics]
 listen = ["127.0.0.1:0"]
 [cache]
 dir = "state"
