@@ -51,6 +51,11 @@ DAY = 24 * HOUR
 
 DEFAULT_PORT = 8443
 DEFAULT_LISTEN: tuple[str, ...] = (f"tcp:{DEFAULT_PORT}:interface=0.0.0.0",)
+# The port registered for this exporter in Prometheus' default port allocations list is not
+# claimed; 9464 is the one OpenTelemetry's Prometheus exporter uses. Loopback: metrics are for
+# a scraper on the same host (or one the admin opens it to), never the LAN by default.
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_METRICS_LISTEN: tuple[str, ...] = (f"tcp:{DEFAULT_METRICS_PORT}:interface=127.0.0.1",)
 DEFAULT_METADATA_TTL_SECONDS = 5 * MINUTE
 DEFAULT_DOWNLOAD_IDLE_TIMEOUT_SECONDS = 60 * SECONDS
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 30 * SECONDS
@@ -244,6 +249,18 @@ class LogConfig:
 
 
 @frozen
+class MetricsConfig:
+    """
+    The C{[metrics]} table: the plain-HTTP listener of C{/metrics}, C{/healthz} and C{/readyz}.
+
+    @ivar listen: endpoint descriptions in the form of L{ServerConfig.listen}; empty: no
+        listener, and nothing is counted.
+    """
+
+    listen: tuple[str, ...] = DEFAULT_METRICS_LISTEN
+
+
+@frozen
 class Config:
     """
     The whole configuration.
@@ -257,6 +274,7 @@ class Config:
     pins: tuple[PinConfig, ...] = ()
     lxd_api: LxdApiConfig = LxdApiConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     def lxd_api_upstreams(self) -> tuple[UpstreamConfig, ...]:
         """The upstreams the LXD image API lists, in order of precedence."""
@@ -335,7 +353,7 @@ def parse_config(document: Mapping[str, Any], base_dir: str) -> Config:
     @param base_dir: the directory that relative paths are taken from.
     @raise ConfigError: as L{load_config}.
     """
-    _check_keys(document, "", {"server", "cache", "upstreams", "pin", "lxd_api", "log"})
+    _check_keys(document, "", {"server", "cache", "upstreams", "pin", "lxd_api", "log", "metrics"})
     defaults = default_config()
     server = _parse_server(_table(document, "server"), base_dir)
     cache = _parse_cache(_table(document, "cache"), base_dir, defaults.cache)
@@ -345,8 +363,10 @@ def parse_config(document: Mapping[str, Any], base_dir: str) -> Config:
     pins = _parse_pins(document.get("pin", []), upstreams)
     lxd_api = _parse_lxd_api(_table(document, "lxd_api"), upstreams)
     log = _parse_log(_table(document, "log"))
+    metrics = _parse_metrics(_table(document, "metrics"), server)
     return Config(
-        server=server, cache=cache, upstreams=upstreams, pins=pins, lxd_api=lxd_api, log=log
+        server=server, cache=cache, upstreams=upstreams, pins=pins, lxd_api=lxd_api, log=log,
+        metrics=metrics,
     )
 
 
@@ -648,6 +668,31 @@ def _parse_server(table: Mapping[str, Any], base_dir: str) -> ServerConfig:
     )
 
 
+# -- [metrics] -----------------------------------------------------------------------------
+
+
+def _parse_metrics(table: Mapping[str, Any], server: ServerConfig) -> MetricsConfig:
+    _check_keys(table, "metrics", {"listen"})
+    values = _string_list(table, "listen", "metrics")
+    if values is None:
+        listen = DEFAULT_METRICS_LISTEN
+    else:
+        listen = tuple(normalise_listen(v, "metrics.listen") for v in values)
+        if len(set(listen)) != len(listen):
+            raise ConfigError(f"metrics.listen: an address is listed twice in {_show(values)}")
+    shared = set(_without_backlog(d) for d in listen) & set(_without_backlog(d) for d in server.listen)
+    if any(not d.startswith("tcp:0:") for d in shared):
+        raise ConfigError(
+            f"metrics.listen: {_show(sorted(shared)[0])} is also in server.listen; the metrics "
+            f"listener needs an address of its own"
+        )
+    return MetricsConfig(listen=listen)
+
+
+def _without_backlog(description: str) -> str:
+    return description.split(":backlog=")[0]
+
+
 def _head_limit(table: Mapping[str, Any], key: str, default: int) -> int:
     size = _size(table, key, "server", default, False)
     if size < MIN_HEAD_LIMIT_BYTES:
@@ -844,8 +889,9 @@ def _max_size(table: Mapping[str, Any], default: int | None) -> int | None:
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline", "protocol"}
-# Paths at the root that are not upstreams: the LXD image API and the URL-import face.
-RESERVED_NAMES = frozenset({"1.0", "import"})
+# Paths at the root that are not upstreams: the LXD image API, the URL-import face, and the
+# health checks (and /metrics, kept free so that the HTTPS port may serve it one day).
+RESERVED_NAMES = frozenset({"1.0", "import", "healthz", "readyz", "metrics"})
 
 
 def _parse_upstreams(table: Mapping[str, Any], base_dir: str) -> tuple[UpstreamConfig, ...]:
@@ -856,8 +902,8 @@ def _parse_upstreams(table: Mapping[str, Any], base_dir: str) -> tuple[UpstreamC
         prefix = f"upstreams.{name}"
         if not _UPSTREAM_NAME.fullmatch(name) or name in RESERVED_NAMES:
             raise ConfigError(
-                f"{prefix}: an upstream name must match [a-z0-9][a-z0-9._-]* and not be"
-                " \"1.0\" or \"import\""
+                f"{prefix}: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of"
+                f" {', '.join(_show(n) for n in sorted(RESERVED_NAMES))} (paths the proxy serves itself)"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{prefix}: expected a table, got {_show(value)}")

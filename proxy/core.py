@@ -28,6 +28,7 @@ from proxy.index import CacheIndex
 from proxy.lifecycle import CacheLifecycle
 from proxy.lxd_remote import LxdRemote
 from proxy.metadata import SimplestreamsMetadata, UpstreamMetadata
+from proxy.metrics import NO_METRICS, Metrics
 from proxy.prefetch import PinnedPartsLearner, Prefetcher
 from proxy.tls import upstream_tls_policy
 from proxy.upstream import UpstreamClient
@@ -63,6 +64,7 @@ class CacheCore:
     families: dict[str, dict[Family, UpstreamMetadata]]
     remotes: dict[str, LxdRemote]
     prefetcher: Prefetcher
+    metrics: Metrics
 
     def busy(self) -> set[str]:
         """Files that may not be evicted now: being served or being downloaded."""
@@ -87,11 +89,13 @@ def build_core(
     workers: Workers,
     *,
     watch_health: bool = True,
+    metrics: Metrics = NO_METRICS,
 ) -> CacheCore:
     """
     Wire the cache's parts for C{config}, over C{index} and C{store}.
 
     @param workers: where blocking work runs (the server's threads, or L{proxy.work.INLINE}).
+    @param metrics: what the parts count into (the server's, when its metrics are on).
     @param watch_health: mark an upstream offline after a failure and fail its requests fast
         until a probe finds it back (the server). Without, every request is tried (the admin
         command: one run, whose every failure is reported as it comes).
@@ -113,14 +117,14 @@ def build_core(
 
     lifecycle = CacheLifecycle(
         index, store, config.cache, reactor, busy, work=disk, in_use=in_use,
-        reactor=reactor if workers.threaded else None,
+        reactor=reactor if workers.threaded else None, metrics=metrics,
     )
     # One engine for every upstream: files of simplestreams upstreams, exports of LXD ones.
     fetcher = Fetcher(
         client, store, index, reactor, config.upstreams, config.cache.download_idle_timeout,
         make_room=lifecycle.make_room_later, room_to_receive=lifecycle.room_to_receive_later,
         health=health, disk=disk, settled=in_use.settled,
-        writeback=workers.writeback,
+        writeback=workers.writeback, metrics=metrics,
     )
     agents = ClientAgents()
     metadata: dict[str, SimplestreamsMetadata] = {}
@@ -131,7 +135,7 @@ def build_core(
             remote = LxdRemote(
                 u.name, u.url, client, store, index, reactor,
                 ttl=config.cache.metadata_ttl, idle_timeout=config.cache.download_idle_timeout,
-                health=health.get(u.name), families=FAMILIES, disk=disk,
+                health=health.get(u.name), families=FAMILIES, disk=disk, metrics=metrics,
             )
             remotes[u.name] = remote
             metadata[u.name] = remote
@@ -144,6 +148,7 @@ def build_core(
                     ttl=config.cache.metadata_ttl,
                     idle_timeout=config.cache.download_idle_timeout,
                     health=health.get(u.name), family=family, agents=agents, disk=disk,
+                    metrics=metrics,
                 )
                 for family in FAMILIES
             }
@@ -152,11 +157,12 @@ def build_core(
     learner = PinnedPartsLearner(remotes, fetcher)
     prefetcher = Prefetcher(
         config, metadata, fetcher, index, reactor, discover=learner.learn, disk=disk,
+        metrics=metrics,
     )
     return CacheCore(
         config=config, reactor=reactor, index=index, store=store, client=client, health=health,
         in_use=in_use, lifecycle=lifecycle, fetcher=fetcher, agents=agents, metadata=metadata,
-        families=families, remotes=remotes, prefetcher=prefetcher,
+        families=families, remotes=remotes, prefetcher=prefetcher, metrics=metrics,
     )
 
 

@@ -32,12 +32,19 @@ from twisted.web.iweb import IResponse
 from proxy.blobs import BlobStore, PartialBlob
 from proxy.catalogue import Item
 from proxy.config import LXD, UpstreamConfig
-from proxy.errors import InsufficientStorage, NotFound, ProxyError, UpstreamFailed
+from proxy.errors import (
+    InsufficientStorage,
+    NotFound,
+    ProxyError,
+    UpstreamFailed,
+    VerificationFailed,
+)
 from proxy.fetch import DEFAULT_IDLE_TIMEOUT_SECONDS, Download, FetchedItem, Job, Verified
 from proxy.health import FileFailures, UpstreamHealth
 from proxy.index import CacheIndex, FileRecord
 from proxy.lxd_fetch import ExportDownload, ItemDownload, listed_file
 from proxy.lxd_remote import RemoteImage
+from proxy.metrics import NO_METRICS, Metrics
 from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
 from proxy.work import Run, inline
 
@@ -71,8 +78,10 @@ class Fetcher:
         disk: Run = inline,
         settled: Callable[[Iterable[str]], Awaitable[None]] | None = None,
         writeback: Run | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._client = client
+        self._metrics = metrics
         # Where a download's bytes are synced while they arrive (see PartialBlob.writeback).
         self._writeback = writeback if writeback is not None else disk
         # Waits while files are being expired or evicted: one is not stored again until it is gone.
@@ -170,6 +179,7 @@ class Fetcher:
             assert isinstance(running, kind)
             if not background:
                 running.background = False
+            self._metrics.download_joined(upstream)
             return running
         self._file_failures.check((kind, key))
         health = self._health.get(upstream)
@@ -183,6 +193,7 @@ class Fetcher:
             raise
         job.background = background
         self._inflight[(kind, key)] = job
+        self._metrics.download_started(upstream, background)
         Deferred.fromCoroutine(self._run(kind, job))
         return job
 
@@ -214,11 +225,13 @@ class Fetcher:
             )
             if not job.finished:
                 job.fail(Failure(error))
+            self._metrics.download_failed(job.upstream, isinstance(e, VerificationFailed))
         else:
             self._file_failures.succeeded((kind, job.key))
         finally:
             self._inflight.pop((kind, job.key), None)
             self._index.note_fetched(job.received)
+            self._metrics.upstream_received(job.upstream, "file", job.received)
 
     async def _ask(self, job: Job) -> IResponse:
         """Send the request for C{job}; whether the upstream answered is its health's to know."""
@@ -227,9 +240,11 @@ class Fetcher:
         try:
             response: IResponse = await self._client.get(job.url)
         except Exception as e:
+            self._metrics.upstream_answer(job.upstream, "file", None)
             if health is not None:
                 health.record_error(e, job.url)
             raise
+        self._metrics.upstream_answer(job.upstream, "file", response.code)
         if health is not None:
             health.record_file_answer(response.code, job.url)
         return response
@@ -267,6 +282,7 @@ class Fetcher:
             # No room even after evicting what may go: the clients have their bytes (each
             # follower holds its file open), the cache does not keep them.
             index.note_not_stored()
+            self._metrics.download_not_stored(job.upstream, needed)
             self.log.warn(
                 "not storing {url} ({size} bytes): no room within the cache's limits (the line "
                 "before says which); its clients get it all the same", url=job.url, size=needed,

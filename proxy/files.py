@@ -8,8 +8,8 @@ recorded, and the response's bytes and its use are counted once it is out.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
-from contextlib import ExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from typing import Protocol
 
 from attrs import frozen
@@ -24,6 +24,7 @@ from proxy.downloads import ItemFetcher
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, FileRecord
 from proxy.lxd_fetch import ItemDownload
+from proxy.metrics import NO_METRICS, Metrics
 from proxy.streaming import CompleteFile, FileSource
 
 # How long a miss may wait for the upstream's response headers before the client gets its own
@@ -70,7 +71,11 @@ class CacheFiles:
         in_use: InUse | None = None,
         *,
         health: Mapping[str, UpstreamHealth] | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self._metrics = metrics
+        # By upstream, the responses streaming a download now (read by the metrics at scrape).
+        self.following: dict[str, int] = {}
         self._store = store
         self._index = index
         self._fetcher = fetcher
@@ -110,7 +115,7 @@ class CacheFiles:
             if self._store.exists(item.sha256):
                 record = await self._record_hit(upstream, path, item)
                 yield Opened(self.stored_file(item), hit=True, last_modified=record.stored_at)
-                self._index.note_served(True, sent())
+                self._served(upstream, True, sent())
                 return
             if head:
                 health = self._health.get(upstream)
@@ -122,11 +127,12 @@ class CacheFiles:
                 return
             running = self._running()
             download = await self._join(upstream, item)
-            yield Opened(
-                download, hit=False, last_modified=self._clock.seconds(),
-                joined=any(job is _job_of(download) for job in running),
-            )
-            self._index.note_served(False, sent())
+            with self._following(upstream):
+                yield Opened(
+                    download, hit=False, last_modified=self._clock.seconds(),
+                    joined=any(job is _job_of(download) for job in running),
+                )
+            self._served(upstream, False, sent())
             # Counted once the body is out: the record exists only after the download committed.
             self._index.note_use(item.sha256)
 
@@ -151,12 +157,26 @@ class CacheFiles:
                     await self._record_hit(upstream, item.path, item)
                 yield [self.stored_file(item) for item in items]
             else:
-                yield None
-        self._index.note_served(hit, sent())
+                with self._following(upstream):
+                    yield None
+        self._served(upstream, hit, sent())
         if not hit:
             # Counted once the body is out: the records exist only after the commit.
             for item in items:
                 self._index.note_use(item.sha256)
+
+    def _served(self, upstream: str, hit: bool, nbytes: int) -> None:
+        self._index.note_served(hit, nbytes)
+        self._metrics.served(upstream, hit, nbytes)
+
+    @contextmanager
+    def _following(self, upstream: str) -> Iterator[None]:
+        following = self.following
+        following[upstream] = following.get(upstream, 0) + 1
+        try:
+            yield
+        finally:
+            following[upstream] -= 1
 
     async def source(self, upstream: str, item: Item) -> FileSource:
         """

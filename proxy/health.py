@@ -102,6 +102,8 @@ class UpstreamHealth:
     _next_probe_at: float = field(default=0.0, init=False)
     # When the outstanding probe was let through; None when no probe is outstanding.
     _probe_started_at: float | None = field(default=None, init=False)
+    # When the upstream last answered anything but a 5xx; None before its first answer.
+    _last_success_at: float | None = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.max_backoff < self.base_backoff:
@@ -118,6 +120,23 @@ class UpstreamHealth:
     def offline(self) -> bool:
         """True while the upstream is forced offline or its last outcome was a failure."""
         return self.forced_offline or self._since is not None
+
+    @property
+    def since(self) -> float | None:
+        """When the current outage began (clock seconds); None while online or forced offline."""
+        return self._since
+
+    @property
+    def reason(self) -> str:
+        """Why the upstream is offline, in one phrase; C{""} while online."""
+        if self.forced_offline:
+            return f"upstreams.{self.name}.offline = true"
+        return self._reason
+
+    @property
+    def last_success_at(self) -> float | None:
+        """When the upstream last answered anything but a 5xx (clock seconds), or None."""
+        return self._last_success_at
 
     @property
     def probing(self) -> bool:
@@ -283,6 +302,7 @@ class UpstreamHealth:
         Report that the upstream answered (anything but a 5xx): it is online again and the
         backoff starts from the beginning at the next outage. Forced offline stays offline.
         """
+        self._last_success_at = self.clock.seconds()
         if self.forced_offline:
             self.log.debug("upstream {upstream} answered but is offline by configuration",
                            upstream=self.name)

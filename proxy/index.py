@@ -90,6 +90,10 @@ _DB_PARTS = b"parts"
 _FORMAT_KEY = b"format"
 # The sum of every file record's size, kept by every transaction that adds or removes one.
 _STORED_BYTES_KEY = b"stored_bytes"
+# The files with C{cached = False} (pinned), and their bytes: kept like the stored bytes.
+_PINNED_FILES_KEY = b"pinned_files"
+_PINNED_BYTES_KEY = b"pinned_bytes"
+_TOTAL_KEYS = (_STORED_BYTES_KEY, _PINNED_FILES_KEY, _PINNED_BYTES_KEY)
 
 _log = Logger()
 T = TypeVar("T")
@@ -404,6 +408,19 @@ def _size_in(raw: bytes) -> int:
     return size if isinstance(size, int) and size >= 0 else 0
 
 
+def _pinned_in(raw: bytes) -> bool:
+    """Whether an encoded file record is pinned (C{cached} false); as lenient as L{_size_in}."""
+    try:
+        return json.loads(raw).get("cached", True) is False
+    except (ValueError, AttributeError):
+        return False
+
+
+def _pinned_share(record: FileRecord) -> tuple[int, int]:
+    """What C{record} adds to the pinned totals: (files, bytes)."""
+    return (0, 0) if record.cached else (1, record.size)
+
+
 class CacheIndex:
     """The LMDB cache index. One instance per environment per process.
 
@@ -525,23 +542,32 @@ class CacheIndex:
                 )
 
     def _count_stored_bytes(self, *, only_if_missing: bool) -> int:
+        """
+        Count the stored bytes and the pinned files and bytes from every record (when one of
+        the totals is missing, with C{only_if_missing}); return the stored bytes.
+        """
         if only_if_missing:
             with self._read(self._counters) as txn:
-                found = txn.get(_STORED_BYTES_KEY)
-            if found is not None:
-                return int(found)
+                found = [txn.get(key) for key in _TOTAL_KEYS]
+            if None not in found:
+                return int(found[0])
         # One write transaction for the scan and the result: no other writer can add or
-        # remove a record in between, so the total is exact.
+        # remove a record in between, so the totals are exact.
         with self._env.begin(write=True) as txn:
             if only_if_missing:
-                found = txn.get(_STORED_BYTES_KEY, db=self._counters)
-                if found is not None:
-                    return int(found)
-            total = 0
+                found = [txn.get(key, db=self._counters) for key in _TOTAL_KEYS]
+                if None not in found:
+                    return int(found[0])
+            total = pinned_files = pinned_bytes = 0
             cursor = txn.cursor(db=self._files)
             for value in cursor.iternext(keys=False, values=True):
-                total += _size_in(value)
-            txn.put(_STORED_BYTES_KEY, str(total).encode("ascii"), db=self._counters)
+                size, pinned = _size_in(value), _pinned_in(value)
+                total += size
+                if pinned:
+                    pinned_files += 1
+                    pinned_bytes += size
+            for key, count in zip(_TOTAL_KEYS, (total, pinned_files, pinned_bytes)):
+                txn.put(key, str(count).encode("ascii"), db=self._counters)
         return total
 
     # -- counters ----------------------------------------------------------
@@ -586,7 +612,18 @@ class CacheIndex:
         return None if raw is None else _decode_file(raw)
 
     def _write_file_in(self, txn: Any, record: FileRecord) -> None:
-        txn.put(self._sha_key(record.sha256), _encode("file", record), db=self._files)
+        key = self._sha_key(record.sha256)
+        raw = txn.get(key, db=self._files)
+        # Read leniently: a damaged record may still be overwritten.
+        before = (1, _size_in(raw)) if raw is not None and _pinned_in(raw) else (0, 0)
+        self._count_pinned_in(txn, before, _pinned_share(record))
+        txn.put(key, _encode("file", record), db=self._files)
+
+    def _count_pinned_in(self, txn: Any, before: tuple[int, int], after: tuple[int, int]) -> None:
+        """Keep the pinned totals as a record's share goes from C{before} to C{after}."""
+        if before != after:
+            self._add_counter_in(txn, _PINNED_FILES_KEY, after[0] - before[0])
+            self._add_counter_in(txn, _PINNED_BYTES_KEY, after[1] - before[1])
 
     def _claim_location_in(self, txn: Any, sha256: str, item: str) -> None:
         """Point location C{item} at C{sha256}, taking it from any other record."""
@@ -615,6 +652,7 @@ class CacheIndex:
             self._release_location_in(txn, sha256, item)
         txn.delete(self._sha_key(sha256), db=self._files)
         self._add_counter_in(txn, _STORED_BYTES_KEY, -record.size)
+        self._count_pinned_in(txn, _pinned_share(record), (0, 0))
         return True
 
     def put(self, record: FileRecord) -> None:
@@ -771,6 +809,21 @@ class CacheIndex:
         """The sum of the sizes of every file record, read from the index (cheap)."""
         with self._read(self._counters) as txn:
             return self._counter_in(txn, _STORED_BYTES_KEY)
+
+    def pinned_totals(self) -> tuple[int, int]:
+        """How many file records are pinned (not C{cached}), and their bytes (cheap)."""
+        with self._read(self._counters) as txn:
+            return self._counter_in(txn, _PINNED_FILES_KEY), self._counter_in(txn, _PINNED_BYTES_KEY)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the index is open in this process (from start-up until it is closed)."""
+        return self._lmdb is not None and self._opened_by == os.getpid()
+
+    def catalogue_checked_at(self, upstream: str, path: str) -> float | None:
+        """When the copy of C{path} of C{upstream} was last fetched or revalidated, or None."""
+        record = self.get_metadata(upstream, path)
+        return None if record is None else record.checked_at
 
     def file_count(self) -> int:
         """How many file records there are (cheap: LMDB keeps the count)."""

@@ -37,6 +37,7 @@ from proxy.config import DEFAULT_EXPIRY_DAYS, CacheConfig
 from proxy.busy import InUse
 from proxy.index import CacheIndex, FileRecord
 from proxy.jsonsteps import release
+from proxy.metrics import EVICTED, EXPIRED, NO_METRICS, Metrics
 from proxy.work import Run, heavy, inline
 
 __all__ = [
@@ -187,7 +188,9 @@ class CacheLifecycle:
         work: Run = inline,
         in_use: InUse | None = None,
         reactor: Any = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self._metrics = metrics
         self._index = index
         self._store = store
         self._config = config
@@ -249,7 +252,7 @@ class CacheLifecycle:
         protected.update(m.sha256 for m in self._index.metadata_records())
         return protected
 
-    def _remove(self, digests: list[str]) -> list[FileRecord]:
+    def _remove(self, digests: list[str], reason: str = EVICTED) -> list[FileRecord]:
         """
         Remove records (still cached ones only), then their blobs; return the records removed.
 
@@ -270,6 +273,7 @@ class CacheLifecycle:
             for record in removed:
                 self._store.remove(record.sha256)
         finally:
+            self._metrics.removed(reason, (r.size for r in removed))
             if reactor is not None:
                 reactor.callFromThread(self._released, claimed, removed)
             else:
@@ -404,7 +408,7 @@ class CacheLifecycle:
         free_before = self.free_bytes() if self.min_free > 0 else 0
 
         expired = self._remove(
-            plan_expiry(records, self._clock.seconds(), self.expiry_days, protected)
+            plan_expiry(records, self._clock.seconds(), self.expiry_days, protected), EXPIRED
         )
         expired_bytes = sum(r.size for r in expired)
         gone = {r.sha256 for r in expired}

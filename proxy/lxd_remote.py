@@ -60,6 +60,7 @@ from proxy.health import UpstreamHealth
 from proxy.errors import NotFound
 from proxy.index import CacheIndex, ImageParts, MetadataRecord
 from proxy.metadata import INDEX_PATH, ParsedOnce, UpstreamFiles, UpstreamMetadata
+from proxy.metrics import NO_METRICS, Metrics
 from proxy.metadata_store import MetadataStore
 from proxy.work import Run, heavy, inline
 from proxy.upstream import UpstreamClient
@@ -552,6 +553,7 @@ class _SynthesisedFiles:
         idle_timeout: float,
         health: UpstreamHealth | None,
         families: Sequence[Family],
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._name = name
         self._bodies = bodies
@@ -561,7 +563,7 @@ class _SynthesisedFiles:
         self.list = UpstreamFiles(
             name, base_url, client, bodies, clock, ttl=ttl, idle_timeout=idle_timeout,
             validate=lambda _path, body: parse_remote_images(body), remember=self._remember,
-            health=health,
+            health=health, metrics=metrics,
         )
         self._parsed: ParsedOnce[str, list[RemoteImage]] = ParsedOnce()
         # The one rebuild per (sha256 of the list, parts records) that callers share; one at
@@ -669,11 +671,12 @@ class LxdRemote:
         health: UpstreamHealth | None = None,
         families: Sequence[Family] = ("lxd",),
         disk: Run = inline,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._index = index
         self._files = _SynthesisedFiles(
             name, base_url, client, MetadataStore(store, index, disk), clock, ttl=ttl,
-            idle_timeout=idle_timeout, health=health, families=families,
+            idle_timeout=idle_timeout, health=health, families=families, metrics=metrics,
         )
         self._metadata = UpstreamMetadata(
             name, base_url, client, store, index, clock, ttl=ttl, idle_timeout=idle_timeout,

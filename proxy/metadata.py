@@ -39,6 +39,7 @@ from proxy.health import UpstreamHealth
 from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
 from proxy.metadata_store import MetadataStore
+from proxy.metrics import NO_METRICS, Metrics
 from proxy.observers import Observers
 from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
 from proxy.work import Run, free_in_steps, heavy, inline, kept
@@ -166,9 +167,11 @@ class UpstreamFiles:
         health: UpstreamHealth | None = None,
         family: Family = "lxd",
         agents: ClientAgents | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.name = name
         self.base_url = base_url
+        self._metrics = metrics
         self.family: Family = family
         # The LXD family's files are kept under the plain paths (as before families were told
         # apart), any other's under "@FAMILY/".
@@ -305,7 +308,12 @@ class UpstreamFiles:
                 headers[b"If-Modified-Since"] = stale.last_modified.encode("latin-1")
         if self._agents is not None:
             headers[b"User-Agent"] = self._agents.for_family(self.family)
-        response = await self._client.get(self.url(path), headers)
+        try:
+            response = await self._client.get(self.url(path), headers)
+        except Exception:
+            self._metrics.upstream_answer(self.name, "metadata", None)
+            raise
+        self._metrics.upstream_answer(self.name, "metadata", response.code)
         if self.health is not None:
             self.health.record_answer(response.code, self.url(path))
         now = self._clock.seconds()
@@ -340,6 +348,7 @@ class UpstreamFiles:
         except CatalogueError as e:
             raise UpstreamFailed(f"{self.name}: {path} from upstream is not usable: {e}")
         self._remember(path, record.sha256, parsed)
+        self._metrics.upstream_received(self.name, "metadata", partial.size)
         self.log.info("fetched {url} ({size} bytes)", url=self.url(path), size=partial.size)
         return record
 
@@ -412,6 +421,7 @@ class UpstreamMetadata:
         disk: Run = inline,
         files: MetadataFiles | None = None,
         products: Sequence[str] | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self.name = name
         self.base_url = base_url
@@ -428,7 +438,7 @@ class UpstreamMetadata:
         self._files: MetadataFiles = files if files is not None else UpstreamFiles(
             name, base_url, client, self._bodies, clock, ttl=ttl, idle_timeout=idle_timeout,
             validate=self._validate, remember=self._remember, health=health, family=family,
-            agents=agents,
+            agents=agents, metrics=metrics,
         )
         self._products = None if products is None else list(products)
         # Each catalogue file parsed once per copy: the index's products paths; each products

@@ -35,6 +35,7 @@ from proxy.fetch import FetchedItem
 from proxy.index import CacheIndex
 from proxy.lxd_remote import LxdRemote
 from proxy.metadata import SimplestreamsMetadata
+from proxy.metrics import NO_METRICS, Metrics
 from proxy.resolve import host_architecture, lxd_arch, resolve_alias, versions_for
 from proxy.work import Run, heavy, inline
 
@@ -175,7 +176,9 @@ class Prefetcher(Service):
         host_arch: str | None = None,
         discover: Callable[[str, set[str]], Awaitable[object]] | None = None,
         disk: Run = inline,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self._metrics = metrics
         # Scans of the whole index run here, never on the reactor thread.
         self._disk = disk
         # Learns the files of an upstream's images that its catalogue cannot list yet (the split
@@ -225,13 +228,19 @@ class Prefetcher(Service):
 
             def failed(failure: Any) -> TickReport:
                 self.log.failure("auto-update run failed", failure)
+                self._metrics.auto_update_ran(True, self._clock.seconds())
                 return TickReport()
+
+            def counted(report: TickReport) -> TickReport:
+                problems = bool(report.failed or report.unresolved)
+                self._metrics.auto_update_ran(problems, self._clock.seconds())
+                return report
 
             def done(report: TickReport) -> TickReport:
                 self._running = None
                 return report
 
-            running.addErrback(failed).addCallback(done)
+            running.addCallbacks(counted, failed).addCallback(done)
             if not running.called:
                 self._running = running
         observer: Deferred[TickReport] = Deferred()

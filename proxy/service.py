@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Callable
 from typing import Any, cast
 
 import lmdb
 from cryptography.hazmat.primitives import serialization
 
+from prometheus_client import ProcessCollector
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList
@@ -26,8 +29,12 @@ from proxy.admission import (
     raise_open_file_limit,
 )
 from proxy.blobs import BlobStore
+from proxy.exporter import MetricsListenService, exporter_site
+from proxy.metadata import INDEX_PATH
+from proxy.metrics import Metrics, StateCollector, face_of
+from proxy.probes import Healthz, Readiness, Readyz, readiness
 from proxy.channel import HeadLimits, ProxySite
-from proxy.config import Config, read_pem_certificates
+from proxy.config import LXD, Config, read_pem_certificates
 # FAMILIES is named here too, for code that wires the faces as the service does.
 from proxy.core import CLOSE_TIMEOUT_SECONDS, FAMILIES as FAMILIES, build_core
 from proxy.errors import ConfigError
@@ -36,6 +43,7 @@ from proxy.listen import listen_tls
 from proxy.files import CacheFiles
 from proxy.images import FaceCatalogue, ImageSource, LxdRemoteImages, SimplestreamsImages
 from proxy.lxd_face import LxdApiResource, ServerCertificate
+from proxy.lxd_remote import API_PATH
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.statedir import StateLock
 from proxy.urlimport import ImportResource
@@ -81,7 +89,13 @@ class CacheService(Service):
         # Commits, parses, scans and index writes run on these threads, never on the reactor.
         self.workers, self._pools = Workers.threads(reactor)
         self.index.writer = self.workers.index
-        core = build_core(config, reactor, self.index, self.store, self.workers)
+        # Nothing is counted unless someone can read it.
+        self.metrics = Metrics(enabled=bool(config.metrics.listen))
+        if self.metrics.enabled:
+            ProcessCollector(registry=self.metrics.registry)
+        core = build_core(
+            config, reactor, self.index, self.store, self.workers, metrics=self.metrics
+        )
         self.core = core
         # The parts by name, as the site and the tests reach them.
         self.client = core.client
@@ -158,11 +172,21 @@ class CacheService(Service):
         d.addBoth(close)
         return d
 
-    def site(self, certificate: ServerCertificate) -> Site:
+    def site(
+        self, certificate: ServerCertificate, ready: Callable[[], Readiness] | None = None
+    ) -> Site:
         # The one way the faces reach the cache's files, side by side.
         files = CacheFiles(
-            self.store, self.index, self.fetcher, self.reactor, self.in_use, health=self.health
+            self.store, self.index, self.fetcher, self.reactor, self.in_use, health=self.health,
+            metrics=self.metrics,
         )
+        self.metrics.registry.register(StateCollector(
+            self.reactor, self.index, self.health,
+            {u.name: API_PATH if u.protocol == LXD else INDEX_PATH for u in self.config.upstreams},
+            lambda: [job.upstream for job in self.fetcher.in_flight().values()],
+            lambda: files.following,
+            self.config.cache.max_size,
+        ))
         upstreams = {
             name: UpstreamResource(
                 meta, files, self.store, self.reactor,
@@ -183,17 +207,31 @@ class CacheService(Service):
         others = {
             "1.0": LxdApiResource(listed, files, self.reactor, certificate, agents=self.agents),
             "import": ImportResource(sources, self.reactor),
+            "healthz": Healthz(),
+            "readyz": Readyz(ready if ready is not None else self.readiness),
         }
         banner = "lxd-image-proxy: a caching proxy for LXD and Incus images.\nUpstreams:\n" + "".join(
             f"  /{u.name}/ -> {u.url}\n" for u in self.config.upstreams
         )
+        metrics = self.metrics
+        names = frozenset(upstreams)
+
+        def observe(segment: str, request: Any) -> None:
+            metrics.observe_request(face_of(segment, names), request)
+
         site = ProxySite(
-            RootResource(upstreams, banner, others),
+            RootResource(upstreams, banner, others, observe=observe if metrics.enabled else None),
             HeadLimits.from_config(self.config.server),
             self.reactor,
         )
         site.displayTracebacks = False
         return site
+
+    def readiness(self, listening: bool = True) -> Readiness:
+        """Whether this cache can serve (see L{proxy.probes}), given whether its port listens."""
+        return readiness(
+            self.index.is_open, listening, [u.name for u in self.config.upstreams], self.health
+        )
 
 
 class ListenService(Service):
@@ -344,8 +382,14 @@ class ProxyService(MultiService):
         self.cache = CacheService(config, reactor)
         self.cache.setServiceParent(self)
         certificate = ServerCertificate()
-        self.listener = ListenService(config, reactor, self.cache.site(certificate), certificate)
+        site = self.cache.site(certificate, self.readiness)
+        self.listener = ListenService(config, reactor, site, certificate)
         self.listener.setServiceParent(self)
+        self.metrics_listener = MetricsListenService(
+            config.metrics.listen, reactor,
+            exporter_site(self.cache.metrics.registry, self.readiness),
+        )
+        self.metrics_listener.setServiceParent(self)
         timer = TimerService(config.cache.usage_flush_interval, self.cache.flush_usage)
         timer.clock = reactor
         timer.setServiceParent(self)
@@ -360,6 +404,11 @@ class ProxyService(MultiService):
         collect.clock = reactor
         collect.setServiceParent(self)
         self.cache.prefetcher.setServiceParent(self)
+
+
+    def readiness(self) -> Readiness:
+        """Ready once the index is open and the HTTPS port listens (see L{proxy.probes})."""
+        return self.cache.readiness(bool(self.listener.ports))
 
 
 def build_service(config: Config, reactor: Any) -> ProxyService:

@@ -9,7 +9,7 @@ Anything else is a 404 that costs no upstream request.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -125,8 +125,12 @@ class RootResource(Resource):
         upstreams: Mapping[str, IResource],
         banner: str,
         others: Mapping[str, IResource] | None = None,
+        *,
+        observe: Callable[[str, Request], None] | None = None,
     ) -> None:
         super().__init__()
+        # Told of every request with the first segment of its path (the metrics count them).
+        self._observe = observe
         self._upstreams = dict(upstreams)
         # The faces beside the upstreams: C{1.0} (the LXD API), C{import} (URL import).
         self._others = dict(others or {})
@@ -137,6 +141,8 @@ class RootResource(Resource):
             name = path.decode("ascii")
         except UnicodeDecodeError:
             name = ""
+        if self._observe is not None:
+            self._observe(name, request)
         if name in self._upstreams:
             note_face(request, name)
             return self._upstreams[name]

@@ -177,7 +177,7 @@ def test_sample_config_sets_every_key() -> None:
     # The per-upstream switches are documented once, on the first upstream.
     assert keys - expected == {
         "upstreams.images.allow_insecure", "upstreams.images.offline", "upstreams.images.protocol",
-        "lxd_api.upstreams", "log.format",
+        "lxd_api.upstreams", "log.format", "metrics.listen",
     }
 
 
@@ -505,9 +505,9 @@ def test_connection_limit_units(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text, sentence",
     [
-        ("[sever]\n", "sever: unknown table; expected one of cache, log, lxd_api, pin, server, upstreams"),
+        ("[sever]\n", "sever: unknown table; expected one of cache, log, lxd_api, metrics, pin, server, upstreams"),
         ('[[pins]]\nupstream = "images"\n',
-         "pins: unknown table; expected one of cache, log, lxd_api, pin, server, upstreams"),
+         "pins: unknown table; expected one of cache, log, lxd_api, metrics, pin, server, upstreams"),
         ('[server]\nlisen = ["8443"]\n',
          "server.lisen: unknown key; expected one of keepalive_timeout, listen, "
          "max_connections, max_header_bytes, max_headers, max_request_line, port_file, "
@@ -593,11 +593,11 @@ def test_only_one_trailing_slash_is_stripped(tmp_path: Path) -> None:
     [
         ("[upstreams]\n", "upstreams: expected at least one [upstreams.NAME] table"),
         ('[upstreams."1.0"]\nurl = "https://a.test"\n',
-         'upstreams.1.0: an upstream name must match [a-z0-9][a-z0-9._-]* and not be "1.0" or "import"'),
+         'upstreams.1.0: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz" (paths the proxy serves itself)'),
         ('[upstreams.Big]\nurl = "https://a.test"\n',
-         'upstreams.Big: an upstream name must match [a-z0-9][a-z0-9._-]* and not be "1.0" or "import"'),
+         'upstreams.Big: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz" (paths the proxy serves itself)'),
         ('[upstreams._x]\nurl = "https://a.test"\n',
-         'upstreams._x: an upstream name must match [a-z0-9][a-z0-9._-]* and not be "1.0" or "import"'),
+         'upstreams._x: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz" (paths the proxy serves itself)'),
         ("[upstreams]\na = 1\n", "upstreams.a: expected a table, got 1"),
         ("[upstreams.a]\n", "upstreams.a.url: missing; every upstream needs a base URL"),
         ('[upstreams.a]\nurl = "https://a.test"\nmirror = 1\n',
@@ -935,7 +935,7 @@ def test_upstream_protocol_and_lxd_api(tmp_path: Path) -> None:
          'lxd_api.upstreams: "a" is listed twice'),
         ('[lxd_api]\nmirror = 1\n', "lxd_api.mirror: unknown key; expected one of upstreams"),
         ('[upstreams.import]\nurl = "https://a.test"\n',
-         'upstreams.import: an upstream name must match [a-z0-9][a-z0-9._-]* and not be "1.0" or "import"'),
+         'upstreams.import: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz" (paths the proxy serves itself)'),
     ],
 )
 def test_protocol_and_lxd_api_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -960,3 +960,47 @@ def test_bad_log_table(tmp_path: Path, text: str, sentence: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert str(info.value) == sentence
+
+
+# -- [metrics] -----------------------------------------------------------------------------
+
+
+def test_metrics_listen_defaults_to_loopback_9464(tmp_path: Path) -> None:
+    assert default_config().metrics.listen == ("tcp:9464:interface=127.0.0.1",)
+    assert load_config(write(tmp_path, "[metrics]\n")).metrics.listen == (
+        "tcp:9464:interface=127.0.0.1",
+    )
+
+
+def test_metrics_listen_takes_the_server_listen_syntax_and_an_empty_list(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[metrics]\nlisten = ["[::1]:9100", "9101"]\n'))
+    assert config.metrics.listen == ("tcp:9100:interface=\\:\\:1", "tcp:9101:interface=0.0.0.0")
+    assert load_config(write(tmp_path, "[metrics]\nlisten = []\n")).metrics.listen == ()
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('[metrics]\nlisten = "9100"\n', 'metrics.listen: expected a list of strings, got "9100"'),
+        ('[metrics]\nlisten = ["ssl:9100"]\n',
+         'metrics.listen: "ssl:9100" is not a plain TCP endpoint; the proxy adds TLS itself, so '
+         'use "tcp:PORT" or "ADDRESS:PORT"'),
+        ('[metrics]\nlisten = ["localhost:9100"]\n',
+         'metrics.listen: expected an address like "0.0.0.0:8443", "[::]:8443" or "tcp:8443", '
+         'got "localhost:9100"'),
+        ('[metrics]\nlisten = ["9100", "0.0.0.0:9100"]\n',
+         'metrics.listen: an address is listed twice in ["9100", "0.0.0.0:9100"]'),
+        ('[server]\nlisten = ["127.0.0.1:8443"]\n[metrics]\nlisten = ["127.0.0.1:8443"]\n',
+         'metrics.listen: "tcp:8443:interface=127.0.0.1" is also in server.listen; the metrics '
+         'listener needs an address of its own'),
+        ("[metrics]\nport = 1\n", "metrics.port: unknown key; expected one of listen"),
+    ],
+)
+def test_metrics_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    assert error_of(tmp_path, text) == message
+
+
+@pytest.mark.parametrize("name", ["healthz", "readyz", "metrics"])
+def test_the_health_and_metrics_paths_are_no_upstream_names(tmp_path: Path, name: str) -> None:
+    message = error_of(tmp_path, f'[upstreams.{name}]\nurl = "https://a.test"\n')
+    assert message.startswith(f"upstreams.{name}: an upstream name must match")

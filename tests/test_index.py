@@ -846,3 +846,49 @@ def test_unpin_turns_only_still_pinned_files_into_cached_ones(index: CacheIndex)
     assert got is not None and (got.cached, got.auto_update) == (True, False)
     assert index.get(plain.sha256) == attrs.evolve(plain, cached=False, auto_update=False)
     assert index.get(cached.sha256) == cached
+
+
+def test_pinned_totals_follow_every_write(tmp_path: Path) -> None:
+    index = CacheIndex(str(tmp_path / "index"), Clock())
+    try:
+        a = _record("a" * 64, 100, cached=False)
+        b = _record("b" * 64, 10, cached=True)
+        index.put(a)
+        index.put(b)
+        assert index.pinned_totals() == (1, 100)
+        index.set_flags(b.sha256, cached=False, auto_update=True)
+        assert index.pinned_totals() == (2, 110)
+        assert index.unpin([a.sha256]) == 1
+        assert index.pinned_totals() == (1, 10)
+        index.remove(b.sha256)
+        assert index.pinned_totals() == (0, 0)
+        index.put(attrs.evolve(a, cached=False, size=50))
+        assert index.pinned_totals() == (1, 50)
+    finally:
+        index.close()
+
+
+def test_an_index_without_pinned_totals_counts_them_when_opened(tmp_path: Path) -> None:
+    path = str(tmp_path / "index")
+    index = CacheIndex(path, Clock())
+    index.put(_record("a" * 64, 100, cached=False))
+    index.put(_record("b" * 64, 7, cached=True))
+    # As an index written by a version that kept no pinned totals.
+    with index._env.begin(write=True, db=index._counters) as txn:
+        txn.delete(b"pinned_files")
+        txn.delete(b"pinned_bytes")
+    index.close()
+    reopened = CacheIndex(path, Clock())
+    try:
+        assert reopened.pinned_totals() == (1, 100)
+        assert reopened.total_size() == 107
+    finally:
+        reopened.close()
+
+
+def _record(sha256: str, size: int, *, cached: bool) -> FileRecord:
+    return FileRecord(
+        sha256=sha256, size=size, upstream="up", paths=(f"up/{sha256[:4]}",), product="",
+        version="", stored_at=0, last_used_at=0, use_count=0, cached=cached,
+        auto_update=not cached,
+    )

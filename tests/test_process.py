@@ -65,8 +65,9 @@ def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
     line per default upstream, naming an address of this host (the proxy listens on all of
     them), not 0.0.0.0. It is only started and stopped: its upstreams are public servers.
     """
-    if not _port_free(8443):
-        pytest.skip("port 8443 is in use on this machine")
+    for port in (8443, 9464):
+        if not _port_free(port):
+            pytest.skip(f"port {port} is in use on this machine")
     state = tmp_path / "state"
     log = tmp_path / "out.log"
     with log.open("wb") as out:
@@ -77,7 +78,9 @@ def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
         try:
             deadline = time.monotonic() + START_TIMEOUT_SECONDS
             while time.monotonic() < deadline and process.poll() is None:
-                if b"incus remote add linuxcontainers" in log.read_bytes():
+                if b"incus remote add linuxcontainers" in log.read_bytes() and (
+                    b"over plain HTTP on" in log.read_bytes()
+                ):
                     break
                 time.sleep(0.1)
             text = log.read_text()
@@ -93,6 +96,7 @@ def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
                         "--protocol simplestreams"
                     ) in text
             assert "sha256 fingerprint" in text
+            assert "metrics, /healthz and /readyz over plain HTTP on 127.0.0.1:9464" in text, text
             assert (state / "tls" / "server.crt").exists()
             assert (state / "index").is_dir()
         finally:
@@ -112,6 +116,8 @@ listen = ["127.0.0.1:0"]
 tls_names = ["localhost"]
 port_file = "port"
 
+[metrics]
+listen = ["127.0.0.1:0"]
 [cache]
 dir = "state"
 download_idle_timeout = "20s"
@@ -218,6 +224,8 @@ def test_a_port_in_use_stops_start_up_with_one_sentence(tmp_path: Path) -> None:
         result = _run_proxy(tmp_path, f"""
 [server]
 listen = ["127.0.0.1:{port}"]
+[metrics]
+listen = ["127.0.0.1:0"]
 [cache]
 dir = "state"
 """ + _UPSTREAM_TABLE)
@@ -231,6 +239,8 @@ dir = "state"
 def test_an_unusable_cache_dir_stops_start_up_with_one_sentence(tmp_path: Path, directory: str) -> None:
     result = _run_proxy(tmp_path, f"""
 [server]
+listen = ["127.0.0.1:0"]
+[metrics]
 listen = ["127.0.0.1:0"]
 [cache]
 dir = "{directory}"
@@ -248,6 +258,8 @@ def test_a_second_proxy_on_the_same_state_is_refused(tmp_path: Path) -> None:
     try:
         result = _run_proxy(tmp_path, """
 [server]
+listen = ["127.0.0.1:0"]
+[metrics]
 listen = ["127.0.0.1:0"]
 [cache]
 dir = "state"

@@ -90,6 +90,8 @@ listen = ["127.0.0.1:0"]
 tls_names = ["localhost"]
 port_file = "port"
 
+[metrics]
+listen = ["127.0.0.1:0"]
 [cache]
 dir = "state"
 

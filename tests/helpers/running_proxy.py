@@ -18,6 +18,8 @@ class RunningProxy:
     port: int
     cert_pem: bytes
     state_dir: Path
+    # The metrics listener's port, None when it is off.
+    metrics_port: int | None = None
 
     def url(self, upstream: str) -> str:
         # "localhost" is the generated certificate's first DNS name, which the LXD client checks.
@@ -40,6 +42,7 @@ async def start_proxy(
     upstream_options: Mapping[str, Mapping[str, Any]] | None = None,
     pins: list[Mapping[str, Any]] | None = None,
     server: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
 ) -> RunningProxy:
     """
     Start a proxy on 127.0.0.1 with an ephemeral port.
@@ -49,6 +52,8 @@ async def start_proxy(
     @param upstream_options: name -> extra C{[upstreams.NAME]} keys (such as C{offline}).
     @param pins: C{[[pin]]} tables.
     @param server: extra C{[server]} keys (such as C{request_head_timeout}).
+    @param metrics: C{[metrics]} keys; the listener is on an ephemeral loopback port unless
+        they say otherwise.
     """
     state_dir.mkdir(parents=True, exist_ok=True)
     tables: dict[str, Any] = {}
@@ -60,6 +65,8 @@ async def start_proxy(
         "server": {"listen": ["127.0.0.1:0"], "tls_names": ["localhost"], **(server or {})},
         "cache": {"dir": str(state_dir), **(cache or {})},
         "upstreams": tables,
+        # A port of its own per proxy: the default one is fixed.
+        "metrics": {"listen": ["127.0.0.1:0"], **(metrics or {})},
     }
     if pins:
         document["pin"] = list(pins)
@@ -69,5 +76,6 @@ async def start_proxy(
     service.startService()
     ready: Deferred[list[int]] = service.listener.ready
     ports = await ready.addTimeout(10, reactor)
+    metrics_ports = await service.metrics_listener.ready.addTimeout(10, reactor)
     cert_pem = Path(service.listener.cert_path).read_bytes()
-    return RunningProxy(service, ports[0], cert_pem, state_dir)
+    return RunningProxy(service, ports[0], cert_pem, state_dir, metrics_ports[0] if metrics_ports else None)

@@ -29,6 +29,7 @@ from proxy.health import UpstreamHealth
 from proxy.index import FileRecord, MetadataRecord
 from proxy.lifecycle import CacheLifecycle
 from proxy.metadata import UpstreamMetadata
+from proxy.metrics import NO_METRICS, Metrics, face_of
 from proxy.files import CacheFiles
 from proxy.simplestreams import RootResource, UpstreamResource
 from tests.helpers.harness import IDLE, CacheHarness
@@ -156,7 +157,9 @@ class Harness(CacheHarness):
         max_size: int | None = None,
         min_free: int = 0,
         capacity: int | None = None,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
+        self.metrics = metrics
         self.files = files
         self.upstream = ScriptedUpstream(files)
         # Far from the epoch, so that "last used at 0" is never a tie with anything real.
@@ -165,26 +168,34 @@ class Harness(CacheHarness):
         self.in_use = InUse()
         config = CacheConfig(dir=self.root.path, max_size=max_size, min_free=min_free)
         if capacity is None:
-            self.lifecycle = CacheLifecycle(self.index, self.store, config, self.clock, self.busy)
+            self.lifecycle = CacheLifecycle(
+                self.index, self.store, config, self.clock, self.busy, metrics=metrics
+            )
         else:
             self.lifecycle = DiskOfCapacity(
-                self.index, self.store, config, self.clock, self.busy, capacity=capacity
+                self.index, self.store, config, self.clock, self.busy, capacity=capacity,
+                metrics=metrics,
             )
         self.fetcher = Fetcher(
             self.client, self.store, self.index, self.clock, [UpstreamConfig("up", BASE_URL)], IDLE,
             make_room=self.lifecycle.make_room, room_to_receive=self.lifecycle.room_to_receive_later,
-            health={"up": self.health},
+            health={"up": self.health}, metrics=metrics,
         )
         self.metadata = UpstreamMetadata(
             "up", BASE_URL, self.client, self.store, self.index, self.clock,
-            ttl=TTL, idle_timeout=IDLE, health=self.health,
+            ttl=TTL, idle_timeout=IDLE, health=self.health, metrics=metrics,
         )
         # As CacheService.site builds them.
         self.files_of_cache = CacheFiles(
-            self.store, self.index, self.fetcher, self.clock, self.in_use, health={"up": self.health}
+            self.store, self.index, self.fetcher, self.clock, self.in_use, health={"up": self.health},
+            metrics=metrics,
         )
         self.resource = RecordingResource(self.metadata, self.files_of_cache, self.store, self.clock)
-        self.proxy = StubTreq(RootResource({"up": self.resource}, "banner\n"))
+
+        def observe(segment: str, request: Request) -> None:
+            metrics.observe_request(face_of(segment, {"up"}), request)
+
+        self.proxy = StubTreq(RootResource({"up": self.resource}, "banner\n", observe=observe))
 
     def origin(self) -> Resource:
         """What the upstream's origin serves: the scripted upstream, unless a subclass says."""
