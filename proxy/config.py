@@ -816,8 +816,9 @@ def _max_size(table: Mapping[str, Any], default: int | None) -> int | None:
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline", "protocol"}
-# Paths at the root that are not upstreams: the LXD image API and the URL-import face.
-RESERVED_NAMES = frozenset({"1.0", "import"})
+# Paths at the root that are not upstreams: the LXD image API, the URL-import face, the status
+# page's JSON and the client set-up script.
+RESERVED_NAMES = frozenset({"1.0", "import", "status.json", "setup.sh"})
 
 
 def _parse_upstreams(table: Mapping[str, Any], base_dir: str) -> tuple[UpstreamConfig, ...]:
@@ -828,8 +829,8 @@ def _parse_upstreams(table: Mapping[str, Any], base_dir: str) -> tuple[UpstreamC
         prefix = f"upstreams.{name}"
         if not _UPSTREAM_NAME.fullmatch(name) or name in RESERVED_NAMES:
             raise ConfigError(
-                f"{prefix}: an upstream name must match [a-z0-9][a-z0-9._-]* and not be"
-                " \"1.0\" or \"import\""
+                f"{prefix}: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of"
+                f" {', '.join(sorted(RESERVED_NAMES))} (paths the proxy serves itself)"
             )
         if not isinstance(value, dict):
             raise ConfigError(f"{prefix}: expected a table, got {_show(value)}")

@@ -120,6 +120,16 @@ class UpstreamHealth:
         return self.forced_offline or self._since is not None
 
     @property
+    def offline_since(self) -> float | None:
+        """When the current outage began (clock seconds); None while online or forced offline."""
+        return self._since
+
+    @property
+    def reason(self) -> str:
+        """What the last failure of the current outage was; empty while online."""
+        return self._reason
+
+    @property
     def probing(self) -> bool:
         """True while a probe has been let through and has not reported yet."""
         return self._probe_started_at is not None

@@ -26,6 +26,7 @@ from proxy.admission import (
     raise_open_file_limit,
 )
 from proxy.blobs import BlobStore
+from proxy.client_setup import SETUP_PATH, base_url, pinned_pubkey, setup_line
 from proxy.channel import HeadLimits, ProxySite
 from proxy.config import Config, read_pem_certificates
 # FAMILIES is named here too, for code that wires the faces as the service does.
@@ -38,6 +39,8 @@ from proxy.images import FaceCatalogue, ImageSource, LxdRemoteImages, Simplestre
 from proxy.lxd_face import LxdApiResource, ServerCertificate
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.statedir import StateLock
+from proxy.status import StatusSource
+from proxy.status_page import STATUS_JSON_PATH, SetupScript, StatusJson, StatusPage
 from proxy.urlimport import ImportResource
 from proxy.work import Workers, collect_frozen
 from proxy.tls import (
@@ -182,11 +185,18 @@ class CacheService(Service):
             "1.0": LxdApiResource(listed, files, self.reactor, certificate, agents=self.agents),
             "import": ImportResource(sources, self.reactor),
         }
+        # The status page and the set-up script read the certificate once it is loaded.
+        status = StatusSource(
+            self.config, self.index, self.store, self.health, self.fetcher, self.in_use,
+            self.reactor, self.workers.disk, lambda: (certificate.pem, certificate.fingerprint),
+        )
+        others[STATUS_JSON_PATH] = StatusJson(status, self.config)
+        others[SETUP_PATH] = SetupScript(status, self.config)
         banner = "lxd-image-proxy: a caching proxy for LXD and Incus images.\nUpstreams:\n" + "".join(
             f"  /{u.name}/ -> {u.url}\n" for u in self.config.upstreams
         )
         site = ProxySite(
-            RootResource(upstreams, banner, others),
+            RootResource(upstreams, banner, others, page=StatusPage(status, self.config)),
             HeadLimits.from_config(self.config.server),
             self.reactor,
         )
@@ -316,6 +326,21 @@ class ListenService(Service):
                 "--protocol simplestreams",
                 name=upstream.name, url=upstream.url, host=host, port=port,
             )
+        self._announce_setup(host, port)
+
+    def _announce_setup(self, host: str, port: int) -> None:
+        # Its own event beside the remote-add hints: the one line that does all of it.
+        if not self.certificate.pem:
+            return
+        line = setup_line(
+            base_url(host, port), pinned_pubkey(self.certificate.pem),
+            [u.name for u in self.config.upstreams],
+        )
+        log.info(
+            "client set-up, run on each LXD or Incus host (pins this certificate, adds the "
+            "remotes; also on the status page {page}): {line}",
+            page=base_url(host, port) + "/", line=line,
+        )
 
     def stopService(self) -> "Deferred[Any]":
         super().stopService()

@@ -112,15 +112,17 @@ class UpstreamResource(AsyncResource):
 
 
 class RootResource(Resource):
-    """C{/}: one child per upstream; a short text page at the root itself."""
+    """C{/}: one child per upstream; at the root itself C{page}, or else a short text page."""
 
     def __init__(
         self,
         upstreams: Mapping[str, IResource],
         banner: str,
         others: Mapping[str, IResource] | None = None,
+        page: IResource | None = None,
     ) -> None:
         super().__init__()
+        self._page = page
         self._upstreams = dict(upstreams)
         # The faces beside the upstreams: C{1.0} (the LXD API), C{import} (URL import).
         self._others = dict(others or {})
@@ -136,7 +138,7 @@ class RootResource(Resource):
         if name in self._others:
             return self._others[name]
         if path == b"":
-            return self
+            return self._page if self._page is not None else self
         return _NotFoundResource(name)
 
     def render(self, request: Request) -> bytes:
