@@ -37,6 +37,10 @@ class InUse:
     def current(self) -> set[str]:
         return set(self._counts)
 
+    def holders(self, sha256: str) -> int:
+        """How many responses are reading C{sha256} now (for a download: its followers)."""
+        return self._counts.get(sha256, 0)
+
     # -- removal -------------------------------------------------------------------------------
 
     def removing(self, sha256: str) -> bool:

@@ -889,9 +889,10 @@ def _max_size(table: Mapping[str, Any], default: int | None) -> int | None:
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline", "protocol"}
-# Paths at the root that are not upstreams: the LXD image API, the URL-import face, and the
-# health checks (and /metrics, kept free so that the HTTPS port may serve it one day).
-RESERVED_NAMES = frozenset({"1.0", "import", "healthz", "readyz", "metrics"})
+# Paths at the root that are not upstreams: the LXD image API, the URL-import face, the
+# health checks (and /metrics, kept free so that the HTTPS port may serve it one day), the status
+# page's JSON and the client set-up script.
+RESERVED_NAMES = frozenset({"1.0", "import", "healthz", "readyz", "metrics", "status.json", "setup.sh"})
 
 
 def _parse_upstreams(table: Mapping[str, Any], base_dir: str) -> tuple[UpstreamConfig, ...]:

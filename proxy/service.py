@@ -33,6 +33,7 @@ from proxy.exporter import MetricsListenService, exporter_site
 from proxy.metadata import INDEX_PATH
 from proxy.metrics import Metrics, StateCollector, face_of
 from proxy.probes import Healthz, Readiness, Readyz, readiness
+from proxy.client_setup import SETUP_PATH, base_url, pinned_pubkey, setup_line
 from proxy.channel import HeadLimits, ProxySite
 from proxy.config import LXD, Config, read_pem_certificates
 # FAMILIES is named here too, for code that wires the faces as the service does.
@@ -46,6 +47,8 @@ from proxy.lxd_face import LxdApiResource, ServerCertificate
 from proxy.lxd_remote import API_PATH
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.statedir import StateLock
+from proxy.status import StatusSource
+from proxy.status_page import STATUS_JSON_PATH, SetupScript, StatusJson, StatusPage
 from proxy.urlimport import ImportResource
 from proxy.work import Workers, collect_frozen
 from proxy.tls import (
@@ -210,6 +213,13 @@ class CacheService(Service):
             "healthz": Healthz(),
             "readyz": Readyz(ready if ready is not None else self.readiness),
         }
+        # The status page and the set-up script read the certificate once it is loaded.
+        status = StatusSource(
+            self.config, self.index, self.store, self.health, self.fetcher, self.in_use,
+            self.reactor, self.workers.disk, lambda: (certificate.pem, certificate.fingerprint),
+        )
+        others[STATUS_JSON_PATH] = StatusJson(status, self.config)
+        others[SETUP_PATH] = SetupScript(status, self.config)
         banner = "lxd-image-proxy: a caching proxy for LXD and Incus images.\nUpstreams:\n" + "".join(
             f"  /{u.name}/ -> {u.url}\n" for u in self.config.upstreams
         )
@@ -220,7 +230,10 @@ class CacheService(Service):
             metrics.observe_request(face_of(segment, names), request)
 
         site = ProxySite(
-            RootResource(upstreams, banner, others, observe=observe if metrics.enabled else None),
+            RootResource(
+                upstreams, banner, others, observe=observe if metrics.enabled else None,
+                page=StatusPage(status, self.config),
+            ),
             HeadLimits.from_config(self.config.server),
             self.reactor,
         )
@@ -361,6 +374,21 @@ class ListenService(Service):
                     "https://{host}:{port}/{name} --protocol simplestreams",
                     name=upstream.name, url=upstream.url, client=client, host=host, port=port,
                 )
+        self._announce_setup(host, port)
+
+    def _announce_setup(self, host: str, port: int) -> None:
+        # Its own event beside the remote-add hints: the one line that does all of it.
+        if not self.certificate.pem:
+            return
+        line = setup_line(
+            base_url(host, port), pinned_pubkey(self.certificate.pem),
+            [u.name for u in self.config.upstreams],
+        )
+        log.info(
+            "client set-up, run on each LXD or Incus host (pins this certificate, adds the "
+            "remotes; also on the status page {page}): {line}",
+            page=base_url(host, port) + "/", line=line,
+        )
 
     def stopService(self) -> "Deferred[Any]":
         super().stopService()

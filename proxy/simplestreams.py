@@ -118,7 +118,7 @@ FACES = {"1.0": "lxd"}
 
 
 class RootResource(Resource):
-    """C{/}: one child per upstream; a short text page at the root itself."""
+    """C{/}: one child per upstream; at the root itself C{page}, or else a short text page."""
 
     def __init__(
         self,
@@ -127,10 +127,12 @@ class RootResource(Resource):
         others: Mapping[str, IResource] | None = None,
         *,
         observe: Callable[[str, Request], None] | None = None,
+        page: IResource | None = None,
     ) -> None:
         super().__init__()
         # Told of every request with the first segment of its path (the metrics count them).
         self._observe = observe
+        self._page = page
         self._upstreams = dict(upstreams)
         # The faces beside the upstreams: C{1.0} (the LXD API), C{import} (URL import).
         self._others = dict(others or {})
@@ -151,7 +153,7 @@ class RootResource(Resource):
             return self._others[name]
         if path == b"":
             note_face(request, "root")
-            return self
+            return self._page if self._page is not None else self
         return _NotFoundResource(name)
 
     def render(self, request: Request) -> bytes:

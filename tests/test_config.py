@@ -593,11 +593,11 @@ def test_only_one_trailing_slash_is_stripped(tmp_path: Path) -> None:
     [
         ("[upstreams]\n", "upstreams: expected at least one [upstreams.NAME] table"),
         ('[upstreams."1.0"]\nurl = "https://a.test"\n',
-         'upstreams.1.0: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz" (paths the proxy serves itself)'),
+         'upstreams.1.0: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz", "setup.sh", "status.json" (paths the proxy serves itself)'),
         ('[upstreams.Big]\nurl = "https://a.test"\n',
-         'upstreams.Big: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz" (paths the proxy serves itself)'),
+         'upstreams.Big: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz", "setup.sh", "status.json" (paths the proxy serves itself)'),
         ('[upstreams._x]\nurl = "https://a.test"\n',
-         'upstreams._x: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz" (paths the proxy serves itself)'),
+         'upstreams._x: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz", "setup.sh", "status.json" (paths the proxy serves itself)'),
         ("[upstreams]\na = 1\n", "upstreams.a: expected a table, got 1"),
         ("[upstreams.a]\n", "upstreams.a.url: missing; every upstream needs a base URL"),
         ('[upstreams.a]\nurl = "https://a.test"\nmirror = 1\n',
@@ -935,7 +935,7 @@ def test_upstream_protocol_and_lxd_api(tmp_path: Path) -> None:
          'lxd_api.upstreams: "a" is listed twice'),
         ('[lxd_api]\nmirror = 1\n', "lxd_api.mirror: unknown key; expected one of upstreams"),
         ('[upstreams.import]\nurl = "https://a.test"\n',
-         'upstreams.import: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz" (paths the proxy serves itself)'),
+         'upstreams.import: an upstream name must match [a-z0-9][a-z0-9._-]* and not be one of "1.0", "healthz", "import", "metrics", "readyz", "setup.sh", "status.json" (paths the proxy serves itself)'),
     ],
 )
 def test_protocol_and_lxd_api_errors(tmp_path: Path, text: str, message: str) -> None:
