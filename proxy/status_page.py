@@ -74,63 +74,54 @@ def client_address(request: Request, config: Config) -> tuple[str, int]:
     return socket.gethostname(), port
 
 
-class StatusPage(AsyncResource):
+class _FromStatus(AsyncResource):
+    """A page made from the status source for the host and port this request came to."""
+
+    isLeaf = True
+
+    def __init__(self, source: StatusSource, config: Config) -> None:
+        super().__init__()
+        self._source = source
+        self._config = config
+
+    async def handle(self, request: Request) -> bytes:
+        request.setHeader(b"Cache-Control", b"no-store")
+        return await self.body(request, *client_address(request, self._config))
+
+    async def body(self, request: Request, host: str, port: int) -> bytes:
+        raise NotImplementedError
+
+
+class StatusPage(_FromStatus):
     """C{/}: the status page."""
 
-    isLeaf = True
-
-    def __init__(self, source: StatusSource, config: Config) -> None:
-        super().__init__()
-        self._source = source
-        self._config = config
-
-    async def handle(self, request: Request) -> bytes:
-        status = await self._source.snapshot(*client_address(request, self._config))
+    async def body(self, request: Request, host: str, port: int) -> bytes:
+        status = await self._source.snapshot(host, port)
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"Content-Security-Policy", _CSP)
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
-        body = render_html(status).encode("utf-8")
-        return body
+        return render_html(status).encode("utf-8")
 
 
-class StatusJson(AsyncResource):
+class StatusJson(_FromStatus):
     """C{/status.json}: the same snapshot for scripts."""
 
-    isLeaf = True
-
-    def __init__(self, source: StatusSource, config: Config) -> None:
-        super().__init__()
-        self._source = source
-        self._config = config
-
-    async def handle(self, request: Request) -> bytes:
-        status = await self._source.snapshot(*client_address(request, self._config))
+    async def body(self, request: Request, host: str, port: int) -> bytes:
+        status = await self._source.snapshot(host, port)
         request.setHeader(b"Content-Type", b"application/json")
-        request.setHeader(b"Cache-Control", b"no-store")
-        body = json.dumps(status_json(status), indent=1).encode("utf-8") + b"\n"
-        return body
+        return json.dumps(status_json(status), indent=1).encode("utf-8") + b"\n"
 
 
-class SetupScript(AsyncResource):
+class SetupScript(_FromStatus):
     """C{/setup.sh}: the client set-up script, for hosts that reach the proxy as this one did."""
 
-    isLeaf = True
-
-    def __init__(self, source: StatusSource, config: Config) -> None:
-        super().__init__()
-        self._source = source
-        self._config = config
-
-    async def handle(self, request: Request) -> bytes:
-        setup = self._source.setup(*client_address(request, self._config))
+    async def body(self, request: Request, host: str, port: int) -> bytes:
+        setup = self._source.setup(host, port)
         pem = self._source.certificate_pem()
         if setup is None or not pem:
             raise Unavailable("the server certificate is not loaded yet")
-        body = setup_script(setup.proxy_url, pem, setup.remotes).encode("utf-8")
         request.setHeader(b"Content-Type", b"text/x-shellscript; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-store")
-        return body
+        return setup_script(setup.proxy_url, pem, setup.remotes).encode("utf-8")
 
 
 # -- rendering ------------------------------------------------------------------------------
