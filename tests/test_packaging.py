@@ -279,10 +279,11 @@ def _unit_command(config: Path) -> list[str]:
 
 
 def _test_config(installed: str, port_file: Path, upstream_url: str, ca_file: Path) -> str:
-    """The installed configuration with only its listen address (a loopback port), port file
-    and upstreams (one loopback test upstream) changed: never the public ones."""
+    """The installed configuration with only its listen addresses (loopback ports, for the
+    HTTPS port and the metrics listener), port file and upstreams (one loopback test upstream)
+    changed: never the public ones."""
     text, n = re.subn(r'(?m)^listen = .*$', 'listen = ["127.0.0.1:0"]', installed)
-    assert n == 1
+    assert n == 2
     text, n = re.subn(r'(?m)^port_file = .*$', f'port_file = "{port_file}"', text)
     assert n == 1
     start = text.index("\n[upstreams.")
