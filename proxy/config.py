@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 # Twisted's endpoint-description parser (quoting, key=value) is only exposed privately.
 from twisted.internet.endpoints import _parse as parse_endpoint_description
 
+from proxy.client_networks import parse_network
 from proxy.errors import ConfigError
 from proxy.resolve import CONTAINER, VIRTUAL_MACHINE, lxd_arch
 
@@ -122,6 +123,7 @@ class ServerConfig:
     @ivar max_headers: the most header fields in one request (more: 431).
     @ivar max_connections: the most client connections open at once; more are closed as
         soon as they are accepted.  The service may lower it to fit the open-file limit.
+    @ivar allow: the client networks (canonical CIDR) that may use the proxy; empty: all.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -137,6 +139,7 @@ class ServerConfig:
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
     max_headers: int = DEFAULT_MAX_HEADERS
     max_connections: int = DEFAULT_MAX_CONNECTIONS
+    allow: tuple[str, ...] = ()
 
 
 @frozen
@@ -617,6 +620,7 @@ _SERVER_KEYS = {
     "max_header_bytes",
     "max_headers",
     "max_connections",
+    "allow",
 }
 
 
@@ -665,7 +669,23 @@ def _parse_server(table: Mapping[str, Any], base_dir: str) -> ServerConfig:
         max_header_bytes=_head_limit(table, "max_header_bytes", defaults.max_header_bytes),
         max_headers=_count(table, "max_headers", prefix, defaults.max_headers),
         max_connections=_count(table, "max_connections", prefix, defaults.max_connections),
+        allow=_networks(table, "allow", prefix),
     )
+
+
+def _networks(table: Mapping[str, Any], key: str, prefix: str) -> tuple[str, ...]:
+    """Client networks in CIDR notation, each written back in its canonical form."""
+    values = _string_list(table, key, prefix) or []
+    networks = []
+    for value in values:
+        try:
+            networks.append(str(parse_network(value)))
+        except ValueError:
+            raise ConfigError(
+                f"{_join(prefix, key)}: expected a network like \"192.168.0.0/16\", "
+                f"\"fd00::/8\" or one address, got {_show(value)}"
+            ) from None
+    return tuple(networks)
 
 
 # -- [metrics] -----------------------------------------------------------------------------

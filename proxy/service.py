@@ -35,6 +35,7 @@ from proxy.metrics import Metrics, StateCollector, face_of
 from proxy.probes import Healthz, Readiness, Readyz, readiness
 from proxy.client_setup import SETUP_PATH, base_url, pinned_pubkey, setup_line
 from proxy.channel import HeadLimits, ProxySite
+from proxy.client_networks import ClientNetworks
 from proxy.config import LXD, Config, read_pem_certificates
 # FAMILIES is named here too, for code that wires the faces as the service does.
 from proxy.core import CLOSE_TIMEOUT_SECONDS, FAMILIES as FAMILIES, build_core
@@ -233,6 +234,7 @@ class CacheService(Service):
             RootResource(
                 upstreams, banner, others, observe=observe if metrics.enabled else None,
                 page=StatusPage(status, self.config),
+                clients=ClientNetworks.of(self.config.server.allow),
             ),
             HeadLimits.from_config(self.config.server),
             self.reactor,

@@ -19,8 +19,9 @@ from twisted.web.server import Request
 from proxy.access_log import HIT, JOINED, MISS, note_cache, note_face
 from proxy.agents import ClientAgents
 from proxy.blobs import BlobStore
+from proxy.client_networks import ClientNetworks
 from proxy.catalogue import Family, Item
-from proxy.errors import NotFound
+from proxy.errors import Forbidden, NotFound
 from proxy.files import CacheFiles
 from proxy.metadata import SimplestreamsMetadata
 from proxy.request_target import READ_METHODS
@@ -128,8 +129,11 @@ class RootResource(Resource):
         *,
         observe: Callable[[str, Request], None] | None = None,
         page: IResource | None = None,
+        clients: ClientNetworks = ClientNetworks(),
     ) -> None:
         super().__init__()
+        # Who may use any of it ([server] allow); the others get a 403 and reach nothing.
+        self._clients = clients
         # Told of every request with the first segment of its path (the metrics count them).
         self._observe = observe
         self._page = page
@@ -145,6 +149,10 @@ class RootResource(Resource):
             name = ""
         if self._observe is not None:
             self._observe(name, request)
+        client = request.getClientAddress()
+        if not self._clients.permits(getattr(client, "host", "")):
+            note_face(request, "-")
+            return _ForbiddenResource(getattr(client, "host", "?"))
         if name in self._upstreams:
             note_face(request, name)
             return self._upstreams[name]
@@ -185,6 +193,17 @@ class _NotFoundResource(AsyncResource):
 
     async def handle(self, request: Request) -> None:
         raise NotFound(f"no upstream named {self._name!r} is configured here")
+
+
+class _ForbiddenResource(AsyncResource):
+    isLeaf = True
+
+    def __init__(self, host: str) -> None:
+        super().__init__()
+        self._host = host
+
+    async def handle(self, request: Request) -> None:
+        raise Forbidden(f"{self._host} is not in a network this proxy serves (server.allow)")
 
 
 __all__ = ["RootResource", "UpstreamResource"]

@@ -509,7 +509,7 @@ def test_connection_limit_units(tmp_path: Path) -> None:
         ('[[pins]]\nupstream = "images"\n',
          "pins: unknown table; expected one of cache, log, lxd_api, metrics, pin, server, upstreams"),
         ('[server]\nlisen = ["8443"]\n',
-         "server.lisen: unknown key; expected one of keepalive_timeout, listen, "
+         "server.lisen: unknown key; expected one of allow, keepalive_timeout, listen, "
          "max_connections, max_header_bytes, max_headers, max_request_line, port_file, "
          "request_head_timeout, send_timeout, tls_cert, tls_handshake_timeout, tls_key, tls_names"),
         ("[cache]\ndirectory = 'x'\n",
