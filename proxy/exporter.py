@@ -16,9 +16,8 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
-from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -26,6 +25,7 @@ from twisted.web.pages import notFound
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request, Site
 
+from proxy.listen import ListeningService
 from proxy.metrics import render_metrics
 from proxy.probes import Healthz, Readiness, Readyz
 
@@ -84,72 +84,30 @@ def exporter_site(registry: CollectorRegistry, state: Callable[[], Readiness]) -
     return site
 
 
-class MetricsListenService(Service):
+class MetricsListenService(ListeningService):
     """Listens for the metrics listener on every address of C{[metrics] listen}."""
 
+    failure_prefix = "metrics.listen: cannot listen"
+
     def __init__(self, listen: tuple[str, ...], reactor: Any, site: Site) -> None:
+        super().__init__()
         self.listen = listen
         self.reactor = reactor
         self.site = site
-        self.ports: list[IListeningPort] = []
-        self.ready: Deferred[list[int]] = Deferred()
-        self._started = False
 
-    def privilegedStartService(self) -> None:
-        self._listen()
-        super().privilegedStartService()
+    def listenings(self) -> list[Deferred[IListeningPort]]:
+        return [serverFromString(self.reactor, d).listen(self.site) for d in self.listen]
 
-    def startService(self) -> None:
-        self._listen()
-        super().startService()
-
-    def _listen(self) -> None:
-        if self._started:
+    def listened(self, ports: list[IListeningPort]) -> None:
+        if not ports:
             return
-        self._started = True
-        if not self.listen:
-            self.ready.callback([])
-            return
-        results: list[list[tuple[bool, Any]]] = []
-        listening = DeferredList(
-            [serverFromString(self.reactor, d).listen(self.site) for d in self.listen],
-            consumeErrors=True,
-        )
-        listening.addCallback(results.append)
-        # TCP endpoints listen at once: a port that cannot be had stops start-up here.
-        if results:
-            self._listening(results[0])
-        else:
-            listening.addCallback(lambda _: self._listening(results[0]))
-
-    def _listening(self, results: list[tuple[bool, Any]]) -> None:
-        self.ports = [r for ok, r in results if ok]
-        failures = [r for ok, r in results if not ok]
-        if failures:
-            for port in self.ports:
-                port.stopListening()
-            self.ports = []
-            reasons = "; ".join(f.getErrorMessage() for f in failures)
-            raise SystemExit(f"lxd-image-proxy: metrics.listen: cannot listen: {reasons}")
-        addresses = [cast(IPv4Address | IPv6Address, p.getHost()) for p in self.ports]
+        addresses = [cast(IPv4Address | IPv6Address, p.getHost()) for p in ports]
         log.info(
             "metrics, /healthz and /readyz over plain HTTP on {addresses}",
             addresses=" ".join(
                 f"[{a.host}]:{a.port}" if ":" in a.host else f"{a.host}:{a.port}" for a in addresses
             ),
         )
-        self.ready.callback([a.port for a in addresses])
-
-    def stopService(self) -> "Deferred[Any]":
-        super().stopService()
-        ports, self.ports = self.ports, []
-        return DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
-
-
-async def _stop(port: IListeningPort) -> None:
-    stopped = port.stopListening()
-    if stopped is not None:
-        await stopped
 
 
 __all__ = ["MetricsListenService", "MetricsResource", "QuietSite", "exporter_site"]

@@ -13,9 +13,11 @@ before any byte is read.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
-from twisted.internet.defer import Deferred
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import (
     IAddress,
@@ -185,3 +187,72 @@ def listen_tls(
         description += f":backlog={DEFAULT_BACKLOG}"
     endpoint = serverFromString(reactor, description)
     return endpoint.listen(sniffing_tls_factory(tls_options, factory, reactor, cap))
+
+
+class ListeningService(Service):
+    """
+    Listens once on the ports of L{listenings}: in C{privilegedStartService} (before twistd
+    drops privileges, so that port 443 works for a root-started proxy), or in C{startService}
+    (the twist runner, C{python -m twisted}, calls only that).
+
+    TCP endpoints listen at once, so the outcome is known before the reactor runs: a port that
+    cannot be had stops start-up with one sentence (C{failure_prefix} and the reasons) and a
+    non-zero exit. Otherwise L{listened} is told the ports and C{ready} fires with their numbers.
+    """
+
+    failure_prefix = "cannot listen"
+
+    def __init__(self) -> None:
+        self.ports: list[IListeningPort] = []
+        self.ready: Deferred[list[int]] = Deferred()
+        self._listening_started = False
+
+    def listenings(self) -> list[Deferred[IListeningPort]]:
+        """Start listening on every address; called once."""
+        raise NotImplementedError
+
+    def listened(self, ports: list[IListeningPort]) -> None:
+        """Every port listens (C{ports}, in order); say so."""
+
+    def privilegedStartService(self) -> None:
+        self._listen()
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
+        if self._listening_started:
+            return
+        self._listening_started = True
+        outcome: list[list[tuple[bool, Any]]] = []
+        all_listening = DeferredList(self.listenings(), consumeErrors=True)
+        all_listening.addCallback(outcome.append)
+        if outcome:
+            self._listening(outcome[0])
+        else:
+            all_listening.addCallback(lambda _: self._listening(outcome[0]))
+
+    def _listening(self, results: list[tuple[bool, Any]]) -> None:
+        failures = [r for ok, r in results if not ok]
+        self.ports = [r for ok, r in results if ok]
+        if failures:
+            for port in self.ports:
+                port.stopListening()
+            self.ports = []
+            reasons = "; ".join(f.getErrorMessage() for f in failures)
+            raise SystemExit(f"lxd-image-proxy: {self.failure_prefix}: {reasons}")
+        self.listened(self.ports)
+        self.ready.callback([cast(IPv4Address | IPv6Address, p.getHost()).port for p in self.ports])
+
+    def stopService(self) -> "Deferred[Any]":
+        super().stopService()
+        ports, self.ports = self.ports, []
+        return DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
+
+
+async def _stop(port: IListeningPort) -> None:
+    stopped = port.stopListening()
+    if stopped is not None:
+        await stopped

@@ -41,7 +41,7 @@ from proxy.config import LXD, Config, read_pem_certificates
 from proxy.core import CLOSE_TIMEOUT_SECONDS, FAMILIES as FAMILIES, build_core
 from proxy.errors import ConfigError
 from proxy.index import CacheIndex, IndexFormatError, reconcile
-from proxy.listen import listen_tls
+from proxy.listen import ListeningService, listen_tls
 from proxy.files import CacheFiles
 from proxy.images import FaceCatalogue, ImageSource, LxdRemoteImages, SimplestreamsImages
 from proxy.lxd_face import LxdApiResource, ServerCertificate
@@ -249,37 +249,22 @@ class CacheService(Service):
         )
 
 
-class ListenService(Service):
+class ListenService(ListeningService):
     """Listens with TLS on every configured address and tells the admin how to reach the proxy."""
 
     def __init__(
         self, config: Config, reactor: Any, site: Site, certificate: ServerCertificate | None = None
     ) -> None:
+        super().__init__()
         self.config = config
         self.reactor = reactor
         self.site = site
         self.certificate = certificate if certificate is not None else ServerCertificate()
-        self.ports: list[IListeningPort] = []
-        self.ready: Deferred[list[int]] = Deferred()
         self.cert_path = ""
         # Shared by every listener; set when listening starts.
         self.cap: ConnectionCap | None = None
-        self._listening_started = False
 
-    def privilegedStartService(self) -> None:
-        # Bind before twistd drops privileges, so port 443 works for a root-started proxy.
-        self._listen()
-        super().privilegedStartService()
-
-    def startService(self) -> None:
-        # The twist runner (python -m twisted) calls only startService.
-        self._listen()
-        super().startService()
-
-    def _listen(self) -> None:
-        if self._listening_started:
-            return
-        self._listening_started = True
+    def listenings(self) -> list[Deferred[IListeningPort]]:
         server = self.config.server
         state = FilePath(self.config.cache.dir)
         try:
@@ -297,18 +282,7 @@ class ListenService(Service):
         self.certificate.pem = leaf.public_bytes(serialization.Encoding.PEM).decode("ascii")
         self.certificate.fingerprint = certificate_fingerprint(cert_path)
         self.cap = ConnectionCap(self._connection_cap(), self.reactor)
-        listening = [
-            listen_tls(self.reactor, desc, options, self.site, self.cap) for desc in server.listen
-        ]
-        outcome: list[list[tuple[bool, Any]]] = []
-        all_listening = DeferredList(listening, consumeErrors=True)
-        all_listening.addCallback(outcome.append)
-        # TCP endpoints listen at once, so the outcome is known here, before the reactor runs:
-        # a port that cannot be had stops start-up with one sentence and a non-zero exit.
-        if outcome:
-            self._listening(outcome[0])
-        else:
-            all_listening.addCallback(lambda _: self._listening(outcome[0]))
+        return [listen_tls(self.reactor, desc, options, self.site, self.cap) for desc in server.listen]
 
     def _connection_cap(self) -> int:
         limit = raise_open_file_limit()
@@ -330,18 +304,8 @@ class ListenService(Service):
             )
         return cap
 
-    def _listening(self, results: list[tuple[bool, Any]]) -> None:
-        failures = [r for ok, r in results if not ok]
-        self.ports = [r for ok, r in results if ok]
-        if failures:
-            for port in self.ports:
-                port.stopListening()
-            self.ports = []
-            reasons = "; ".join(f.getErrorMessage() for f in failures)
-            raise SystemExit(f"lxd-image-proxy: cannot listen: {reasons}")
-        bound = [cast(IPv4Address | IPv6Address, port.getHost()).port for port in self.ports]
-        self._announce(bound)
-        self.ready.callback(bound)
+    def listened(self, ports: list[IListeningPort]) -> None:
+        self._announce([cast(IPv4Address | IPv6Address, port.getHost()).port for port in ports])
 
     def _announce(self, bound: list[int]) -> None:
         server = self.config.server
@@ -392,16 +356,6 @@ class ListenService(Service):
             page=base_url(host, port) + "/", line=line,
         )
 
-    def stopService(self) -> "Deferred[Any]":
-        super().stopService()
-        ports, self.ports = self.ports, []
-        return DeferredList([Deferred.fromCoroutine(_stop(p)) for p in ports])
-
-
-async def _stop(port: IListeningPort) -> None:
-    stopped = port.stopListening()
-    if stopped is not None:
-        await stopped
 
 
 class ProxyService(MultiService):
