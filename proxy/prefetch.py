@@ -498,7 +498,7 @@ class Prefetcher(Service):
             if brought.problem is not None:
                 if delta.path not in report.deltas_failed:
                     report.deltas_failed.append(delta.path)
-                # Hosts refreshing from its base will fetch the delta (a miss) or the full file.
+                # Hosts refreshing from its base still get it, as a miss: LXD lists it to them.
                 self.log.warn(
                     "auto-update: fetching the delta {upstream}/{path} from version {base} failed"
                     " ({reason}); the image itself is stored",
