@@ -32,6 +32,11 @@ COMBINED_HASH_FIELDS: Mapping[str, str] = {
 }
 LEGACY_ROOTXZ_FIELD = "combined_sha256"
 VM_ROOT_FTYPES = frozenset({"disk-kvm.img", "disk1.img", "uefi1.img"})
+# Root ftypes a delta may rebuild: an item of ftype `<root ftype>.vcdiff` in the same version,
+# naming the version it starts from in `delta_base` (LXD shared/simplestreams/products.go; LXD
+# 5.0 and Incus look for squashfs deltas only, later LXD for disk-kvm.img ones too).
+DELTA_ROOT_FTYPES = frozenset({"squashfs", "disk-kvm.img"})
+DELTA_SUFFIX = ".vcdiff"
 
 META_FTYPE: Mapping[str, str] = {"lxd": "lxd.tar.xz", "incus": "incus.tar.xz"}
 UNIFIED_FTYPE: Mapping[str, str] = {"lxd": "lxd_combined.tar.gz", "incus": "incus_combined.tar.gz"}
@@ -100,6 +105,7 @@ class Item:
     ftype: str
     product: str
     version: str
+    delta_base: str = ""
 
 
 @frozen
@@ -109,7 +115,10 @@ class Image:
     `arch` is the stream's name (`amd64`), `architecture` the canonical LXD one (`x86_64`).
     `aliases` are the product's comma-separated aliases, in order. `root` is None for unified
     images. `created_at` comes from the version key, `expires_at` from `support_eol` (the Unix
-    epoch when absent or unparseable, as the clients do).
+    epoch when absent or unparseable, as the clients do). `deltas` are the items of the same
+    version that rebuild `root` from an older version of the product (each names it in its
+    `delta_base`, a version the product lists), in document order: what a refreshing client
+    asks for before `root`.
     """
 
     fingerprint: str
@@ -130,6 +139,7 @@ class Image:
     requirements: tuple[tuple[str, str], ...] = ()
     created_at: datetime = _UNIX_EPOCH
     expires_at: datetime = _UNIX_EPOCH
+    deltas: tuple[Item, ...] = ()
 
     @property
     def size(self) -> int:
@@ -387,6 +397,7 @@ def _parse(data: bytes, family: Family, want_images: bool = True) -> Catalogue:
                         ftype=fields.get("ftype") or "",
                         product=product_id,
                         version=version_key,
+                        delta_base=fields.get("delta_base") or "",
                     )
                     # Linuxcontainers publishes lxd.tar.xz and incus.tar.xz as two items of one
                     # path; both describe the same file, so the first is as good as the other.
@@ -405,6 +416,15 @@ def _parse(data: bytes, family: Family, want_images: bool = True) -> Catalogue:
                 meta: Item,
                 root: Item | None,
             ) -> Image:
+                deltas: tuple[Item, ...] = ()
+                if root is not None and root.ftype in DELTA_ROOT_FTYPES:
+                    # A delta from a version the product no longer lists is dropped, as the
+                    # clients drop it: nobody can hold its base any more.
+                    deltas = tuple(
+                        d for _f, d in version_items
+                        if d is not None and d.ftype == root.ftype + DELTA_SUFFIX
+                        and d.delta_base in versions and d.delta_base != version_key
+                    )
                 return Image(
                     fingerprint=fingerprint,
                     type=image_type,
@@ -424,6 +444,7 @@ def _parse(data: bytes, family: Family, want_images: bool = True) -> Catalogue:
                     requirements=tuple(sorted(requirements.items())),
                     created_at=created_at,
                     expires_at=_eol_date(product.get("support_eol") or ""),
+                    deltas=deltas,
                 )
 
             seen: set[str] = set()

@@ -599,6 +599,14 @@ async def _prefetch(reactor: Any, cache: Cache, refs: list[PinRef], out: TextIO,
             for item in image.files:
                 if index.get(item.sha256) is None:
                     todo.setdefault(item.sha256, (planned.ref.upstream, item))
+        # The deltas from stored older versions, which refreshing hosts ask for first. Chosen
+        # before anything is brought; one that fails is reported but fails nothing.
+        deltas: set[str] = set()
+        for image, planned in plan:
+            for item in core.prefetcher.deltas(planned.images, image):
+                if index.get(item.sha256) is None and item.sha256 not in todo:
+                    todo[item.sha256] = (planned.ref.upstream, item)
+                    deltas.add(item.sha256)
         progress = Progress(err, err.isatty(), sum(i.size for _u, i in todo.values()), len(todo))
         watch = ProgressWatch(progress)
         ticker = LoopingCall(watch.draw)
@@ -611,7 +619,7 @@ async def _prefetch(reactor: Any, cache: Cache, refs: list[PinRef], out: TextIO,
             if ticker.running:
                 ticker.stop()
             progress.end()
-        failures += sum(1 for b in brought if not b.stored)
+        failures += sum(1 for b in brought if not b.stored and b.item.sha256 not in deltas)
 
         pinned = set(pin_refs(index, cache.config_pins()))
         for image, planned in plan:

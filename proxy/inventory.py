@@ -227,6 +227,9 @@ def inventory(cache: Cache) -> Inventory:
                 continue
             seen.add(key)
             if len(present) == len(records):
+                # Its stored deltas are part of it (not stray files): listed, used and
+                # removed with it.
+                present += [r for r in (index.get(d.sha256) for d in image.deltas) if r is not None]
                 covered.update(r.sha256 for r in present)
             entries.append(Entry(
                 upstream=upstream, aliases=image.aliases, fingerprint=image.fingerprint, type=image.type,

@@ -10,6 +10,10 @@ file's age is counted from its last use, or from when it was stored if that is l
 used, or used only before a re-download). Files being served or downloaded are C{protected}
 and are neither expired nor evicted: expiry of such a file waits for the next round.
 
+A version's deltas (C{.vcdiff} files that rebuild its root from an older version) go with it:
+once no other file of their version is stored, they are removed in the same operation
+(L{orphaned_deltas}), whatever their own use; alone they can rebuild nothing a client lacks.
+
 Removal order is always: index record first, then blob. A crash in between leaves only an
 unreferenced blob, which start-up reconciliation deletes; never a record without its blob.
 
@@ -33,6 +37,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from proxy.blobs import BlobStore
+from proxy.catalogue import DELTA_SUFFIX
 from proxy.config import DEFAULT_EXPIRY_DAYS, CacheConfig
 from proxy.busy import InUse
 from proxy.index import CacheIndex, FileRecord
@@ -45,6 +50,7 @@ __all__ = [
     "GcReport",
     "SECONDS_PER_DAY",
     "last_activity",
+    "orphaned_deltas",
     "plan_eviction",
     "plan_expiry",
 ]
@@ -55,6 +61,35 @@ SECONDS_PER_DAY = 24 * 60 * 60
 def last_activity(record: FileRecord) -> float:
     """When C{record} was last used or stored, whichever is later (seconds since the epoch)."""
     return max(record.last_used_at, record.stored_at)
+
+
+def is_delta(record: FileRecord) -> bool:
+    """
+    Whether C{record} is a delta. The record keeps the item's paths, not its ftype; every
+    publisher names a delta C{*.vcdiff} (lxd-imagebuilder even derives the ftype from it).
+    """
+    return any(path.endswith(DELTA_SUFFIX) for path in record.paths)
+
+
+def orphaned_deltas(records: Iterable[FileRecord], protected: set[str]) -> list[str]:
+    """
+    The cached deltas none of whose version's other files (same upstream, product and
+    version) is among C{records}: their version is gone, so they go too. A pinned delta
+    (kept with a pinned version) and a C{protected} one stay.
+
+    @return: sha256 digests, in the order of C{records}.
+    """
+    full: set[tuple[str, str, str]] = set()
+    deltas: list[FileRecord] = []
+    for record in records:
+        if is_delta(record):
+            deltas.append(record)
+        else:
+            full.add((record.upstream, record.product, record.version))
+    return [
+        d.sha256 for d in deltas
+        if (d.upstream, d.product, d.version) not in full and d.cached and d.sha256 not in protected
+    ]
 
 
 def _evictable(records: Iterable[FileRecord], protected: set[str]) -> list[FileRecord]:
@@ -280,6 +315,29 @@ class CacheLifecycle:
                 self._in_use.release(claimed)
         return removed
 
+    def _remove_deltas_of(
+        self, records: list[FileRecord], removed: list[FileRecord], protected: set[str], reason: str,
+        *, sweep: bool = False,
+    ) -> list[FileRecord]:
+        """
+        Remove the deltas whose version lost its last other file with C{removed}, judged from
+        C{records} (the index before the removal) less C{removed}; with C{sweep}, those of
+        every version.
+        """
+        if not removed and not sweep:
+            return []
+        gone = {r.sha256 for r in removed}
+        touched = {(r.upstream, r.product, r.version) for r in removed}
+        left = [r for r in records if r.sha256 not in gone]
+        orphans = orphaned_deltas(left, protected)
+        if not sweep:
+            by_sha = {r.sha256: r for r in left}
+            orphans = [
+                d for d in orphans
+                if (by_sha[d].upstream, by_sha[d].product, by_sha[d].version) in touched
+            ]
+        return self._remove(orphans, reason)
+
     def _released(self, claimed: list[str], removed: list[FileRecord]) -> None:
         self._index.forget_uses(r.sha256 for r in removed)
         self._in_use.release(claimed)
@@ -330,8 +388,8 @@ class CacheLifecycle:
         now = self._now() if now is None else now
         records = self._records(now)
         plan = plan_eviction(records, size, self._index.total_size(), None, free, 0, self._protected(now))
-        release(records)
         if plan is None:
+            release(records)
             self.log.warn(
                 "no room to receive {size} bytes: the cache's file system has {free} bytes free "
                 "and too few stored files may be evicted (pinned, in use or downloading)",
@@ -339,6 +397,8 @@ class CacheLifecycle:
             )
             return False
         removed = self._remove(plan)
+        removed += self._remove_deltas_of(records, removed, self._protected(now), EVICTED)
+        release(records)
         self.log.info(
             "evicted {count} least recently used files ({freed} bytes) to receive {size} bytes",
             count=len(removed), freed=sum(r.size for r in removed), size=size,
@@ -376,8 +436,8 @@ class CacheLifecycle:
                 return True
             records = self._records(now)
             plan = plan_eviction(records, size, used, max_size, free, min_free, self._protected(now))
-            release(records)
             if plan is None:
+                release(records)
                 limits = []
                 if max_size is not None and used + size > max_size:
                     limits.append(f"storing it would exceed max_size ({used} of {max_size} bytes stored)")
@@ -391,6 +451,8 @@ class CacheLifecycle:
                 )
                 return False
             removed = self._remove(plan)
+            removed += self._remove_deltas_of(records, removed, self._protected(now), EVICTED)
+            release(records)
             evicted += removed
             # Counted rather than measured again: a file system may free blocks later.
             free += sum(r.size for r in removed)
@@ -410,6 +472,9 @@ class CacheLifecycle:
         expired = self._remove(
             plan_expiry(records, self._clock.seconds(), self.expiry_days, protected), EXPIRED
         )
+        # Also the deltas a version left behind however it went (by another process, or a
+        # delta busy when its version went): a sweep of every version, not only these.
+        expired += self._remove_deltas_of(records, expired, protected, EXPIRED, sweep=True)
         expired_bytes = sum(r.size for r in expired)
         gone = {r.sha256 for r in expired}
         remaining = [r for r in records if r.sha256 not in gone]
@@ -421,6 +486,7 @@ class CacheLifecycle:
         free = free_before + expired_bytes if min_free > 0 else 0
         plan = plan_eviction(remaining, 0, used, max_size, free, min_free, protected)
         evicted = self._remove(plan) if plan else []
+        evicted += self._remove_deltas_of(remaining, evicted, protected, EVICTED)
         evicted_bytes = sum(r.size for r in evicted)
         release(records)
         release(remaining)

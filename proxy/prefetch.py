@@ -14,6 +14,12 @@ versions of a pinned alias that stay.
 
 Pinned images' files are C{cached = False, auto_update = True}; older versions of a pinned alias
 stay pinned until C{keep_versions} newer versions are stored, then turn C{cached} and age out.
+
+With a new version come its deltas: the C{.vcdiff} items the catalogue lists in it whose
+C{delta_base} is a version whose files are stored (L{Prefetcher.deltas}). A host refreshing from
+that older version asks for its delta before the full root file (LXD's C{GetImageFile}), so
+with the delta stored its refresh never reaches the WAN. A delta is an optimisation: its
+failure is logged and fails nothing. Deltas are kept (pinned) with their version.
 """
 
 from __future__ import annotations
@@ -117,6 +123,9 @@ class TickReport:
     failed: list[str] = field(factory=list)
     unresolved: list[str] = field(factory=list)
     unpinned: int = 0
+    # Deltas downloaded, and those whose download failed (which fails nothing).
+    deltas: list[str] = field(factory=list)
+    deltas_failed: list[str] = field(factory=list)
 
 
 class PinnedPartsLearner:
@@ -297,7 +306,10 @@ class Prefetcher(Service):
             for upstream, image in await self._recently_used(catalogues):
                 targets.setdefault(image.fingerprint, (upstream, image, False))
         report.images = len(targets)
-        downloads = [self._bring_image(upstream, image, report) for upstream, image, _ in targets.values()]
+        downloads = [
+            self._bring_image(upstream, image, report, catalogues[upstream].images)
+            for upstream, image, _ in targets.values()
+        ]
         await gatherResults([Deferred.fromCoroutine(d) for d in downloads])
         kept: set[str] = set()
         for planned in resolved:
@@ -308,8 +320,10 @@ class Prefetcher(Service):
             released = await self._disk(heavy(self._released), kept)
             report.unpinned = await self._index.write(self._index.unpin, released)
         self.log.info(
-            "auto-update: {images} images checked, {downloaded} files downloaded, {failed} failed",
+            "auto-update: {images} images checked, {downloaded} files downloaded, {failed} failed,"
+            " {deltas} deltas downloaded",
             images=report.images, downloaded=len(report.downloaded), failed=len(report.failed),
+            deltas=len(report.deltas),
         )
         return report
 
@@ -381,14 +395,33 @@ class Prefetcher(Service):
                 await index.write(index.set_flags, sha256, cached=False, auto_update=True)
         return kept
 
+    def deltas(self, images: Sequence[Image], image: Image) -> list[Item]:
+        """
+        The deltas of C{image} worth storing: those whose C{delta_base} is a version of the
+        same image (product, architecture, type, root file type) whose files are all stored.
+        A host refreshing from that version asks for exactly these first; a delta from a
+        version nobody got through the cache would only cost WAN bytes.
+        """
+        if not image.deltas:
+            return []
+        stored = {
+            older.version for older in versions_for(list(images), image)
+            if older.version != image.version
+            and all(self._index.get(item.sha256) is not None for item in older.files)
+        }
+        return [delta for delta in image.deltas if delta.delta_base in stored]
+
     def _kept_versions(self, images: list[Image], newest: Image) -> set[str]:
-        """Files of the versions of a pinned alias that stay pinned: the newest stored ones."""
+        """
+        Files of the versions of a pinned alias that stay pinned: the newest stored ones, with
+        their deltas (stored or not: only stored files are pinned).
+        """
         keep = max(1, self._config.cache.keep_versions)
         stored = [
             image for image in versions_for(images, newest)
             if all(self._index.get(item.sha256) is not None for item in image.files)
         ]
-        return {item.sha256 for image in stored[:keep] for item in image.files}
+        return {item.sha256 for image in stored[:keep] for item in (*image.files, *image.deltas)}
 
     def _released(self, kept: set[str]) -> list[str]:
         """The auto-updated files no pin keeps (a scan of the index: off the reactor)."""
@@ -439,7 +472,11 @@ class Prefetcher(Service):
         catalogues[meta.name] = found = _Catalogue(images, unreadable)
         return found
 
-    async def _bring_image(self, upstream: str, image: Image, report: TickReport) -> None:
+    async def _bring_image(
+        self, upstream: str, image: Image, report: TickReport, images: Sequence[Image]
+    ) -> None:
+        # Chosen before the image's own files are stored: its deltas start from older versions.
+        deltas = self.deltas(images, image)
         # File after file, and no further once one failed: the upstream is failing this image.
         for item in image.files:
             [brought] = await self.bring([(upstream, item)])
@@ -454,6 +491,19 @@ class Prefetcher(Service):
                     upstream=upstream, path=item.path, reason=brought.problem,
                 )
                 return
+        for delta in deltas:
+            [brought] = await self.bring([(upstream, delta)])
+            if brought.downloaded and delta.path not in report.deltas:
+                report.deltas.append(delta.path)
+            if brought.problem is not None:
+                if delta.path not in report.deltas_failed:
+                    report.deltas_failed.append(delta.path)
+                # Hosts refreshing from its base still get it, as a miss: LXD lists it to them.
+                self.log.warn(
+                    "auto-update: fetching the delta {upstream}/{path} from version {base} failed"
+                    " ({reason}); the image itself is stored",
+                    upstream=upstream, path=delta.path, base=delta.delta_base, reason=brought.problem,
+                )
 
     async def _bring_one(
         self, upstream: str, item: Item, watch: FetchWatch | None, background: bool

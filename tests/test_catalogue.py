@@ -760,3 +760,35 @@ def test_parse_30mb_products_file_quickly() -> None:
     assert len(catalogue.images) == len(catalogue.items) // 6 * 4
     # Generous: a few tenths of a second is typical; this only catches quadratic behaviour.
     assert elapsed < 10.0, f"parsing {len(data)} bytes took {elapsed:.1f}s"
+
+
+# -- deltas -------------------------------------------------------------------------------------
+
+
+def test_parse_images_lists_the_deltas_of_a_root_from_listed_versions() -> None:
+    """As LXD's ToLXD: `<root ftype>.vcdiff` items of the same version, based on a listed version."""
+    doc = products_doc(split_items(combined_squashfs_sha256=h("a"), combined_rootxz_sha256=h("b")))
+    versions = doc["products"]["testos:1.0:amd64:default"]["versions"]
+    versions["20240101_0000"]["items"].update({
+        "root.20231201_0000.vcdiff": item(
+            "squashfs.vcdiff", "d1.vcdiff", h("4"), delta_base="20231201_0000"),
+        "root.20231101_0000.vcdiff": item(
+            "squashfs.vcdiff", "d0.vcdiff", h("5"), delta_base="20231101_0000"),
+        "root.gone.vcdiff": item("squashfs.vcdiff", "gone.vcdiff", h("6"), delta_base="20230101_0000"),
+        "disk.20231201_0000.vcdiff": item(
+            "disk-kvm.img.vcdiff", "k1.vcdiff", h("7"), delta_base="20231201_0000"),
+    })
+    for older in ("20231201_0000", "20231101_0000"):
+        versions[older] = {"items": {"lxd.tar.xz": item("lxd.tar.xz", f"{older}.tar.xz", h("8"))}}
+    images = {i.root_ftype: i for i in parse_images(encode(doc)) if i.version == "20240101_0000"}
+    deltas = images["squashfs"].deltas
+    assert [(d.path, d.delta_base, d.ftype) for d in deltas] == [
+        ("images/testos/d1.vcdiff", "20231201_0000", "squashfs.vcdiff"),
+        ("images/testos/d0.vcdiff", "20231101_0000", "squashfs.vcdiff"),
+    ]
+    # A root.tar.xz has no deltas; the disk-kvm.img delta belongs to no image of this version.
+    assert images["root.tar.xz"].deltas == ()
+    # Every delta stays a plain item a client may ask for, its base kept.
+    items = parse_products(encode(doc))
+    assert items["images/testos/gone.vcdiff"].delta_base == "20230101_0000"
+    assert items["images/testos/lxd.tar.xz"].delta_base == ""

@@ -33,7 +33,7 @@ from proxy.blobs import BlobStore
 from proxy.cli import human_size, main
 from proxy.index import CacheIndex, FileRecord, PinRecord
 from tests.helpers.certs import make_ca
-from tests.helpers.tree import Tree, TreeImage, build_tree
+from tests.helpers.tree import ProductSpec, Tree, TreeImage, build_tree
 from tests.helpers.upstream import start_https_upstream
 from tests.test_pins import NOW, UPSTREAM, put_blob, seed_catalogue, seed_images
 
@@ -310,6 +310,32 @@ def test_remove(capsys: pytest.CaptureFixture[str], config: Path, tree: Tree) ->
         assert all(not store.exists(f.sha256) for f in vm.files)
 
 
+def test_a_stored_delta_is_listed_and_removed_with_its_image(
+    capsys: pytest.CaptureFixture[str], config: Path, tmp_path: Path
+) -> None:
+    spec = ProductSpec("testos", "9.0", arches=("amd64",), versions=("20240101_0000", "20240201_0000"),
+                       rootxz=False, deltas=True)
+    tree = build_tree(tmp_path / "deltas", [spec])
+    old, new = (tree.images_of("testos", "9.0", v)[0] for v in spec.versions)
+    [delta] = new.deltas
+    seeded(config, tree, [old, new])
+    with opened(config.parent) as (index, store):
+        assert put_blob(store, tree.read(delta)) == delta.sha256
+        index.put(FileRecord(
+            sha256=delta.sha256, size=delta.size, upstream=UPSTREAM, paths=(f"{UPSTREAM}/{delta.path}",),
+            product=new.product, version=new.version, stored_at=NOW, last_used_at=NOW, use_count=2,
+        ))
+    code, out, _ = run(capsys, config, "list", "--format", "json")
+    entries = json.loads(out)
+    # Part of its image, not a stray file; its uses are the image's.
+    assert sorted(e["fingerprint"] for e in entries) == sorted([old.fingerprint, new.fingerprint])
+    assert next(e for e in entries if e["fingerprint"] == new.fingerprint)["uses"] == 2
+    code, out, _ = run(capsys, config, "remove", new.fingerprint)
+    assert code == 0 and "3 files" in out
+    with opened(config.parent) as (index, store):
+        assert index.get(delta.sha256) is None and not store.exists(delta.sha256)
+
+
 # -- verify, gc, stats ----------------------------------------------------------------------
 
 
@@ -532,6 +558,41 @@ async def test_prefetch_downloads_from_a_real_upstream(tmp_path: Path, tree: Tre
             "--config", str(config), "prefetch", f"{UPSTREAM}:nosuch", "--arch", "amd64"
         )
         assert code == 1 and "has no container image nosuch" in err and "Traceback" not in err
+    finally:
+        await running.stop()
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_prefetch_brings_the_deltas_from_stored_versions(tmp_path: Path) -> None:
+    spec = ProductSpec("deltaos", "1.0", arches=("amd64",), versions=("20240101_0000", "20240201_0000"),
+                       aliases=("deltaos/1.0",), rootxz=False, deltas=True)
+    tree = build_tree(tmp_path / "tree", [spec])
+    old, new = (tree.images_of("deltaos", "1.0", v)[0] for v in spec.versions)
+    [delta] = new.deltas
+    ca = make_ca()
+    running = start_https_upstream(cast(IReactorSSL, global_reactor), tree.root, ca)
+    try:
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_bytes(running.ca_pem)
+        config = write_config(tmp_path / "proxy", url=running.url, ca_file=str(ca_file))
+        with opened(config.parent) as (index, store):
+            seed_images(index, store, tree, [old])
+        # The delta fails first: the image is stored all the same, and the command succeeds.
+        (tree.root / delta.path).rename(tmp_path / "held")
+        args = ("--config", str(config), "prefetch", f"{UPSTREAM}:deltaos/1.0", "--arch", "amd64")
+        code, out, err = await run_process(*args)
+        assert code == 0, err
+        assert "stored" in out and f"{UPSTREAM}/{delta.path}" in err and "404" in err
+        with opened(config.parent) as (index, _store):
+            assert all(index.get(f.sha256) is not None for f in new.files)
+            assert index.get(delta.sha256) is None
+        (tmp_path / "held").rename(tree.root / delta.path)
+        code, out, err = await run_process(*args)
+        assert code == 0, err
+        with opened(config.parent) as (index, store):
+            record = index.get(delta.sha256)
+            assert record is not None and store.path_for(delta.sha256).getContent() == tree.read(delta)
     finally:
         await running.stop()
 

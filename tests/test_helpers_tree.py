@@ -23,6 +23,7 @@ from typing import Any, cast
 import pytest
 import pytest_twisted  # type: ignore[import-untyped]
 import treq
+from attrs import evolve as attrs_evolve
 from treq.client import HTTPClient
 from treq.testing import StubTreq
 from twisted.internet import defer, reactor as global_reactor
@@ -122,6 +123,31 @@ def test_catalogue_json(shared_tree: Tree) -> None:
     vm_meta = products["products"]["testos:2.0:amd64:default"]["versions"][vm.version]["items"]
     assert vm_meta["lxd.tar.xz"]["combined_disk-kvm-img_sha256"] == vm.fingerprint
     assert vm_meta["disk.qcow2"]["ftype"] == "disk-kvm.img"
+
+
+def test_deltas_are_real_vcdiffs_from_every_earlier_version(tmp_path: Path) -> None:
+    spec = ProductSpec("deltaos", "1.0", arches=("amd64",), versions=("20240101_0000", "20240201_0000"),
+                       rootxz=False, deltas=True)
+    tree = build_tree(tmp_path / "tree", [spec])
+    old, new = (tree.images_of("deltaos", "1.0", v)[0] for v in spec.versions)
+    assert old.deltas == ()
+    [delta] = new.deltas
+    assert (delta.ftype, delta.delta_base, delta.path.rsplit("/", 1)[1]) == (
+        "squashfs.vcdiff", "20240101_0000", "delta-20240101_0000.vcdiff")
+    assert tree.files[delta.path] == delta and new.delta_from("20240101_0000") == delta
+    # What LXD runs to rebuild the new root from the old one.
+    assert old.root is not None and new.root is not None
+    out = tmp_path / "patched"
+    subprocess.run(["xdelta3", "-f", "-d", "-s", str(tree.path_of(old.root)), str(tree.path_of(delta)), str(out)],
+                   check=True, capture_output=True)
+    assert sha256(out.read_bytes()) == new.root.sha256
+    # The catalogue lists it as LXD's ToLXD finds it, and it grows with a version added.
+    [parsed] = [i for i in parse_images(tree.read(tree.products_file)) if i.version == new.version]
+    assert [(d.path, d.sha256, d.delta_base) for d in parsed.deltas] == [(delta.path, delta.sha256, "20240101_0000")]
+    [third] = tree.add_version("deltaos", "1.0", "20240301_0000")
+    assert sorted(d.delta_base for d in third.deltas) == ["20240101_0000", "20240201_0000"]
+    # Without the option, nothing changes.
+    assert all(i.deltas == () for i in build_tree(tmp_path / "plain", [attrs_evolve(spec, deltas=False)]).images)
 
 
 def test_parser_agrees_with_tree(shared_tree: Tree) -> None:

@@ -21,6 +21,7 @@ from proxy.lifecycle import (
     SECONDS_PER_DAY,
     CacheLifecycle,
     GcReport,
+    orphaned_deltas,
     plan_eviction,
     plan_expiry,
 )
@@ -200,8 +201,10 @@ class Cache:
     clock: Clock
     busy: set[str] = attrs.field(factory=set)
 
-    def add(self, name: str, size: int, last_used_at: float, cached: bool = True) -> FileRecord:
-        """Store a blob of C{size} bytes and its record."""
+    def add(
+        self, name: str, size: int, last_used_at: float, cached: bool = True, version: str = "20240622"
+    ) -> FileRecord:
+        """Store a blob of C{size} bytes and its record (a delta when C{name} ends in .vcdiff)."""
         data = name.encode() * (size // len(name)) + name.encode()[: size % len(name)]
         partial = self.store.new_partial()
         partial.write(data)
@@ -209,7 +212,7 @@ class Cache:
         partial.commit(digest)
         record = attrs.evolve(
             rec(name, size=size, last_used_at=last_used_at, stored_at=last_used_at, cached=cached),
-            sha256=digest,
+            sha256=digest, version=version,
         )
         self.index.put(record)
         return record
@@ -510,3 +513,57 @@ def test_a_file_being_removed_is_claimed_until_the_removal_is_over() -> None:
     in_use.release(["free"])
     assert results == [None]
     assert not in_use.removing("free")
+
+
+# -- deltas go with their version -------------------------------------------------------------
+
+
+def test_orphaned_deltas_are_the_cached_deltas_of_versions_with_nothing_else_left() -> None:
+    def at(record: FileRecord, version: str) -> FileRecord:
+        return attrs.evolve(record, version=version)
+
+    v2_meta, v2_delta = at(rec("v2/lxd.tar.xz"), "v2"), at(rec("v2/delta-v1.vcdiff"), "v2")
+    v3_delta = at(rec("v3/delta-v2.vcdiff"), "v3")
+    v4_pinned_delta = at(rec("v4/delta-v3.vcdiff", cached=False), "v4")
+    v5_busy_delta = at(rec("v5/delta-v4.vcdiff"), "v5")
+    records = [v2_meta, v2_delta, v3_delta, v4_pinned_delta, v5_busy_delta]
+    assert orphaned_deltas(records, {v5_busy_delta.sha256}) == [v3_delta.sha256]
+    # Another upstream's file of the same product and version does not keep it.
+    assert orphaned_deltas([attrs.evolve(v2_meta, upstream="other"), v2_delta], set()) == [v2_delta.sha256]
+
+
+def test_gc_expires_a_version_with_its_deltas_even_used_ones(cache: Cache, tmp_path: Path) -> None:
+    meta = cache.add("v2/lxd.tar.xz", 100, last_used_at=NOW - 11 * DAY, version="v2")
+    root = cache.add("v2/rootfs.squashfs", 1000, last_used_at=NOW - 11 * DAY, version="v2")
+    # Used by a refreshing host more recently than the version's own files.
+    delta = cache.add("v2/delta-v1.vcdiff", 50, last_used_at=NOW - 1 * DAY, version="v2")
+    kept_meta = cache.add("v3/lxd.tar.xz", 100, last_used_at=NOW - 1 * DAY, version="v3")
+    kept_delta = cache.add("v3/delta-v2.vcdiff", 50, last_used_at=NOW - 20 * DAY, version="v3")
+    report = cache.lifecycle(config(tmp_path, expiry_days=10)).gc()
+    assert (report.expired, report.expired_bytes) == (4, 1200)
+    # kept_delta is older than the expiry itself, but only for its own age: it expires as any file.
+    assert cache.stored() == {kept_meta.sha256}
+    for gone in (meta, root, delta, kept_delta):
+        assert not cache.store.exists(gone.sha256)
+
+
+def test_eviction_takes_a_version_s_deltas_with_it(cache: Cache, tmp_path: Path) -> None:
+    old_meta = cache.add("v1/lxd.tar.xz", 100, last_used_at=NOW - 6 * DAY, version="v1")
+    old_root = cache.add("v1/rootfs.squashfs", 1000, last_used_at=NOW - 5 * DAY, version="v1")
+    old_delta = cache.add("v1/delta-v0.vcdiff", 200, last_used_at=NOW - 1 * DAY, version="v1")
+    new = cache.add("v2/rootfs.squashfs", 1000, last_used_at=NOW - 2 * DAY, version="v2")
+    pinned = cache.add("v2/delta-v1.vcdiff", 200, last_used_at=NOW - 9 * DAY, cached=False, version="v2")
+    lifecycle = cache.lifecycle(config(tmp_path, max_size=2600))
+    # 2500 stored; 1000 more need 900 gone: v1's two files, the least recently used, and with
+    # them v1's delta (used later, but useless alone).
+    assert lifecycle.make_room(1000) is True
+    assert cache.stored() == {new.sha256, pinned.sha256}
+    assert cache.index.total_size() == 1200
+    assert not any(cache.store.exists(r.sha256) for r in (old_meta, old_root, old_delta))
+    # A busy delta stays until the next gc, which sweeps it.
+    lone = cache.add("v9/delta-v8.vcdiff", 10, last_used_at=NOW, version="v9")
+    cache.busy.add(lone.sha256)
+    assert cache.lifecycle(config(tmp_path)).gc().expired == 0
+    cache.busy.clear()
+    assert cache.lifecycle(config(tmp_path)).gc().expired == 1
+    assert cache.stored() == {new.sha256, pinned.sha256}

@@ -17,6 +17,7 @@ import attrs
 import pytest
 from attrs import frozen
 from twisted.internet.defer import Deferred
+from twisted.logger import formatEvent
 from twisted.python.filepath import FilePath
 
 from proxy.catalogue import Item
@@ -41,7 +42,7 @@ START = 1_700_000_000.0
 TTL = 300.0
 IDLE = 60.0
 HOUR = 3600.0
-V1, V2, V3 = "20240101_0000", "20240201_0000", "20240301_0000"
+V0, V1, V2, V3 = "20231201_0000", "20240101_0000", "20240201_0000", "20240301_0000"
 CONTAINER, VM = "container", "virtual-machine"
 
 
@@ -58,6 +59,8 @@ class Product:
     versions: tuple[str, ...] = (V1,)
     # also a disk-kvm.img root, which makes a virtual-machine image sharing the metadata file
     vm: bool = False
+    # (version, base): the version lists a squashfs delta from base
+    deltas: tuple[tuple[str, str], ...] = ()
 
     @property
     def id(self) -> str:
@@ -76,8 +79,14 @@ class Product:
     def files(self, version: str, type: str = CONTAINER) -> list[str]:
         return [self.meta(version), self.root(version, type)]
 
+    def delta(self, version: str, base: str) -> str:
+        return f"{self._base(version)}/delta-{base}.vcdiff"
+
     def with_versions(self, *versions: str) -> Product:
         return attrs.evolve(self, versions=versions)
+
+    def with_deltas(self, *deltas: tuple[str, str]) -> Product:
+        return attrs.evolve(self, deltas=deltas)
 
     def _base(self, version: str) -> str:
         return f"images/{self.os}/{self.release}/{self.arch}/default/{version}"
@@ -107,6 +116,11 @@ def catalogue(products: Iterable[Product]) -> dict[str, bytes]:
                 items["disk.qcow2"] = item("disk-kvm.img", disk)
                 combined["combined_disk-kvm-img_sha256"] = sha(content(meta) + content(disk))
             items["lxd.tar.xz"] = item("lxd.tar.xz", meta, **combined)
+            for new, base in product.deltas:
+                if new == version:
+                    items[f"root.{base}.vcdiff"] = item(
+                        "squashfs.vcdiff", product.delta(version, base), delta_base=base
+                    )
             versions[version] = {"items": items}
         entries[product.id] = {
             "aliases": product.alias, "arch": product.arch, "os": product.os,
@@ -766,3 +780,85 @@ def test_keep_pins_the_newest_stored_versions(make: Make) -> None:
     kept = h.run(Deferred.fromCoroutine(h.prefetcher.keep(planned.images, planned.image)))
     assert kept == {sha(h.files[path]) for path in testos.files(V1) + testos.files(V2)}
     assert h.states(testos.files(V1) + testos.files(V2)) == ["pinned"] * 4
+
+
+# -- 8. deltas --------------------------------------------------------------------------------
+
+
+def test_a_new_version_brings_the_deltas_from_stored_versions_only(make: Make) -> None:
+    """V2 lists deltas from V1 (stored) and V0 (listed, never stored): only V1's comes."""
+    h = make([TESTOS.with_versions(V0, V1)])
+    use(h, TESTOS, V1)
+    newer = TESTOS.with_versions(V0, V1, V2).with_deltas((V2, V1), (V2, V0))
+    h.publish(newer)
+    report = h.tick()
+    assert sorted(report.downloaded) == sorted(newer.files(V2))
+    assert (report.deltas, report.deltas_failed, report.failed) == ([newer.delta(V2, V1)], [], [])
+    # The image's files first, then its delta; never the delta from a version nobody holds.
+    assert h.image_requests()[-3:] == [*newer.files(V2), newer.delta(V2, V1)]
+    assert newer.delta(V2, V0) not in h.image_requests()
+    # Verified and recorded like any file, with its version.
+    record = h.index.find_path("up", newer.delta(V2, V1))
+    assert record is not None and record.sha256 == sha(h.files[newer.delta(V2, V1)])
+    assert (record.product, record.version, record.cached) == (newer.id, V2, True)
+    assert h.store.exists(record.sha256)
+    assert h.state(newer.delta(V2, V0)) == "missing"
+    # A second run has nothing left to bring.
+    assert (h.tick().deltas, h.image_requests()[-1]) == ([], newer.delta(V2, V1))
+
+
+def test_no_delta_without_a_stored_older_version(make: Make) -> None:
+    testos = TESTOS.with_versions(V1, V2).with_deltas((V2, V1))
+    h = make([testos], [PinConfig("up", testos.alias)])
+    report = h.tick()
+    assert (sorted(report.downloaded), report.deltas) == (sorted(testos.files(V2)), [])
+    assert sorted(h.image_requests()) == sorted(testos.files(V2))
+
+
+def test_a_failing_delta_fails_nothing(make: Make, logged: Logged) -> None:
+    h = make([TESTOS], [PinConfig("up", TESTOS.alias)])
+    h.tick()
+    newer = TESTOS.with_versions(V1, V2).with_deltas((V2, V1))
+    h.publish(newer)
+    h.upstream.statuses[newer.delta(V2, V1)] = 500
+    report = h.tick()
+    assert (report.failed, report.unresolved) == ([], [])
+    assert report.deltas_failed == [newer.delta(V2, V1)] and report.deltas == []
+    assert h.states(newer.files(V2)) == ["pinned", "pinned"]
+    assert h.state(newer.delta(V2, V1)) == "missing"
+    assert list(FilePath(h.store.root.path).child("tmp").children()) == []
+    [warning] = logged.matching("fetching the delta")
+    assert "500" in formatEvent(warning) and V1 in formatEvent(warning)
+    # The next run tries it again.
+    del h.upstream.statuses[newer.delta(V2, V1)]
+    assert h.tick().deltas == [newer.delta(V2, V1)]
+
+
+def test_a_pinned_version_keeps_its_deltas_pinned_and_releases_them_with_it(make: Make) -> None:
+    h = make([TESTOS], [PinConfig("up", TESTOS.alias)], keep_versions=1)
+    h.tick()
+    newer = TESTOS.with_versions(V1, V2).with_deltas((V2, V1))
+    h.publish(newer)
+    h.tick()
+    assert h.states([*newer.files(V2), newer.delta(V2, V1)]) == ["pinned"] * 3
+    assert h.states(newer.files(V1)) == ["cached", "cached"]
+    newest = newer.with_versions(V1, V2, V3).with_deltas((V2, V1), (V3, V2))
+    h.publish(newest)
+    report = h.tick()
+    assert report.deltas == [newest.delta(V3, V2)]
+    assert h.states([*newest.files(V3), newest.delta(V3, V2)]) == ["pinned"] * 3
+    # V2 is no longer kept: its delta turns cached with its files, and ages out with them.
+    assert h.states([*newest.files(V2), newest.delta(V2, V1)]) == ["cached"] * 3
+
+
+def test_the_deltas_step_names_the_deltas_worth_storing(make: Make) -> None:
+    testos = TESTOS.with_versions(V0, V1, V2).with_deltas((V2, V1), (V2, V0))
+    h = make([testos])
+    [planned] = h.run(Deferred.fromCoroutine(h.prefetcher.plan([PinRef("up", testos.alias, "x86_64", CONTAINER)])))
+    assert planned.image is not None
+    assert h.prefetcher.deltas(planned.images, planned.image) == []
+    use(h, testos, V0)
+    assert [d.path for d in h.prefetcher.deltas(planned.images, planned.image)] == [testos.delta(V2, V0)]
+    # The VM image of the same version has no squashfs delta.
+    [vm] = h.run(Deferred.fromCoroutine(h.prefetcher.plan([PinRef("up", testos.alias, "x86_64", VM)])))
+    assert vm.image is not None and h.prefetcher.deltas(vm.images, vm.image) == []

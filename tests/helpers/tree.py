@@ -55,7 +55,10 @@ class ProductSpec:
     `os/release/variant` plus `os/release` for the default variant. Each version gets a metadata
     `lxd.tar.xz` and, as enabled, a `squashfs` and a `root.tar.xz` rootfs (container images) and a
     `disk-kvm.img` qcow2 (VM image). `unified` replaces all of that with one
-    `lxd_combined.tar.gz`. `incus` adds an `incus.tar.xz` item naming the same metadata file, as
+    `lxd_combined.tar.gz`. `deltas` gives every version after the first a `squashfs.vcdiff`
+    item from each earlier version (`delta_base`), made with `xdelta3 -e -s OLD NEW` from the
+    two `rootfs.squashfs` and named as linuxcontainers names them (`delta-<base>.vcdiff`,
+    item `root.<base>.vcdiff`). `incus` adds an `incus.tar.xz` item naming the same metadata file, as
     linuxcontainers publishes. `payload_bytes` adds that many seeded random bytes to the rootfs
     (for streaming tests); such squashfs data is stored uncompressed to keep building fast.
     """
@@ -73,6 +76,7 @@ class ProductSpec:
     incus: bool = False
     payload_bytes: int = 0
     requirements: tuple[tuple[str, str], ...] = ()
+    deltas: bool = False
 
     @property
     def alias_names(self) -> tuple[str, ...]:
@@ -131,6 +135,7 @@ class FileItem:
     sha256: str
     size: int
     ftype: str = ""
+    delta_base: str = ""
 
 
 @frozen
@@ -148,6 +153,15 @@ class TreeImage:
     aliases: tuple[str, ...]
     meta: FileItem
     root: FileItem | None
+    # The root's deltas from earlier versions (not among `files`: a client fetches one of them
+    # instead of the root, and only when it holds the base).
+    deltas: tuple[FileItem, ...] = ()
+
+    def delta_from(self, base: str) -> FileItem:
+        for delta in self.deltas:
+            if delta.delta_base == base:
+                return delta
+        raise KeyError(f"{self.version} has no delta from {base}")
 
     @property
     def files(self) -> tuple[FileItem, ...]:
@@ -249,7 +263,7 @@ class Tree:
         self.products[index] = spec
         new: list[TreeImage] = []
         for arch in spec.arches:
-            built = _build_version(self.root, spec, arch, version)
+            built = _build_version(self.root, spec, arch, version, spec.versions[:-1])
             self._built[(spec.product_id(arch), version, arch)] = built
             new.extend(built.images)
         if write:
@@ -356,9 +370,9 @@ def build_tree(
     tree = Tree(root=root, products=specs)
     for spec in specs:
         for arch in spec.arches:
-            for version in spec.versions:
+            for n, version in enumerate(spec.versions):
                 tree._built[(spec.product_id(arch), version, arch)] = _build_version(
-                    root, spec, arch, version
+                    root, spec, arch, version, spec.versions[:n]
                 )
     tree.write_catalogue()
     return tree
@@ -538,7 +552,20 @@ def _qcow2(path: Path, identity: bytes) -> None:
         )
 
 
-def _build_version(root: Path, spec: ProductSpec, arch: str, version: str) -> _BuiltVersion:
+def _vcdiff(source: Path, target: Path, delta: Path) -> None:
+    """The real delta LXD applies with `xdelta3 -d -s`. `-A=` leaves the file names out of the
+    delta's application header, so that it depends on the two files' bytes only."""
+    if shutil.which("xdelta3") is None:
+        raise RuntimeError("xdelta3 is not installed (apt-get install xdelta3): deltas cannot be built")
+    subprocess.run(
+        ["xdelta3", "-e", "-f", "-A=", "-s", str(source), str(target), str(delta)],
+        check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+
+
+def _build_version(
+    root: Path, spec: ProductSpec, arch: str, version: str, earlier: tuple[str, ...] = ()
+) -> _BuiltVersion:
     base = f"images/{spec.os}/{spec.release}/{arch}/{spec.variant}/{version}"
     directory = root / base
     directory.mkdir(parents=True, exist_ok=True)
@@ -546,11 +573,14 @@ def _build_version(root: Path, spec: ProductSpec, arch: str, version: str) -> _B
     rootfs = _rootfs_files(spec, arch, version)
     product = spec.product_id(arch)
 
-    def file_item(name: str, ftype: str) -> FileItem:
+    def file_item(name: str, ftype: str, delta_base: str = "") -> FileItem:
         local = directory / name
-        return FileItem(f"{base}/{name}", _sha256_file(local), local.stat().st_size, ftype)
+        return FileItem(f"{base}/{name}", _sha256_file(local), local.stat().st_size, ftype, delta_base)
 
-    def image(fingerprint: str, type: ImageType, meta: FileItem, root: FileItem | None) -> TreeImage:
+    def image(
+        fingerprint: str, type: ImageType, meta: FileItem, root: FileItem | None,
+        deltas: tuple[FileItem, ...] = (),
+    ) -> TreeImage:
         return TreeImage(
             fingerprint=fingerprint,
             type=type,
@@ -563,6 +593,7 @@ def _build_version(root: Path, spec: ProductSpec, arch: str, version: str) -> _B
             aliases=spec.alias_names,
             meta=meta,
             root=root,
+            deltas=deltas,
         )
 
     def entry(item: FileItem, **extra: str) -> dict[str, object]:
@@ -589,6 +620,13 @@ def _build_version(root: Path, spec: ProductSpec, arch: str, version: str) -> _B
     if spec.vm:
         _qcow2(directory / "disk.qcow2", f"{product} {version} disk\n".encode())
         roots.append(("disk.qcow2", file_item("disk.qcow2", "disk-kvm.img")))
+    deltas: list[tuple[str, FileItem]] = []
+    if spec.deltas and spec.squashfs:
+        for older in earlier:
+            name = f"delta-{older}.vcdiff"
+            source = root / f"images/{spec.os}/{spec.release}/{arch}/{spec.variant}/{older}/rootfs.squashfs"
+            _vcdiff(source, directory / "rootfs.squashfs", directory / name)
+            deltas.append((f"root.{older}.vcdiff", file_item(name, "squashfs.vcdiff", older)))
 
     combined: dict[str, str] = {}
     images: list[TreeImage] = []
@@ -603,11 +641,15 @@ def _build_version(root: Path, spec: ProductSpec, arch: str, version: str) -> _B
         if root_item.ftype == "root.tar.xz":
             combined["combined_sha256"] = fingerprint
         image_type: ImageType = "virtual-machine" if root_item.ftype == "disk-kvm.img" else "container"
-        images.append(image(fingerprint, image_type, meta, root_item))
+        own = tuple(d for _, d in deltas) if root_item.ftype == "squashfs" else ()
+        images.append(image(fingerprint, image_type, meta, root_item, own))
 
     items: dict[str, dict[str, object]] = {"lxd.tar.xz": entry(meta, **combined)}
     if spec.incus:
         items["incus.tar.xz"] = {**entry(meta, **combined), "ftype": "incus.tar.xz"}
     for name, root_item in roots:
         items[name] = entry(root_item)
-    return _BuiltVersion(items=items, files=(meta, *(r for _, r in roots)), images=tuple(images))
+    for key, delta in deltas:
+        items[key] = entry(delta, delta_base=delta.delta_base)
+    files = (meta, *(r for _, r in roots), *(d for _, d in deltas))
+    return _BuiltVersion(items=items, files=files, images=tuple(images))
