@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from proxy import __version__
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout, VerificationFailed
+from proxy.outbound import OutboundProxy, UpstreamEndpoints
 
 USER_AGENT = f"lxd-image-proxy/{__version__}".encode("ascii")
 
@@ -228,11 +229,16 @@ class UpstreamClient:
         *,
         connect_timeout: float,
         header_timeout: float,
+        proxies: Mapping[Origin, OutboundProxy | None] | None = None,
     ) -> "UpstreamClient":
         """
         Build a client for C{upstreams}: name -> (base URL, TLS policy for that upstream).
+
+        @param proxies: the outbound proxy of each origin (L{proxy.outbound.proxy_for});
+            an origin not in it is reached directly.
         """
         origins = [origin_of(url) for url, _ in upstreams.values()]
+        routes = {origin: (proxies or {}).get(origin) for origin in origins}
         policies = {(host, port): policy for (url, policy), (_, host, port) in zip(upstreams.values(), origins)}
         pool = HTTPConnectionPool(reactor, persistent=True)
         # Twisted's pool logs "Starting factory" and "Stopping factory" at info for every
@@ -240,12 +246,21 @@ class UpstreamClient:
         pool._factory = _QuietClientFactory
         pool.maxPersistentPerHost = 4
         pool.cachedConnectionTimeout = 120
-        agent = Agent(
-            reactor,
-            contextFactory=PerOriginTLSPolicy(policies, default_policy),
-            connectTimeout=connect_timeout,
-            pool=pool,
+        # Twisted's own endpoints, except that an origin with an outbound proxy is reached
+        # through a CONNECT tunnel (the connect timeout covers the proxy's answer too).
+        endpoints = UpstreamEndpoints(
+            reactor, PerOriginTLSPolicy(policies, default_policy), routes,
+            connect_timeout=connect_timeout, user_agent=USER_AGENT,
         )
+        for (scheme, host, port), proxy in routes.items():
+            if proxy is not None:
+                name = host.decode("ascii")
+                cls.log.info(
+                    "upstream {origin} is reached through the outbound proxy {proxy} ({source})",
+                    origin=f"{scheme.decode('ascii')}://{f'[{name}]' if ':' in name else name}:{port}",
+                    proxy=proxy.url, source=proxy.source,
+                )
+        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
         return cls(reactor, agent, origins, header_timeout=header_timeout, pool=pool)
 
     def get(self, url: str, headers: Mapping[bytes, bytes] | None = None) -> "Deferred[IResponse]":
