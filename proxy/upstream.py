@@ -219,6 +219,8 @@ class UpstreamClient:
         self._http = HTTPClient(self._agent)
         self._header_timeout = header_timeout
         self._pool = pool
+        # Set by for_upstreams: each origin's outbound proxy, for the status page.
+        self._proxies: dict[Origin, OutboundProxy | None] = {}
 
     @classmethod
     def for_upstreams(
@@ -261,7 +263,16 @@ class UpstreamClient:
                     proxy=proxy.url, source=proxy.source,
                 )
         agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
-        return cls(reactor, agent, origins, header_timeout=header_timeout, pool=pool)
+        client = cls(reactor, agent, origins, header_timeout=header_timeout, pool=pool)
+        client._proxies = routes
+        return client
+
+    def outbound_proxy(self, url: str) -> OutboundProxy | None:
+        """The outbound proxy requests to C{url} go through; None: direct."""
+        try:
+            return self._proxies.get(origin_of(url))
+        except Exception:
+            return None
 
     def get(self, url: str, headers: Mapping[bytes, bytes] | None = None) -> "Deferred[IResponse]":
         """

@@ -181,11 +181,14 @@ async def test_a_proxy_that_demands_credentials(tmp_path: Path, logged: Logged) 
         refusal = f"the outbound proxy {forward.url()} refused CONNECT to {target}: 401 Unauthorized"
         answers = await refused(client, wrong, refusal)
         status = await get(client, wrong, "/status.json")
+        page = await get(client, wrong, "/")
+        assert json.loads(status.body)["upstreams"][0]["via"] == forward.url()
+        assert f"via {forward.url()}" in page.body.decode()
         assert proxy_warnings(logged) == [refusal]
         assert len(requested(upstream)) == seen
         # Nowhere a password: not in the log, the answers, or the status page.
         shown = "\n".join(logged.texts()) + "".join(a.body.decode() for a in answers)
-        shown += status.body.decode() + repr(wrong.cache.config)
+        shown += status.body.decode() + page.body.decode() + repr(wrong.cache.config)
         assert refusal in status.body.decode(), json.loads(status.body)
         assert PASSWORD not in shown and WRONG not in shown
         assert PASSWORD not in forward.log() and WRONG not in forward.log()
