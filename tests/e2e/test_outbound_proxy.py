@@ -1,6 +1,6 @@
 """
 The proxy service reaches a real HTTPS upstream through a real forward proxy (Debian's
-C{tinyproxy}), all on loopback: the forward proxy's log shows the C{CONNECT}s it was asked for,
+C{tinyproxy}, and C{squid} once), all on loopback: the forward proxy's log shows the C{CONNECT}s it was asked for,
 the upstream records what reached it, and the bytes the client gets are checked against the
 catalogue's files.
 
@@ -9,7 +9,8 @@ redirect to a foreign origin that never becomes a C{CONNECT}; a forward proxy th
 that demands credentials (right ones work; wrong or none give one clear warning and a 502 that
 names the proxy and its answer, the upstream is marked offline, and the password is in no log
 line, answer, status page or configuration repr); one that refuses the C{CONNECT}
-(C{ConnectPort 443} only); C{HTTPS_PROXY} from the environment, C{NO_PROXY} excluding the
+(C{ConnectPort 443} only); squid with credentials, right and missing; C{HTTPS_PROXY} from
+the environment, C{NO_PROXY} excluding the
 upstream, and C{upstream_proxy = ""} ignoring the environment.
 """
 
@@ -25,11 +26,12 @@ import pytest_twisted  # type: ignore[import-untyped]
 from treq.client import HTTPClient
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 
 from tests.faults.upstreams import BROKEN, NAME, OTHER, PRODUCTS, tree_files, write_tree
 from tests.helpers.certs import make_ca
-from tests.helpers.forward_proxy import ForwardProxy, free_port, start_tinyproxy
+from tests.helpers.forward_proxy import ForwardProxy, free_port, start_squid, start_tinyproxy
 from tests.helpers.invariants import Received, receive
 from tests.helpers.logs import Logged
 from tests.helpers.proxy_process import https_client
@@ -43,6 +45,9 @@ INDEX = "streams/v1/index.json"
 PASSWORD = "pa55-w0rd-xyz"
 WRONG = "wr0ng-pa55-qrs"
 NET_TIMEOUT_SECONDS = 20.0
+# Rounds of LOG_POLL_SECONDS waiting for a forward proxy's log line.
+LOG_POLLS = 200
+LOG_POLL_SECONDS = 0.025
 
 
 class Scene:
@@ -64,6 +69,11 @@ class Scene:
     async def forward_proxy(self, **options: Any) -> ForwardProxy:
         self._count += 1
         proxy = await start_tinyproxy(reactor, self.tmp / f"tinyproxy{self._count}", **options)
+        self._stops.append(proxy.stop)
+        return proxy
+
+    async def squid(self, **options: Any) -> ForwardProxy:
+        proxy = await start_squid(reactor, **options)
         self._stops.append(proxy.stop)
         return proxy
 
@@ -245,5 +255,38 @@ async def test_https_proxy_and_no_proxy_from_the_environment(
         assert (await get(client, ignored, INDEX)).code == 200
         assert len(forward.connects()) == 1
         assert requested(upstream).count(INDEX) == 3
+    finally:
+        await scene.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_through_squid_with_credentials(tmp_path: Path, logged: Logged) -> None:
+    scene = Scene(tmp_path)
+    try:
+        upstream = scene.upstream()
+        squid = await scene.squid(credentials=("alice", PASSWORD))
+        target = f"127.0.0.1:{upstream.port}"
+        right, client = await scene.proxy(
+            upstream, server={"upstream_proxy": squid.url(f"alice:{PASSWORD}")}
+        )
+        assert (await get(client, right, INDEX)).code == 200
+        assert (await get(client, right, PRODUCTS)).code == 200
+        image = await get(client, right, BROKEN)
+        assert image.complete and image.body == scene.files[BROKEN], image.describe()
+        # squid logs a tunnel once it is closed: close the kept connections, then look.
+        await right.cache.core.close()
+        for _ in range(LOG_POLLS):
+            if squid.connects():
+                break
+            await deferLater(reactor, LOG_POLL_SECONDS, lambda: None)
+        assert set(squid.connects()) == {target}
+        assert f"CONNECT {target} alice " in squid.log()
+        # Without credentials: squid's 407, said once, named in the answers.
+        none, client = await scene.proxy(upstream, server={"upstream_proxy": squid.url()})
+        refusal = (f"the outbound proxy {squid.url()} refused CONNECT to {target}: "
+                   f"407 Proxy Authentication Required")
+        await refused(client, none, refusal)
+        assert proxy_warnings(logged) == [refusal]
+        assert PASSWORD not in "\n".join(logged.texts())
     finally:
         await scene.close()
