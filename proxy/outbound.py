@@ -461,9 +461,10 @@ class _Attempt:
         self.result: Deferred[IProtocol] = Deferred(self._cancel)
         self._protocol: _ConnectProtocol | None = None
         self._timer: IDelayedCall | None = endpoint.clock.callLater(endpoint.timeout, self._time_out)
-        self._connecting: Deferred[IProtocol] | None = endpoint.proxy_endpoint.connect(
-            Factory.forProtocol(lambda: _ConnectProtocol(self))
-        )
+        factory = Factory.forProtocol(lambda: _ConnectProtocol(self))
+        # Not a line per upstream connection ("Starting factory"): failures say what matters.
+        factory.noisy = False
+        self._connecting: Deferred[IProtocol] | None = endpoint.proxy_endpoint.connect(factory)
         if self._connecting is not None:
             self._connecting.addCallbacks(self._connected, self._not_connected)
 

@@ -124,6 +124,8 @@ async def test_catalogue_and_image_through_the_forward_proxy(tmp_path: Path, log
         target = f"127.0.0.1:{upstream.port}"
         assert forward.connects() and set(forward.connects()) == {target}
         assert {INDEX, PRODUCTS, BROKEN} <= set(requested(upstream))
+        # Quiet as a direct connection: no line per tunnel.
+        assert not [t for t in logged.texts() if "Starting factory <twisted.internet.protocol" in t]
         # A redirect off the upstream is refused before any connection: the forward proxy
         # never hears of the foreign origin.
         foreign = free_port()
