@@ -411,18 +411,23 @@ class _ConnectProtocol(Protocol):
             self._inner.dataReceived(data)
             return
         self._buffer += data
-        end = self._buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self._buffer) > MAX_ANSWER_HEAD_BYTES:
-                self._attempt.refused(self, "an answer head over 16 KiB")
-            return
-        head, rest = self._buffer[:end], self._buffer[end + 4:]
+        while True:
+            end = self._buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buffer) > MAX_ANSWER_HEAD_BYTES:
+                    self._attempt.refused(self, "an answer head over 16 KiB")
+                return
+            head, rest = self._buffer[:end], self._buffer[end + 4:]
+            self._buffer = rest
+            match = _STATUS_LINE.fullmatch(head.split(b"\r\n", 1)[0])
+            if match is None:
+                self._attempt.refused(self, "an answer that is not HTTP")
+                return
+            code = int(match.group(1))
+            # An interim answer (100 Continue) comes before the real one.
+            if not 100 <= code < 200:
+                break
         self._buffer = b""
-        match = _STATUS_LINE.fullmatch(head.split(b"\r\n", 1)[0])
-        if match is None:
-            self._attempt.refused(self, "an answer that is not HTTP")
-            return
-        code = int(match.group(1))
         if not 200 <= code < 300:
             reason = (match.group(2) or b"").decode("latin-1")
             reason = "".join(c for c in reason if c.isprintable())[:MAX_REASON_CHARS]

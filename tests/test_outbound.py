@@ -317,6 +317,12 @@ def test_an_answer_in_pieces_is_read_whole() -> None:
     assert results == [inner]
 
 
+def test_an_interim_answer_is_skipped() -> None:
+    _, fake, results, inner = tunnel()
+    fake.answer(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\nhi")
+    assert results == [inner] and inner.received == b"hi"
+
+
 def failure_message(results: list[object]) -> str:
     assert len(results) == 1 and isinstance(results[0], Failure), results
     assert results[0].check(OutboundProxyError)
