@@ -53,7 +53,7 @@ from zope.interface import implementer
 from proxy.errors import ConfigError
 
 __all__ = [
-    "DIRECT", "Direct", "NoProxy", "OutboundProxy", "OutboundProxyError", "ProxySetting",
+    "DIRECT", "Direct", "NoProxy", "OutboundProxy", "OutboundProxyError", "ProxySetting", "ProxyTrouble",
     "TunnelEndpoint", "UpstreamEndpoints", "parse_proxy_setting", "parse_proxy_url",
     "proxy_for", "proxy_routes", "redact",
 ]

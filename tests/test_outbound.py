@@ -445,6 +445,12 @@ def test_the_endpoints_reach_only_the_routed_origins() -> None:
     assert isinstance(getattr(tunnelled, "_wrappedEndpoint"), TunnelEndpoint)
     direct = endpoints.endpointForURI(URI.fromBytes(b"http://127.0.0.1:8000/x"))
     assert not isinstance(direct, TunnelEndpoint)
+    # An http upstream (allow_insecure, tests only) is tunnelled with CONNECT too, without TLS.
+    plain = UpstreamEndpoints(
+        reactor, BrowserLikePolicyForHTTPS(), {origin_of("http://127.0.0.1:8000"): PROXY},
+        connect_timeout=5,
+    ).endpointForURI(URI.fromBytes(b"http://127.0.0.1:8000/x"))
+    assert isinstance(plain, TunnelEndpoint) and (plain.host, plain.port) == ("127.0.0.1", 8000)
 
 
 def client_through(reactor: MemoryReactorClock) -> UpstreamClient:
