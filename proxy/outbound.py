@@ -605,6 +605,13 @@ class UpstreamEndpoints:
         self._connect_timeout = connect_timeout
         self._user_agent = user_agent
         self.trouble = ProxyTrouble()
+        for (scheme, host, port), proxy in self._routes.items():
+            if proxy is not None:
+                self.trouble.log.info(
+                    "upstream {origin} is reached through the outbound proxy {proxy} ({source})",
+                    origin=f"{scheme.decode('ascii')}://{_authority(host.decode('ascii'), port)}",
+                    proxy=proxy.url, source=proxy.source,
+                )
 
     def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
         origin = (uri.scheme, uri.host.lower(), uri.port)

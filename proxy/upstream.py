@@ -254,14 +254,6 @@ class UpstreamClient:
             reactor, PerOriginTLSPolicy(policies, default_policy), routes,
             connect_timeout=connect_timeout, user_agent=USER_AGENT,
         )
-        for (scheme, host, port), proxy in routes.items():
-            if proxy is not None:
-                name = host.decode("ascii")
-                cls.log.info(
-                    "upstream {origin} is reached through the outbound proxy {proxy} ({source})",
-                    origin=f"{scheme.decode('ascii')}://{f'[{name}]' if ':' in name else name}:{port}",
-                    proxy=proxy.url, source=proxy.source,
-                )
         agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
         client = cls(reactor, agent, origins, header_timeout=header_timeout, pool=pool)
         client._proxies = routes

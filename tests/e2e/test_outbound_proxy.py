@@ -235,7 +235,7 @@ async def test_a_proxy_that_refuses_the_connect(tmp_path: Path, logged: Logged) 
 
 @pytest_twisted.ensureDeferred
 async def test_https_proxy_and_no_proxy_from_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logged: Logged
 ) -> None:
     scene = Scene(tmp_path)
     try:
@@ -247,6 +247,9 @@ async def test_https_proxy_and_no_proxy_from_the_environment(
         through, client = await scene.proxy(upstream)
         assert (await get(client, through, INDEX)).code == 200
         assert forward.connects() == [f"127.0.0.1:{upstream.port}"]
+        # Said at start-up, with where it came from.
+        assert (f"upstream https://127.0.0.1:{upstream.port} is reached through the outbound "
+                f"proxy {forward.url()} (HTTPS_PROXY)") in logged.lines(LogLevel.info)
         # NO_PROXY takes the upstream out of the environment's proxy...
         monkeypatch.setenv("NO_PROXY", f"example.com, 127.0.0.0/8:{upstream.port}")
         direct, client = await scene.proxy(upstream)
