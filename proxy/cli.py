@@ -526,7 +526,7 @@ def run_prefetch(cache: Cache, refs: list[PinRef], out: TextIO, err: TextIO) -> 
     async def go() -> None:
         try:
             outcome.append(await _prefetch(reactor, cache, refs, out, err))
-        except (CliError, PinError) as e:
+        except (CliError, PinError, ConfigError) as e:
             outcome.append(_fail(str(e), err))
         except ProxyError as e:
             outcome.append(_fail(e.message, err))

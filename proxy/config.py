@@ -37,6 +37,7 @@ from twisted.internet.endpoints import _parse as parse_endpoint_description
 
 from proxy.client_networks import parse_network
 from proxy.errors import ConfigError
+from proxy.outbound import ProxySetting, parse_proxy_setting
 from proxy.resolve import CONTAINER, VIRTUAL_MACHINE, lxd_arch
 
 APP_NAME = "lxd-image-proxy"
@@ -124,6 +125,9 @@ class ServerConfig:
     @ivar max_connections: the most client connections open at once; more are closed as
         soon as they are accepted.  The service may lower it to fit the open-file limit.
     @ivar allow: the client networks (canonical CIDR) that may use the proxy; empty: all.
+    @ivar upstream_proxy: the outbound HTTP proxy for every upstream (L{proxy.outbound}),
+        L{proxy.outbound.DIRECT} for none whatever the environment, or None: the environment's
+        C{HTTPS_PROXY} and the like decide.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -140,6 +144,7 @@ class ServerConfig:
     max_headers: int = DEFAULT_MAX_HEADERS
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     allow: tuple[str, ...] = ()
+    upstream_proxy: ProxySetting = None
 
 
 @frozen
@@ -195,6 +200,8 @@ class UpstreamConfig:
         serves only what is stored, as when the upstream is down.
     @ivar protocol: C{"simplestreams"} (an image server such as images.lxd.canonical.com) or
         C{"lxd"} (another LXD or Incus server with public images, read through its REST API).
+    @ivar proxy: this upstream's outbound proxy, winning over C{server.upstream_proxy}
+        (same values).
     """
 
     name: str
@@ -203,6 +210,7 @@ class UpstreamConfig:
     allow_insecure: bool = False
     offline: bool = False
     protocol: str = SIMPLESTREAMS
+    proxy: ProxySetting = None
 
 
 @frozen
@@ -621,6 +629,7 @@ _SERVER_KEYS = {
     "max_headers",
     "max_connections",
     "allow",
+    "upstream_proxy",
 }
 
 
@@ -670,7 +679,15 @@ def _parse_server(table: Mapping[str, Any], base_dir: str) -> ServerConfig:
         max_headers=_count(table, "max_headers", prefix, defaults.max_headers),
         max_connections=_count(table, "max_connections", prefix, defaults.max_connections),
         allow=_networks(table, "allow", prefix),
+        upstream_proxy=_proxy(table, "upstream_proxy", prefix),
     )
+
+
+def _proxy(table: Mapping[str, Any], key: str, prefix: str) -> ProxySetting:
+    """An outbound proxy key: absent is None (the environment decides), "" is direct."""
+    if key not in table:
+        return None
+    return parse_proxy_setting(_string(table, key, prefix), _join(prefix, key))
 
 
 def _networks(table: Mapping[str, Any], key: str, prefix: str) -> tuple[str, ...]:
@@ -908,7 +925,7 @@ def _max_size(table: Mapping[str, Any], default: int | None) -> int | None:
 # -- [upstreams.NAME] ----------------------------------------------------------------------
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
-_UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline", "protocol"}
+_UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline", "protocol", "proxy"}
 # Paths at the root that are not upstreams: the LXD image API, the URL-import face, the
 # health checks (and /metrics, kept free so that the HTTPS port may serve it one day), the status
 # page's JSON and the client set-up script.
@@ -950,7 +967,7 @@ def _parse_upstream(name: str, table: Mapping[str, Any], base_dir: str) -> Upstr
         )
     return UpstreamConfig(
         name=name, url=url, ca_file=ca_file, allow_insecure=allow_insecure, offline=offline,
-        protocol=protocol,
+        protocol=protocol, proxy=_proxy(table, "proxy", prefix),
     )
 
 

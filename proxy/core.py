@@ -12,6 +12,8 @@ server's temp files).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from attrs import define
@@ -29,9 +31,10 @@ from proxy.lifecycle import CacheLifecycle
 from proxy.lxd_remote import LxdRemote
 from proxy.metadata import SimplestreamsMetadata, UpstreamMetadata
 from proxy.metrics import NO_METRICS, Metrics
+from proxy.outbound import proxy_routes
 from proxy.prefetch import PinnedPartsLearner, Prefetcher
 from proxy.tls import upstream_tls_policy
-from proxy.upstream import UpstreamClient
+from proxy.upstream import UpstreamClient, origin_of
 from proxy.work import Workers
 
 CLOSE_TIMEOUT_SECONDS = 2.0
@@ -90,6 +93,7 @@ def build_core(
     *,
     watch_health: bool = True,
     metrics: Metrics = NO_METRICS,
+    environ: Mapping[str, str] | None = None,
 ) -> CacheCore:
     """
     Wire the cache's parts for C{config}, over C{index} and C{store}.
@@ -99,12 +103,20 @@ def build_core(
     @param watch_health: mark an upstream offline after a failure and fail its requests fast
         until a probe finds it back (the server). Without, every request is tried (the admin
         command: one run, whose every failure is reported as it comes).
+    @param environ: where C{HTTPS_PROXY} and the like are read (default: the process's).
+    @raise ConfigError: the environment names a proxy that is not an http:// URL, or
+        upstreams on one host and port would use different proxies.
     """
     policies = {u.name: (u.url, upstream_tls_policy(u.ca_file or None)) for u in config.upstreams}
+    # Per origin: an upstream with several URLs gives one entry per URL.
+    proxies = proxy_routes(
+        ((u.name, u.url, origin_of(u.url), u.proxy) for u in config.upstreams),
+        config.server.upstream_proxy, os.environ if environ is None else environ,
+    )
     client = UpstreamClient.for_upstreams(
         reactor, policies, upstream_tls_policy(None),
         connect_timeout=config.cache.connect_timeout,
-        header_timeout=config.cache.download_idle_timeout,
+        header_timeout=config.cache.download_idle_timeout, proxies=proxies,
     )
     health = {
         u.name: UpstreamHealth(u.name, reactor, forced_offline=u.offline) for u in config.upstreams

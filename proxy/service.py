@@ -218,6 +218,7 @@ class CacheService(Service):
         status = StatusSource(
             self.config, self.index, self.store, self.health, self.fetcher, self.in_use,
             self.reactor, self.workers.disk, lambda: (certificate.pem, certificate.fingerprint),
+            via=lambda url: str(self.client.outbound_proxy(url) or ""),
         )
         others[STATUS_JSON_PATH] = StatusJson(status, self.config)
         others[SETUP_PATH] = SetupScript(status, self.config)

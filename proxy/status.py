@@ -52,6 +52,8 @@ class UpstreamState:
     @ivar forced: offline by configuration.
     @ivar catalogue_checked_at: when its catalogue was last fetched or confirmed unchanged;
         None before the first time.
+    @ivar via: the outbound proxy it is reached through (C{http://HOST:PORT}, never the
+        credentials); C{""}: directly.
     """
 
     name: str
@@ -62,6 +64,7 @@ class UpstreamState:
     offline_since: float | None
     reason: str
     catalogue_checked_at: float | None
+    via: str = ""
 
 
 @frozen
@@ -200,6 +203,7 @@ class StatusSource:
         clock: IReactorTime,
         disk: Run,
         certificate: Callable[[], tuple[str, str]],
+        via: Callable[[str], str] = lambda url: "",
     ) -> None:
         self._config = config
         self._index = index
@@ -210,6 +214,7 @@ class StatusSource:
         self._clock = clock
         self._disk = disk
         self._certificate = certificate
+        self._via = via
         self._images: _Images | None = None
         self._refreshing: Deferred[Any] | None = None
 
@@ -271,7 +276,7 @@ class StatusSource:
             forced=health is not None and health.forced,
             offline_since=health.since if health is not None else None,
             reason=health.reason if health is not None else "",
-            catalogue_checked_at=facts.checked_at.get(name),
+            catalogue_checked_at=facts.checked_at.get(name), via=self._via(url),
         )
 
     def _downloads(self) -> list[DownloadState]:

@@ -174,8 +174,9 @@ def _upstream_row(u: UpstreamState, now: float) -> str:
         state = f'<span class="bad">offline</span>{since}{why}'
     else:
         state = '<span class="ok">online</span>'
+    via = f" via {escape(u.via)}" if u.via else ""
     return (
-        f'<tr data-upstream="{escape(u.name)}"><td>{escape(u.name)}</td><td>{escape(u.url)}</td>'
+        f'<tr data-upstream="{escape(u.name)}"><td>{escape(u.name)}</td><td>{escape(u.url)}{via}</td>'
         f"<td>{escape(u.protocol)}</td><td>{state}</td>"
         f"<td>{_time(u.catalogue_checked_at, now)}</td></tr>"
     )

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from proxy import __version__
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout, VerificationFailed
+from proxy.outbound import OutboundProxy, UpstreamEndpoints
 
 USER_AGENT = f"lxd-image-proxy/{__version__}".encode("ascii")
 
@@ -218,6 +219,8 @@ class UpstreamClient:
         self._http = HTTPClient(self._agent)
         self._header_timeout = header_timeout
         self._pool = pool
+        # Set by for_upstreams: each origin's outbound proxy, for the status page.
+        self._proxies: dict[Origin, OutboundProxy | None] = {}
 
     @classmethod
     def for_upstreams(
@@ -228,11 +231,16 @@ class UpstreamClient:
         *,
         connect_timeout: float,
         header_timeout: float,
+        proxies: Mapping[Origin, OutboundProxy | None] | None = None,
     ) -> "UpstreamClient":
         """
         Build a client for C{upstreams}: name -> (base URL, TLS policy for that upstream).
+
+        @param proxies: the outbound proxy of each origin (L{proxy.outbound.proxy_for});
+            an origin not in it is reached directly.
         """
         origins = [origin_of(url) for url, _ in upstreams.values()]
+        routes = {origin: (proxies or {}).get(origin) for origin in origins}
         policies = {(host, port): policy for (url, policy), (_, host, port) in zip(upstreams.values(), origins)}
         pool = HTTPConnectionPool(reactor, persistent=True)
         # Twisted's pool logs "Starting factory" and "Stopping factory" at info for every
@@ -240,13 +248,23 @@ class UpstreamClient:
         pool._factory = _QuietClientFactory
         pool.maxPersistentPerHost = 4
         pool.cachedConnectionTimeout = 120
-        agent = Agent(
-            reactor,
-            contextFactory=PerOriginTLSPolicy(policies, default_policy),
-            connectTimeout=connect_timeout,
-            pool=pool,
+        # Twisted's own endpoints, except that an origin with an outbound proxy is reached
+        # through a CONNECT tunnel (the connect timeout covers the proxy's answer too).
+        endpoints = UpstreamEndpoints(
+            reactor, PerOriginTLSPolicy(policies, default_policy), routes,
+            connect_timeout=connect_timeout, user_agent=USER_AGENT,
         )
-        return cls(reactor, agent, origins, header_timeout=header_timeout, pool=pool)
+        agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+        client = cls(reactor, agent, origins, header_timeout=header_timeout, pool=pool)
+        client._proxies = routes
+        return client
+
+    def outbound_proxy(self, url: str) -> OutboundProxy | None:
+        """The outbound proxy requests to C{url} go through; None: direct."""
+        try:
+            return self._proxies.get(origin_of(url))
+        except Exception:
+            return None
 
     def get(self, url: str, headers: Mapping[bytes, bytes] | None = None) -> "Deferred[IResponse]":
         """

@@ -28,6 +28,18 @@ settings.register_profile("explore", max_examples=5000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
+# The environment's outbound proxy would reach every upstream a test starts on loopback.
+PROXY_VARIABLES = ("https_proxy", "http_proxy", "no_proxy", "all_proxy")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test starts without HTTPS_PROXY and the like; a test that wants them sets them."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 @pytest.fixture
 def logged() -> Iterator[Logged]:
     """The events logged while the test runs (see L{Logged} for picking them)."""

@@ -169,7 +169,9 @@ def test_sample_config_sets_every_key() -> None:
     """Every key the loader knows appears in the sample (so every key is documented there)."""
     document = tomllib.loads(SAMPLE.read_text())
     keys = _leaves(document)
-    expected = {f"server.{k}" for k in config_module._SERVER_KEYS}
+    # The outbound proxy's default (the environment decides) has no value to write: shown
+    # commented out (test_sample_config_shows_the_outbound_proxy_keys).
+    expected = {f"server.{k}" for k in config_module._SERVER_KEYS - {"upstream_proxy"}}
     expected |= {f"cache.{k}" for k in config_module._CACHE_KEYS}
     for name, _ in config_module.DEFAULT_UPSTREAMS:
         expected |= {f"upstreams.{name}.url", f"upstreams.{name}.ca_file"}
@@ -179,6 +181,17 @@ def test_sample_config_sets_every_key() -> None:
         "upstreams.images.allow_insecure", "upstreams.images.offline", "upstreams.images.protocol",
         "lxd_api.upstreams", "log.format", "metrics.listen",
     }
+
+
+def test_sample_config_shows_the_outbound_proxy_keys(tmp_path: Path) -> None:
+    """Commented out in the sample, and valid once uncommented."""
+    text = SAMPLE.read_text()
+    for line in ('# upstream_proxy = "http://proxy.lan:3128"', '# proxy = "http://proxy.lan:3128"'):
+        assert line in text.splitlines()
+        text = text.replace(line, line.removeprefix("# "))
+    config = load_config(write(tmp_path, text))
+    assert config.server.upstream_proxy == config.upstreams[0].proxy
+    assert config.upstreams[0].proxy is not None
 
 
 def test_sample_config_comments_every_key() -> None:
@@ -511,7 +524,8 @@ def test_connection_limit_units(tmp_path: Path) -> None:
         ('[server]\nlisen = ["8443"]\n',
          "server.lisen: unknown key; expected one of allow, keepalive_timeout, listen, "
          "max_connections, max_header_bytes, max_headers, max_request_line, port_file, "
-         "request_head_timeout, send_timeout, tls_cert, tls_handshake_timeout, tls_key, tls_names"),
+         "request_head_timeout, send_timeout, tls_cert, tls_handshake_timeout, tls_key, tls_names, "
+         "upstream_proxy"),
         ("[cache]\ndirectory = 'x'\n",
          "cache.directory: unknown key; expected one of auto_update_cached, "
          "auto_update_interval, connect_timeout, dir, download_idle_timeout, expiry_days, "
@@ -601,7 +615,7 @@ def test_only_one_trailing_slash_is_stripped(tmp_path: Path) -> None:
         ("[upstreams]\na = 1\n", "upstreams.a: expected a table, got 1"),
         ("[upstreams.a]\n", "upstreams.a.url: missing; every upstream needs a base URL"),
         ('[upstreams.a]\nurl = "https://a.test"\nmirror = 1\n',
-         "upstreams.a.mirror: unknown key; expected one of allow_insecure, ca_file, offline, protocol, url"),
+         "upstreams.a.mirror: unknown key; expected one of allow_insecure, ca_file, offline, protocol, proxy, url"),
         ('[upstreams.a]\nurl = "http://a.test"\n',
          'upstreams.a.url: upstreams must use https://, got "http://a.test" '
          "(allow_insecure = true permits http:// for tests)"),
