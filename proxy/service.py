@@ -140,6 +140,11 @@ class CacheService(Service):
             temp=report.temp_removed, orphans=report.orphan_blobs_removed,
             dangling=report.dangling_records_removed,
         )
+        if self.store.resumable:
+            log.info(
+                "keeping {count} partial downloads ({size} bytes) for their next request to "
+                "continue", count=len(self.store.resumable), size=self.store.resumable_bytes(),
+            )
         super().startService()
 
     def flush_usage(self) -> "Deferred[object]":
@@ -150,6 +155,8 @@ class CacheService(Service):
 
     def stopService(self) -> "Deferred[None]":
         super().stopService()
+        # Downloads in flight end now, keeping their bytes for the next run to continue.
+        self.fetcher.stop()
         # An expiry or eviction under way waits for the reactor thread now and then: it ends
         # before the pools are joined (on this thread), or the join would wait for it forever.
         d = self.lifecycle.idle().addTimeout(CLOSE_TIMEOUT_SECONDS, self.reactor)

@@ -51,6 +51,14 @@ class NotAnUpstream(UpstreamFailed):
     """
 
 
+class BodyBroken(UpstreamFailed):
+    """An upstream body that ended (reset, closed) before its end: worth resuming."""
+
+
+class BodyStalled(UpstreamTimeout):
+    """An upstream body that sent nothing for the idle timeout: worth resuming."""
+
+
 def as_proxy_error(failure: Failure, what: str) -> ProxyError:
     """
     The L{ProxyError} to answer with for an upstream request that failed with C{failure}.
@@ -142,7 +150,12 @@ class BodyReceiver(Protocol):
 
     def _idle(self) -> None:
         self._timer = None
-        self._abort(UpstreamTimeout(f"upstream sent nothing for {self._idle_timeout:g} seconds"))
+        self._abort(BodyStalled(f"upstream sent nothing for {self._idle_timeout:g} seconds"))
+
+    def abort(self, error: ProxyError) -> None:
+        """Stop receiving: drop the connection; the body fails with C{error}."""
+        if self._error is None:
+            self._abort(error)
 
     def _abort(self, error: ProxyError) -> None:
         self._error = error
@@ -174,7 +187,7 @@ class BodyReceiver(Protocol):
         elif reason.check(ResponseDone):
             self._finished.callback(self._received)
         else:
-            self._finished.errback(Failure(UpstreamFailed(
+            self._finished.errback(Failure(BodyBroken(
                 f"upstream body ended after {self._received} bytes: {reason.getErrorMessage()}"
             )))
 
@@ -275,6 +288,7 @@ class UpstreamClient:
 
 
 __all__ = [
-    "AllowlistAgent", "BodyReceiver", "NotAnUpstream", "PerOriginTLSPolicy", "UpstreamClient",
+    "AllowlistAgent", "BodyBroken", "BodyReceiver", "BodyStalled", "NotAnUpstream",
+    "PerOriginTLSPolicy", "UpstreamClient",
     "VerificationFailed", "as_proxy_error", "origin_of", "receive_body",
 ]
