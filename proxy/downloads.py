@@ -49,7 +49,15 @@ from proxy.index import CacheIndex, FileRecord
 from proxy.lxd_fetch import ExportDownload, ItemDownload, listed_file
 from proxy.lxd_remote import RemoteImage
 from proxy.metrics import NO_METRICS, Metrics
-from proxy.upstream import BodyBroken, BodyReceiver, BodyStalled, UpstreamClient, as_proxy_error
+from proxy.mirrors import Mirrors, base_of
+from proxy.upstream import (
+    BodyBroken,
+    BodyReceiver,
+    BodyStalled,
+    UpstreamClient,
+    UpstreamServerError,
+    as_proxy_error,
+)
 from proxy.work import Run, inline
 
 J = TypeVar("J", Download, ExportDownload)
@@ -92,8 +100,11 @@ class Fetcher:
         settled: Callable[[Iterable[str]], Awaitable[None]] | None = None,
         writeback: Run | None = None,
         metrics: Metrics = NO_METRICS,
+        mirrors: Mapping[str, Mirrors] | None = None,
     ) -> None:
         self._client = client
+        # The upstreams with several base URLs: a download moves to the next when one fails.
+        self._mirrors = dict(mirrors or {})
         self._metrics = metrics
         # Where a download's bytes are synced while they arrive (see PartialBlob.writeback).
         self._writeback = writeback if writeback is not None else disk
@@ -285,6 +296,13 @@ class Fetcher:
             self.log.warn(
                 "download of {url} failed, nothing cached: {reason}", url=job.url, reason=error.message,
             )
+            mirrors = self._mirrors.get(job.upstream)
+            health = self._health.get(job.upstream)
+            if mirrors is not None and health is not None:
+                if mirrors.all_down():
+                    health.record_failure(f"every mirror failed, the last: {error.message}", True)
+                else:
+                    health.end_probe(f"the download of {job.subject} failed")
             if not job.finished:
                 if isinstance(job, Download) and self._keep_for_later(job, e):
                     job.keep_partial = True
@@ -307,8 +325,13 @@ class Fetcher:
         answered = False
         without_progress = 0
         attempts = 0
+        mirrors = self._mirrors.get(job.upstream) if isinstance(job, Download) else None
+        tried: list[str] = []
+        base = mirrors.order()[0] if mirrors is not None else ""
         while True:
             attempts += 1
+            if isinstance(job, Download) and mirrors is not None:
+                job.url = f"{base}/{job.item.path}"
             before = job.received
             headers = job.resume_headers(job.url) if isinstance(job, Download) else {}
             answered_now = False
@@ -318,6 +341,13 @@ class Fetcher:
                 await self._take(job, response)
                 return answered
             except Exception as e:
+                if mirrors is not None and isinstance(job, Download) and attempts < MAX_ATTEMPTS:
+                    following = self._next_mirror(mirrors, job, base, e, answered_now, tried)
+                    if following is not None:
+                        base = following
+                        continue
+                    if isinstance(e, (VerificationFailed, NotFound)):
+                        raise _Failed(e, answered)
                 if not (self._resumable(job, e, answered, answered_now) and attempts < MAX_ATTEMPTS):
                     raise _Failed(e, answered)
                 without_progress = 0 if job.received > before else without_progress + 1
@@ -335,6 +365,40 @@ class Fetcher:
                 await deferLater(self._clock, delay, lambda: None)
                 if self._stopping:
                     raise _Failed(e, answered)
+                if mirrors is not None:
+                    # A new round: every mirror whose backoff has run out may be asked again.
+                    tried = []
+                    base = (mirrors.order() or [base])[0]
+
+    def _next_mirror(
+        self, mirrors: Mirrors, job: Download, base: str, error: Exception, answered_now: bool,
+        tried: list[str],
+    ) -> str | None:
+        """
+        After C{error} from the mirror at C{base}: the mirror to ask at once for the rest of
+        C{job} (marking C{base} down when the fault is the mirror's), or None when no other
+        is left this round. A body that did not verify starts over: which of its bytes were
+        wrong is not known.
+        """
+        fault = isinstance(error, (BodyBroken, BodyStalled, UpstreamServerError, VerificationFailed))
+        fault = fault or (not answered_now and not isinstance(error, ProxyError))
+        if not fault and not isinstance(error, NotFound):
+            return None
+        reason = as_proxy_error(Failure(error), job.subject).message
+        if fault:
+            mirrors.failed(base, reason)
+        tried.append(base)
+        others = mirrors.order(tried=tried)
+        if not others or self._stopping:
+            return None
+        if isinstance(error, VerificationFailed):
+            job.restart()
+        self.log.info(
+            "download of {path} of upstream {upstream} moves from {old} to {new} at byte "
+            "{received} ({reason})", path=job.item.path, upstream=job.upstream, old=base,
+            new=others[0], received=job.received, reason=reason,
+        )
+        return others[0]
 
     def _resumable(self, job: Job, error: Exception, answered: bool, answered_now: bool) -> bool:
         """
@@ -377,12 +441,18 @@ class Fetcher:
             response: IResponse = await self._client.get(job.url, headers)
         except Exception as e:
             self._metrics.upstream_answer(job.upstream, "file", None)
-            if health is not None:
+            # With mirrors, the upstream is down only once every mirror is (see _run).
+            if health is not None and job.upstream not in self._mirrors:
                 health.record_error(e, job.url)
             raise
         self._metrics.upstream_answer(job.upstream, "file", response.code)
         if health is not None:
             health.record_file_answer(response.code, job.url)
+        mirrors = self._mirrors.get(job.upstream)
+        if mirrors is not None and response.code < 500:
+            base = base_of(job.url, mirrors.urls)
+            if base is not None:
+                mirrors.answered(base)
         return response
 
     async def _take(self, job: Job, response: IResponse) -> None:
@@ -393,6 +463,8 @@ class Fetcher:
             said = f": {reason}" if reason else ""
             if response.code == 404:
                 raise NotFound(f"upstream has no {job.subject} (404{said})")
+            if response.code >= 500:
+                raise UpstreamServerError(f"upstream answered {response.code} for {job.subject}{said}")
             raise UpstreamFailed(f"upstream answered {response.code} for {job.subject}{said}")
         await job.receive(response, self._receive)
         await self._commit(job, job.verified())

@@ -197,6 +197,7 @@ class CacheService(Service):
             lambda: [job.upstream for job in self.fetcher.in_flight().values()],
             lambda: files.following,
             self.config.cache.max_size,
+            mirrors=self.core.mirrors,
         ))
         upstreams = {
             name: UpstreamResource(
@@ -225,6 +226,7 @@ class CacheService(Service):
         status = StatusSource(
             self.config, self.index, self.store, self.health, self.fetcher, self.in_use,
             self.reactor, self.workers.disk, lambda: (certificate.pem, certificate.fingerprint),
+            mirrors=self.core.mirrors,
         )
         others[STATUS_JSON_PATH] = StatusJson(status, self.config)
         others[SETUP_PATH] = SetupScript(status, self.config)

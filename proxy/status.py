@@ -30,6 +30,7 @@ from proxy.downloads import ItemFetcher
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex
 from proxy.inventory import Cache, inventory
+from proxy.mirrors import MirrorState, Mirrors
 from proxy.work import Run, heavy
 
 log = Logger()
@@ -52,6 +53,7 @@ class UpstreamState:
     @ivar forced: offline by configuration.
     @ivar catalogue_checked_at: when its catalogue was last fetched or confirmed unchanged;
         None before the first time.
+    @ivar mirrors: with C{urls = [...]}, each mirror and whether it is down; else empty.
     """
 
     name: str
@@ -62,6 +64,7 @@ class UpstreamState:
     offline_since: float | None
     reason: str
     catalogue_checked_at: float | None
+    mirrors: tuple[MirrorState, ...] = ()
 
 
 @frozen
@@ -200,8 +203,10 @@ class StatusSource:
         clock: IReactorTime,
         disk: Run,
         certificate: Callable[[], tuple[str, str]],
+        mirrors: Mapping[str, Mirrors] | None = None,
     ) -> None:
         self._config = config
+        self._mirrors = dict(mirrors or {})
         self._index = index
         self._store = store
         self._health = dict(health)
@@ -272,6 +277,7 @@ class StatusSource:
             offline_since=health.since if health is not None else None,
             reason=health.reason if health is not None else "",
             catalogue_checked_at=facts.checked_at.get(name),
+            mirrors=self._mirrors[name].states() if name in self._mirrors else (),
         )
 
     def _downloads(self) -> list[DownloadState]:

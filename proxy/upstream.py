@@ -7,7 +7,7 @@ made, so the proxy can never be turned into an open proxy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, cast
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 from hyperlink import URL
 from treq.client import HTTPClient
@@ -49,6 +49,10 @@ class NotAnUpstream(UpstreamFailed):
     Only an upstream's redirect can lead here (clients name files, never hosts), so for the
     client it is an upstream fault: 502.
     """
+
+
+class UpstreamServerError(UpstreamFailed):
+    """The upstream answered a 5xx: a fault of the server (or mirror) asked, not of the file."""
 
 
 class BodyBroken(UpstreamFailed):
@@ -236,17 +240,23 @@ class UpstreamClient:
     def for_upstreams(
         cls,
         reactor: Any,
-        upstreams: Mapping[str, tuple[str, IPolicyForHTTPS]],
+        upstreams: Mapping[str, tuple[str | Sequence[str], IPolicyForHTTPS]],
         default_policy: IPolicyForHTTPS,
         *,
         connect_timeout: float,
         header_timeout: float,
     ) -> "UpstreamClient":
         """
-        Build a client for C{upstreams}: name -> (base URL, TLS policy for that upstream).
+        Build a client for C{upstreams}: name -> (base URL, or every mirror's, TLS policy for
+        that upstream). Every mirror's origin is allowed, with its upstream's TLS policy.
         """
-        origins = [origin_of(url) for url, _ in upstreams.values()]
-        policies = {(host, port): policy for (url, policy), (_, host, port) in zip(upstreams.values(), origins)}
+        origins: list[Origin] = []
+        policies: dict[tuple[bytes, int], IPolicyForHTTPS] = {}
+        for urls, policy in upstreams.values():
+            for url in (urls,) if isinstance(urls, str) else urls:
+                origin = origin_of(url)
+                origins.append(origin)
+                policies[(origin[1], origin[2])] = policy
         pool = HTTPConnectionPool(reactor, persistent=True)
         # Twisted's pool logs "Starting factory" and "Stopping factory" at info for every
         # upstream connection; the downloads say what an admin needs of them.
@@ -289,6 +299,6 @@ class UpstreamClient:
 
 __all__ = [
     "AllowlistAgent", "BodyBroken", "BodyReceiver", "BodyStalled", "NotAnUpstream",
-    "PerOriginTLSPolicy", "UpstreamClient",
+    "PerOriginTLSPolicy", "UpstreamClient", "UpstreamServerError",
     "VerificationFailed", "as_proxy_error", "origin_of", "receive_body",
 ]

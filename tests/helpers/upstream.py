@@ -636,12 +636,14 @@ def start_https_upstream(
     ca: CA,
     names: Iterable[str] = DEFAULT_NAMES,
     resource: TreeResource | None = None,
+    port: int = 0,
 ) -> RunningUpstream:
     """Serve `root` over TLS on an ephemeral 127.0.0.1 port with a certificate from `ca`.
 
     The certificate lists `names` in order (the lxc client uses the first DNS name as the TLS
     server name). Pass `resource` to configure throttling (with the reactor as its clock) or to
-    share one resource between servers. The caller must `stop()` it.
+    share one resource between servers; `port` to listen on a given port again (a server back
+    after an outage). The caller must `stop()` it.
     """
     cert_pem, key_pem = ca.issue(list(names))
     # cryptography objects, not pyOpenSSL ones: the latter are deprecated in pyOpenSSL.
@@ -655,7 +657,7 @@ def start_https_upstream(
         resource = TreeResource(root, clock=clock)
     site = _TrackingSite(resource)
     site.displayTracebacks = False
-    listening = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+    listening = reactor.listenSSL(port, site, options, interface="127.0.0.1")
     port = listening.getHost().port  # type: ignore[attr-defined]
     return RunningUpstream(
         url=f"https://127.0.0.1:{port}",
