@@ -528,7 +528,8 @@ class BlobStore:
             if now - st.st_mtime > RESUMABLE_MAX_AGE_SECONDS or st.st_size == 0:
                 continue
             found = Resumable.read(part, entry.path)
-            if found is None or st.st_size >= found.size:
+            # A file stored meanwhile (by another path, a bundle) needs no partial any more.
+            if found is None or st.st_size >= found.size or self.exists(found.sha256):
                 continue
             if found.sha256 not in newest or newest[found.sha256][0] < st.st_mtime:
                 newest[found.sha256] = (st.st_mtime, found)

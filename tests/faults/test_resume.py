@@ -210,13 +210,21 @@ def test_start_up_keeps_only_resumable_partials(tmp_path: Path) -> None:
     old = store.new_partial()
     old.write(b"o" * 10)
     old.write_sidecar("https://up.test/g", "", "b" * 64, 100)
+    # A partial of a file stored meanwhile.
+    done = store.new_partial()
+    done.write(b"d" * 10)
+    done.write_sidecar("https://up.test/h", "", "c" * 64, 100)
+    stored = store.path_for("c" * 64)
+    os.makedirs(stored.parent().path, exist_ok=True)
+    Path(stored.path).write_bytes(b"d" * 100)
     now = Path(old.path.path).stat().st_mtime + RESUMABLE_MAX_AGE_SECONDS + 1
-    for p in (good, bare, broken, old):
-        p._close_fd()
-    # Only the good one's part is recent enough at `now`.
-    os.utime(good.path.path, (now, now))
+    for p in (good, bare, broken, old, done):
+        p.keep()
+    # Only the good one's part and the stored one's are recent enough at `now`.
+    for p in (good, done):
+        os.utime(p.path.path, (now, now))
 
-    assert store.clear_temp(keep_resumable=True, now=now) == 5
+    assert store.clear_temp(keep_resumable=True, now=now) == 7
     assert sorted(p.name for p in Path(store.temp_dir.path).iterdir()) == sorted(
         [good.path.basename(), Path(good.sidecar).name]
     )
