@@ -231,7 +231,7 @@ class CacheService(Service):
         others[STATUS_JSON_PATH] = StatusJson(status, self.config)
         others[SETUP_PATH] = SetupScript(status, self.config)
         banner = "lxd-image-proxy: a caching proxy for LXD and Incus images.\nUpstreams:\n" + "".join(
-            f"  /{u.name}/ -> {u.url}\n" for u in self.config.upstreams
+            f"  /{u.name}/ -> {', '.join(u.base_urls)}\n" for u in self.config.upstreams
         )
         metrics = self.metrics
         names = frozenset(upstreams)
