@@ -341,6 +341,16 @@ class Fetcher:
                 await self._take(job, response)
                 return answered
             except Exception as e:
+                if (isinstance(job, Download) and isinstance(e, VerificationFailed) and job.spliced
+                        and attempts < MAX_ATTEMPTS):
+                    # Pieces that do not make the file (a power cut that lost a partial's
+                    # tail, a server that ignored If-Range): once more, whole, from here.
+                    self.log.warn(
+                        "{path} from {url} did not verify after a resume ({reason}); fetching "
+                        "it whole", path=job.item.path, url=job.url, reason=str(e),
+                    )
+                    job.restart()
+                    continue
                 if mirrors is not None and isinstance(job, Download) and attempts < MAX_ATTEMPTS:
                     following = self._next_mirror(mirrors, job, base, e, answered_now, tried)
                     if following is not None:

@@ -162,6 +162,9 @@ class Download:
     fetched: int = field(default=0, init=False)
     # Set by the engine when its bytes are kept for a later download to continue.
     keep_partial: bool = field(default=False, init=False)
+    # Whether the bytes on disk came in more than one answer (or from an earlier run): if they
+    # do not verify, one whole body is asked for before the download fails.
+    spliced: bool = field(default=False, init=False)
 
     # A download of one file can continue from the bytes on disk (L{resume_headers}).
     resumable: ClassVar[bool] = True
@@ -273,12 +276,14 @@ class Download:
         self._received = self.partial.size
         self.validator = resumed.validator
         self.validator_url = resumed.url
+        self.spliced = True
         self._wake()
 
     def restart(self) -> None:
         """The upstream sends the whole body again: the bytes on disk go."""
         self.partial.truncate()
         self._received = 0
+        self.spliced = False
 
     def _range_start(self, response: IResponse) -> int:
         """Where a 206 answer's body starts: exactly the bytes on disk, to the file's end."""
@@ -312,6 +317,7 @@ class Download:
             except UpstreamFailed:
                 await discard_body(response)
                 raise
+            self.spliced = True
         if isinstance(response.length, int) and response.length != item.size - start:
             await discard_body(response)
             raise VerificationFailed(

@@ -196,6 +196,36 @@ def test_a_partial_left_by_an_earlier_run_is_resumed(tmp_path: Path, closing: Cl
     assert sent_before + second.tree.sent[BROKEN] <= ALLOWED_OVERHEAD * ROOTFS_BYTES
 
 
+def test_a_damaged_partial_is_fetched_whole_once_it_fails_to_verify(
+    tmp_path: Path, closing: Closing, logged: Logged,
+) -> None:
+    """Bytes on disk that are not the file's (a power cut): the resumed file fails to verify,
+    and one whole body is fetched before anything fails."""
+    first = TreeHarness(tmp_path, tree_files())
+    catalogue(first)
+    first.tree.stall(BROKEN, ROOTFS_BYTES // 2)
+    collect(first.receive(BROKEN))
+    first.settle()
+    [part] = [p for p in first.temp_files() if p.endswith(".part")]
+    first.close()
+    damaged = Path(first.store.temp_dir.child(part).path)
+    data = bytearray(damaged.read_bytes())
+    data[10] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    served = tmp_path / "tree" / BROKEN
+    st = served.stat()
+
+    second = closing(TreeHarness(tmp_path, tree_files()))
+    # The same file upstream (its ETag unchanged): the range is answered.
+    os.utime(served, ns=(st.st_atime_ns, st.st_mtime_ns))
+    reconcile(second.index, second.store)
+    catalogue(second)
+    assert_whole(second.run(second.receive(BROKEN)), second.files[BROKEN])
+    assert_one_verified_file(second)
+    assert [r.header("Range") for r in gets(second)] == [f"bytes={ROOTFS_BYTES // 2}-", None]
+    assert any("did not verify after a resume" in t for t in logged.texts())
+
+
 def test_start_up_keeps_only_resumable_partials(tmp_path: Path) -> None:
     """No sidecar, a broken one, or a partial older than the bound: swept; a good one kept."""
     store = BlobStore(FilePath(str(tmp_path / "cache")))
