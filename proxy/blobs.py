@@ -159,6 +159,7 @@ class PartialBlob:
         self._syncing = False
         # Set when this partial continues one left by an earlier run (see BlobStore.resume).
         self.resumed: Resumable | None = None
+        self._kept = False
 
     @property
     def sidecar(self) -> str:
@@ -171,7 +172,7 @@ class PartialBlob:
         (blocking: on the disk worker). A crash before the sidecar is durable costs the
         resume, never correctness: a partial without one is swept at start-up.
         """
-        if self.closed:
+        if self._gone():
             return
         doc = Resumable(self.path, url, validator, sha256, size).document()
         staged = self.sidecar + ".new"
@@ -182,9 +183,13 @@ class PartialBlob:
         finally:
             os.close(fd)
         os.replace(staged, self.sidecar)
-        if self._committed or self._discarded:
+        if self._gone():
             # Committed or discarded meanwhile (another thread): no sidecar may outlive it.
             _unlink_quietly(self.sidecar)
+
+    def _gone(self) -> bool:
+        """Committed, or discarded without being kept for a resume: its temp name is going."""
+        return self._committed or (self._discarded and not self._kept)
 
     def truncate(self) -> None:
         """Drop every byte written: the download starts over (the upstream sent a whole body)."""
@@ -323,6 +328,7 @@ class PartialBlob:
         """
         if self.closed:
             return
+        self._kept = True
         self._discarded = True
         self._close_fd()
 

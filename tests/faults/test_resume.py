@@ -355,3 +355,18 @@ async def test_a_download_continues_after_a_restart_on_loopback(tmp_path: Path, 
     finally:
         await site.stop()
     assert_no_traceback(logged)
+
+
+def test_a_sidecar_written_late_stays_only_with_a_kept_partial(tmp_path: Path) -> None:
+    """The sidecar is written on a worker: one that lands after the partial went is removed."""
+    store = BlobStore(FilePath(str(tmp_path / "cache")))
+    kept = store.new_partial()
+    kept.write(b"k")
+    kept.keep()
+    kept.write_sidecar("https://up.test/k", "", "a" * 64, 10)
+    assert Path(kept.sidecar).exists() and Path(kept.path.path).exists()
+    gone = store.new_partial()
+    gone.write(b"g")
+    gone.discard()
+    gone.write_sidecar("https://up.test/g", "", "b" * 64, 10)
+    assert not Path(gone.sidecar).exists() and not Path(gone.path.path).exists()
