@@ -4,10 +4,14 @@ Layout under the cache directory::
 
     blobs/sha256/<first 2 hex>/<64 hex>   complete, verified files
     tmp/<random>.part                     files still being written
+    tmp/<random>.resume                   what a download writing <random>.part is (L{Resumable})
 
 A blob only ever appears under ``blobs/`` by an atomic link (or rename) of a fully
 written, hashed and fsynced temp file, so a crash leaves either nothing or a
-complete blob there; whatever is left in ``tmp/`` is garbage swept at start-up.
+complete blob there. What is left in ``tmp/`` is swept at start-up, except a partial download
+with a valid sidecar younger than L{RESUMABLE_MAX_AGE_SECONDS}: it is kept (L{BlobStore.resumable})
+so that the next download of the same file continues from its bytes (their sha256 is computed
+again from the disk first, and the whole file is verified as any other before it is stored).
 Temp files live under the same root as the blobs so that the link never
 crosses a filesystem.
 """
@@ -16,12 +20,15 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
+from attrs import frozen
 from twisted.python.filepath import FilePath
 
 from proxy.work import Run
@@ -30,6 +37,8 @@ __all__ = [
     "BlobStore",
     "DigestMismatch",
     "PartialBlob",
+    "RESUMABLE_MAX_AGE_SECONDS",
+    "Resumable",
     "check_sha256",
     "is_sha256",
 ]
@@ -37,6 +46,12 @@ __all__ = [
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _SHARD_HEX = re.compile(r"[0-9a-f]{2}")
 TEMP_SUFFIX = ".part"
+# The sidecar of a partial download that may be resumed after a restart.
+RESUME_SUFFIX = ".resume"
+# A kept partial download older than this (since its last write) is swept at start-up: its
+# upstream has long moved on, and the space is better given back.
+RESUMABLE_MAX_AGE_SECONDS = 7 * 24 * 3600.0
+_READ_CHUNK_BYTES = 1024 * 1024
 # How much a partial with a writeback may hold unsynced: the fsync at commit, which the last
 # byte of a download waits for, then takes a fraction of a second, not seconds.
 WRITEBACK_BYTES = 32 * 1024 * 1024
@@ -66,6 +81,44 @@ class DigestMismatch(Exception):
         self.expected = expected
         self.actual = actual
         self.size = size
+
+
+@frozen
+class Resumable:
+    """
+    A partial download that may be continued: its temp file, and what its sidecar says.
+
+    @ivar url: the URL its bytes came from (a validator is only ever sent back to it).
+    @ivar validator: the ETag, else the Last-Modified, of the answer that started it; C{""}.
+    @ivar sha256: the catalogue's sha256 of the whole file.
+    @ivar size: the catalogue's size of the whole file.
+    """
+
+    path: FilePath[str]
+    url: str
+    validator: str
+    sha256: str
+    size: int
+
+    def document(self) -> bytes:
+        return json.dumps({
+            "url": self.url, "validator": self.validator, "sha256": self.sha256,
+            "size": self.size,
+        }, sort_keys=True).encode()
+
+    @classmethod
+    def read(cls, part: FilePath[str], sidecar: str) -> "Resumable | None":
+        """The sidecar at C{sidecar} of C{part}, or None when it is not a valid one."""
+        try:
+            with open(sidecar, "rb") as f:
+                doc = json.loads(f.read(64 * 1024))
+            url, validator, sha256, size = doc["url"], doc["validator"], doc["sha256"], doc["size"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not (isinstance(url, str) and isinstance(validator, str) and is_sha256(sha256)
+                and isinstance(size, int) and not isinstance(size, bool) and size > 0):
+            return None
+        return cls(part, url, validator, sha256, size)
 
 
 def _fsync_dir(path: str) -> None:
@@ -104,6 +157,65 @@ class PartialBlob:
         self.writeback: Run | None = None
         self._unsynced = 0
         self._syncing = False
+        # Set when this partial continues one left by an earlier run (see BlobStore.resume).
+        self.resumed: Resumable | None = None
+        self._kept = False
+
+    @property
+    def sidecar(self) -> str:
+        """Where L{write_sidecar} puts what this download is, for a resume after a restart."""
+        return self.path.path.removesuffix(TEMP_SUFFIX) + RESUME_SUFFIX
+
+    def write_sidecar(self, url: str, validator: str, sha256: str, size: int) -> None:
+        """
+        Say durably what this partial download is, so that a restart may continue it
+        (blocking: on the disk worker). A crash before the sidecar is durable costs the
+        resume, never correctness: a partial without one is swept at start-up.
+        """
+        if self._gone():
+            return
+        doc = Resumable(self.path, url, validator, sha256, size).document()
+        staged = self.sidecar + ".new"
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            os.write(fd, doc)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(staged, self.sidecar)
+        if self._gone():
+            # Committed or discarded meanwhile (another thread): no sidecar may outlive it.
+            _unlink_quietly(self.sidecar)
+
+    def _gone(self) -> bool:
+        """Committed, or discarded without being kept for a resume: its temp name is going."""
+        return self._committed or (self._discarded and not self._kept)
+
+    def truncate(self) -> None:
+        """Drop every byte written: the download starts over (the upstream sent a whole body)."""
+        fd = self._require_open()
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        self._hash = hashlib.sha256()
+        self.size = 0
+        self._unsynced = 0
+
+    def rehash(self) -> int:
+        """
+        Compute the sha256 and size of the bytes already in the file (a partial left by an
+        earlier run) and write after them from now on; blocking, for the disk worker.
+        """
+        fd = self._require_open()
+        digest = hashlib.sha256()
+        size = 0
+        with open(self.path.path, "rb") as f:
+            while chunk := f.read(_READ_CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+        os.lseek(fd, size, os.SEEK_SET)
+        self._hash = digest
+        self.size = size
+        return size
 
     @property
     def closed(self) -> bool:
@@ -209,6 +321,17 @@ class PartialBlob:
         self._close_fd()
         self._unlink_temp()
 
+    def keep(self) -> None:
+        """
+        Stop writing but keep the temp file and its sidecar, for a later download to continue
+        (L{BlobStore.resumable}); the start-up sweep removes it if nobody does.
+        """
+        if self.closed:
+            return
+        self._kept = True
+        self._discarded = True
+        self._close_fd()
+
     def _require_open(self) -> int:
         if self._fd is None or self.closed:
             raise ValueError(f"partial blob {self.path.path} is closed")
@@ -220,10 +343,15 @@ class PartialBlob:
             os.close(fd)
 
     def _unlink_temp(self) -> None:
-        try:
-            os.unlink(self.path.path)
-        except FileNotFoundError:
-            pass
+        _unlink_quietly(self.sidecar)
+        _unlink_quietly(self.path.path)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _sync_and_close(fd: int) -> None:
@@ -275,6 +403,25 @@ class BlobStore:
         self.temp_dir = root.child("tmp")
         _ensure_dir(self.blobs_dir.path)
         _ensure_dir(self.temp_dir.path)
+        # Partial downloads kept by the start-up sweep, by the sha256 of their file; each is
+        # taken once (L{resume}).
+        self.resumable: dict[str, Resumable] = {}
+
+    def resume(self, sha256: str) -> PartialBlob | None:
+        """
+        The partial download of C{sha256} the start-up sweep kept, opened for writing after
+        its bytes once L{PartialBlob.rehash} has counted them; None when there is none.
+        """
+        found = self.resumable.pop(sha256, None)
+        if found is None:
+            return None
+        try:
+            fd = os.open(found.path.path, os.O_WRONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        partial = PartialBlob(self, found.path, fd)
+        partial.resumed = found
+        return partial
 
     def new_partial(self) -> PartialBlob:
         """Open a new, empty, uniquely named temp file."""
@@ -340,8 +487,12 @@ class BlobStore:
                 if is_sha256(name) and name[:2] == shard.name and entry.is_file(follow_symlinks=False):
                     yield name
 
-    def clear_temp(self) -> int:
+    def clear_temp(self, *, keep_resumable: bool = False, now: float | None = None) -> int:
         """Delete every file in C{tmp/}; return how many.
+
+        With C{keep_resumable}, a partial download with a valid sidecar whose last write is
+        younger than L{RESUMABLE_MAX_AGE_SECONDS} is kept with its sidecar, in L{resumable}
+        (the newest one of a file, should there be several).
 
         Only for start-up: it also deletes the files of partials still being
         written by this process.
@@ -352,8 +503,11 @@ class BlobStore:
         except FileNotFoundError:
             _ensure_dir(self.temp_dir.path)
             return 0
+        kept: set[str] = set()
+        if keep_resumable:
+            kept = self._find_resumable(entries, time.time() if now is None else now)
         for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
+            if entry.is_dir(follow_symlinks=False) or entry.name in kept:
                 continue
             try:
                 os.unlink(entry.path)
@@ -361,3 +515,43 @@ class BlobStore:
                 continue
             removed += 1
         return removed
+
+    def _find_resumable(self, entries: list[os.DirEntry[str]], now: float) -> set[str]:
+        """Fill L{resumable} from the sidecars among C{entries}; the names to keep."""
+        names = {e.name for e in entries}
+        newest: dict[str, tuple[float, Resumable]] = {}
+        for entry in entries:
+            if not entry.name.endswith(RESUME_SUFFIX):
+                continue
+            part_name = entry.name.removesuffix(RESUME_SUFFIX) + TEMP_SUFFIX
+            if part_name not in names:
+                continue
+            part = self.temp_dir.child(part_name)
+            try:
+                st = os.stat(part.path)
+            except OSError:
+                continue
+            if now - st.st_mtime > RESUMABLE_MAX_AGE_SECONDS or st.st_size == 0:
+                continue
+            found = Resumable.read(part, entry.path)
+            # A file stored meanwhile (by another path, a bundle) needs no partial any more.
+            if found is None or st.st_size >= found.size or self.exists(found.sha256):
+                continue
+            if found.sha256 not in newest or newest[found.sha256][0] < st.st_mtime:
+                newest[found.sha256] = (st.st_mtime, found)
+        self.resumable = {sha256: found for sha256, (_, found) in newest.items()}
+        kept: set[str] = set()
+        for found in self.resumable.values():
+            kept.add(found.path.basename())
+            kept.add(found.path.basename().removesuffix(TEMP_SUFFIX) + RESUME_SUFFIX)
+        return kept
+
+    def resumable_bytes(self) -> int:
+        """The bytes of the kept partial downloads not taken yet."""
+        total = 0
+        for found in self.resumable.values():
+            try:
+                total += os.stat(found.path.path).st_size
+            except OSError:
+                continue
+        return total

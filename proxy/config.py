@@ -191,7 +191,10 @@ class UpstreamConfig:
     One upstream image server, served under C{/NAME/}.
 
     @ivar name: the path prefix, C{[a-z0-9][a-z0-9._-]*}, never C{1.0}.
-    @ivar url: base URL without a trailing slash; every stream path is relative to it.
+    @ivar url: base URL without a trailing slash; every stream path is relative to it. With
+        mirrors, the first of C{urls}.
+    @ivar urls: every mirror's base URL, in the order they are tried (C{urls = [...]}), or
+        C{()} when the upstream has the one C{url}; L{base_urls} gives both alike.
     @ivar ca_file: PEM file with extra trust roots for this upstream, or C{""} for the
         system trust store only.
     @ivar allow_insecure: whether C{url} may be C{http://}; meant for tests with loopback
@@ -211,6 +214,12 @@ class UpstreamConfig:
     offline: bool = False
     protocol: str = SIMPLESTREAMS
     proxy: ProxySetting = None
+    urls: tuple[str, ...] = ()
+
+    @property
+    def base_urls(self) -> tuple[str, ...]:
+        """Every base URL of the upstream: its mirrors in order, or its one C{url}."""
+        return self.urls or (self.url,)
 
 
 @frozen
@@ -925,7 +934,7 @@ def _max_size(table: Mapping[str, Any], default: int | None) -> int | None:
 # -- [upstreams.NAME] ----------------------------------------------------------------------
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
-_UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline", "protocol", "proxy"}
+_UPSTREAM_KEYS = {"url", "urls", "ca_file", "allow_insecure", "offline", "protocol", "proxy"}
 # Paths at the root that are not upstreams: the LXD image API, the URL-import face, the
 # health checks (and /metrics, kept free so that the HTTPS port may serve it one day), the status
 # page's JSON and the client set-up script.
@@ -952,10 +961,19 @@ def _parse_upstreams(table: Mapping[str, Any], base_dir: str) -> tuple[UpstreamC
 def _parse_upstream(name: str, table: Mapping[str, Any], base_dir: str) -> UpstreamConfig:
     prefix = f"upstreams.{name}"
     _check_keys(table, prefix, _UPSTREAM_KEYS)
-    if "url" not in table:
+    if "url" not in table and "urls" not in table:
         raise ConfigError(f"{prefix}.url: missing; every upstream needs a base URL")
+    if "url" in table and "urls" in table:
+        raise ConfigError(
+            f"{prefix}: url and urls both given; use url for one base URL, urls for mirrors"
+        )
     allow_insecure = _bool(table, "allow_insecure", prefix, False)
-    url = _upstream_url(_string(table, "url", prefix), f"{prefix}.url", allow_insecure)
+    urls: tuple[str, ...] = ()
+    if "urls" in table:
+        urls = _mirror_urls(_string_list(table, "urls", prefix) or [], f"{prefix}.urls", allow_insecure)
+        url = urls[0]
+    else:
+        url = _upstream_url(_string(table, "url", prefix), f"{prefix}.url", allow_insecure)
     ca_file = _resolve(base_dir, _string(table, "ca_file", prefix))
     if ca_file:
         read_pem_certificates(ca_file, f"{prefix}.ca_file")
@@ -965,10 +983,28 @@ def _parse_upstream(name: str, table: Mapping[str, Any], base_dir: str) -> Upstr
         raise ConfigError(
             f"{prefix}.protocol: expected one of {', '.join(PROTOCOLS)}, got {_show(protocol)}"
         )
+    if len(urls) > 1 and protocol == LXD:
+        raise ConfigError(
+            f"{prefix}.urls: mirrors are for simplestreams upstreams; an LXD server upstream "
+            f"has one url"
+        )
     return UpstreamConfig(
         name=name, url=url, ca_file=ca_file, allow_insecure=allow_insecure, offline=offline,
-        protocol=protocol, proxy=_proxy(table, "proxy", prefix),
+        protocol=protocol, proxy=_proxy(table, "proxy", prefix), urls=urls,
     )
+
+
+def _mirror_urls(values: list[str], key: str, allow_insecure: bool) -> tuple[str, ...]:
+    """The base URLs of C{urls = [...]}: at least one, each valid, none twice."""
+    if not values:
+        raise ConfigError(f"{key}: expected at least one base URL")
+    urls: list[str] = []
+    for value in values:
+        url = _upstream_url(value, key, allow_insecure)
+        if url in urls:
+            raise ConfigError(f"{key}: {_show(value)} is listed twice")
+        urls.append(url)
+    return tuple(urls)
 
 
 def _parse_lxd_api(table: Mapping[str, Any], upstreams: tuple[UpstreamConfig, ...]) -> LxdApiConfig:

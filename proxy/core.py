@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from attrs import define
+from attrs import define, field
 from twisted.internet.defer import Deferred
 
 from proxy.agents import ClientAgents
@@ -32,6 +32,7 @@ from proxy.lxd_remote import LxdRemote
 from proxy.metadata import SimplestreamsMetadata, UpstreamMetadata
 from proxy.metrics import NO_METRICS, Metrics
 from proxy.outbound import proxy_routes
+from proxy.mirrors import Mirrors
 from proxy.prefetch import PinnedPartsLearner, Prefetcher
 from proxy.tls import upstream_tls_policy
 from proxy.upstream import UpstreamClient, origin_of
@@ -68,6 +69,8 @@ class CacheCore:
     remotes: dict[str, LxdRemote]
     prefetcher: Prefetcher
     metrics: Metrics
+    # The upstreams with several base URLs (C{urls = [...]}).
+    mirrors: dict[str, Mirrors] = field(factory=dict)
 
     def busy(self) -> set[str]:
         """Files that may not be evicted now: being served or being downloaded."""
@@ -107,10 +110,13 @@ def build_core(
     @raise ConfigError: the environment names a proxy that is not an http:// URL, or
         upstreams on one host and port would use different proxies.
     """
-    policies = {u.name: (u.url, upstream_tls_policy(u.ca_file or None)) for u in config.upstreams}
+    # Every mirror of an upstream is one of its origins, with the upstream's TLS policy.
+    policies = {
+        u.name: (u.base_urls, upstream_tls_policy(u.ca_file or None)) for u in config.upstreams
+    }
     # Per origin: an upstream with several URLs gives one entry per URL.
     proxies = proxy_routes(
-        ((u.name, u.url, origin_of(u.url), u.proxy) for u in config.upstreams),
+        ((u.name, url, origin_of(url), u.proxy) for u in config.upstreams for url in u.base_urls),
         config.server.upstream_proxy, os.environ if environ is None else environ,
     )
     client = UpstreamClient.for_upstreams(
@@ -123,6 +129,9 @@ def build_core(
     } if watch_health else {}
     disk = workers.disk
     in_use = InUse()
+    mirrors = {
+        u.name: Mirrors(u.name, u.base_urls, reactor) for u in config.upstreams if len(u.base_urls) > 1
+    }
 
     def busy() -> set[str]:
         return in_use.current() | fetcher.busy()
@@ -136,7 +145,7 @@ def build_core(
         client, store, index, reactor, config.upstreams, config.cache.download_idle_timeout,
         make_room=lifecycle.make_room_later, room_to_receive=lifecycle.room_to_receive_later,
         health=health, disk=disk, settled=in_use.settled,
-        writeback=workers.writeback, metrics=metrics,
+        writeback=workers.writeback, metrics=metrics, mirrors=mirrors,
     )
     agents = ClientAgents()
     metadata: dict[str, SimplestreamsMetadata] = {}
@@ -160,7 +169,7 @@ def build_core(
                     ttl=config.cache.metadata_ttl,
                     idle_timeout=config.cache.download_idle_timeout,
                     health=health.get(u.name), family=family, agents=agents, disk=disk,
-                    metrics=metrics,
+                    metrics=metrics, mirrors=mirrors.get(u.name),
                 )
                 for family in FAMILIES
             }
@@ -175,6 +184,7 @@ def build_core(
         config=config, reactor=reactor, index=index, store=store, client=client, health=health,
         in_use=in_use, lifecycle=lifecycle, fetcher=fetcher, agents=agents, metadata=metadata,
         families=families, remotes=remotes, prefetcher=prefetcher, metrics=metrics,
+        mirrors=mirrors,
     )
 
 

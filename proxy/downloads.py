@@ -10,6 +10,9 @@ what it must turn out to be. The rest is done here, once, for both:
   - one verdict on the upstream's health per answer (a failure before the answer is the
     upstream's, one after it the file's, see L{proxy.health}), and one count of the bytes
     fetched;
+  - one retry rule: a download of one file whose body breaks off (reset, early close, a stall
+    past the idle timeout) continues from the bytes on disk with C{Range} and C{If-Range}
+    (L{Fetcher._transfer}), as long as its attempts make progress; its followers see a pause;
   - one commit path: verified bytes, then room, then the fsync and link on the disk worker,
     then the index records, then the followers told; a file is in the index only once its bytes
     and its directory entry are durable;
@@ -24,12 +27,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Awaitable, Callable, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.task import deferLater
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
-from proxy.blobs import BlobStore, PartialBlob
+from proxy.blobs import BlobStore, PartialBlob, Resumable
 from proxy.catalogue import Item
 from proxy.config import LXD, UpstreamConfig
 from proxy.errors import (
@@ -45,10 +49,27 @@ from proxy.index import CacheIndex, FileRecord
 from proxy.lxd_fetch import ExportDownload, ItemDownload, listed_file
 from proxy.lxd_remote import RemoteImage
 from proxy.metrics import NO_METRICS, Metrics
-from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
+from proxy.mirrors import Mirrors, base_of
+from proxy.upstream import (
+    BodyBroken,
+    BodyReceiver,
+    BodyStalled,
+    UpstreamClient,
+    UpstreamServerError,
+    as_proxy_error,
+)
 from proxy.work import Run, inline
 
 J = TypeVar("J", Download, ExportDownload)
+
+# A download that breaks off is resumed this many times in a row without a byte of progress
+# before it fails; any progress starts the count again.
+RESUME_ATTEMPTS = 5
+# The wait before the Nth attempt in a row without progress: short, since its followers wait
+# (an attempt that made progress is retried at once).
+RESUME_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0)
+# However much progress each makes, a download is given up after this many attempts.
+MAX_ATTEMPTS = 100
 
 
 class Fetcher:
@@ -79,8 +100,11 @@ class Fetcher:
         settled: Callable[[Iterable[str]], Awaitable[None]] | None = None,
         writeback: Run | None = None,
         metrics: Metrics = NO_METRICS,
+        mirrors: Mapping[str, Mirrors] | None = None,
     ) -> None:
         self._client = client
+        # The upstreams with several base URLs: a download moves to the next when one fails.
+        self._mirrors = dict(mirrors or {})
         self._metrics = metrics
         # Where a download's bytes are synced while they arrive (see PartialBlob.writeback).
         self._writeback = writeback if writeback is not None else disk
@@ -99,6 +123,18 @@ class Fetcher:
         # By kind as well as key: a unified image's fingerprint is the sha256 of its one file,
         # which a simplestreams upstream may list too; each kind has its own followers.
         self._inflight: dict[tuple[type[Job], str], Job] = {}
+        # The bodies being received, so that stop() can end them.
+        self._receivers: set[BodyReceiver] = set()
+        self._stopping = False
+
+    def stop(self) -> None:
+        """
+        The service stops: end every transfer; a download of one file keeps its bytes and
+        sidecar, so that the next run continues it. Nothing starts after this.
+        """
+        self._stopping = True
+        for receiver in list(self._receivers):
+            receiver.abort(UpstreamFailed("the proxy is stopping"))
 
     def in_flight(self) -> dict[str, Job]:
         """The downloads running, by the sha256 of a file or the fingerprint of an image."""
@@ -136,7 +172,10 @@ class Fetcher:
             return ItemDownload(export, item, role)
         return self._start(
             Download, upstream, item.sha256, item.path, background,
-            lambda: Download(upstream, f"{config.url}/{item.path}", item, self._new_partial()),
+            lambda: Download(
+                upstream, f"{config.url}/{item.path}", item, self._partial_for(item.sha256),
+                persist=self._persist,
+            ),
         )
 
     def get_image(
@@ -169,6 +208,37 @@ class Fetcher:
         partial = self._store.new_partial()
         partial.writeback = self._writeback
         return partial
+
+    def _partial_for(self, sha256: str) -> PartialBlob:
+        """The partial left for C{sha256} by an earlier run (see L{BlobStore.resume}), or a new one."""
+        partial = self._store.resume(sha256)
+        if partial is None:
+            return self._new_partial()
+        partial.writeback = self._writeback
+        return partial
+
+    def _persist(self, download: Download) -> None:
+        """Write the sidecar of C{download}'s partial, on the disk worker, not waited for."""
+        item = download.item
+        self._disk(
+            download.partial.write_sidecar, download.url, download.validator, item.sha256, item.size,
+        ).addErrback(
+            lambda f: self.log.warn(
+                "cannot record {url} for a resume after a restart: {reason}",
+                url=download.url, reason=f.getErrorMessage(),
+            )
+        )
+
+    async def _take_over(self, download: Download) -> None:
+        """Count the bytes of a partial an earlier run left (on the disk worker) before asking."""
+        partial = download.partial
+        if partial.resumed is None:
+            return
+        size = await self._disk(partial.rehash)
+        download.took_over()
+        self.log.info(
+            "resuming {url} from the {size} bytes an earlier run left", url=download.url, size=size,
+        )
 
     def _start(
         self, kind: type[J], upstream: str, key: str, subject: str, background: bool,
@@ -211,10 +281,13 @@ class Fetcher:
                         f"no room on the cache's file system to receive {job.subject} "
                         f"({job.size} bytes), even after evicting what may go"
                     )
-            response = await self._ask(job)
-            answered = True
-            await self._take(job, response)
-        except Exception as e:
+            if isinstance(job, Download):
+                await self._take_over(job)
+            answered = await self._transfer(job)
+        except Exception as caught:
+            e = caught
+            if isinstance(caught, _Failed):
+                e, answered = caught.error, caught.answered
             error = as_proxy_error(Failure(e), job.transfer_subject)
             # Before an answer, a connection, TLS or timeout failure is the upstream's (its
             # health has it); anything after, or a refused redirect, is this file's alone.
@@ -223,39 +296,185 @@ class Fetcher:
             self.log.warn(
                 "download of {url} failed, nothing cached: {reason}", url=job.url, reason=error.message,
             )
+            mirrors = self._mirrors.get(job.upstream)
+            health = self._health.get(job.upstream)
+            if mirrors is not None and health is not None:
+                if mirrors.all_down():
+                    health.record_failure(f"every mirror failed, the last: {error.message}", True)
+                else:
+                    health.end_probe(f"the download of {job.subject} failed")
             if not job.finished:
+                if isinstance(job, Download) and self._keep_for_later(job, e):
+                    job.keep_partial = True
                 job.fail(Failure(error))
             self._metrics.download_failed(job.upstream, isinstance(e, VerificationFailed))
         else:
             self._file_failures.succeeded((kind, job.key))
         finally:
             self._inflight.pop((kind, job.key), None)
-            self._index.note_fetched(job.received)
-            self._metrics.upstream_received(job.upstream, "file", job.received)
+            fetched = job.fetched if isinstance(job, Download) else job.received
+            self._index.note_fetched(fetched)
+            self._metrics.upstream_received(job.upstream, "file", fetched)
 
-    async def _ask(self, job: Job) -> IResponse:
+    async def _transfer(self, job: Job) -> bool:
+        """
+        Ask for C{job} and take its body, again from the bytes on disk each time a resumable
+        body breaks off (L{RESUME_ATTEMPTS}, L{RESUME_BACKOFF_SECONDS}); returns whether any
+        attempt was answered, or raises L{_Failed} with the last attempt's error.
+        """
+        answered = False
+        without_progress = 0
+        attempts = 0
+        mirrors = self._mirrors.get(job.upstream) if isinstance(job, Download) else None
+        tried: list[str] = []
+        base = mirrors.order()[0] if mirrors is not None else ""
+        while True:
+            attempts += 1
+            if isinstance(job, Download) and mirrors is not None:
+                job.url = f"{base}/{job.item.path}"
+            before = job.received
+            headers = job.resume_headers(job.url) if isinstance(job, Download) else {}
+            answered_now = False
+            try:
+                response = await self._ask(job, headers)
+                answered = answered_now = True
+                await self._take(job, response)
+                return answered
+            except Exception as e:
+                if (isinstance(job, Download) and isinstance(e, VerificationFailed) and job.spliced
+                        and attempts < MAX_ATTEMPTS):
+                    # Pieces that do not make the file (a power cut that lost a partial's
+                    # tail, a server that ignored If-Range): once more, whole, from here.
+                    self.log.warn(
+                        "{path} from {url} did not verify after a resume ({reason}); fetching "
+                        "it whole", path=job.item.path, url=job.url, reason=str(e),
+                    )
+                    job.restart()
+                    continue
+                if mirrors is not None and isinstance(job, Download) and attempts < MAX_ATTEMPTS:
+                    following = self._next_mirror(mirrors, job, base, e, answered_now, tried)
+                    if following is not None:
+                        base = following
+                        continue
+                    if isinstance(e, (VerificationFailed, NotFound)):
+                        raise _Failed(e, answered)
+                if not (self._resumable(job, e, answered, answered_now) and attempts < MAX_ATTEMPTS):
+                    raise _Failed(e, answered)
+                without_progress = 0 if job.received > before else without_progress + 1
+                if without_progress >= RESUME_ATTEMPTS:
+                    raise _Failed(e, answered)
+                delay = 0.0 if without_progress == 0 else RESUME_BACKOFF_SECONDS[
+                    min(without_progress, len(RESUME_BACKOFF_SECONDS)) - 1
+                ]
+                self.log.info(
+                    "download of {url} broke off at {received} of {size} bytes ({reason}); "
+                    "resuming in {delay:g} s", url=job.url, received=job.received,
+                    size=job.size, reason=as_proxy_error(Failure(e), job.subject).message,
+                    delay=delay,
+                )
+                await deferLater(self._clock, delay, lambda: None)
+                if self._stopping:
+                    raise _Failed(e, answered)
+                if mirrors is not None:
+                    # A new round: every mirror whose backoff has run out may be asked again.
+                    tried = []
+                    base = (mirrors.order() or [base])[0]
+
+    def _next_mirror(
+        self, mirrors: Mirrors, job: Download, base: str, error: Exception, answered_now: bool,
+        tried: list[str],
+    ) -> str | None:
+        """
+        After C{error} from the mirror at C{base}: the mirror to ask at once for the rest of
+        C{job} (marking C{base} down when the fault is the mirror's), or None when no other
+        is left this round. A body that did not verify starts over: which of its bytes were
+        wrong is not known.
+        """
+        fault = isinstance(error, (BodyBroken, BodyStalled, UpstreamServerError, VerificationFailed))
+        fault = fault or (not answered_now and not isinstance(error, ProxyError))
+        if not fault and not isinstance(error, NotFound):
+            return None
+        reason = as_proxy_error(Failure(error), job.subject).message
+        if fault:
+            mirrors.failed(base, reason)
+        tried.append(base)
+        others = mirrors.order(tried=tried)
+        if not others or self._stopping:
+            return None
+        if isinstance(error, VerificationFailed):
+            job.restart()
+        self.log.info(
+            "download of {path} of upstream {upstream} moves from {old} to {new} at byte "
+            "{received} ({reason})", path=job.item.path, upstream=job.upstream, old=base,
+            new=others[0], received=job.received, reason=reason,
+        )
+        return others[0]
+
+    def _resumable(self, job: Job, error: Exception, answered: bool, answered_now: bool) -> bool:
+        """
+        Whether C{job} may go on after C{error}: a body of one file that broke off or stalled,
+        or, once its upstream has answered, a failure to reach it again (it may be back soon).
+        """
+        if not getattr(job, "resumable", False) or self._stopping:
+            return False
+        if isinstance(error, (BodyBroken, BodyStalled)):
+            return True
+        return answered and not answered_now and not isinstance(error, ProxyError)
+
+    def _keep_for_later(self, job: Download, error: Exception) -> bool:
+        """
+        Whether the bytes of C{job}, failing with C{error}, are kept for the next download of
+        the file to continue (L{BlobStore.resumable}): bytes of the right file cut short.
+        """
+        if job.received == 0 or isinstance(error, (VerificationFailed, InsufficientStorage)):
+            return False
+        if not (self._stopping or isinstance(error, (BodyBroken, BodyStalled))
+                or not isinstance(error, ProxyError)):
+            return False
+        item = job.item
+        self._store.resumable[item.sha256] = Resumable(
+            job.partial.path, job.validator_url, job.validator, item.sha256, item.size,
+        )
+        return True
+
+    async def _ask(self, job: Job, headers: Mapping[bytes, bytes] | None = None) -> IResponse:
         """Send the request for C{job}; whether the upstream answered is its health's to know."""
         health = self._health.get(job.upstream)
-        self.log.info("fetching {url} ({size} bytes)", url=job.url, size=job.size)
+        if headers:
+            self.log.info(
+                "asking {url} for bytes {start} to {size}", url=job.url, start=job.received,
+                size=job.size,
+            )
+        else:
+            self.log.info("fetching {url} ({size} bytes)", url=job.url, size=job.size)
         try:
-            response: IResponse = await self._client.get(job.url)
+            response: IResponse = await self._client.get(job.url, headers)
         except Exception as e:
             self._metrics.upstream_answer(job.upstream, "file", None)
-            if health is not None:
+            # With mirrors, the upstream is down only once every mirror is (see _run).
+            if health is not None and job.upstream not in self._mirrors:
                 health.record_error(e, job.url)
             raise
         self._metrics.upstream_answer(job.upstream, "file", response.code)
         if health is not None:
             health.record_file_answer(response.code, job.url)
+        mirrors = self._mirrors.get(job.upstream)
+        if mirrors is not None and response.code < 500:
+            base = base_of(job.url, mirrors.urls)
+            if base is not None:
+                mirrors.answered(base)
         return response
 
     async def _take(self, job: Job, response: IResponse) -> None:
         """Receive the body of C{job}'s answer and commit it, or fail with the reason."""
-        if response.code != 200:
+        expected = (200, 206) if getattr(job, "resumable", False) else (200,)
+        if response.code not in expected:
             reason = await job.error_text(response, self._receive)
             said = f": {reason}" if reason else ""
             if response.code == 404:
                 raise NotFound(f"upstream has no {job.subject} (404{said})")
+            if response.code >= 500:
+                raise UpstreamServerError(f"upstream answered {response.code} for {job.subject}{said}")
             raise UpstreamFailed(f"upstream answered {response.code} for {job.subject}{said}")
         await job.receive(response, self._receive)
         await self._commit(job, job.verified())
@@ -263,9 +482,16 @@ class Fetcher:
     def _receive(
         self, response: IResponse, sink: Callable[[bytes], None], limit: int,
     ) -> "Deferred[int]":
-        return receive_body(
-            response, sink, limit=limit, clock=self._clock, idle_timeout=self._idle_timeout
-        )
+        finished: Deferred[int] = Deferred()
+        receiver = BodyReceiver(sink, limit, self._clock, self._idle_timeout, finished)
+        self._receivers.add(receiver)
+
+        def done(result: object) -> object:
+            self._receivers.discard(receiver)
+            return result
+
+        response.deliverBody(receiver)
+        return finished.addBoth(done)
 
     async def _commit(self, job: Job, verified: Verified) -> None:
         index = self._index
@@ -318,6 +544,15 @@ class Fetcher:
 
     def _temp_left(self, failure: Failure, path: str) -> None:
         self.log.failure("removing the temp name of {path}", failure, path=path)
+
+
+class _Failed(Exception):
+    """A transfer that failed for good: its last error, and whether any attempt was answered."""
+
+    def __init__(self, error: Exception, answered: bool) -> None:
+        super().__init__(error)
+        self.error = error
+        self.answered = answered
 
 
 class ItemFetcher(Protocol):

@@ -14,7 +14,7 @@ to be differ by kind, and nothing else does.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, ClassVar, Protocol
 
 from attrs import define, field, frozen
 from treq import collect
@@ -25,7 +25,7 @@ from twisted.web.iweb import IResponse
 
 from proxy.blobs import PartialBlob
 from proxy.catalogue import Item
-from proxy.errors import VerificationFailed
+from proxy.errors import UpstreamFailed, VerificationFailed
 from proxy.index import ImageParts
 from proxy.observers import Observers
 
@@ -152,6 +152,22 @@ class Download:
     _start_observers: Observers[None] = field(factory=Observers, init=False)
     _waiters: Observers[None] = field(factory=Observers, init=False)
     _received: int = field(default=0, init=False)
+    # Told the validator of each whole body that starts (to write the sidecar, off the reactor).
+    persist: Callable[["Download"], object] | None = field(default=None, kw_only=True)
+    # The ETag (else Last-Modified) of the answer whose bytes are on disk, and the URL it
+    # came from: If-Range is only ever sent back to that URL.
+    validator: str = field(default="", init=False)
+    validator_url: str = field(default="", init=False)
+    # Body bytes received over every attempt, those dropped by a restart included.
+    fetched: int = field(default=0, init=False)
+    # Set by the engine when its bytes are kept for a later download to continue.
+    keep_partial: bool = field(default=False, init=False)
+    # Whether the bytes on disk came in more than one answer (or from an earlier run): if they
+    # do not verify, one whole body is asked for before the download fails.
+    spliced: bool = field(default=False, init=False)
+
+    # A download of one file can continue from the bytes on disk (L{resume_headers}).
+    resumable: ClassVar[bool] = True
 
     def __attrs_post_init__(self) -> None:
         self.size = self.item.size
@@ -225,7 +241,61 @@ class Download:
         self.partial.write(chunk)
         self.partial.flush()
         self._received += len(chunk)
+        self.fetched += len(chunk)
         self._wake()
+
+    # -- resuming ---------------------------------------------------------------------------
+
+    def resume_headers(self, url: str) -> dict[bytes, bytes]:
+        """
+        The headers that ask C{url} for the bytes not on disk yet: none while there are none.
+
+        C{If-Range} carries the validator only to the URL it came from (another mirror's
+        ETag means nothing here); without it a changed file would be spliced, which the final
+        sha256 check refuses, so the catalogue still guards every byte.
+        """
+        if self._received == 0:
+            return {}
+        headers = {b"Range": b"bytes=%d-" % self._received}
+        if self.validator and url == self.validator_url:
+            headers[b"If-Range"] = self.validator.encode("latin-1")
+        return headers
+
+    def took_over(self) -> None:
+        """
+        The partial left by an earlier run (L{PartialBlob.resumed}) has been rehashed: its
+        bytes count as received, its validator as this download's.
+        """
+        resumed = self.partial.resumed
+        if resumed is None:
+            return
+        if self.partial.size >= self.size:
+            # Complete or longer, yet never committed: cheaper to fetch again than to guess.
+            self.partial.truncate()
+            return
+        self._received = self.partial.size
+        self.validator = resumed.validator
+        self.validator_url = resumed.url
+        self.spliced = True
+        self._wake()
+
+    def restart(self) -> None:
+        """The upstream sends the whole body again: the bytes on disk go."""
+        self.partial.truncate()
+        self._received = 0
+        self.spliced = False
+
+    def _range_start(self, response: IResponse) -> int:
+        """Where a 206 answer's body starts: exactly the bytes on disk, to the file's end."""
+        values = response.headers.getRawHeaders(b"Content-Range") or []
+        expected = b"bytes %d-%d/%d" % (self._received, self.size - 1, self.size)
+        if len(values) != 1 or values[0].strip() != expected:
+            shown = values[0].decode("latin-1", "replace") if values else "none"
+            raise UpstreamFailed(
+                f"upstream answered a range of {self.item.path} with Content-Range {shown}, "
+                f"not {expected.decode()}"
+            )
+        return self._received
 
     @property
     def received(self) -> int:
@@ -240,13 +310,31 @@ class Download:
 
     async def receive(self, response: IResponse, receive: Receive) -> None:
         item = self.item
-        if isinstance(response.length, int) and response.length != item.size:
+        start = 0
+        if response.code == 206:
+            try:
+                start = self._range_start(response)
+            except UpstreamFailed:
+                await discard_body(response)
+                raise
+            self.spliced = True
+        if isinstance(response.length, int) and response.length != item.size - start:
             await discard_body(response)
             raise VerificationFailed(
-                f"upstream announced {response.length} bytes for {item.path}, catalogue says {item.size}"
+                f"upstream announced {response.length} bytes for {item.path} from byte {start}, "
+                f"catalogue says {item.size} in all"
             )
+        if response.code != 206:
+            # A whole body: the range was ignored or the file changed (If-Range did not
+            # match); it replaces whatever is on disk and its validator is the one kept.
+            if self._received:
+                self.restart()
+            self.validator = _validator(response)
+            self.validator_url = self.url
+            if self.persist is not None:
+                self.persist(self)
         self.start_streaming()
-        await receive(response, self.data, item.size)
+        await receive(response, self.data, item.size - start)
 
     def verified(self) -> Verified:
         item = self.item
@@ -275,11 +363,23 @@ class Download:
         self._observers.fire(path)
 
     def fail(self, failure: Failure) -> None:
-        self.partial.discard()
+        if self.keep_partial:
+            self.partial.keep()
+        else:
+            self.partial.discard()
         self.failure = failure
         self._wake()
         self._observers.fire(failure)
         self._start_observers.fire(failure)
+
+
+def _validator(response: IResponse) -> str:
+    """The strong ETag of C{response}, else its Last-Modified, else C{""} (RFC 9110 13.1.5)."""
+    for name in (b"ETag", b"Last-Modified"):
+        values = response.headers.getRawHeaders(name) or []
+        if values and not values[0].startswith(b"W/"):
+            return values[0].decode("latin-1")
+    return ""
 
 
 async def discard_body(response: IResponse) -> None:

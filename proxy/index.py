@@ -1084,11 +1084,12 @@ class CacheIndex:
 def reconcile(index: CacheIndex, store: BlobStore) -> ReconcileReport:
     """Make the index and the blob store agree; run at start-up, before serving.
 
-    Deletes every temp file; drops every record (file or metadata) whose blob
+    Deletes every temp file but the partial downloads that may be resumed
+    (L{BlobStore.clear_temp}); drops every record (file or metadata) whose blob
     is missing or, for file records, has the wrong size; then deletes every
     blob no remaining record references.
     """
-    temp_removed = store.clear_temp()
+    temp_removed = store.clear_temp(keep_resumable=True)
 
     # Digests as bytes: half the memory of hex strings for a large cache.
     referenced: set[bytes] = set()

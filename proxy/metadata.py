@@ -40,8 +40,16 @@ from proxy.errors import NotFound, ProxyError, UpstreamFailed
 from proxy.index import CacheIndex, MetadataRecord
 from proxy.metadata_store import MetadataStore
 from proxy.metrics import NO_METRICS, Metrics
+from proxy.mirrors import Mirrors
 from proxy.observers import Observers
-from proxy.upstream import UpstreamClient, as_proxy_error, receive_body
+from proxy.upstream import (
+    BodyBroken,
+    BodyStalled,
+    UpstreamClient,
+    UpstreamServerError,
+    as_proxy_error,
+    receive_body,
+)
 from proxy.work import Run, free_in_steps, heavy, inline, kept
 
 INDEX_PATH = "streams/v1/index.json"
@@ -168,10 +176,13 @@ class UpstreamFiles:
         family: Family = "lxd",
         agents: ClientAgents | None = None,
         metrics: Metrics = NO_METRICS,
+        mirrors: Mirrors | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url
         self._metrics = metrics
+        # Several base URLs: each refresh asks the first healthy one, then the next.
+        self._mirrors = mirrors
         self.family: Family = family
         # The LXD family's files are kept under the plain paths (as before families were told
         # apart), any other's under "@FAMILY/".
@@ -284,13 +295,17 @@ class UpstreamFiles:
         if observers is not None:
             observers.fire(result)
 
-    def url(self, path: str) -> str:
-        return f"{self.base_url}/{path}"
+    def url(self, path: str, base: str | None = None) -> str:
+        if base is None:
+            base = self._mirrors.current() if self._mirrors is not None else self.base_url
+        return f"{base}/{path}"
 
     async def _refresh(self, path: str, stale: MetadataRecord | None) -> MetadataRecord:
         health = self.health
         if health is not None:
             health.check()
+        if self._mirrors is not None:
+            return await self._refresh_from_mirrors(self._mirrors, path, stale)
         try:
             record = await self._fetch(path, stale)
         except Exception as e:
@@ -299,7 +314,39 @@ class UpstreamFiles:
             raise
         return record
 
-    async def _fetch(self, path: str, stale: MetadataRecord | None) -> MetadataRecord:
+    async def _refresh_from_mirrors(
+        self, mirrors: Mirrors, path: str, stale: MetadataRecord | None,
+    ) -> MetadataRecord:
+        """
+        Ask the mirrors in their order until one gives C{path}; one that cannot be reached,
+        answers a 5xx, breaks off or sends a catalogue that is not one is marked down. The
+        upstream is told of a failure only when every mirror failed.
+        """
+        tried: list[str] = []
+        while True:
+            base = (mirrors.order(tried=tried) or [""])[0]
+            if not base:
+                raise AssertionError("no mirror to ask")  # pragma: no cover: order() has one
+            try:
+                return await self._fetch(path, stale, base)
+            except Exception as e:
+                answered = isinstance(e, ProxyError) and not isinstance(
+                    e, (UpstreamServerError, BodyBroken, BodyStalled, _Unusable)
+                )
+                if answered:
+                    raise
+                reason = as_proxy_error(Failure(e), f"{self.name}: {path}").message
+                mirrors.failed(base, reason)
+                tried.append(base)
+                if mirrors.order(tried=tried):
+                    continue
+                if self.health is not None:
+                    self.health.record_failure(f"every mirror failed, the last: {reason}", True)
+                raise
+
+    async def _fetch(
+        self, path: str, stale: MetadataRecord | None, base: str | None = None,
+    ) -> MetadataRecord:
         headers: dict[bytes, bytes] = {}
         if stale is not None:
             if stale.etag:
@@ -308,14 +355,18 @@ class UpstreamFiles:
                 headers[b"If-Modified-Since"] = stale.last_modified.encode("latin-1")
         if self._agents is not None:
             headers[b"User-Agent"] = self._agents.for_family(self.family)
+        url = self.url(path, base)
         try:
-            response = await self._client.get(self.url(path), headers)
+            response = await self._client.get(url, headers)
         except Exception:
             self._metrics.upstream_answer(self.name, "metadata", None)
             raise
         self._metrics.upstream_answer(self.name, "metadata", response.code)
-        if self.health is not None:
-            self.health.record_answer(response.code, self.url(path))
+        if self.health is not None and (base is None or response.code < 500):
+            # With mirrors, a 5xx is that mirror's (the caller moves on to the next).
+            self.health.record_answer(response.code, url)
+        if base is not None and self._mirrors is not None and response.code < 500:
+            self._mirrors.answered(base)
         now = self._clock.seconds()
         if response.code == 304 and stale is not None:
             await receive_body(response, lambda _: None, limit=MAX_METADATA_BYTES,
@@ -331,6 +382,8 @@ class UpstreamFiles:
                                clock=self._clock, idle_timeout=self._idle_timeout)
             if response.code == 404:
                 raise NotFound(f"{self.name}: upstream has no {path} (404)")
+            if response.code >= 500:
+                raise UpstreamServerError(f"{self.name}: upstream answered {response.code} for {path}")
             raise UpstreamFailed(f"{self.name}: upstream answered {response.code} for {path}")
         partial = self._store.new_partial()
         try:
@@ -346,11 +399,15 @@ class UpstreamFiles:
                 fetched_at=now, checked_at=now, check=heavy(lambda body: self._validate(path, body)),
             )
         except CatalogueError as e:
-            raise UpstreamFailed(f"{self.name}: {path} from upstream is not usable: {e}")
+            raise _Unusable(f"{self.name}: {path} from upstream is not usable: {e}")
         self._remember(path, record.sha256, parsed)
         self._metrics.upstream_received(self.name, "metadata", partial.size)
-        self.log.info("fetched {url} ({size} bytes)", url=self.url(path), size=partial.size)
+        self.log.info("fetched {url} ({size} bytes)", url=url, size=partial.size)
         return record
+
+
+class _Unusable(UpstreamFailed):
+    """A metadata file that is not what its path must be (another mirror may have a good one)."""
 
 
 class SimplestreamsMetadata(Protocol):
@@ -422,6 +479,7 @@ class UpstreamMetadata:
         files: MetadataFiles | None = None,
         products: Sequence[str] | None = None,
         metrics: Metrics = NO_METRICS,
+        mirrors: Mirrors | None = None,
     ) -> None:
         self.name = name
         self.base_url = base_url
@@ -438,7 +496,7 @@ class UpstreamMetadata:
         self._files: MetadataFiles = files if files is not None else UpstreamFiles(
             name, base_url, client, self._bodies, clock, ttl=ttl, idle_timeout=idle_timeout,
             validate=self._validate, remember=self._remember, health=health, family=family,
-            agents=agents, metrics=metrics,
+            agents=agents, metrics=metrics, mirrors=mirrors,
         )
         self._products = None if products is None else list(products)
         # Each catalogue file parsed once per copy: the index's products paths; each products

@@ -15,7 +15,7 @@ C{enabled=False}, and every method returns at once.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -249,6 +249,12 @@ class IndexTotals(Protocol):
     def catalogue_checked_at(self, upstream: str, path: str) -> float | None: ...
 
 
+class MirrorStates(Protocol):
+    """The mirrors of one upstream (L{proxy.mirrors.Mirrors}), as the gauges read them."""
+
+    def states(self) -> Iterable[Any]: ...
+
+
 class StateCollector(Collector):
     """
     The gauges of the proxy's state, read when Prometheus scrapes: the cache's size, files and
@@ -270,7 +276,9 @@ class StateCollector(Collector):
         in_flight: Callable[[], Iterable[str]],
         following: Callable[[], Mapping[str, int]],
         max_size: int | None,
+        mirrors: Mapping[str, MirrorStates] | None = None,
     ) -> None:
+        self._mirrors = dict(mirrors or {})
         self._clock = clock
         self._index = index
         self._health = health
@@ -355,6 +363,16 @@ class StateCollector(Collector):
         yield up
         yield forced
         yield success
+        if self._mirrors:
+            mirror_up = GaugeMetricFamily(
+                f"{PREFIX}_upstream_mirror_up",
+                "1 while the mirror (upstreams.NAME.urls) is up, 0 while it is marked down.",
+                labels=["upstream", "url"],
+            )
+            for name, mirrors in self._mirrors.items():
+                for state in mirrors.states():
+                    mirror_up.add_metric([name, state.url], 0 if state.down else 1)
+            yield mirror_up
         age = GaugeMetricFamily(
             f"{PREFIX}_metadata_age_seconds",
             "Seconds since the upstream's catalogue was last fetched or revalidated; absent "

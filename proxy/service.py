@@ -140,6 +140,11 @@ class CacheService(Service):
             temp=report.temp_removed, orphans=report.orphan_blobs_removed,
             dangling=report.dangling_records_removed,
         )
+        if self.store.resumable:
+            log.info(
+                "keeping {count} partial downloads ({size} bytes) for their next request to "
+                "continue", count=len(self.store.resumable), size=self.store.resumable_bytes(),
+            )
         super().startService()
 
     def flush_usage(self) -> "Deferred[object]":
@@ -150,6 +155,8 @@ class CacheService(Service):
 
     def stopService(self) -> "Deferred[None]":
         super().stopService()
+        # Downloads in flight end now, keeping their bytes for the next run to continue.
+        self.fetcher.stop()
         # An expiry or eviction under way waits for the reactor thread now and then: it ends
         # before the pools are joined (on this thread), or the join would wait for it forever.
         d = self.lifecycle.idle().addTimeout(CLOSE_TIMEOUT_SECONDS, self.reactor)
@@ -190,6 +197,7 @@ class CacheService(Service):
             lambda: [job.upstream for job in self.fetcher.in_flight().values()],
             lambda: files.following,
             self.config.cache.max_size,
+            mirrors=self.core.mirrors,
         ))
         upstreams = {
             name: UpstreamResource(
@@ -219,11 +227,12 @@ class CacheService(Service):
             self.config, self.index, self.store, self.health, self.fetcher, self.in_use,
             self.reactor, self.workers.disk, lambda: (certificate.pem, certificate.fingerprint),
             via=lambda url: str(self.client.outbound_proxy(url) or ""),
+            mirrors=self.core.mirrors,
         )
         others[STATUS_JSON_PATH] = StatusJson(status, self.config)
         others[SETUP_PATH] = SetupScript(status, self.config)
         banner = "lxd-image-proxy: a caching proxy for LXD and Incus images.\nUpstreams:\n" + "".join(
-            f"  /{u.name}/ -> {u.url}\n" for u in self.config.upstreams
+            f"  /{u.name}/ -> {', '.join(u.base_urls)}\n" for u in self.config.upstreams
         )
         metrics = self.metrics
         names = frozenset(upstreams)

@@ -30,6 +30,7 @@ from proxy.downloads import ItemFetcher
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex
 from proxy.inventory import Cache, inventory
+from proxy.mirrors import MirrorState, Mirrors
 from proxy.work import Run, heavy
 
 log = Logger()
@@ -54,6 +55,7 @@ class UpstreamState:
         None before the first time.
     @ivar via: the outbound proxy it is reached through (C{http://HOST:PORT}, never the
         credentials); C{""}: directly.
+    @ivar mirrors: with C{urls = [...]}, each mirror and whether it is down; else empty.
     """
 
     name: str
@@ -65,6 +67,7 @@ class UpstreamState:
     reason: str
     catalogue_checked_at: float | None
     via: str = ""
+    mirrors: tuple[MirrorState, ...] = ()
 
 
 @frozen
@@ -204,8 +207,10 @@ class StatusSource:
         disk: Run,
         certificate: Callable[[], tuple[str, str]],
         via: Callable[[str], str] = lambda url: "",
+        mirrors: Mapping[str, Mirrors] | None = None,
     ) -> None:
         self._config = config
+        self._mirrors = dict(mirrors or {})
         self._index = index
         self._store = store
         self._health = dict(health)
@@ -277,6 +282,7 @@ class StatusSource:
             offline_since=health.since if health is not None else None,
             reason=health.reason if health is not None else "",
             catalogue_checked_at=facts.checked_at.get(name), via=self._via(url),
+            mirrors=self._mirrors[name].states() if name in self._mirrors else (),
         )
 
     def _downloads(self) -> list[DownloadState]:

@@ -175,6 +175,13 @@ def _upstream_row(u: UpstreamState, now: float) -> str:
     else:
         state = '<span class="ok">online</span>'
     via = f" via {escape(u.via)}" if u.via else ""
+    if u.mirrors:
+        down = [m for m in u.mirrors if m.down]
+        state += f"; {len(u.mirrors) - len(down)} of {len(u.mirrors)} mirrors up" + "".join(
+            f'<br><span class="bad">down</span> {escape(m.url)}'
+            + (f" ({escape(m.reason)})" if m.reason else "")
+            for m in down
+        )
     return (
         f'<tr data-upstream="{escape(u.name)}"><td>{escape(u.name)}</td><td>{escape(u.url)}{via}</td>'
         f"<td>{escape(u.protocol)}</td><td>{state}</td>"

@@ -7,7 +7,7 @@ made, so the proxy can never be turned into an open proxy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, cast
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 from hyperlink import URL
 from treq.client import HTTPClient
@@ -50,6 +50,18 @@ class NotAnUpstream(UpstreamFailed):
     Only an upstream's redirect can lead here (clients name files, never hosts), so for the
     client it is an upstream fault: 502.
     """
+
+
+class UpstreamServerError(UpstreamFailed):
+    """The upstream answered a 5xx: a fault of the server (or mirror) asked, not of the file."""
+
+
+class BodyBroken(UpstreamFailed):
+    """An upstream body that ended (reset, closed) before its end: worth resuming."""
+
+
+class BodyStalled(UpstreamTimeout):
+    """An upstream body that sent nothing for the idle timeout: worth resuming."""
 
 
 def as_proxy_error(failure: Failure, what: str) -> ProxyError:
@@ -143,7 +155,12 @@ class BodyReceiver(Protocol):
 
     def _idle(self) -> None:
         self._timer = None
-        self._abort(UpstreamTimeout(f"upstream sent nothing for {self._idle_timeout:g} seconds"))
+        self._abort(BodyStalled(f"upstream sent nothing for {self._idle_timeout:g} seconds"))
+
+    def abort(self, error: ProxyError) -> None:
+        """Stop receiving: drop the connection; the body fails with C{error}."""
+        if self._error is None:
+            self._abort(error)
 
     def _abort(self, error: ProxyError) -> None:
         self._error = error
@@ -175,7 +192,7 @@ class BodyReceiver(Protocol):
         elif reason.check(ResponseDone):
             self._finished.callback(self._received)
         else:
-            self._finished.errback(Failure(UpstreamFailed(
+            self._finished.errback(Failure(BodyBroken(
                 f"upstream body ended after {self._received} bytes: {reason.getErrorMessage()}"
             )))
 
@@ -226,7 +243,7 @@ class UpstreamClient:
     def for_upstreams(
         cls,
         reactor: Any,
-        upstreams: Mapping[str, tuple[str, IPolicyForHTTPS]],
+        upstreams: Mapping[str, tuple[str | Sequence[str], IPolicyForHTTPS]],
         default_policy: IPolicyForHTTPS,
         *,
         connect_timeout: float,
@@ -234,14 +251,20 @@ class UpstreamClient:
         proxies: Mapping[Origin, OutboundProxy | None] | None = None,
     ) -> "UpstreamClient":
         """
-        Build a client for C{upstreams}: name -> (base URL, TLS policy for that upstream).
+        Build a client for C{upstreams}: name -> (base URL, or every mirror's, TLS policy for
+        that upstream). Every mirror's origin is allowed, with its upstream's TLS policy.
 
         @param proxies: the outbound proxy of each origin (L{proxy.outbound.proxy_for});
             an origin not in it is reached directly.
         """
-        origins = [origin_of(url) for url, _ in upstreams.values()]
+        origins: list[Origin] = []
+        policies: dict[tuple[bytes, int], IPolicyForHTTPS] = {}
+        for urls, policy in upstreams.values():
+            for url in (urls,) if isinstance(urls, str) else urls:
+                origin = origin_of(url)
+                origins.append(origin)
+                policies[(origin[1], origin[2])] = policy
         routes = {origin: (proxies or {}).get(origin) for origin in origins}
-        policies = {(host, port): policy for (url, policy), (_, host, port) in zip(upstreams.values(), origins)}
         pool = HTTPConnectionPool(reactor, persistent=True)
         # Twisted's pool logs "Starting factory" and "Stopping factory" at info for every
         # upstream connection; the downloads say what an admin needs of them.
@@ -293,6 +316,7 @@ class UpstreamClient:
 
 
 __all__ = [
-    "AllowlistAgent", "BodyReceiver", "NotAnUpstream", "PerOriginTLSPolicy", "UpstreamClient",
+    "AllowlistAgent", "BodyBroken", "BodyReceiver", "BodyStalled", "NotAnUpstream",
+    "PerOriginTLSPolicy", "UpstreamClient", "UpstreamServerError",
     "VerificationFailed", "as_proxy_error", "origin_of", "receive_body",
 ]

@@ -602,6 +602,42 @@ def test_only_one_trailing_slash_is_stripped(tmp_path: Path) -> None:
     assert config.upstreams[0].url == "https://mirror.test/x"
 
 
+def test_mirrors(tmp_path: Path) -> None:
+    config = load_config(write(
+        tmp_path, '[upstreams.a]\nurls = ["https://one.test/x/", "https://two.test:8443/y"]\n'
+    ))
+    assert config.upstreams == (UpstreamConfig(
+        name="a", url="https://one.test/x", urls=("https://one.test/x", "https://two.test:8443/y"),
+    ),)
+    assert config.upstreams[0].base_urls == ("https://one.test/x", "https://two.test:8443/y")
+    # One url is a list of one.
+    assert load_config(write(tmp_path, '[upstreams.a]\nurl = "https://one.test"\n')).upstreams[
+        0
+    ].base_urls == ("https://one.test",)
+
+
+@pytest.mark.parametrize(
+    "text, sentence",
+    [
+        ('[upstreams.a]\nurl = "https://a.test"\nurls = ["https://b.test"]\n',
+         "upstreams.a: url and urls both given; use url for one base URL, urls for mirrors"),
+        ('[upstreams.a]\nurls = []\n', "upstreams.a.urls: expected at least one base URL"),
+        ('[upstreams.a]\nurls = "https://a.test"\n',
+         'upstreams.a.urls: expected a list of strings, got "https://a.test"'),
+        ('[upstreams.a]\nurls = ["https://a.test", "https://a.test/"]\n',
+         'upstreams.a.urls: "https://a.test/" is listed twice'),
+        ('[upstreams.a]\nurls = ["https://a.test", "ftp://b.test"]\n',
+         'upstreams.a.urls: expected an https:// URL, got "ftp://b.test"'),
+        ('[upstreams.a]\nurls = ["https://a.test", "https://b.test"]\nprotocol = "lxd"\n',
+         "upstreams.a.urls: mirrors are for simplestreams upstreams; an LXD server upstream has one url"),
+    ],
+)
+def test_bad_mirrors(tmp_path: Path, text: str, sentence: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert str(caught.value) == sentence
+
+
 @pytest.mark.parametrize(
     "text, sentence",
     [
@@ -615,7 +651,7 @@ def test_only_one_trailing_slash_is_stripped(tmp_path: Path) -> None:
         ("[upstreams]\na = 1\n", "upstreams.a: expected a table, got 1"),
         ("[upstreams.a]\n", "upstreams.a.url: missing; every upstream needs a base URL"),
         ('[upstreams.a]\nurl = "https://a.test"\nmirror = 1\n',
-         "upstreams.a.mirror: unknown key; expected one of allow_insecure, ca_file, offline, protocol, proxy, url"),
+         "upstreams.a.mirror: unknown key; expected one of allow_insecure, ca_file, offline, protocol, proxy, url, urls"),
         ('[upstreams.a]\nurl = "http://a.test"\n',
          'upstreams.a.url: upstreams must use https://, got "http://a.test" '
          "(allow_insecure = true permits http:// for tests)"),

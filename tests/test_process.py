@@ -173,11 +173,17 @@ async def test_sigkill_during_downloads_then_restart(
             if log.count("start-up check removed") == 2:
                 break
             await deferLater(reactor, 0.1, lambda: None)
-        assert "start-up check removed 1 temp files" in log, log
-        assert list((tmp_path / "state" / "tmp").iterdir()) == []
+        # The partial download and its sidecar are kept; the next request continues it.
+        assert "start-up check removed 0 temp files" in log, log
+        assert "keeping 1 partial downloads" in log, log
+        kept = sorted(p.suffix for p in (tmp_path / "state" / "tmp").iterdir())
+        assert kept == [".part", ".resume"]
         response = await client.get(f"https://localhost:{port}/cache/{image.root.path}")
         assert response.code == 200
         assert hashlib.sha256(await treq.content(response)).hexdigest() == image.root.sha256
+        asked = [r for r in upstream.resource.requests if r.path == image.root.path]
+        assert [r.header("Range") is not None for r in asked] == [False, True]
+        assert list((tmp_path / "state" / "tmp").iterdir()) == []
         # The file completed before the crash is still a hit.
         assert upstream.resource.count(image.meta.path) == 1
         response = await client.get(f"https://localhost:{port}/cache/{image.meta.path}")

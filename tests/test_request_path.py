@@ -25,12 +25,13 @@ from twisted.web.client import Agent
 from twisted.web.server import NOT_DONE_YET
 
 from proxy.config import UpstreamConfig
-from proxy.downloads import Fetcher
+from proxy.downloads import RESUME_ATTEMPTS, RESUME_BACKOFF_SECONDS, Fetcher
 from proxy.metadata import RETRY_AFTER_FAILURE_SECONDS, STALE_WAIT_SECONDS, UpstreamMetadata
 from proxy.files import CacheFiles
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.upstream import AllowlistAgent, origin_of
 from tests.helpers.harness import CacheHarness, Closing
+from tests.helpers.wired import hang_up as hang_up_at_once
 from tests.helpers.logs import Logged
 from tests.helpers.scripted import (
     BASE_URL,
@@ -309,6 +310,7 @@ def test_corrupt_upstream_file_is_never_committed(h: Harness, logged: Logged) ->
 
 
 def test_short_body_aborts_every_client(h: Harness) -> None:
+    """A body that breaks off and cannot be resumed (every new attempt breaks too) fails them all."""
     h.upstream.held_paths.add(ROOTFS_PATH)
     h.fetch("streams/v1/images.json")
     ds = [h.get(ROOTFS_PATH) for _ in range(3)]
@@ -318,12 +320,22 @@ def test_short_body_aborts_every_client(h: Harness) -> None:
     h.settle()
     responses = [h.run(d) for d in ds]
     bodies = [treq.content(r) for r in responses]
+    h.upstream.held_paths.discard(ROOTFS_PATH)
+    h.upstream.override[ROOTFS_PATH] = hang_up_at_once
     held.break_connection()
-    h.settle()
+    for _ in range(RESUME_ATTEMPTS * 2):
+        h.clock.advance(max(RESUME_BACKOFF_SECONDS))
+        h.settle()
     for d in bodies:
         with pytest.raises(Exception):
             h.run(d)
     assert not h.store.exists(sha(h.files[ROOTFS_PATH]))
+    # The 5000 bytes are kept for the next download of the file to continue from.
+    [kept] = h.store.resumable.values()
+    assert kept.path.getsize() == 5000
+    del h.upstream.override[ROOTFS_PATH]
+    code, body, _ = h.fetch(ROOTFS_PATH)
+    assert (code, body) == (200, h.files[ROOTFS_PATH])
     assert list(FilePath(h.store.root.path).child("tmp").children()) == []
 
 
@@ -336,8 +348,11 @@ def test_stalled_upstream_times_out(h: Harness) -> None:
     h.settle()
     response = h.run(d)
     body = treq.content(response)
-    h.clock.advance(IDLE + 1)
-    h.settle()
+    # Each attempt to resume stalls as well (the upstream holds every answer): given up after
+    # RESUME_ATTEMPTS of them.
+    for _ in range(RESUME_ATTEMPTS * 4):
+        h.clock.advance(IDLE / 2 + 1)
+        h.settle()
     with pytest.raises(Exception):
         h.run(body)
     assert h.fetcher.in_flight() == {}

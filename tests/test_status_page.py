@@ -35,6 +35,7 @@ from proxy.status import (
     Usage,
     status_json,
 )
+from proxy.mirrors import MirrorState
 from proxy.status_page import age_text, client_address, render_html, size_text
 from tests.helpers.logs import Logged
 from tests.helpers.served import REQUEST_TIMEOUT_SECONDS, Served, served
@@ -268,6 +269,24 @@ def test_rendering_escapes_every_value_and_reads_without_script() -> None:
     ):
         assert expected in text, expected
     assert "| sh -s -- images" in text
+
+
+def test_rendering_shows_the_mirrors_and_which_are_down() -> None:
+    now = 1_700_000_000.0
+    mirrored = UpstreamState(
+        "images", "https://a.example", "simplestreams", True, False, None, "", now - 90,
+        mirrors=(
+            MirrorState("https://a.example", True, "connection refused <x>", now - 20, now + 5),
+            MirrorState("https://b.example", False),
+        ),
+    )
+    page = render_html(_status(upstreams=(mirrored,)))
+    text = " ".join(
+        re.sub(r"<script>.*?</script>|<style>.*?</style>|<[^>]+>", " ", page, flags=re.S).split()
+    )
+    assert "1 of 2 mirrors up" in text
+    assert "down https://a.example (connection refused &lt;x&gt;)" in text
+    assert "https://b.example" not in text
 
 
 def test_rendering_says_what_is_not_known_yet() -> None:

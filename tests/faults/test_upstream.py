@@ -32,6 +32,7 @@ from attrs import frozen
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
 
+from proxy.downloads import RESUME_ATTEMPTS, RESUME_BACKOFF_SECONDS
 from proxy.health import DEFAULT_BASE_BACKOFF_SECONDS
 from tests.helpers.faces import SPLIT_OS, V3, FaceHarness
 from tests.helpers.harness import Closing, collect, outcome
@@ -84,13 +85,25 @@ class Fault:
     completes: bool = False
 
 
+# A body that breaks off is resumed from the bytes on disk (every response of these faults
+# breaks after its first 100 000 bytes, so the second completes the 160 kB file); one that
+# breaks before any byte fails after RESUME_ATTEMPTS attempts and their backoff.
+GIVE_UP_SECONDS = sum(RESUME_BACKOFF_SECONDS) + 1
+
 FAULTS: dict[str, Fault] = {
-    "reset before the body": Fault(lambda tree, path: tree.reset(path, 0)),
-    "reset mid-body": Fault(lambda tree, path: tree.reset(path, 100_000)),
+    "reset before the body": Fault(lambda tree, path: tree.reset(path, 0), seconds=GIVE_UP_SECONDS),
+    "reset mid-body": Fault(lambda tree, path: tree.reset(path, 100_000), completes=True),
     "wrong bytes, right length": Fault(lambda tree, path: tree.corrupt(path)),
-    "short body, clean close": Fault(lambda tree, path: tree.truncate(path, 100_000)),
-    "stall after the headers": Fault(lambda tree, path: tree.stall(path, 0), seconds=IDLE + 5),
-    "stall after 100 000 bytes": Fault(lambda tree, path: tree.stall(path, 100_000), seconds=IDLE + 5),
+    "short body, clean close": Fault(
+        lambda tree, path: tree.truncate(path, 100_000), completes=True,
+    ),
+    "stall after the headers": Fault(
+        lambda tree, path: tree.stall(path, 0), seconds=RESUME_ATTEMPTS * IDLE + GIVE_UP_SECONDS + 20,
+        step=5.0,
+    ),
+    "stall after 100 000 bytes": Fault(
+        lambda tree, path: tree.stall(path, 100_000), seconds=IDLE + 5, completes=True,
+    ),
     "headers never sent": Fault(lambda tree, path: tree.silence(path), seconds=IDLE + 10),
     "500 for the path": Fault(lambda tree, path: tree.status(path, 500)),
     "503 for the path": Fault(lambda tree, path: tree.status(path, 503)),
@@ -219,8 +232,11 @@ class LoopbackFault:
 
 
 LOOPBACK_FAULTS: dict[str, LoopbackFault] = {
-    "reset mid-body": LoopbackFault(lambda tree, path: tree.reset(path, 100_000)),
-    "stall after 100 000 bytes": LoopbackFault(lambda tree, path: tree.stall(path, 100_000)),
+    # Resumed from the bytes on disk: the second response completes the file.
+    "reset mid-body": LoopbackFault(lambda tree, path: tree.reset(path, 100_000), completes=True),
+    "stall after 100 000 bytes": LoopbackFault(
+        lambda tree, path: tree.stall(path, 100_000), completes=True,
+    ),
     # Marks the upstream offline; the next request probes it at once.
     "headers never sent": LoopbackFault(lambda tree, path: tree.silence(path)),
     "100 KiB/s": LoopbackFault(lambda tree, path: tree.rate(path, 100 * KiB), completes=True),

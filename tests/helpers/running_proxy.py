@@ -61,6 +61,9 @@ async def start_proxy(
         ca_file = state_dir.parent / f"{state_dir.name}-{name}-ca.pem"
         ca_file.write_bytes(ca_pem)
         tables[name] = {"url": url, "ca_file": str(ca_file), **(upstream_options or {}).get(name, {})}
+        if "urls" in tables[name]:
+            # Mirrors replace the one base URL.
+            del tables[name]["url"]
     document: dict[str, Any] = {
         "server": {"listen": ["127.0.0.1:0"], "tls_names": ["localhost"], **(server or {})},
         "cache": {"dir": str(state_dir), **(cache or {})},

@@ -25,6 +25,12 @@ GET requests only.
 
 `throttle=Throttle(chunk_size, delay)` sends every body in small chunks `delay` seconds apart on
 the given clock (a `Clock` in memory, the reactor on loopback).
+
+Ranges: a GET with `Range: bytes=N-` gets a 206 with `Content-Range: bytes N-(size-1)/size`,
+unless its `If-Range` is neither the file's ETag nor its Last-Modified (a 200, the whole file),
+or `ignore_ranges` is set (a 200 always). `change_validator(path)` gives a file another ETag
+and Last-Modified (as if it had been replaced). `sent[path]` counts the body bytes written for
+each path, over every request; the body faults count from the start of each response's body.
 """
 
 from __future__ import annotations
@@ -151,6 +157,11 @@ class TreeResource(Resource):
         self.active: set[_BodyProducer] = set()
         # Requests that `silence` left unanswered, so that `clear` can hang up on them.
         self.silenced: dict[str, list[Request]] = {}
+        # Body bytes written per path, over every request.
+        self.sent: dict[str, int] = {}
+        self.ignore_ranges = False
+        # path -> how many times its validators were changed
+        self._changed: dict[str, int] = {}
 
     # -- fault injection ------------------------------------------------------------------------
 
@@ -234,6 +245,10 @@ class TreeResource(Resource):
             for request in list(self.silenced.pop(p, [])):
                 _transport_of(request).abortConnection()
 
+    def change_validator(self, path: str) -> None:
+        """Give `path` another ETag and Last-Modified, as if the file had been replaced."""
+        self._changed[path] = self._changed.get(path, 0) + 1
+
     # -- inspection -----------------------------------------------------------------------------
 
     def count(self, path: str, method: str = "GET") -> int:
@@ -297,19 +312,26 @@ class TreeResource(Resource):
         request.setHeader(b"content-type", content_type)
         # The inode is part of the ETag: the tree rewrites JSON by rename, so a rewrite of the
         # same size within one mtime tick still changes it.
-        etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}"'.encode()
+        changed = self._changed.get(path, 0)
+        etag = f'"{st.st_size:x}-{st.st_mtime_ns:x}-{st.st_ino:x}-{changed}"'.encode()
+        mtime = st.st_mtime + changed * 3600
         # As RFC 9110 says (13.1.3): with If-None-Match, If-Modified-Since is ignored. Its
         # one-second resolution would otherwise hide a rewrite within the same second.
         if request.getHeader(b"if-none-match") is not None:
             cached = request.setETag(etag)
-            request.setHeader(b"last-modified", http.datetimeToString(int(st.st_mtime)))
+            request.setHeader(b"last-modified", http.datetimeToString(int(mtime)))
         else:
             request.setETag(etag)
-            cached = request.setLastModified(st.st_mtime)
+            cached = request.setLastModified(mtime)
         if cached is http.CACHED:
             f.close()
             return b""
-        request.setHeader(b"content-length", b"%d" % st.st_size)
+        start = self._range_start(request, etag, http.datetimeToString(int(mtime)), st.st_size)
+        if start:
+            request.setResponseCode(http.PARTIAL_CONTENT)
+            request.setHeader(b"content-range", b"bytes %d-%d/%d" % (start, st.st_size - 1, st.st_size))
+            f.seek(start)
+        request.setHeader(b"content-length", b"%d" % (st.st_size - start))
         if method == "HEAD":
             f.close()
             return b""
@@ -329,7 +351,7 @@ class TreeResource(Resource):
             request=request,
             path=path,
             file=f,
-            length=st.st_size,
+            length=st.st_size - start,
             stop_at=fault.count if fault is not None and kind in ("truncate", "reset") else None,
             reset=kind == "reset",
             corrupt=kind == "corrupt",
@@ -338,6 +360,20 @@ class TreeResource(Resource):
         )
         producer.start()
         return NOT_DONE_YET
+
+    def _range_start(self, request: Request, etag: bytes, last_modified: bytes, size: int) -> int:
+        """Where the body starts: a satisfiable `bytes=N-` whose If-Range (if any) matches, else 0."""
+        wanted = request.getHeader(b"range")
+        if wanted is None or self.ignore_ranges or request.method != b"GET":
+            return 0
+        condition = request.getHeader(b"if-range")
+        if condition is not None and condition not in (etag, last_modified):
+            return 0
+        spec = wanted.removeprefix(b"bytes=")
+        if spec == wanted or not spec.endswith(b"-") or not spec[:-1].isdigit():
+            return 0
+        start = int(spec[:-1])
+        return start if start < size else 0
 
     def _text(self, request: Request, code: int, message: str) -> bytes:
         request.setResponseCode(code)
@@ -427,6 +463,8 @@ class _BodyProducer:
                 if self.corrupt and self.sent == 0 and data:
                     data = bytes([data[0] ^ 0xFF]) + data[1:]
                 self.sent += len(data)
+                sent = self.resource.sent
+                sent[self.path] = sent.get(self.path, 0) + len(data)
                 # Even an empty write sends the headers, so a stall at 0 has sent them.
                 self.request.write(data)
                 if self.sent >= self.limit or (want > 0 and not data):
@@ -598,12 +636,14 @@ def start_https_upstream(
     ca: CA,
     names: Iterable[str] = DEFAULT_NAMES,
     resource: TreeResource | None = None,
+    port: int = 0,
 ) -> RunningUpstream:
     """Serve `root` over TLS on an ephemeral 127.0.0.1 port with a certificate from `ca`.
 
     The certificate lists `names` in order (the lxc client uses the first DNS name as the TLS
     server name). Pass `resource` to configure throttling (with the reactor as its clock) or to
-    share one resource between servers. The caller must `stop()` it.
+    share one resource between servers; `port` to listen on a given port again (a server back
+    after an outage). The caller must `stop()` it.
     """
     cert_pem, key_pem = ca.issue(list(names))
     # cryptography objects, not pyOpenSSL ones: the latter are deprecated in pyOpenSSL.
@@ -617,7 +657,7 @@ def start_https_upstream(
         resource = TreeResource(root, clock=clock)
     site = _TrackingSite(resource)
     site.displayTracebacks = False
-    listening = reactor.listenSSL(0, site, options, interface="127.0.0.1")
+    listening = reactor.listenSSL(port, site, options, interface="127.0.0.1")
     port = listening.getHost().port  # type: ignore[attr-defined]
     return RunningUpstream(
         url=f"https://127.0.0.1:{port}",
