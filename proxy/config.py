@@ -83,6 +83,10 @@ DEFAULT_AUTO_UPDATE_INTERVAL_SECONDS = 6 * HOUR
 DEFAULT_AUTO_UPDATE_CACHED = True
 DEFAULT_KEEP_VERSIONS = 2
 DEFAULT_PREFETCH_CONCURRENCY = 2
+# Downloads per upstream at once: two images' files (metadata and rootfs each) side by side,
+# while a burst of misses queues instead of splitting the WAN link so thinly that nothing
+# finishes soon; above prefetch_concurrency, so that background work leaves clients room.
+DEFAULT_UPSTREAM_CONCURRENCY = 4
 ROOT_STATE_DIR = "/var/lib/lxd-image-proxy"
 
 # name -> base URL (no trailing slash); order is the order the proxy lists them in.
@@ -164,6 +168,8 @@ class CacheConfig:
     @ivar keep_versions: newer versions of a pinned alias stored before an older one turns
         C{cached} (at least 1).
     @ivar prefetch_concurrency: the most background downloads at a time (at least 1).
+    @ivar upstream_concurrency: the most downloads from one upstream at a time (0: no limit);
+        the others wait in a queue, clients' before background ones.
     """
 
     dir: str
@@ -178,6 +184,7 @@ class CacheConfig:
     auto_update_cached: bool = DEFAULT_AUTO_UPDATE_CACHED
     keep_versions: int = DEFAULT_KEEP_VERSIONS
     prefetch_concurrency: int = DEFAULT_PREFETCH_CONCURRENCY
+    upstream_concurrency: int = DEFAULT_UPSTREAM_CONCURRENCY
 
 
 @frozen
@@ -195,6 +202,8 @@ class UpstreamConfig:
         serves only what is stored, as when the upstream is down.
     @ivar protocol: C{"simplestreams"} (an image server such as images.lxd.canonical.com) or
         C{"lxd"} (another LXD or Incus server with public images, read through its REST API).
+    @ivar upstream_concurrency: the most downloads from it at a time (0: no limit), or None
+        for C{cache.upstream_concurrency}.
     """
 
     name: str
@@ -203,6 +212,7 @@ class UpstreamConfig:
     allow_insecure: bool = False
     offline: bool = False
     protocol: str = SIMPLESTREAMS
+    upstream_concurrency: int | None = None
 
 
 @frozen
@@ -284,6 +294,13 @@ class Config:
         if not self.lxd_api.upstreams:
             return self.upstreams[:1]
         return tuple(u for name in self.lxd_api.upstreams for u in self.upstreams if u.name == name)
+
+    def upstream_concurrency(self, name: str) -> int | None:
+        """The most downloads from the upstream C{name} at a time; None: no limit."""
+        upstream = self.upstream(name)
+        own = upstream.upstream_concurrency if upstream is not None else None
+        limit = self.cache.upstream_concurrency if own is None else own
+        return limit or None
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         """The upstream mounted under C{name}, or None."""
@@ -848,6 +865,7 @@ _CACHE_KEYS = {
     "auto_update_cached",
     "keep_versions",
     "prefetch_concurrency",
+    "upstream_concurrency",
 }
 
 
@@ -878,7 +896,20 @@ def _parse_cache(table: Mapping[str, Any], base_dir: str, defaults: CacheConfig)
         prefetch_concurrency=_count(
             table, "prefetch_concurrency", prefix, defaults.prefetch_concurrency
         ),
+        upstream_concurrency=_limit(
+            table, "upstream_concurrency", prefix, defaults.upstream_concurrency
+        ),
     )
+
+
+def _limit(table: Mapping[str, Any], key: str, prefix: str, default: int) -> int:
+    """A whole number of 0 (no limit) or more."""
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"{_join(prefix, key)}: expected a whole number, 0 for no limit, got {_show(value)}"
+        )
+    return value
 
 
 def _expiry_days(table: Mapping[str, Any], default: float) -> float:
@@ -908,7 +939,7 @@ def _max_size(table: Mapping[str, Any], default: int | None) -> int | None:
 # -- [upstreams.NAME] ----------------------------------------------------------------------
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
-_UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline", "protocol"}
+_UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline", "protocol", "upstream_concurrency"}
 # Paths at the root that are not upstreams: the LXD image API, the URL-import face, the
 # health checks (and /metrics, kept free so that the HTTPS port may serve it one day), the status
 # page's JSON and the client set-up script.
@@ -948,9 +979,14 @@ def _parse_upstream(name: str, table: Mapping[str, Any], base_dir: str) -> Upstr
         raise ConfigError(
             f"{prefix}.protocol: expected one of {', '.join(PROTOCOLS)}, got {_show(protocol)}"
         )
+    # "" (as absent) stands for cache.upstream_concurrency, as "" stands for "none" elsewhere.
+    concurrency = (
+        None if table.get("upstream_concurrency", "") == ""
+        else _limit(table, "upstream_concurrency", prefix, 0)
+    )
     return UpstreamConfig(
         name=name, url=url, ca_file=ca_file, allow_insecure=allow_insecure, offline=offline,
-        protocol=protocol,
+        protocol=protocol, upstream_concurrency=concurrency,
     )
 
 

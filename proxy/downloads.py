@@ -32,6 +32,7 @@ from twisted.web.iweb import IResponse
 from proxy.blobs import BlobStore, PartialBlob
 from proxy.catalogue import Item
 from proxy.config import LXD, UpstreamConfig
+from proxy.download_slots import DownloadSlots, Slot
 from proxy.errors import (
     InsufficientStorage,
     NotFound,
@@ -79,8 +80,11 @@ class Fetcher:
         settled: Callable[[Iterable[str]], Awaitable[None]] | None = None,
         writeback: Run | None = None,
         metrics: Metrics = NO_METRICS,
+        slots: DownloadSlots | None = None,
     ) -> None:
         self._client = client
+        # At most so many downloads per upstream run at once (none: no limit).
+        self._slots = slots if slots is not None else DownloadSlots()
         self._metrics = metrics
         # Where a download's bytes are synced while they arrive (see PartialBlob.writeback).
         self._writeback = writeback if writeback is not None else disk
@@ -99,6 +103,8 @@ class Fetcher:
         # By kind as well as key: a unified image's fingerprint is the sha256 of its one file,
         # which a simplestreams upstream may list too; each kind has its own followers.
         self._inflight: dict[tuple[type[Job], str], Job] = {}
+        # The slot of each download in flight, running or queued.
+        self._places: dict[tuple[type[Job], str], Slot] = {}
 
     def in_flight(self) -> dict[str, Job]:
         """The downloads running, by the sha256 of a file or the fingerprint of an image."""
@@ -179,6 +185,9 @@ class Fetcher:
             assert isinstance(running, kind)
             if not background:
                 running.background = False
+                place = self._places.get((kind, key))
+                if place is not None:
+                    self._slots.promote(place)
             self._metrics.download_joined(upstream)
             return running
         self._file_failures.check((kind, key))
@@ -200,8 +209,13 @@ class Fetcher:
     # -- one download, start to end -------------------------------------------------------------
 
     async def _run(self, kind: type[Job], job: Job) -> None:
+        # Held from before the first request to the end, retries included.
+        slot = self._places[(kind, job.key)] = self._slots.take(
+            job.upstream, background=job.background
+        )
         answered = False
         try:
+            await self._turn(job, slot)
             if self._room_to_receive is not None and job.size > 0:
                 if not await self._room_to_receive(job.size):
                     health = self._health.get(job.upstream)
@@ -229,9 +243,29 @@ class Fetcher:
         else:
             self._file_failures.succeeded((kind, job.key))
         finally:
+            self._slots.release(slot)
+            self._places.pop((kind, job.key), None)
             self._inflight.pop((kind, job.key), None)
             self._index.note_fetched(job.received)
             self._metrics.upstream_received(job.upstream, "file", job.received)
+
+    async def _turn(self, job: Job, slot: Slot) -> None:
+        """Wait for C{job}'s turn among its upstream's downloads; its clients have headers meanwhile."""
+        if not slot.queued:
+            return
+        job.queued = True
+        self.log.info(
+            "{url} waits for one of the {upstream} downloads running to end", url=job.url,
+            upstream=job.upstream,
+        )
+        try:
+            await slot.granted
+        finally:
+            job.queued = False
+
+    def queued(self) -> dict[str, int]:
+        """By upstream, the downloads in flight waiting for their turn."""
+        return self._slots.queued()
 
     async def _ask(self, job: Job) -> IResponse:
         """Send the request for C{job}; whether the upstream answered is its health's to know."""

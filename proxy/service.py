@@ -187,9 +187,10 @@ class CacheService(Service):
         self.metrics.registry.register(StateCollector(
             self.reactor, self.index, self.health,
             {u.name: API_PATH if u.protocol == LXD else INDEX_PATH for u in self.config.upstreams},
-            lambda: [job.upstream for job in self.fetcher.in_flight().values()],
+            lambda: [job.upstream for job in self.fetcher.in_flight().values() if not job.queued],
             lambda: files.following,
             self.config.cache.max_size,
+            queued=self.fetcher.queued,
         ))
         upstreams = {
             name: UpstreamResource(

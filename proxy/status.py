@@ -96,7 +96,8 @@ class Usage:
 class DownloadState:
     """
     A download in flight: C{received} of C{size} bytes, C{followers} responses reading it
-    now (0 for a prefetch nobody asked for yet).
+    now (0 for a prefetch nobody asked for yet); C{queued} while it waits for its upstream's
+    turn (C{cache.upstream_concurrency}).
     """
 
     upstream: str
@@ -105,6 +106,7 @@ class DownloadState:
     size: int
     followers: int
     background: bool
+    queued: bool = False
 
 
 @frozen
@@ -281,6 +283,7 @@ class StatusSource:
             found.append(DownloadState(
                 upstream=job.upstream, subject=job.subject, received=job.received,
                 size=job.size, followers=followers, background=job.background,
+                queued=job.queued,
             ))
         # Those clients wait for first, then the biggest still to come.
         found.sort(key=lambda d: (d.background, -(d.size - d.received)))

@@ -189,7 +189,7 @@ def _download_row(d: DownloadState) -> str:
     else:
         bar = ""
         amount = size_text(d.received)
-    kind = "prefetch" if d.background else "client"
+    kind = ("prefetch" if d.background else "client") + (", queued" if d.queued else "")
     return (
         f"<tr><td>{escape(d.upstream)}</td><td>{escape(d.subject)}</td><td>{kind}</td>"
         f'<td class="n">{amount}</td><td>{bar}</td><td class="n">{d.followers}</td></tr>'
