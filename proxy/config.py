@@ -204,6 +204,8 @@ class UpstreamConfig:
         C{"lxd"} (another LXD or Incus server with public images, read through its REST API).
     @ivar upstream_concurrency: the most downloads from it at a time (0: no limit), or None
         for C{cache.upstream_concurrency}.
+    @ivar allow: the client networks (canonical CIDR) that may use it, within
+        C{server.allow}; empty: every client C{server.allow} lets in.
     """
 
     name: str
@@ -213,6 +215,7 @@ class UpstreamConfig:
     offline: bool = False
     protocol: str = SIMPLESTREAMS
     upstream_concurrency: int | None = None
+    allow: tuple[str, ...] = ()
 
 
 @frozen
@@ -939,7 +942,9 @@ def _max_size(table: Mapping[str, Any], default: int | None) -> int | None:
 # -- [upstreams.NAME] ----------------------------------------------------------------------
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
-_UPSTREAM_KEYS = {"url", "ca_file", "allow_insecure", "offline", "protocol", "upstream_concurrency"}
+_UPSTREAM_KEYS = {
+    "url", "ca_file", "allow_insecure", "offline", "protocol", "upstream_concurrency", "allow",
+}
 # Paths at the root that are not upstreams: the LXD image API, the URL-import face, the
 # health checks (and /metrics, kept free so that the HTTPS port may serve it one day), the status
 # page's JSON and the client set-up script.
@@ -986,7 +991,7 @@ def _parse_upstream(name: str, table: Mapping[str, Any], base_dir: str) -> Upstr
     )
     return UpstreamConfig(
         name=name, url=url, ca_file=ca_file, allow_insecure=allow_insecure, offline=offline,
-        protocol=protocol, upstream_concurrency=concurrency,
+        protocol=protocol, upstream_concurrency=concurrency, allow=_networks(table, "allow", prefix),
     )
 
 

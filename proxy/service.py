@@ -35,7 +35,7 @@ from proxy.metrics import Metrics, StateCollector, face_of
 from proxy.probes import Healthz, Readiness, Readyz, readiness
 from proxy.client_setup import SETUP_PATH, base_url, pinned_pubkey, setup_line
 from proxy.channel import HeadLimits, ProxySite
-from proxy.client_networks import ClientNetworks
+from proxy.client_networks import ClientNetworks, UpstreamAccess
 from proxy.config import LXD, Config, read_pem_certificates
 # FAMILIES is named here too, for code that wires the faces as the service does.
 from proxy.core import CLOSE_TIMEOUT_SECONDS, FAMILIES as FAMILIES, build_core
@@ -209,9 +209,12 @@ class CacheService(Service):
             else:
                 sources[name] = SimplestreamsImages(meta, files, families=self.families.get(name))
         listed = FaceCatalogue([sources[u.name] for u in self.config.lxd_api_upstreams()])
+        access = UpstreamAccess.of({u.name: u.allow for u in self.config.upstreams})
         others = {
-            "1.0": LxdApiResource(listed, files, self.reactor, certificate, agents=self.agents),
-            "import": ImportResource(sources, self.reactor),
+            "1.0": LxdApiResource(
+                listed, files, self.reactor, certificate, agents=self.agents, access=access,
+            ),
+            "import": ImportResource(sources, self.reactor, access=access),
             "healthz": Healthz(),
             "readyz": Readyz(ready if ready is not None else self.readiness),
         }
@@ -235,7 +238,7 @@ class CacheService(Service):
             RootResource(
                 upstreams, banner, others, observe=observe if metrics.enabled else None,
                 page=StatusPage(status, self.config),
-                clients=ClientNetworks.of(self.config.server.allow),
+                clients=ClientNetworks.of(self.config.server.allow), access=access,
             ),
             HeadLimits.from_config(self.config.server),
             self.reactor,

@@ -178,7 +178,7 @@ def test_sample_config_sets_every_key() -> None:
     # The per-upstream switches are documented once, on the first upstream.
     assert keys - expected == {
         "upstreams.images.allow_insecure", "upstreams.images.offline", "upstreams.images.protocol",
-        "upstreams.images.upstream_concurrency", "lxd_api.upstreams", "log.format", "metrics.listen",
+        "upstreams.images.upstream_concurrency", "upstreams.images.allow", "lxd_api.upstreams", "log.format", "metrics.listen",
     }
 
 
@@ -602,8 +602,8 @@ def test_only_one_trailing_slash_is_stripped(tmp_path: Path) -> None:
         ("[upstreams]\na = 1\n", "upstreams.a: expected a table, got 1"),
         ("[upstreams.a]\n", "upstreams.a.url: missing; every upstream needs a base URL"),
         ('[upstreams.a]\nurl = "https://a.test"\nmirror = 1\n',
-         "upstreams.a.mirror: unknown key; expected one of allow_insecure, ca_file, offline, protocol, "
-         "upstream_concurrency, url"),
+         "upstreams.a.mirror: unknown key; expected one of allow, allow_insecure, ca_file, offline, "
+         "protocol, upstream_concurrency, url"),
         ('[upstreams.a]\nurl = "http://a.test"\n',
          'upstreams.a.url: upstreams must use https://, got "http://a.test" '
          "(allow_insecure = true permits http:// for tests)"),
