@@ -9,10 +9,14 @@ The queue alone (L{DownloadSlots}), then the request path wired as the service w
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import pytest
+import pytest_twisted  # type: ignore[import-untyped]
 import treq
-from twisted.internet.defer import Deferred
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
@@ -21,10 +25,14 @@ from proxy.download_slots import DownloadSlots, Slot
 from proxy.files import await_start
 from proxy.lxd_remote import parse_remote_images
 from proxy.metrics import StateCollector
+from tests.faults.upstreams import BROKEN, NET_TIMEOUT_SECONDS, OTHER, PRODUCTS, start_loopback
 from tests.helpers.harness import Closing, collect
+from tests.helpers.invariants import receive
 from tests.helpers.lxd_server import UPSTREAM, FakeImage, LxdHarness, envelope
 from tests.helpers.scripted import sha
-from tests.helpers.wired import Harness, catalogue_tree, rootfs_path
+from tests.helpers.wired import INDEX, Harness, catalogue_tree, rootfs_path
+
+reactor: Any = _reactor
 
 # -- the queue alone ---------------------------------------------------------------------
 
@@ -322,3 +330,33 @@ def test_an_lxd_upstream_exports_one_image_at_a_time(tmp_path: Any, closing: Clo
     held.finish()
     assert h.run(second.when_done()).fingerprint == images[1].fingerprint
     assert h.fetcher.in_flight() == {}
+
+
+# -- on loopback -----------------------------------------------------------------------------
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_on_loopback_a_queued_client_has_its_headers_while_the_other_download_runs(
+    tmp_path: Path,
+) -> None:
+    site = await start_loopback(reactor, tmp_path, cache={"upstream_concurrency": 1})
+    try:
+        for path in (INDEX, PRODUCTS):
+            assert (await site.get(path)).code == 200
+        site.tree.hold(BROKEN)
+        first = Deferred.fromCoroutine(site.get(BROKEN))
+        await site.tree.when_held(BROKEN).addTimeout(NET_TIMEOUT_SECONDS, reactor)
+        # The one slot is taken: the other file's client has its headers, nothing is asked.
+        response = await site.client.get(site.url(OTHER), unbuffered=True).addTimeout(
+            NET_TIMEOUT_SECONDS, reactor
+        )
+        assert response.code == 200 and response.length == len(site.files[OTHER])
+        assert site.tree.count(OTHER) == 0
+        body = Deferred.fromCoroutine(receive(succeed(response)))
+        site.tree.release(BROKEN)
+        assert (await first).body == site.files[BROKEN]
+        assert (await body.addTimeout(NET_TIMEOUT_SECONDS, reactor)).body == site.files[OTHER]
+        assert site.tree.count(OTHER) == 1
+    finally:
+        await site.stop()
