@@ -243,11 +243,12 @@ class Fetcher:
         else:
             self._file_failures.succeeded((kind, job.key))
         finally:
-            self._slots.release(slot)
             self._places.pop((kind, job.key), None)
             self._inflight.pop((kind, job.key), None)
             self._index.note_fetched(job.received)
             self._metrics.upstream_received(job.upstream, "file", job.received)
+            # Last: the next download may start (and run some way) within this call.
+            self._slots.release(slot)
 
     async def _turn(self, job: Job, slot: Slot) -> None:
         """Wait for C{job}'s turn among its upstream's downloads; its clients have headers meanwhile."""
