@@ -84,6 +84,10 @@ DEFAULT_AUTO_UPDATE_INTERVAL_SECONDS = 6 * HOUR
 DEFAULT_AUTO_UPDATE_CACHED = True
 DEFAULT_KEEP_VERSIONS = 2
 DEFAULT_PREFETCH_CONCURRENCY = 2
+# Downloads per upstream at once: two images' files (metadata and rootfs each) side by side,
+# while a burst of misses queues instead of splitting the WAN link so thinly that nothing
+# finishes soon; above prefetch_concurrency, so that background work leaves clients room.
+DEFAULT_UPSTREAM_CONCURRENCY = 4
 ROOT_STATE_DIR = "/var/lib/lxd-image-proxy"
 
 # name -> base URL (no trailing slash); order is the order the proxy lists them in.
@@ -169,6 +173,8 @@ class CacheConfig:
     @ivar keep_versions: newer versions of a pinned alias stored before an older one turns
         C{cached} (at least 1).
     @ivar prefetch_concurrency: the most background downloads at a time (at least 1).
+    @ivar upstream_concurrency: the most downloads from one upstream at a time (0: no limit);
+        the others wait in a queue, clients' before background ones.
     """
 
     dir: str
@@ -183,6 +189,7 @@ class CacheConfig:
     auto_update_cached: bool = DEFAULT_AUTO_UPDATE_CACHED
     keep_versions: int = DEFAULT_KEEP_VERSIONS
     prefetch_concurrency: int = DEFAULT_PREFETCH_CONCURRENCY
+    upstream_concurrency: int = DEFAULT_UPSTREAM_CONCURRENCY
 
 
 @frozen
@@ -205,6 +212,10 @@ class UpstreamConfig:
         C{"lxd"} (another LXD or Incus server with public images, read through its REST API).
     @ivar proxy: this upstream's outbound proxy, winning over C{server.upstream_proxy}
         (same values).
+    @ivar upstream_concurrency: the most downloads from it at a time (0: no limit), or None
+        for C{cache.upstream_concurrency}.
+    @ivar allow: the client networks (canonical CIDR) that may use it, within
+        C{server.allow}; empty: every client C{server.allow} lets in.
     """
 
     name: str
@@ -215,6 +226,8 @@ class UpstreamConfig:
     protocol: str = SIMPLESTREAMS
     proxy: ProxySetting = None
     urls: tuple[str, ...] = ()
+    upstream_concurrency: int | None = None
+    allow: tuple[str, ...] = ()
 
     @property
     def base_urls(self) -> tuple[str, ...]:
@@ -301,6 +314,13 @@ class Config:
         if not self.lxd_api.upstreams:
             return self.upstreams[:1]
         return tuple(u for name in self.lxd_api.upstreams for u in self.upstreams if u.name == name)
+
+    def upstream_concurrency(self, name: str) -> int | None:
+        """The most downloads from the upstream C{name} at a time; None: no limit."""
+        upstream = self.upstream(name)
+        own = upstream.upstream_concurrency if upstream is not None else None
+        limit = self.cache.upstream_concurrency if own is None else own
+        return limit or None
 
     def upstream(self, name: str) -> UpstreamConfig | None:
         """The upstream mounted under C{name}, or None."""
@@ -874,6 +894,7 @@ _CACHE_KEYS = {
     "auto_update_cached",
     "keep_versions",
     "prefetch_concurrency",
+    "upstream_concurrency",
 }
 
 
@@ -904,7 +925,20 @@ def _parse_cache(table: Mapping[str, Any], base_dir: str, defaults: CacheConfig)
         prefetch_concurrency=_count(
             table, "prefetch_concurrency", prefix, defaults.prefetch_concurrency
         ),
+        upstream_concurrency=_limit(
+            table, "upstream_concurrency", prefix, defaults.upstream_concurrency
+        ),
     )
+
+
+def _limit(table: Mapping[str, Any], key: str, prefix: str, default: int) -> int:
+    """A whole number of 0 (no limit) or more."""
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"{_join(prefix, key)}: expected a whole number, 0 for no limit, got {_show(value)}"
+        )
+    return value
 
 
 def _expiry_days(table: Mapping[str, Any], default: float) -> float:
@@ -934,7 +968,10 @@ def _max_size(table: Mapping[str, Any], default: int | None) -> int | None:
 # -- [upstreams.NAME] ----------------------------------------------------------------------
 
 _UPSTREAM_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
-_UPSTREAM_KEYS = {"url", "urls", "ca_file", "allow_insecure", "offline", "protocol", "proxy"}
+_UPSTREAM_KEYS = {
+    "url", "urls", "ca_file", "allow_insecure", "offline", "protocol", "proxy",
+    "upstream_concurrency", "allow",
+}
 # Paths at the root that are not upstreams: the LXD image API, the URL-import face, the
 # health checks (and /metrics, kept free so that the HTTPS port may serve it one day), the status
 # page's JSON and the client set-up script.
@@ -988,9 +1025,15 @@ def _parse_upstream(name: str, table: Mapping[str, Any], base_dir: str) -> Upstr
             f"{prefix}.urls: mirrors are for simplestreams upstreams; an LXD server upstream "
             f"has one url"
         )
+    # "" (as absent) stands for cache.upstream_concurrency, as "" stands for "none" elsewhere.
+    concurrency = (
+        None if table.get("upstream_concurrency", "") == ""
+        else _limit(table, "upstream_concurrency", prefix, 0)
+    )
     return UpstreamConfig(
         name=name, url=url, ca_file=ca_file, allow_insecure=allow_insecure, offline=offline,
         protocol=protocol, proxy=_proxy(table, "proxy", prefix), urls=urls,
+        upstream_concurrency=concurrency, allow=_networks(table, "allow", prefix),
     )
 
 

@@ -24,6 +24,7 @@ from proxy.blobs import BlobStore
 from proxy.busy import InUse
 from proxy.catalogue import Family
 from proxy.config import LXD, Config
+from proxy.download_slots import DownloadSlots
 from proxy.downloads import Fetcher
 from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex
@@ -146,6 +147,7 @@ def build_core(
         make_room=lifecycle.make_room_later, room_to_receive=lifecycle.room_to_receive_later,
         health=health, disk=disk, settled=in_use.settled,
         writeback=workers.writeback, metrics=metrics, mirrors=mirrors,
+        slots=DownloadSlots({u.name: config.upstream_concurrency(u.name) for u in config.upstreams}),
     )
     agents = ClientAgents()
     metadata: dict[str, SimplestreamsMetadata] = {}

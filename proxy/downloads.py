@@ -36,6 +36,7 @@ from twisted.web.iweb import IResponse
 from proxy.blobs import BlobStore, PartialBlob, Resumable
 from proxy.catalogue import Item
 from proxy.config import LXD, UpstreamConfig
+from proxy.download_slots import DownloadSlots, Slot
 from proxy.errors import (
     InsufficientStorage,
     NotFound,
@@ -101,10 +102,13 @@ class Fetcher:
         writeback: Run | None = None,
         metrics: Metrics = NO_METRICS,
         mirrors: Mapping[str, Mirrors] | None = None,
+        slots: DownloadSlots | None = None,
     ) -> None:
         self._client = client
         # The upstreams with several base URLs: a download moves to the next when one fails.
         self._mirrors = dict(mirrors or {})
+        # At most so many downloads per upstream run at once (none: no limit).
+        self._slots = slots if slots is not None else DownloadSlots()
         self._metrics = metrics
         # Where a download's bytes are synced while they arrive (see PartialBlob.writeback).
         self._writeback = writeback if writeback is not None else disk
@@ -126,6 +130,8 @@ class Fetcher:
         # The bodies being received, so that stop() can end them.
         self._receivers: set[BodyReceiver] = set()
         self._stopping = False
+        # The slot of each download in flight, running or queued.
+        self._places: dict[tuple[type[Job], str], Slot] = {}
 
     def stop(self) -> None:
         """
@@ -249,6 +255,9 @@ class Fetcher:
             assert isinstance(running, kind)
             if not background:
                 running.background = False
+                place = self._places.get((kind, key))
+                if place is not None:
+                    self._slots.promote(place)
             self._metrics.download_joined(upstream)
             return running
         self._file_failures.check((kind, key))
@@ -270,8 +279,13 @@ class Fetcher:
     # -- one download, start to end -------------------------------------------------------------
 
     async def _run(self, kind: type[Job], job: Job) -> None:
+        # Held from before the first request to the end, retries included.
+        slot = self._places[(kind, job.key)] = self._slots.take(
+            job.upstream, background=job.background
+        )
         answered = False
         try:
+            await self._turn(job, slot)
             if self._room_to_receive is not None and job.size > 0:
                 if not await self._room_to_receive(job.size):
                     health = self._health.get(job.upstream)
@@ -311,10 +325,31 @@ class Fetcher:
         else:
             self._file_failures.succeeded((kind, job.key))
         finally:
+            self._places.pop((kind, job.key), None)
             self._inflight.pop((kind, job.key), None)
             fetched = job.fetched if isinstance(job, Download) else job.received
             self._index.note_fetched(fetched)
             self._metrics.upstream_received(job.upstream, "file", fetched)
+            # Last: the next download may start (and run some way) within this call.
+            self._slots.release(slot)
+
+    async def _turn(self, job: Job, slot: Slot) -> None:
+        """Wait for C{job}'s turn among its upstream's downloads; its clients have headers meanwhile."""
+        if not slot.queued:
+            return
+        job.queued = True
+        self.log.info(
+            "{url} waits for one of the {upstream} downloads running to end", url=job.url,
+            upstream=job.upstream,
+        )
+        try:
+            await slot.granted
+        finally:
+            job.queued = False
+
+    def queued(self) -> dict[str, int]:
+        """By upstream, the downloads in flight waiting for their turn."""
+        return self._slots.queued()
 
     async def _transfer(self, job: Job) -> bool:
         """

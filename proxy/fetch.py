@@ -74,6 +74,8 @@ class Job(Protocol):
     upstream: str
     url: str
     background: bool
+    # waiting for its upstream's turn (L{proxy.download_slots}): nothing asked yet
+    queued: bool
 
     @property
     def key(self) -> str:
@@ -146,6 +148,8 @@ class Download:
     streaming: bool = field(default=False, init=False)
     # started by the prefetcher rather than for a waiting client
     background: bool = field(default=False, init=False)
+    # waiting for a download slot of its upstream: its clients have headers, no bytes yet
+    queued: bool = field(default=False, init=False)
     # False when the verified file was streamed to its clients but not kept (no room)
     stored: bool = field(default=True, init=False)
     _observers: Observers[FilePath[Any]] = field(factory=Observers, init=False)
@@ -407,6 +411,9 @@ class FetchedItem(Protocol):
 
     @property
     def stored(self) -> bool: ...
+
+    @property
+    def queued(self) -> bool: ...
 
     def available(self) -> int: ...
 

@@ -56,6 +56,10 @@ class Starting(Protocol):
     @property
     def failure(self) -> Failure | None: ...
 
+    @property
+    def queued(self) -> bool:
+        """Waiting for its upstream's turn: nothing asked of the upstream yet."""
+
     def when_streaming(self) -> "Deferred[None]": ...
 
 
@@ -228,7 +232,12 @@ async def await_start(download: Starting, clock: IReactorTime) -> None:
     Wait until the upstream accepted the download, at most C{UPSTREAM_START_GRACE_SECONDS}:
     a quick failure (404, 5xx, refused) is raised for a precise status; after the grace the
     client gets its headers anyway and follows the download.
+
+    A download waiting for its upstream's turn is not waited for at all: its turn may be
+    minutes away, and the client must have its headers long before its own timeout.
     """
+    if download.queued:
+        return
     started = download.when_streaming()
     timer = clock.callLater(UPSTREAM_START_GRACE_SECONDS, started.cancel)
     try:

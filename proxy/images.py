@@ -255,7 +255,8 @@ class FaceCatalogue:
 
     def __init__(self, sources: Sequence[ImageSource]) -> None:
         self._sources = list(sources)
-        self._built: dict[Family, _Built] = {}
+        # By family and the upstreams a client may use (None: all of them).
+        self._built: dict[tuple[Family, frozenset[str] | None], _Built] = {}
 
     @property
     def sources(self) -> list[ImageSource]:
@@ -267,18 +268,25 @@ class FaceCatalogue:
                 return source
         raise NotFound(f"no upstream named {name!r} is listed here")
 
-    async def get(self, family: Family) -> LxdCatalogue:
+    async def get(self, family: Family, usable: frozenset[str] | None = None) -> LxdCatalogue:
+        """
+        The catalogue of the listed upstreams for C{family}; with C{usable}, of those of them
+        named there only (the others are not even asked: a client that may not use an
+        upstream causes it no traffic).
+        """
         keys: list[object] = []
         published: list[tuple[str, list[Image]]] = []
         for source in self._sources:
+            if usable is not None and source.name not in usable:
+                continue
             key, images = await source.images(family)
             keys.append(key)
             published.append((source.name, images))
         key = tuple(keys)
-        built = self._built.get(family)
+        built = self._built.get((family, usable))
         if built is None or built.key != key:
             built = _Built(key, LxdCatalogue(published))
-            self._built[family] = built
+            self._built[(family, usable)] = built
         return built.catalogue
 
 

@@ -22,6 +22,7 @@ from twisted.web.server import Request
 from proxy import __version__
 from proxy.access_log import HIT, MISS, note_cache
 from proxy.agents import ClientAgents
+from proxy.client_networks import UpstreamAccess, client_host
 from proxy.errors import BadRequest, Forbidden, MethodNotAllowed, NotFound, ProxyError
 from proxy.export import export_parts, serve_export
 from proxy.files import CacheFiles
@@ -75,8 +76,13 @@ class LxdApiResource(AsyncResource):
         *,
         host_arch: str | None = None,
         agents: ClientAgents | None = None,
+        access: UpstreamAccess = UpstreamAccess(),
     ) -> None:
         super().__init__()
+        # Which listed upstreams a client may use ([upstreams.NAME] allow): only their images
+        # are listed, named and exported to it; another's is not found, as LXD answers an
+        # untrusted client about an image it may not see.
+        self._access = access
         self._agents = agents if agents is not None else ClientAgents()
         self._catalogue = catalogue
         self._files = files
@@ -148,11 +154,18 @@ class LxdApiResource(AsyncResource):
             },
         }
 
+    async def _listed(self, request: Request, client: ClientInfo) -> LxdCatalogue:
+        """The catalogue of the listed upstreams that the client of C{request} may use."""
+        names = [source.name for source in self._catalogue.sources]
+        usable = self._access.usable(client_host(request), names)
+        # None when it may use them all: the one catalogue every such client shares.
+        return await self._catalogue.get(client.family, None if len(usable) == len(names) else usable)
+
     def _arch(self, client: ClientInfo) -> str:
         return client.architecture or self._host_arch
 
     async def _images(self, request: Request, client: ClientInfo) -> bytes:
-        catalogue = await self._catalogue.get(client.family)
+        catalogue = await self._listed(request, client)
         published = catalogue.images()
         if _recursion(request):
             arch = self._arch(client)
@@ -160,12 +173,12 @@ class LxdApiResource(AsyncResource):
         return _json(request, [f"/1.0/images/{p.image.fingerprint}" for p in published])
 
     async def _image(self, prefix: str, request: Request, client: ClientInfo) -> bytes:
-        catalogue = await self._catalogue.get(client.family)
+        catalogue = await self._listed(request, client)
         published = catalogue.find(prefix)
         return _json(request, self._image_json(catalogue, published, self._arch(client)))
 
     async def _aliases(self, request: Request, client: ClientInfo) -> bytes:
-        catalogue = await self._catalogue.get(client.family)
+        catalogue = await self._listed(request, client)
         entries = sorted(catalogue.aliases(self._arch(client)).values(), key=lambda e: e.name)
         if _recursion(request):
             return _json(request, [alias_json(e) for e in entries])
@@ -176,7 +189,7 @@ class LxdApiResource(AsyncResource):
         )
 
     async def _alias(self, name: str, request: Request, client: ClientInfo) -> bytes:
-        catalogue = await self._catalogue.get(client.family)
+        catalogue = await self._listed(request, client)
         entry = catalogue.alias(name, self._arch(client))
         if entry is None:
             raise NotFound("not found")
@@ -200,7 +213,7 @@ class LxdApiResource(AsyncResource):
         )
 
     async def _export(self, prefix: str, request: Request, client: ClientInfo) -> None:
-        catalogue = await self._catalogue.get(client.family)
+        catalogue = await self._listed(request, client)
         published = catalogue.find(prefix)
         source = self._catalogue.source(published.upstream)
         image = published.image

@@ -190,6 +190,8 @@ class ExportDownload:
     version: str = ""
     # started by the prefetcher rather than for a waiting client
     background: bool = False
+    # waiting for a download slot of its upstream: its clients have headers, no bytes yet
+    queued: bool = field(default=False, init=False)
     failure: Failure | None = field(default=None, init=False)
     # False when the verified files were streamed to their clients but not kept (no room)
     stored: bool = field(default=True, init=False)
@@ -611,6 +613,10 @@ class ItemDownload:
     @background.setter
     def background(self, value: bool) -> None:
         self.export.background = value
+
+    @property
+    def queued(self) -> bool:
+        return self.export.queued
 
     def when_streaming(self) -> "Deferred[None]":
         d: Deferred[None] = Deferred()

@@ -578,8 +578,8 @@ class _SynthesisedFiles:
     async def copy(self, path: str) -> MetadataRecord:
         return await self._synthesised(path, await self.list.copy(API_PATH))
 
-    async def current(self, path: str) -> MetadataRecord:
-        return await self._synthesised(path, await self.list.current(API_PATH))
+    async def current(self, path: str, *, wait: bool = False) -> MetadataRecord:
+        return await self._synthesised(path, await self.list.current(API_PATH, wait=wait))
 
     def images(self, record: MetadataRecord) -> "Deferred[list[RemoteImage]]":
         """The images of the copy C{record} of the list, parsed once per copy."""
@@ -743,6 +743,9 @@ class LxdRemote:
 
     async def products_paths(self, *, refresh: bool = True) -> list[str]:
         return await self._metadata.products_paths(refresh=refresh)
+
+    async def revalidate(self) -> None:
+        await self._metadata.revalidate()
 
     async def item(self, path: str) -> Item | None:
         return await self._metadata.item(path)

@@ -138,8 +138,11 @@ class MetadataFiles(Protocol):
         """The copy held of C{path}, of any age; fetched only when there is none."""
         ...
 
-    async def current(self, path: str) -> MetadataRecord:
-        """A copy of C{path} no older than the TTL where the upstream allows."""
+    async def current(self, path: str, *, wait: bool = False) -> MetadataRecord:
+        """
+        A copy of C{path} no older than the TTL where the upstream allows: an expired one is
+        served while it is revalidated, unless C{wait} (see L{UpstreamFiles.current}).
+        """
         ...
 
 
@@ -202,6 +205,8 @@ class UpstreamFiles:
         self._retry_at: dict[str, float] = {}
         # paths whose running refresh has outlasted STALE_WAIT_SECONDS
         self._slow: set[str] = set()
+        # paths whose expired copy was served, a background refresh about to start
+        self._revalidating: set[str] = set()
 
     def stored(self, path: str) -> MetadataRecord | None:
         """The copy held of C{path}, or None."""
@@ -217,14 +222,17 @@ class UpstreamFiles:
             return record
         return await self._refresh_shared(path, None)
 
-    async def current(self, path: str) -> MetadataRecord:
+    async def current(self, path: str, *, wait: bool = False) -> MetadataRecord:
         """
         A copy of C{path} no older than the TTL where the upstream allows.
 
-        A stale copy is revalidated, but a client waits for that at most
-        C{STALE_WAIT_SECONDS}: while the upstream hangs the last good copy is served (at once
-        to everyone after the first wait ran out), and after a failure the copy is served
-        without asking again until C{_retry_at}.
+        A stale copy is served at once while one refresh runs in the background (stale while
+        revalidate): the requests after it get the new copy. With C{wait} (background work
+        that must see the newest catalogue, such as auto-update), or while the upstream is
+        offline and this request may probe it, the caller waits for the revalidation, but at
+        most C{STALE_WAIT_SECONDS}: while the upstream hangs the last good copy is served (at
+        once to everyone after the first wait ran out). After a failure the copy is served
+        without asking again until C{_retry_at}. With no copy at all, the caller waits for one.
         """
         record = self.stored(path)
         if record is None:
@@ -235,6 +243,16 @@ class UpstreamFiles:
         probe = self.health is not None and self.health.probe_due
         if not probe and (now - record.checked_at < self._ttl or now < self._retry_at.get(path, 0.0)):
             return record
+        if not probe and not wait:
+            if path not in self._refreshing and path not in self._revalidating:
+                # On the next turn: the caller opens the copy first, which a refresh that
+                # replaced it at once (from a memory cache, say) would have removed.
+                self._revalidating.add(path)
+                self._clock.callLater(0, self._revalidate, path)
+            return record
+        # The probe waits (up to STALE_WAIT_SECONDS): what is served while offline is the
+        # reduced view of the stored images, and the client that finds the upstream back
+        # should get the whole catalogue, not that view once more.
         if path in self._slow:
             # A refresh is already running past the wait: nobody else waits for it.
             return record
@@ -258,6 +276,14 @@ class UpstreamFiles:
         finally:
             if timer.active():
                 timer.cancel()
+
+    def _revalidate(self, path: str) -> None:
+        """Refresh C{path} in the background; the next request gets the outcome."""
+        self._revalidating.discard(path)
+        # A failure is logged once and the copy served until the retry interval is over.
+        Deferred.fromCoroutine(self._refresh_shared(path, self.stored(path))).addErrback(
+            lambda _: None
+        )
 
     async def _refresh_shared(self, path: str, stale: MetadataRecord | None) -> MetadataRecord:
         observers = self._refreshing.get(path)
@@ -440,6 +466,13 @@ class SimplestreamsMetadata(Protocol):
 
     async def products_paths(self, *, refresh: bool = True) -> list[str]: ...
 
+    async def revalidate(self) -> None:
+        """
+        Bring every file of the catalogue up to date, waiting for each refresh as a client
+        no longer does (stale while revalidate): for background work that must plan on the
+        newest catalogue.
+        """
+
     async def item(self, path: str) -> Item | None: ...
 
     async def catalogue_images(self, family: Family | None = None, *, refresh: bool = True) -> list[Image]: ...
@@ -577,6 +610,11 @@ class UpstreamMetadata:
             (r.path, r.sha256) for r in self._index.metadata_records() if r.upstream == self.name
         )
         return (self._index.file_count(), self._index.total_size(), copies)
+
+    async def revalidate(self) -> None:
+        await self._files.current(INDEX_PATH, wait=True)
+        for products_path in await self.products_paths(refresh=False):
+            await self._files.current(products_path, wait=True)
 
     async def products_paths(self, *, refresh: bool = True) -> list[str]:
         record = await (self._files.current(INDEX_PATH) if refresh else self._files.copy(INDEX_PATH))

@@ -263,8 +263,9 @@ class StateCollector(Collector):
 
     @param catalogue_paths: by upstream, the catalogue file whose last check gives its age
         (C{streams/v1/index.json}, or an LXD server's image list).
-    @param in_flight: the upstream of every download in flight.
+    @param in_flight: the upstream of every download running (not queued).
     @param following: by upstream, the responses streaming a download now.
+    @param queued: by upstream, the downloads waiting for their turn.
     """
 
     def __init__(
@@ -277,8 +278,11 @@ class StateCollector(Collector):
         following: Callable[[], Mapping[str, int]],
         max_size: int | None,
         mirrors: Mapping[str, MirrorStates] | None = None,
+        *,
+        queued: Callable[[], Mapping[str, int]] = dict,
     ) -> None:
         self._mirrors = dict(mirrors or {})
+        self._queued = queued
         self._clock = clock
         self._index = index
         self._health = health
@@ -331,6 +335,15 @@ class StateCollector(Collector):
         for upstream in self._catalogue_paths:
             running.add_metric([upstream], counts.get(upstream, 0))
         yield running
+        waiting = GaugeMetricFamily(
+            f"{PREFIX}_downloads_queued", "Upstream downloads waiting for their turn "
+            "(cache.upstream_concurrency); their clients have response headers, no bytes yet.",
+            labels=["upstream"],
+        )
+        now_queued = self._queued()
+        for upstream in self._catalogue_paths:
+            waiting.add_metric([upstream], now_queued.get(upstream, 0))
+        yield waiting
         following = GaugeMetricFamily(
             f"{PREFIX}_download_followers", "Client responses streaming a download in flight now.",
             labels=["upstream"],

@@ -152,6 +152,8 @@ class PinnedPartsLearner:
         if remote is None:
             return 0
         learnt = 0
+        # Not the expired list a client would be served while it is revalidated.
+        await remote.revalidate()
         for image in await remote.unknown_files():
             by_fingerprint = any(
                 len(n) >= MIN_FINGERPRINT_PREFIX and _HEX.fullmatch(n) and image.fingerprint.startswith(n)
@@ -463,6 +465,9 @@ class Prefetcher(Service):
         images: list[Image] = []
         unreadable: str | None = None
         try:
+            # An expired catalogue is served to clients while it is revalidated; a run plans
+            # on the revalidated one.
+            await meta.revalidate()
             # File by file: what the files read before one that fails still counts.
             for products_path in await meta.products_paths():
                 images.extend(await meta.products_images(products_path))

@@ -35,7 +35,7 @@ from proxy.metrics import Metrics, StateCollector, face_of
 from proxy.probes import Healthz, Readiness, Readyz, readiness
 from proxy.client_setup import SETUP_PATH, base_url, pinned_pubkey, setup_line
 from proxy.channel import HeadLimits, ProxySite
-from proxy.client_networks import ClientNetworks
+from proxy.client_networks import ClientNetworks, UpstreamAccess
 from proxy.config import LXD, Config, read_pem_certificates
 # FAMILIES is named here too, for code that wires the faces as the service does.
 from proxy.core import CLOSE_TIMEOUT_SECONDS, FAMILIES as FAMILIES, build_core
@@ -194,10 +194,11 @@ class CacheService(Service):
         self.metrics.registry.register(StateCollector(
             self.reactor, self.index, self.health,
             {u.name: API_PATH if u.protocol == LXD else INDEX_PATH for u in self.config.upstreams},
-            lambda: [job.upstream for job in self.fetcher.in_flight().values()],
+            lambda: [job.upstream for job in self.fetcher.in_flight().values() if not job.queued],
             lambda: files.following,
             self.config.cache.max_size,
             mirrors=self.core.mirrors,
+            queued=self.fetcher.queued,
         ))
         upstreams = {
             name: UpstreamResource(
@@ -216,9 +217,12 @@ class CacheService(Service):
             else:
                 sources[name] = SimplestreamsImages(meta, files, families=self.families.get(name))
         listed = FaceCatalogue([sources[u.name] for u in self.config.lxd_api_upstreams()])
+        access = UpstreamAccess.of({u.name: u.allow for u in self.config.upstreams})
         others = {
-            "1.0": LxdApiResource(listed, files, self.reactor, certificate, agents=self.agents),
-            "import": ImportResource(sources, self.reactor),
+            "1.0": LxdApiResource(
+                listed, files, self.reactor, certificate, agents=self.agents, access=access,
+            ),
+            "import": ImportResource(sources, self.reactor, access=access),
             "healthz": Healthz(),
             "readyz": Readyz(ready if ready is not None else self.readiness),
         }
@@ -244,7 +248,7 @@ class CacheService(Service):
             RootResource(
                 upstreams, banner, others, observe=observe if metrics.enabled else None,
                 page=StatusPage(status, self.config),
-                clients=ClientNetworks.of(self.config.server.allow),
+                clients=ClientNetworks.of(self.config.server.allow), access=access,
             ),
             HeadLimits.from_config(self.config.server),
             self.reactor,

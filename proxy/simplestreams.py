@@ -19,7 +19,7 @@ from twisted.web.server import Request
 from proxy.access_log import HIT, JOINED, MISS, note_cache, note_face
 from proxy.agents import ClientAgents
 from proxy.blobs import BlobStore
-from proxy.client_networks import ClientNetworks
+from proxy.client_networks import ClientNetworks, UpstreamAccess, client_host
 from proxy.catalogue import Family, Item
 from proxy.errors import Forbidden, NotFound
 from proxy.files import CacheFiles
@@ -130,10 +130,13 @@ class RootResource(Resource):
         observe: Callable[[str, Request], None] | None = None,
         page: IResource | None = None,
         clients: ClientNetworks = ClientNetworks(),
+        access: UpstreamAccess = UpstreamAccess(),
     ) -> None:
         super().__init__()
         # Who may use any of it ([server] allow); the others get a 403 and reach nothing.
         self._clients = clients
+        # Who may use each upstream's face ([upstreams.NAME] allow), likewise.
+        self._access = access
         # Told of every request with the first segment of its path (the metrics count them).
         self._observe = observe
         self._page = page
@@ -149,12 +152,17 @@ class RootResource(Resource):
             name = ""
         if self._observe is not None:
             self._observe(name, request)
-        client = request.getClientAddress()
-        if not self._clients.permits(getattr(client, "host", "")):
+        host = client_host(request)
+        if not self._clients.permits(host):
             note_face(request, "-")
-            return _ForbiddenResource(getattr(client, "host", "?"))
+            return _ForbiddenResource(
+                f"{host or '?'} is not in a network this proxy serves (server.allow)"
+            )
         if name in self._upstreams:
             note_face(request, name)
+            refusal = self._access.refusal(name, host)
+            if refusal is not None:
+                return _ForbiddenResource(refusal)
             return self._upstreams[name]
         if name in self._others:
             note_face(request, FACES.get(name, name))
@@ -198,12 +206,12 @@ class _NotFoundResource(AsyncResource):
 class _ForbiddenResource(AsyncResource):
     isLeaf = True
 
-    def __init__(self, host: str) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__()
-        self._host = host
+        self._message = message
 
     async def handle(self, request: Request) -> None:
-        raise Forbidden(f"{self._host} is not in a network this proxy serves (server.allow)")
+        raise Forbidden(self._message)
 
 
 __all__ = ["RootResource", "UpstreamResource"]

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from proxy import __version__
 from proxy.blobs import BlobStore
 from proxy.busy import InUse
+from proxy.client_networks import UpstreamAccess
 from proxy.client_setup import base_url, pinned_pubkey, setup_line
 from proxy.config import Config
 from proxy.downloads import ItemFetcher
@@ -102,7 +103,8 @@ class Usage:
 class DownloadState:
     """
     A download in flight: C{received} of C{size} bytes, C{followers} responses reading it
-    now (0 for a prefetch nobody asked for yet).
+    now (0 for a prefetch nobody asked for yet); C{queued} while it waits for its upstream's
+    turn (C{cache.upstream_concurrency}).
     """
 
     upstream: str
@@ -111,6 +113,7 @@ class DownloadState:
     size: int
     followers: int
     background: bool
+    queued: bool = False
 
 
 @frozen
@@ -227,21 +230,27 @@ class StatusSource:
         """The served certificate (the leaf), PEM; empty until the listener has loaded it."""
         return self._certificate()[0]
 
-    def setup(self, host: str, port: int) -> ClientSetup | None:
-        """The client set-up for hosts that reach the proxy as C{host}:C{port}."""
+    def setup(self, host: str, port: int, client: str = "") -> ClientSetup | None:
+        """
+        The client set-up for hosts that reach the proxy as C{host}:C{port}; with C{client}
+        (its address), only the remotes that client may use (C{[upstreams.NAME] allow}).
+        """
         pem, fingerprint = self._certificate()
         if not pem:
             return None
         url = base_url(host, port)
         pin = pinned_pubkey(pem)
-        remotes = tuple(u.name for u in self._config.upstreams)
+        access = UpstreamAccess.of({u.name: u.allow for u in self._config.upstreams})
+        remotes = tuple(
+            u.name for u in self._config.upstreams if not client or access.permits(u.name, client)
+        )
         return ClientSetup(
             line=setup_line(url, pin, remotes), proxy_url=url, script_url=f"{url}/setup.sh",
             fingerprint=fingerprint, pinned_pubkey=pin, remotes=remotes,
         )
 
-    async def snapshot(self, host: str, port: int) -> Status:
-        """The proxy now, with the set-up line for C{host}:C{port}."""
+    async def snapshot(self, host: str, port: int, client: str = "") -> Status:
+        """The proxy now, with the set-up line for C{host}:C{port} (and C{client}, as L{setup})."""
         facts = await self._disk(_disk_facts, self._index, self._config.cache.dir)
         images = await self._current_images()
         now = self._clock.seconds()
@@ -252,7 +261,7 @@ class StatusSource:
         return Status(
             version=__version__,
             generated_at=now,
-            setup=self.setup(host, port),
+            setup=self.setup(host, port, client),
             upstreams=tuple(self._upstream(u.name, u.url, u.protocol, facts) for u in self._config.upstreams),
             cache=CacheUse(
                 used_bytes=self._index.total_size(), files=self._index.file_count(),
@@ -292,6 +301,7 @@ class StatusSource:
             found.append(DownloadState(
                 upstream=job.upstream, subject=job.subject, received=job.received,
                 size=job.size, followers=followers, background=job.background,
+                queued=job.queued,
             ))
         # Those clients wait for first, then the biggest still to come.
         found.sort(key=lambda d: (d.background, -(d.size - d.received)))

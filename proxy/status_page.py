@@ -18,6 +18,7 @@ from html import escape
 
 from twisted.web.server import Request
 
+from proxy.client_networks import client_host
 from proxy.client_setup import SETUP_PATH, parse_host_header, setup_script
 from proxy.config import Config
 from proxy.errors import Unavailable
@@ -96,7 +97,7 @@ class StatusPage(_FromStatus):
     """C{/}: the status page."""
 
     async def body(self, request: Request, host: str, port: int) -> bytes:
-        status = await self._source.snapshot(host, port)
+        status = await self._source.snapshot(host, port, client_host(request))
         request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
         request.setHeader(b"Content-Security-Policy", _CSP)
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
@@ -107,7 +108,7 @@ class StatusJson(_FromStatus):
     """C{/status.json}: the same snapshot for scripts."""
 
     async def body(self, request: Request, host: str, port: int) -> bytes:
-        status = await self._source.snapshot(host, port)
+        status = await self._source.snapshot(host, port, client_host(request))
         request.setHeader(b"Content-Type", b"application/json")
         return json.dumps(status_json(status), indent=1).encode("utf-8") + b"\n"
 
@@ -116,7 +117,7 @@ class SetupScript(_FromStatus):
     """C{/setup.sh}: the client set-up script, for hosts that reach the proxy as this one did."""
 
     async def body(self, request: Request, host: str, port: int) -> bytes:
-        setup = self._source.setup(host, port)
+        setup = self._source.setup(host, port, client_host(request))
         pem = self._source.certificate_pem()
         if setup is None or not pem:
             raise Unavailable("the server certificate is not loaded yet")
@@ -197,7 +198,7 @@ def _download_row(d: DownloadState) -> str:
     else:
         bar = ""
         amount = size_text(d.received)
-    kind = "prefetch" if d.background else "client"
+    kind = ("prefetch" if d.background else "client") + (", queued" if d.queued else "")
     return (
         f"<tr><td>{escape(d.upstream)}</td><td>{escape(d.subject)}</td><td>{kind}</td>"
         f'<td class="n">{amount}</td><td>{bar}</td><td class="n">{d.followers}</td></tr>'

@@ -21,6 +21,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request
 
 from proxy.catalogue import ARCHITECTURES, Image
+from proxy.client_networks import UpstreamAccess, client_host
 from proxy.errors import BadRequest, NotFound
 from proxy.images import ImageSource
 from proxy.lxd_model import client_info
@@ -38,9 +39,12 @@ class ImportResource(AsyncResource):
     isLeaf = True
 
     def __init__(
-        self, sources: Mapping[str, ImageSource], clock: IReactorTime, *, host_arch: str | None = None
+        self, sources: Mapping[str, ImageSource], clock: IReactorTime, *, host_arch: str | None = None,
+        access: UpstreamAccess = UpstreamAccess(),
     ) -> None:
         super().__init__()
+        # Who may import from which upstream ([upstreams.NAME] allow): others get a 403.
+        self._access = access
         self._sources = dict(sources)
         self._clock = clock
         self._host_arch = host_arch or host_architecture()
@@ -56,6 +60,7 @@ class ImportResource(AsyncResource):
         source = self._sources.get(name)
         if source is None:
             raise NotFound(f"no upstream named {name!r} is configured here")
+        self._access.check(name, client_host(request))
         client = client_info(request.getHeader(b"User-Agent"))
         _key, images = await source.images(client.family)
         image = self._find(images, ref, request)

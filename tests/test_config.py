@@ -92,6 +92,7 @@ def test_default_config_whole() -> None:
             auto_update_cached=True,
             keep_versions=2,
             prefetch_concurrency=2,
+            upstream_concurrency=4,
         ),
         upstreams=DEFAULT_UPSTREAMS,
         pins=(),
@@ -179,7 +180,7 @@ def test_sample_config_sets_every_key() -> None:
     # The per-upstream switches are documented once, on the first upstream.
     assert keys - expected == {
         "upstreams.images.allow_insecure", "upstreams.images.offline", "upstreams.images.protocol",
-        "lxd_api.upstreams", "log.format", "metrics.listen",
+        "upstreams.images.upstream_concurrency", "upstreams.images.allow", "lxd_api.upstreams", "log.format", "metrics.listen",
     }
 
 
@@ -530,7 +531,7 @@ def test_connection_limit_units(tmp_path: Path) -> None:
          "cache.directory: unknown key; expected one of auto_update_cached, "
          "auto_update_interval, connect_timeout, dir, download_idle_timeout, expiry_days, "
          "keep_versions, max_size, metadata_ttl, min_free, prefetch_concurrency, "
-         "usage_flush_interval"),
+         "upstream_concurrency, usage_flush_interval"),
         ("server = 1\n", "server: expected a table, got 1"),
         ('[server]\nlisten = "8443"\n', 'server.listen: expected a list of strings, got "8443"'),
         ("[server]\nlisten = [8443]\n", "server.listen: expected a list of strings, got [8443]"),
@@ -651,7 +652,8 @@ def test_bad_mirrors(tmp_path: Path, text: str, sentence: str) -> None:
         ("[upstreams]\na = 1\n", "upstreams.a: expected a table, got 1"),
         ("[upstreams.a]\n", "upstreams.a.url: missing; every upstream needs a base URL"),
         ('[upstreams.a]\nurl = "https://a.test"\nmirror = 1\n',
-         "upstreams.a.mirror: unknown key; expected one of allow_insecure, ca_file, offline, protocol, proxy, url, urls"),
+         "upstreams.a.mirror: unknown key; expected one of allow, allow_insecure, ca_file, offline, "
+         "protocol, proxy, upstream_concurrency, url, urls"),
         ('[upstreams.a]\nurl = "http://a.test"\n',
          'upstreams.a.url: upstreams must use https://, got "http://a.test" '
          "(allow_insecure = true permits http:// for tests)"),
@@ -818,6 +820,48 @@ prefetch_concurrency = 1
 )
 def test_lifecycle_errors(tmp_path: Path, text: str, sentence: str) -> None:
     assert error_of(tmp_path, f"[cache]\n{text}\n") == sentence
+
+
+def test_upstream_concurrency_in_cache_and_per_upstream(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, """
+[cache]
+upstream_concurrency = 2
+
+[upstreams.a]
+url = "https://a.example"
+
+[upstreams.b]
+url = "https://b.example"
+upstream_concurrency = 8
+
+[upstreams.c]
+url = "https://c.example"
+upstream_concurrency = 0
+
+[upstreams.d]
+url = "https://d.example"
+upstream_concurrency = ""
+"""))
+    assert config.cache.upstream_concurrency == 2
+    assert [u.upstream_concurrency for u in config.upstreams] == [None, 8, 0, None]
+    # 0 is no limit; an upstream without its own ("" or absent) takes the [cache] one
+    assert [config.upstream_concurrency(n) for n in "abcd"] == [2, 8, None, 2]
+    assert default_config().upstream_concurrency("images") == 4
+
+
+@pytest.mark.parametrize(
+    "text, sentence",
+    [
+        ("[cache]\nupstream_concurrency = -1\n",
+         "cache.upstream_concurrency: expected a whole number, 0 for no limit, got -1"),
+        ('[cache]\nupstream_concurrency = "4"\n',
+         'cache.upstream_concurrency: expected a whole number, 0 for no limit, got "4"'),
+        ('[upstreams.a]\nurl = "https://a.example"\nupstream_concurrency = 1.5\n',
+         "upstreams.a.upstream_concurrency: expected a whole number, 0 for no limit, got 1.5"),
+    ],
+)
+def test_upstream_concurrency_errors(tmp_path: Path, text: str, sentence: str) -> None:
+    assert error_of(tmp_path, text) == sentence
 
 
 # -- [[pin]] -------------------------------------------------------------------------------

@@ -600,11 +600,13 @@ def test_offline_lists_only_images_whose_files_are_all_stored(h: FaceHarness) ->
     h.store_files(unified.files)
     # The V3 VM has its metadata file stored only.
     h.store_files(h.image(SPLIT_OS, "amd64", V3, VM).files[:1])
-    # The copies are stale by now, and the upstream has gone down: the next listing's refresh
-    # fails (the stale copy is served) and marks it offline, as any other failure would.
+    # The copies are stale by now, and the upstream has gone down: the next listing gets the
+    # stale copy at once, and its refresh in the background fails and marks it offline, as
+    # any other failure would.
     h.clock.advance(TTL + 1)
     h.upstream_down()
     assert len(h.metadata_of("/1.0/images")) == len(h.listed())
+    h.settle()
     assert h.health.offline
     before = len(image_requests(h))
 

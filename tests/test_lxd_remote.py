@@ -278,6 +278,8 @@ def test_the_list_is_revalidated_after_the_ttl(make: Any) -> None:
     body_of(h, INDEX_PATH)
     h.clock.advance(TTL + 1)
     body_of(h, INDEX_PATH)
+    # revalidated in the background, the expired copy served meanwhile
+    h.settle()
     requests = h.server.list_requests()
     assert len(requests) == 2
     assert requests[1].get(b"if-none-match") == b'"v1"'
@@ -289,6 +291,9 @@ def test_a_changed_list_changes_the_catalogue(make: Any) -> None:
     h.server.images.append(unified(b"N" * 500, created_at="2024-08-01T00:00:00Z"))
     assert len(parse_images(body_of(h, PRODUCTS_PATH))) == 1
     h.clock.advance(TTL + 1)
+    # stale while revalidate: the expired catalogue at once, the new one next
+    assert len(parse_images(body_of(h, PRODUCTS_PATH))) == 1
+    h.settle()
     assert len(parse_images(body_of(h, PRODUCTS_PATH))) == 2
 
 
@@ -299,11 +304,13 @@ def test_stale_if_error_serves_the_last_catalogue_and_logs_once(make: Any, logge
     for _ in range(3):
         h.clock.advance(TTL + 1)
         assert body_of(h, PRODUCTS_PATH) == good
+        h.settle()
     warnings = logged.matching("refreshing")
     assert len(warnings) == 1 and LXD_URL in warnings[0]["url"]
     h.server.list_status = None
     h.clock.advance(RETRY_AFTER_FAILURE_SECONDS + TTL)
     body_of(h, PRODUCTS_PATH)
+    h.settle()
     assert len(h.server.list_requests()) == 5
 
 
@@ -330,6 +337,7 @@ def test_one_refresh_for_everything_that_asks_at_once(make: Any) -> None:
     for coroutine in ds:
         h.call(coroutine)
     h.call(h.remote.images())
+    h.settle()
     assert len(h.server.list_requests()) == 2
 
 
@@ -348,6 +356,8 @@ def test_the_catalogue_is_built_on_the_disk_worker_once_per_change(make: Any) ->
     assert jobs.count("_build") == 1
     h.server.images.append(unified(b"N" * 500, created_at="2024-08-01T00:00:00Z"))
     h.clock.advance(TTL + 1)
+    h.call(remote.get(PRODUCTS_PATH))
+    h.settle()
     assert len(parse_images(remote.read(h.call(remote.get(PRODUCTS_PATH))))) == 2
     assert jobs.count("_build") == 2
 

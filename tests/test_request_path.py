@@ -104,8 +104,13 @@ def test_changed_metadata_replaces_the_copy(h: Harness) -> None:
     h.fetch("streams/v1/index.json")
     h.files["streams/v1/index.json"] = h.files["streams/v1/index.json"].replace(b"index:1.0", b"index:1.1")
     h.clock.advance(TTL + 1)
+    # stale while revalidate: the expired copy at once, the new one to the next request
+    _, body, _ = h.fetch("streams/v1/index.json")
+    assert b"index:1.0" in body
+    h.settle()
     _, body, _ = h.fetch("streams/v1/index.json")
     assert b"index:1.1" in body
+    assert upstream_gets(h, "streams/v1/index.json") == 2
 
 
 def test_stale_if_error_serves_last_good_copy_and_logs_once(h: Harness, logged: Logged) -> None:

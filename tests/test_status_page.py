@@ -321,3 +321,10 @@ def test_status_json_is_plain_json() -> None:
     document = json.loads(json.dumps(status_json(_status())))
     assert document["images"][0]["aliases"] == ["<script>alert(1)</script>", "debian/12"]
     assert document["usage"]["hit_ratio"] == 0.75
+
+
+def test_a_queued_download_is_marked_so() -> None:
+    queued = DownloadState("images", "images/y/rootfs.squashfs", 0, 4 << 20, 1, False, queued=True)
+    page = render_html(_status(downloads=(queued,)))
+    assert "<td>client, queued</td>" in page
+    assert status_json(_status(downloads=(queued,)))["downloads"][0]["queued"] is True

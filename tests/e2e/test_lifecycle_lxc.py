@@ -19,6 +19,7 @@ import pytest
 # No stubs or py.typed marker in pytest-twisted.
 import pytest_twisted  # type: ignore[import-untyped]
 from twisted.internet import reactor as _reactor
+from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 
 from tests.e2e.lxd import LxcClient
@@ -112,6 +113,15 @@ async def test_cached_images_are_listed_and_exported_with_the_upstream_stopped(t
         await client.image_export(f"cache:{ALIAS}", tmp_path / "online")
         await upstream.stop()
 
+        # The first listing after the outage gets the expired catalogue at once (stale while
+        # revalidate); the refreshes behind it find the upstream gone and mark it offline.
+        await client.image_list("cache")
+        health = proxy.cache.health["cache"]
+        for _ in range(100):
+            if health.offline:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert health.offline
         listed = await client.image_list("cache")
         # Offline, the catalogue holds exactly the images whose files are all stored.
         assert [i["fingerprint"] for i in listed] == [image.fingerprint]

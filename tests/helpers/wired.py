@@ -24,6 +24,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from proxy.blobs import BlobStore
 from proxy.busy import InUse
 from proxy.config import CacheConfig, UpstreamConfig
+from proxy.download_slots import DownloadSlots
 from proxy.downloads import Fetcher
 from proxy.health import UpstreamHealth
 from proxy.index import FileRecord, MetadataRecord
@@ -146,6 +147,7 @@ class Harness(CacheHarness):
 
     @param capacity: when given, the cache's file system holds this many bytes
         (L{DiskOfCapacity}); otherwise free space is the real file system's.
+    @param upstream_concurrency: the most downloads at once (None: no limit).
     """
 
     def __init__(
@@ -158,6 +160,7 @@ class Harness(CacheHarness):
         min_free: int = 0,
         capacity: int | None = None,
         metrics: Metrics = NO_METRICS,
+        upstream_concurrency: int | None = None,
     ) -> None:
         self.metrics = metrics
         self.files = files
@@ -180,6 +183,7 @@ class Harness(CacheHarness):
             self.client, self.store, self.index, self.clock, [UpstreamConfig("up", BASE_URL)], IDLE,
             make_room=self.lifecycle.make_room, room_to_receive=self.lifecycle.room_to_receive_later,
             health={"up": self.health}, metrics=metrics,
+            slots=DownloadSlots({"up": upstream_concurrency}),
         )
         self.metadata = UpstreamMetadata(
             "up", BASE_URL, self.client, self.store, self.index, self.clock,
