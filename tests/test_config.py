@@ -510,7 +510,8 @@ def test_connection_limit_units(tmp_path: Path) -> None:
          "pins: unknown table; expected one of cache, log, lxd_api, metrics, pin, server, upstreams"),
         ('[server]\nlisen = ["8443"]\n',
          "server.lisen: unknown key; expected one of allow, keepalive_timeout, listen, "
-         "max_connections, max_header_bytes, max_headers, max_request_line, port_file, "
+         "listen_plain, max_connections, max_header_bytes, max_headers, max_request_line, "
+         "plain_http_files, port_file, "
          "request_head_timeout, send_timeout, tls_cert, tls_handshake_timeout, tls_key, tls_names"),
         ("[cache]\ndirectory = 'x'\n",
          "cache.directory: unknown key; expected one of auto_update_cached, "
@@ -991,7 +992,7 @@ def test_metrics_listen_takes_the_server_listen_syntax_and_an_empty_list(tmp_pat
         ('[metrics]\nlisten = ["9100", "0.0.0.0:9100"]\n',
          'metrics.listen: an address is listed twice in ["9100", "0.0.0.0:9100"]'),
         ('[server]\nlisten = ["127.0.0.1:8443"]\n[metrics]\nlisten = ["127.0.0.1:8443"]\n',
-         'metrics.listen: "tcp:8443:interface=127.0.0.1" is also in server.listen; the metrics '
+         'metrics.listen: "tcp:8443:interface=127.0.0.1" is also in server.listen or server.listen_plain; the metrics '
          'listener needs an address of its own'),
         ("[metrics]\nport = 1\n", "metrics.port: unknown key; expected one of listen"),
     ],
