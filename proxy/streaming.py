@@ -433,8 +433,9 @@ class SendfileProducer(FileProducer):
         self._reactor: IReactorFDSet = transport.reactor
         self._send_timeout = send_timeout
         self._watching = False
-        # When the socket was first found full since the last byte sent, and the check.
-        self._blocked_since: float | None = None
+        # Since when the producer has waited for the socket to take more (the last byte
+        # sent, or the start of the watching), and the check of it against send_timeout.
+        self._since = 0.0
         self._stall: IDelayedCall | None = None
         self._fd = os.dup(transport.fileno())
         self._writable = _Writable(self._fd, self._step, self._socket_lost)
@@ -452,6 +453,9 @@ class SendfileProducer(FileProducer):
         if self._over or self._paused or self._waiting is not None or self._watching:
             return
         self._watching = True
+        self._since = self.clock.seconds()
+        if self._stall is None:
+            self._stall = self.clock.callLater(self._send_timeout, self._check_stall)
         self._reactor.addWriter(self._writable)
 
     def _unwatch(self) -> None:
@@ -490,7 +494,6 @@ class SendfileProducer(FileProducer):
                 min(readable - self._offset, SENDFILE_MAX_BYTES),
             )
         except BlockingIOError:
-            self._blocked()
             return
         except OSError as e:
             # EPIPE, ECONNRESET: the client is gone; the transport's end stops this producer.
@@ -504,24 +507,20 @@ class SendfileProducer(FileProducer):
             )))
             return
         self._offset += sent
-        self._blocked_since = None
+        self._since = self.clock.seconds()
         assert isinstance(self.consumer, Request)
         # What Request.write would have counted: the access log and the usage read it.
         self.consumer.sentLength += sent
         if self._offset >= self.end:
             self._finish()
 
-    def _blocked(self) -> None:
-        if self._blocked_since is None:
-            self._blocked_since = self.clock.seconds()
-        if self._stall is None:
-            self._stall = self.clock.callLater(self._send_timeout, self._check_stall)
-
     def _check_stall(self) -> None:
         self._stall = None
-        if self._over or self._blocked_since is None:
+        if self._over or not self._watching:
+            # Paused (the channel times that) or waiting for the source: the next watching
+            # checks again.
             return
-        waited = self.clock.seconds() - self._blocked_since
+        waited = self.clock.seconds() - self._since
         if waited < self._send_timeout:
             self._stall = self.clock.callLater(self._send_timeout - waited, self._check_stall)
             return

@@ -231,3 +231,25 @@ async def _raw(port: int, payload: bytes) -> bytes:
         return await done.addTimeout(10, reactor)
     finally:
         connector.disconnect()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sendfile_on_plain_connections_only(plain: Plain, monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[object] = []
+
+    class Recording(streaming.SendfileProducer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(streaming, "SendfileProducer", Recording)
+    meta = plain.tree.image("testos/1.0").meta
+    tls = https_client(plain.proxy.cert_pem)
+    for client, url, count in (
+        (plain.http, plain.url(meta.path), 1),  # a miss: the download followed with sendfile
+        (tls, f"{plain.proxy.url('up')}/{meta.path}", 1),  # TLS: the file producer
+        (plain.http, plain.url(meta.path), 2),  # a hit
+    ):
+        code, _, body = await _get(client, url)
+        assert (code, hashlib.sha256(body).hexdigest()) == (200, meta.sha256)
+        assert len(made) == count
