@@ -108,7 +108,9 @@ class SniffingProtocol(Protocol):
         self._cancel_timeout()
         assert self.transport is not None
         tls = data[0] == TLS_HANDSHAKE_RECORD
-        factory = self._tls_factory if tls else self._plain
+        # Plain HTTP starts with a method (upper-case letters); anything else is neither and
+        # gets the immediate 400 rather than waiting for a request line that never ends.
+        factory = self._tls_factory if tls else self._plain if data[:1].isupper() else None
         if factory is not None:
             protocol = factory.buildProtocol(self.transport.getPeer())
             if protocol is None:
