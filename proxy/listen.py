@@ -122,7 +122,9 @@ class SniffingProtocol(Protocol):
             return
         self._answered = True
         if tls:
-            self.log.debug("TLS handshake from {peer} on a plain-HTTP port", peer=self.transport.getPeer())
+            self.log.debug(
+                "TLS handshake from {peer} on a plain-HTTP port", peer=self.transport.getPeer()
+            )
             self.transport.loseConnection()
             return
         self.log.debug("plain request from {peer} answered with 400", peer=self.transport.getPeer())

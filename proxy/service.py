@@ -299,7 +299,9 @@ class ListenService(ListeningService):
             for desc in server.listen
         ]
         if plain is not None:
-            listening += [listen_plain(self.reactor, d, plain, self.cap) for d in server.listen_plain]
+            listening += [
+                listen_plain(self.reactor, desc, plain, self.cap) for desc in server.listen_plain
+            ]
         elif server.listen_plain:
             log.warn("server.plain_http_files is false: server.listen_plain is not listened on")
         return listening
