@@ -11,6 +11,7 @@ without losing the consumer's backpressure in between.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from typing import IO, Protocol
@@ -377,6 +378,10 @@ def file_producer(
     )
 
 
+# What os.sendfile fails with when the client has gone.
+_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
+
+
 @implementer(IWriteDescriptor)
 class _Writable:
     """
@@ -496,7 +501,12 @@ class SendfileProducer(FileProducer):
         except BlockingIOError:
             return
         except OSError as e:
-            # EPIPE, ECONNRESET: the client is gone; the transport's end stops this producer.
+            if e.errno not in _PEER_GONE:
+                # Not the client's doing (a file system without sendfile, an I/O error):
+                # the response is cut and the failure logged where the request ends.
+                self._fail(Failure())
+                return
+            # The client is gone; the transport's end stops this producer.
             self.log.debug("sendfile to {peer} failed: {why}", peer=transport.getPeer(), why=e)
             self._unwatch()
             abort_connection(transport)

@@ -7,6 +7,7 @@ watched writer behind.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 from collections.abc import AsyncIterator, Callable
@@ -338,3 +339,26 @@ async def test_client_reading_nothing_is_dropped_after_send_timeout(
     await _settle()
     assert _watched() == []
 
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failing_sendfile_cuts_the_response(
+    tmp_path: Path, serve: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = _pattern(4 * MiB)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    server = serve(lambda: CompleteFile(FilePath(str(path)), len(data)))
+
+    def failing(*args: Any) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(streaming.os, "sendfile", failing)
+    head, body = split(await fetch(server, Reader(GET())))
+    # The headers went out; the body is short against its Content-Length, never taken whole.
+    assert head.startswith(b"HTTP/1.1 200 ") and len(body) < len(data)
+    await server.resource.ended.addTimeout(10, reactor)
+    [outcome] = server.resource.outcomes
+    assert isinstance(outcome, OSError) and outcome.errno == errno.EIO
+    await _settle()
+    assert _watched() == []
