@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from attrs import define
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import INegotiated, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -30,7 +30,7 @@ NONE = "-"
 
 ACCESS_FORMAT = (
     '{client} "{method} {path}" {status} {bytes} bytes {duration:.3f}s '
-    "face={face} cache={cache} {end}"
+    "face={face} cache={cache} via={via} {end}"
 )
 
 access = Logger(namespace="proxy.access")
@@ -44,12 +44,15 @@ class AccessNote:
     @ivar face: the part of the proxy that answered: an upstream's name (the simplestreams
         face), C{lxd} (the image API), C{import}, C{root}, or C{-} before routing.
     @ivar cache: L{HIT}, L{MISS}, L{JOINED} or L{NONE}.
+    @ivar via: how the request came: C{tls}, C{plain} (plain HTTP: an image file, or a 400
+        pointing to https://) or C{-} (not known).
     @ivar started: when the request head was complete (the clock's seconds).
     @ivar logged: the event was emitted, so it never is twice.
     """
 
     face: str = NONE
     cache: str = NONE
+    via: str = NONE
     started: float | None = None
     logged: bool = False
 
@@ -88,7 +91,7 @@ def log_access(request: IRequest, note: AccessNote, now: float, *, complete: boo
 
     Fields: C{client} (address), C{method}, C{path} (the request target), C{status} (0 when
     no status line was sent), C{bytes} (of body sent), C{duration} (seconds from the end of
-    the request head), C{face}, C{cache}, C{end} (C{done} or C{aborted}), C{user_agent}.
+    the request head), C{face}, C{cache}, C{via}, C{end} (C{done} or C{aborted}), C{user_agent}.
     """
     if note.logged:
         return
@@ -106,6 +109,7 @@ def log_access(request: IRequest, note: AccessNote, now: float, *, complete: boo
         duration=max(0.0, now - note.started) if note.started is not None else 0.0,
         face=note.face,
         cache=note.cache,
+        via=note.via,
         end="done" if complete else "aborted",
         user_agent=_text(request.getHeader(b"User-Agent")),
     )
@@ -128,6 +132,10 @@ class LoggedRequest(TargetRequest):
         self._clock = getattr(getattr(self.channel, "factory", None), "reactor", None)
         if self._clock is not None:
             self.access.started = self._clock.seconds()
+        transport = getattr(self.channel, "transport", None)
+        if transport is not None:
+            # TLS is the only negotiating transport the channel is ever given (proxy.listen).
+            self.access.via = "tls" if INegotiated.providedBy(transport) else "plain"
         super().requestReceived(command, path, version)
 
     def log_finished(self) -> None:

@@ -132,6 +132,11 @@ class ServerConfig:
     @ivar upstream_proxy: the outbound HTTP proxy for every upstream (L{proxy.outbound}),
         L{proxy.outbound.DIRECT} for none whatever the environment, or None: the environment's
         C{HTTPS_PROXY} and the like decide.
+    @ivar plain_http_files: whether a plain-HTTP GET or HEAD of an image file the catalogue
+        lists is served (on every C{listen} port and the C{listen_plain} ones), as LXD's
+        plain first attempt asks; off, plain HTTP gets an immediate 400 pointing to https://.
+    @ivar listen_plain: plain-HTTP-only listeners (the form of C{listen}) serving only those
+        files: port 80, for remotes whose URL has no port.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -149,6 +154,8 @@ class ServerConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     allow: tuple[str, ...] = ()
     upstream_proxy: ProxySetting = None
+    plain_http_files: bool = True
+    listen_plain: tuple[str, ...] = ()
 
 
 @frozen
@@ -659,6 +666,8 @@ _SERVER_KEYS = {
     "max_connections",
     "allow",
     "upstream_proxy",
+    "plain_http_files",
+    "listen_plain",
 }
 
 
@@ -674,6 +683,19 @@ def _parse_server(table: Mapping[str, Any], base_dir: str) -> ServerConfig:
         listen = tuple(normalise_listen(v, "server.listen") for v in listen_values)
         if len(set(listen)) != len(listen):
             raise ConfigError(f"server.listen: an address is listed twice in {_show(listen_values)}")
+    listen_plain = tuple(
+        normalise_listen(v, "server.listen_plain")
+        for v in _string_list(table, "listen_plain", prefix) or []
+    )
+    taken = {_without_backlog(d) for d in listen}
+    for description in listen_plain:
+        if not description.startswith("tcp:0:") and _without_backlog(description) in taken:
+            raise ConfigError(
+                f"server.listen_plain: {_show(description)} is also in server.listen or listed "
+                f"twice; a plain-HTTP listener needs an address of its own (every server.listen "
+                f"port serves the same files over plain HTTP already)"
+            )
+        taken.add(_without_backlog(description))
 
     tls_cert = _resolve(base_dir, _string(table, "tls_cert", prefix))
     tls_key = _resolve(base_dir, _string(table, "tls_key", prefix))
@@ -709,6 +731,8 @@ def _parse_server(table: Mapping[str, Any], base_dir: str) -> ServerConfig:
         max_connections=_count(table, "max_connections", prefix, defaults.max_connections),
         allow=_networks(table, "allow", prefix),
         upstream_proxy=_proxy(table, "upstream_proxy", prefix),
+        plain_http_files=_bool(table, "plain_http_files", prefix, True),
+        listen_plain=listen_plain,
     )
 
 
@@ -746,10 +770,13 @@ def _parse_metrics(table: Mapping[str, Any], server: ServerConfig) -> MetricsCon
         listen = tuple(normalise_listen(v, "metrics.listen") for v in values)
         if len(set(listen)) != len(listen):
             raise ConfigError(f"metrics.listen: an address is listed twice in {_show(values)}")
-    shared = set(_without_backlog(d) for d in listen) & set(_without_backlog(d) for d in server.listen)
+    shared = set(_without_backlog(d) for d in listen) & set(
+        _without_backlog(d) for d in server.listen + server.listen_plain
+    )
     if any(not d.startswith("tcp:0:") for d in shared):
         raise ConfigError(
-            f"metrics.listen: {_show(sorted(shared)[0])} is also in server.listen; the metrics "
+            f"metrics.listen: {_show(sorted(shared)[0])} is also in server.listen or "
+            f"server.listen_plain; the metrics "
             f"listener needs an address of its own"
         )
     return MetricsConfig(listen=listen)

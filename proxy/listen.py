@@ -1,11 +1,13 @@
 # -*- test-case-name: tests.test_listen -*-
-"""Listening for HTTPS, with an immediate answer to plain HTTP on the same port.
+"""Listening for HTTPS, with plain HTTP on the same port for image files or an immediate 400.
 
 The LXD client downloads every image file over plain C{http://} on the HTTPS port first and
 falls back to HTTPS only when that attempt fails.  If the port swallowed the plain request
 (a TLS server waiting for a ClientHello), each file would stall until a client timeout, so
-the first byte of each connection is sniffed: a TLS handshake record goes to TLS, anything
-else gets a short C{400} telling the user to use C{https://}, and the connection is closed.
+the first byte of each connection is sniffed: a TLS handshake record goes to TLS; anything
+else goes to the plain-HTTP site when there is one (L{proxy.plain}: image files only, the
+rest a 400 pointing to C{https://}), or else gets that C{400} at once and is closed.
+L{listen_plain} listens for plain HTTP alone (port 80, for remotes whose URL has no port).
 
 With a L{ConnectionCap}, a connection over the cap is closed as soon as it is accepted,
 before any byte is read.
@@ -57,21 +59,28 @@ PLAIN_HTTP_ANSWER = (
 
 class SniffingProtocol(Protocol):
     """
-    Looks at the first byte of a connection and either hands the connection to TLS or
-    answers plain HTTP with L{PLAIN_HTTP_ANSWER} and closes it.
+    Looks at the first byte of a connection and hands the connection to TLS or, for plain
+    HTTP, to C{plain}; without C{plain} it answers with L{PLAIN_HTTP_ANSWER} and closes it.
+    Without C{tls_factory} (a plain-HTTP listener) a TLS handshake is closed at once.
 
-    After the hand-over every byte read is passed on to the TLS protocol, which writes to
-    the real transport itself.
+    After the hand-over every byte read is passed on to the chosen protocol, which writes to
+    the real transport itself (a plain channel sees the TCP transport: see
+    L{proxy.streaming.SendfileProducer}).
     """
 
     log = Logger()
 
     def __init__(
-        self, tls_factory: IProtocolFactory, clock: IReactorTime, cap: ConnectionCap | None = None
+        self,
+        tls_factory: IProtocolFactory | None,
+        clock: IReactorTime,
+        cap: ConnectionCap | None = None,
+        plain: IProtocolFactory | None = None,
     ) -> None:
         self._tls_factory = tls_factory
         self._clock = clock
         self._cap = cap
+        self._plain = plain
         self._delegate: IProtocol | None = None
         self._answered = False
         self._timeout: IDelayedCall | None = None
@@ -98,8 +107,12 @@ class SniffingProtocol(Protocol):
             return
         self._cancel_timeout()
         assert self.transport is not None
-        if data[0] == TLS_HANDSHAKE_RECORD:
-            protocol = self._tls_factory.buildProtocol(self.transport.getPeer())
+        tls = data[0] == TLS_HANDSHAKE_RECORD
+        # Plain HTTP starts with a method (upper-case letters); anything else is neither and
+        # gets the immediate 400 rather than waiting for a request line that never ends.
+        factory = self._tls_factory if tls else self._plain if data[:1].isupper() else None
+        if factory is not None:
+            protocol = factory.buildProtocol(self.transport.getPeer())
             if protocol is None:
                 self.transport.loseConnection()
                 return
@@ -108,6 +121,12 @@ class SniffingProtocol(Protocol):
             protocol.dataReceived(data)
             return
         self._answered = True
+        if tls:
+            self.log.debug(
+                "TLS handshake from {peer} on a plain-HTTP port", peer=self.transport.getPeer()
+            )
+            self.transport.loseConnection()
+            return
         self.log.debug("plain request from {peer} answered with 400", peer=self.transport.getPeer())
         self.transport.write(PLAIN_HTTP_ANSWER)
         self.transport.loseConnection()
@@ -124,33 +143,41 @@ class SniffingProtocol(Protocol):
 class SniffingFactory(Factory):
     """
     Builds a L{SniffingProtocol} per connection admitted by C{cap}; starts and stops the
-    TLS factory with it.
+    TLS and plain factories with it.
     """
 
     noisy = False
 
     def __init__(
-        self, tls_factory: IProtocolFactory, clock: IReactorTime, cap: ConnectionCap | None = None
+        self,
+        tls_factory: IProtocolFactory | None,
+        clock: IReactorTime,
+        cap: ConnectionCap | None = None,
+        plain: IProtocolFactory | None = None,
     ) -> None:
         self._tls_factory = tls_factory
         self._clock = clock
         self._cap = cap
+        self._plain = plain
+        self._factories = [f for f in (tls_factory, plain) if f is not None]
 
     def logPrefix(self) -> str:
         # Shown by the port: "HTTPS starting on 8443".
-        return "HTTPS"
+        return "HTTPS" if self._tls_factory is not None else "HTTP"
 
     def startFactory(self) -> None:
-        self._tls_factory.doStart()
+        for factory in self._factories:
+            factory.doStart()
 
     def stopFactory(self) -> None:
-        self._tls_factory.doStop()
+        for factory in self._factories:
+            factory.doStop()
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol | None:
         if self._cap is not None and not self._cap.admit():
             # The port closes the accepted socket at once.
             return None
-        protocol = SniffingProtocol(self._tls_factory, self._clock, self._cap)
+        protocol = SniffingProtocol(self._tls_factory, self._clock, self._cap, self._plain)
         protocol.factory = self
         return protocol
 
@@ -160,10 +187,19 @@ def sniffing_tls_factory(
     factory: IProtocolFactory,
     clock: IReactorTime,
     cap: ConnectionCap | None = None,
+    plain: IProtocolFactory | None = None,
 ) -> SniffingFactory:
     """The factory L{listen_tls} listens with: sniffing, then TLS around C{factory}."""
     # The TLS layer gathers small writes until the clock's next turn.
-    return SniffingFactory(TLSMemoryBIOFactory(tls_options, False, factory, clock), clock, cap)
+    return SniffingFactory(
+        TLSMemoryBIOFactory(tls_options, False, factory, clock), clock, cap, plain
+    )
+
+
+def _endpoint(reactor: IReactorTime, description: str) -> Any:
+    if ":backlog=" not in description:
+        description += f":backlog={DEFAULT_BACKLOG}"
+    return serverFromString(reactor, description)
 
 
 def listen_tls(
@@ -172,10 +208,11 @@ def listen_tls(
     tls_options: IOpenSSLServerConnectionCreator,
     factory: IProtocolFactory,
     cap: ConnectionCap | None = None,
+    plain: IProtocolFactory | None = None,
 ) -> Deferred[IListeningPort]:
     """
     Listen on the plain TCP endpoint C{description} and serve C{factory} over TLS there,
-    answering plain HTTP with a 400 (see the module docstring).
+    and plain HTTP with C{plain} or else a 400 (see the module docstring).
 
     @param reactor: the reactor to listen with; it must also provide C{IReactorTCP}.
     @param tls_options: e.g. L{proxy.tls.server_tls_options}.
@@ -183,10 +220,27 @@ def listen_tls(
     @return: fires with the listening port, or fails with
         L{twisted.internet.error.CannotListenError}.
     """
-    if ":backlog=" not in description:
-        description += f":backlog={DEFAULT_BACKLOG}"
-    endpoint = serverFromString(reactor, description)
-    return endpoint.listen(sniffing_tls_factory(tls_options, factory, reactor, cap))
+    endpoint = _endpoint(reactor, description)
+    listened: Deferred[IListeningPort] = endpoint.listen(
+        sniffing_tls_factory(tls_options, factory, reactor, cap, plain)
+    )
+    return listened
+
+
+def listen_plain(
+    reactor: IReactorTime,
+    description: str,
+    plain: IProtocolFactory,
+    cap: ConnectionCap | None = None,
+) -> Deferred[IListeningPort]:
+    """
+    Listen on C{description} for plain HTTP only, served by C{plain}; a TLS handshake there is
+    closed at once. The first-byte timeout and C{cap} apply as in L{listen_tls}.
+    """
+    listened: Deferred[IListeningPort] = _endpoint(reactor, description).listen(
+        SniffingFactory(None, reactor, cap, plain)
+    )
+    return listened
 
 
 class ListeningService(Service):

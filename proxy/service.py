@@ -31,6 +31,7 @@ from proxy.admission import (
 from proxy.blobs import BlobStore
 from proxy.exporter import MetricsListenService, exporter_site
 from proxy.metadata import INDEX_PATH
+from proxy.plain import PlainRoot
 from proxy.metrics import Metrics, StateCollector, face_of
 from proxy.probes import Healthz, Readiness, Readyz, readiness
 from proxy.client_setup import SETUP_PATH, base_url, pinned_pubkey, setup_line
@@ -41,7 +42,7 @@ from proxy.config import LXD, Config, read_pem_certificates
 from proxy.core import CLOSE_TIMEOUT_SECONDS, FAMILIES as FAMILIES, build_core
 from proxy.errors import ConfigError
 from proxy.index import CacheIndex, IndexFormatError, reconcile
-from proxy.listen import ListeningService, listen_tls
+from proxy.listen import ListeningService, listen_plain, listen_tls
 from proxy.files import CacheFiles
 from proxy.images import FaceCatalogue, ImageSource, LxdRemoteImages, SimplestreamsImages
 from proxy.lxd_face import LxdApiResource, ServerCertificate
@@ -112,6 +113,8 @@ class CacheService(Service):
         self.families = core.families
         self.remotes = core.remotes
         self.prefetcher = core.prefetcher
+        # The plain-HTTP site (proxy.plain), built with the HTTPS one in site().
+        self.plain_site: Site | None = None
 
     def busy(self) -> set[str]:
         """Files that may not be evicted now: being served or being downloaded."""
@@ -244,16 +247,17 @@ class CacheService(Service):
         def observe(segment: str, request: Any) -> None:
             metrics.observe_request(face_of(segment, names), request)
 
-        site = ProxySite(
-            RootResource(
-                upstreams, banner, others, observe=observe if metrics.enabled else None,
-                page=StatusPage(status, self.config),
-                clients=ClientNetworks.of(self.config.server.allow), access=access,
-            ),
-            HeadLimits.from_config(self.config.server),
-            self.reactor,
+        root = RootResource(
+            upstreams, banner, others, observe=observe if metrics.enabled else None,
+            page=StatusPage(status, self.config),
+            clients=ClientNetworks.of(self.config.server.allow), access=access,
         )
+        limits = HeadLimits.from_config(self.config.server)
+        site = ProxySite(root, limits, self.reactor)
         site.displayTracebacks = False
+        # Plain HTTP: the same upstreams' image files, nothing else (proxy.plain).
+        self.plain_site = ProxySite(PlainRoot(root), limits, self.reactor)
+        self.plain_site.displayTracebacks = False
         return site
 
     def readiness(self, listening: bool = True) -> Readiness:
@@ -267,12 +271,19 @@ class ListenService(ListeningService):
     """Listens with TLS on every configured address and tells the admin how to reach the proxy."""
 
     def __init__(
-        self, config: Config, reactor: Any, site: Site, certificate: ServerCertificate | None = None
+        self,
+        config: Config,
+        reactor: Any,
+        site: Site,
+        certificate: ServerCertificate | None = None,
+        plain_site: Site | None = None,
     ) -> None:
         super().__init__()
         self.config = config
         self.reactor = reactor
         self.site = site
+        # Serves image files over plain HTTP (proxy.plain), unless server.plain_http_files is off.
+        self.plain_site = plain_site if config.server.plain_http_files else None
         self.certificate = certificate if certificate is not None else ServerCertificate()
         self.cert_path = ""
         # Shared by every listener; set when listening starts.
@@ -296,7 +307,18 @@ class ListenService(ListeningService):
         self.certificate.pem = leaf.public_bytes(serialization.Encoding.PEM).decode("ascii")
         self.certificate.fingerprint = certificate_fingerprint(cert_path)
         self.cap = ConnectionCap(self._connection_cap(), self.reactor)
-        return [listen_tls(self.reactor, desc, options, self.site, self.cap) for desc in server.listen]
+        plain = self.plain_site
+        listening = [
+            listen_tls(self.reactor, desc, options, self.site, self.cap, plain)
+            for desc in server.listen
+        ]
+        if plain is not None:
+            listening += [
+                listen_plain(self.reactor, desc, plain, self.cap) for desc in server.listen_plain
+            ]
+        elif server.listen_plain:
+            log.warn("server.plain_http_files is false: server.listen_plain is not listened on")
+        return listening
 
     def _connection_cap(self) -> int:
         limit = raise_open_file_limit()
@@ -319,7 +341,14 @@ class ListenService(ListeningService):
         return cap
 
     def listened(self, ports: list[IListeningPort]) -> None:
-        self._announce([cast(IPv4Address | IPv6Address, port.getHost()).port for port in ports])
+        bound = [cast(IPv4Address | IPv6Address, port.getHost()).port for port in ports]
+        tls, plain = bound[:len(self.config.server.listen)], bound[len(self.config.server.listen):]
+        if self.plain_site is not None:
+            log.info(
+                "image files over plain HTTP (LXD's first attempt) on port(s) {ports}",
+                ports=" ".join(str(p) for p in tls + plain),
+            )
+        self._announce(tls)
 
     def _announce(self, bound: list[int]) -> None:
         server = self.config.server
@@ -381,7 +410,7 @@ class ProxyService(MultiService):
         self.cache.setServiceParent(self)
         certificate = ServerCertificate()
         site = self.cache.site(certificate, self.readiness)
-        self.listener = ListenService(config, reactor, site, certificate)
+        self.listener = ListenService(config, reactor, site, certificate, self.cache.plain_site)
         self.listener.setServiceParent(self)
         self.metrics_listener = MetricsListenService(
             config.metrics.listen, reactor,

@@ -11,6 +11,9 @@ without losing the consumer's backpressure in between.
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Callable
 from typing import IO, Protocol
 
 from attrs import frozen
@@ -20,8 +23,11 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IProducer,
     IPushProducer,
+    IReactorFDSet,
     IReactorTime,
+    IWriteDescriptor,
 )
+from twisted.internet import tcp
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
@@ -334,6 +340,226 @@ class FileProducer:
     def _request_lost(self, reason: Failure) -> None:
         self._client_gone = True
         self.stopProducing()
+
+
+# One sendfile call sends at most this much; the socket takes what fits in its buffer and the
+# rest waits for the next writable turn.  It bounds how long one call may read the disk.
+SENDFILE_MAX_BYTES = 1024 * 1024
+# Off: every response goes through L{FileProducer} (a benchmark's comparison, a test's).
+SENDFILE_ENABLED = True
+
+
+def sendfile_transport(consumer: IConsumer) -> tcp.Connection | None:
+    """
+    The TCP connection under C{consumer} when its body may be sent with C{os.sendfile}: a
+    request on a plain (not TLS) socket of a reactor that watches descriptors; else None.
+    """
+    if not SENDFILE_ENABLED or not hasattr(os, "sendfile") or not isinstance(consumer, Request):
+        return None
+    transport = getattr(consumer.channel, "transport", None)
+    if not isinstance(transport, tcp.Connection) or getattr(transport, "TLS", False):
+        return None
+    if not transport.connected or transport.disconnecting:
+        return None
+    reactor: object = transport.reactor
+    return transport if IReactorFDSet.providedBy(reactor) else None
+
+
+def file_producer(
+    source: FileSource, consumer: IConsumer, clock: IReactorTime, start: int = 0,
+    end: int | None = None, *, send_timeout: float,
+) -> FileProducer:
+    """A L{SendfileProducer} where the connection allows it, else a L{FileProducer}."""
+    transport = sendfile_transport(consumer)
+    if transport is None or not isinstance(consumer, Request):
+        return FileProducer(source, consumer, clock, start, end)
+    return SendfileProducer(
+        source, consumer, clock, start, end, transport=transport, send_timeout=send_timeout
+    )
+
+
+# What os.sendfile fails with when the client has gone.
+_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
+
+
+@implementer(IWriteDescriptor)
+class _Writable:
+    """
+    A client socket as the reactor watches it for writing, on a duplicate of its descriptor:
+    the reactor keys what it watches by descriptor number, and the transport keeps watching
+    the original for reading (and for writing what it buffers).
+    """
+
+    def __init__(self, fd: int, writable: Callable[[], None], lost: Callable[[], None]) -> None:
+        self._fd = fd
+        self._writable = writable
+        self._lost = lost
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doWrite(self) -> None:
+        self._writable()
+
+    def connectionLost(self, reason: Failure) -> None:
+        # The reactor saw the socket fail (or doWrite raise) and stopped watching it.
+        self._lost()
+
+    def logPrefix(self) -> str:
+        return "sendfile"
+
+
+class SendfileProducer(FileProducer):
+    """
+    A L{FileProducer} for a plain TCP connection: the kernel copies the file into the socket
+    (C{os.sendfile}), so no byte of the body passes through Python.
+
+    It steps whenever the socket is writable (the reactor watches a duplicate of its
+    descriptor, L{_Writable}) rather than once per reactor turn, and sends only once the
+    transport's own buffer (the response's headers) is empty, so the bytes go out in order.
+    A full socket (C{EAGAIN}) waits for the next writable turn; pausing stops the watching.
+    A growing source is followed as by L{FileProducer}, the last byte held until verified.
+    A client that reads nothing for C{send_timeout} while the socket is full is dropped, as
+    L{proxy.channel.ProxyChannel} drops one whose buffered writes do not drain.
+    """
+
+    def __init__(
+        self,
+        source: FileSource,
+        consumer: Request,
+        clock: IReactorTime,
+        start: int = 0,
+        end: int | None = None,
+        *,
+        transport: tcp.Connection,
+        send_timeout: float,
+    ) -> None:
+        self._transport = transport
+        self._reactor: IReactorFDSet = transport.reactor
+        self._send_timeout = send_timeout
+        self._watching = False
+        # Since when the producer has waited for the socket to take more (the last byte
+        # sent, or the start of the watching), and the check of it against send_timeout.
+        self._since = 0.0
+        self._stall: IDelayedCall | None = None
+        self._fd = os.dup(transport.fileno())
+        self._writable = _Writable(self._fd, self._step, self._socket_lost)
+        try:
+            super().__init__(source, consumer, clock, start, end)
+        except BaseException:
+            self._release()
+            raise
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._unwatch()
+
+    def _schedule(self) -> None:
+        if self._over or self._paused or self._waiting is not None or self._watching:
+            return
+        self._watching = True
+        self._since = self.clock.seconds()
+        if self._stall is None:
+            self._stall = self.clock.callLater(self._send_timeout, self._check_stall)
+        self._reactor.addWriter(self._writable)
+
+    def _unwatch(self) -> None:
+        if self._watching:
+            self._watching = False
+            self._reactor.removeWriter(self._writable)
+
+    def _step(self) -> None:
+        if self._over or self._paused:
+            self._unwatch()
+            return
+        failure = self.source.failure
+        if failure is not None:
+            self._fail(failure)
+            return
+        if self._offset >= self.end:
+            self._finish()
+            return
+        readable = min(self.source.available(), self.end)
+        if self._offset >= readable:
+            self._unwatch()
+            self._wait_for_source()
+            return
+        transport = self._transport
+        if transport.disconnecting or not transport.connected:
+            # On its way down: its connectionLost stops this producer.
+            self._unwatch()
+            return
+        if len(transport.dataBuffer) - transport.offset + transport._tempDataLen:
+            # The headers first: the transport is writing them as the socket takes them.
+            return
+        assert self._file is not None
+        try:
+            sent = os.sendfile(
+                self._fd, self._file.fileno(), self._offset,
+                min(readable - self._offset, SENDFILE_MAX_BYTES),
+            )
+        except BlockingIOError:
+            return
+        except OSError as e:
+            if e.errno not in _PEER_GONE:
+                # Not the client's doing (a file system without sendfile, an I/O error):
+                # the response is cut and the failure logged where the request ends.
+                self._fail(Failure())
+                return
+            # The client is gone; the transport's end stops this producer.
+            self.log.debug("sendfile to {peer} failed: {why}", peer=transport.getPeer(), why=e)
+            self._unwatch()
+            abort_connection(transport)
+            return
+        if sent == 0:
+            self._fail(Failure(FileTruncated(
+                f"{self.source.path.path} ended at {self._offset} bytes, {readable} were promised"
+            )))
+            return
+        self._offset += sent
+        self._since = self.clock.seconds()
+        assert isinstance(self.consumer, Request)
+        # What Request.write would have counted: the access log and the usage read it.
+        self.consumer.sentLength += sent
+        if self._offset >= self.end:
+            self._finish()
+
+    def _check_stall(self) -> None:
+        self._stall = None
+        if self._over or not self._watching:
+            # Paused (the channel times that) or waiting for the source: the next watching
+            # checks again.
+            return
+        waited = self.clock.seconds() - self._since
+        if waited < self._send_timeout:
+            self._stall = self.clock.callLater(self._send_timeout - waited, self._check_stall)
+            return
+        self.log.info(
+            "client {peer} read nothing for {seconds:g} s; dropping its connection",
+            peer=self._transport.getPeer(), seconds=self._send_timeout,
+        )
+        self._unwatch()
+        abort_connection(self._transport)
+
+    def _socket_lost(self) -> None:
+        # The reactor no longer watches it.
+        self._watching = False
+        abort_connection(self._transport)
+
+    def _stop(self) -> None:
+        super()._stop()
+        self._release()
+
+    def _release(self) -> None:
+        # Unwatched before its descriptor closes: epoll would otherwise keep reporting it.
+        self._unwatch()
+        if self._stall is not None:
+            if self._stall.active():
+                self._stall.cancel()
+            self._stall = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 @implementer(IPushProducer, IConsumer)

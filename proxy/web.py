@@ -23,7 +23,8 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from proxy.errors import BadRequest, MethodNotAllowed, ProxyError, RangeNotSatisfiable
-from proxy.streaming import FileProducer, FileSource, ProducerStopped, abort_connection
+from proxy.config import DEFAULT_SEND_TIMEOUT_SECONDS
+from proxy.streaming import FileSource, ProducerStopped, abort_connection, file_producer
 
 INTERNAL_ERROR_MESSAGE = "internal error"
 
@@ -371,7 +372,12 @@ async def serve_file(
     if request.method == b"HEAD":
         return
 
-    producer = FileProducer(source, request, clock, start, end)
+    # With sendfile on a plain connection (proxy.streaming.SendfileProducer).
+    limits = getattr(request.channel, "limits", None)
+    producer = file_producer(
+        source, request, clock, start, end,
+        send_timeout=getattr(limits, "send_timeout", DEFAULT_SEND_TIMEOUT_SECONDS),
+    )
     # Headers go out now rather than with the first chunk: on a cache miss
     # the first bytes may be a while coming, and clients give up on a
     # response whose headers take longer than 30 seconds.

@@ -187,7 +187,7 @@ class _Finished:
 
 
 def _access_event() -> LogEvent:
-    note = AccessNote(face="images", cache="hit", started=10.0)
+    note = AccessNote(face="images", cache="hit", via="tls", started=10.0)
     request = cast(IRequest, _Finished())
     events: list[LogEvent] = []
     observer = cast(ILogObserver, events.append)
@@ -210,7 +210,7 @@ def test_text_line_has_one_timestamp() -> None:
     assert line.count("\n") == 1
     assert len(ISO_TIME.findall(line)) == 1 and not CLF_TIME.search(line)
     assert line.rstrip("\n").endswith(
-        '[proxy.access#info] 192.0.2.7 "GET /images/f" 200 5 bytes 0.250s face=images cache=hit done'
+        '[proxy.access#info] 192.0.2.7 "GET /images/f" 200 5 bytes 0.250s face=images cache=hit via=tls done'
     )
     assert (formatEventAsClassicLogText(event) or "").count("proxy.access") == 1
 
@@ -223,13 +223,13 @@ def test_json_line_carries_the_fields() -> None:
     # JSON Lines: one object per line, no record separator in front.
     assert line.endswith("\n") and line.count("\n") == 1 and line[0] == "{"
     parsed = json.loads(line)
-    assert {k: parsed[k] for k in ("face", "cache", "status", "bytes", "duration", "client")} == {
-        "face": "images", "cache": "hit", "status": 200, "bytes": 5, "duration": 0.25,
+    assert {k: parsed[k] for k in ("face", "cache", "via", "status", "bytes", "duration", "client")} == {
+        "face": "images", "cache": "hit", "via": "tls", "status": 200, "bytes": 5, "duration": 0.25,
         "client": "192.0.2.7",
     }
     assert parsed["log_namespace"] == "proxy.access"
     assert parsed["log_level"]["name"] == "info"
-    assert parsed["text"] == '192.0.2.7 "GET /images/f" 200 5 bytes 0.250s face=images cache=hit done'
+    assert parsed["text"] == '192.0.2.7 "GET /images/f" 200 5 bytes 0.250s face=images cache=hit via=tls done'
     assert isinstance(parsed["log_time"], float)
 
 

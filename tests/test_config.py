@@ -524,7 +524,8 @@ def test_connection_limit_units(tmp_path: Path) -> None:
          "pins: unknown table; expected one of cache, log, lxd_api, metrics, pin, server, upstreams"),
         ('[server]\nlisen = ["8443"]\n',
          "server.lisen: unknown key; expected one of allow, keepalive_timeout, listen, "
-         "max_connections, max_header_bytes, max_headers, max_request_line, port_file, "
+         "listen_plain, max_connections, max_header_bytes, max_headers, max_request_line, "
+         "plain_http_files, port_file, "
          "request_head_timeout, send_timeout, tls_cert, tls_handshake_timeout, tls_key, tls_names, "
          "upstream_proxy"),
         ("[cache]\ndirectory = 'x'\n",
@@ -1085,7 +1086,7 @@ def test_metrics_listen_takes_the_server_listen_syntax_and_an_empty_list(tmp_pat
         ('[metrics]\nlisten = ["9100", "0.0.0.0:9100"]\n',
          'metrics.listen: an address is listed twice in ["9100", "0.0.0.0:9100"]'),
         ('[server]\nlisten = ["127.0.0.1:8443"]\n[metrics]\nlisten = ["127.0.0.1:8443"]\n',
-         'metrics.listen: "tcp:8443:interface=127.0.0.1" is also in server.listen; the metrics '
+         'metrics.listen: "tcp:8443:interface=127.0.0.1" is also in server.listen or server.listen_plain; the metrics '
          'listener needs an address of its own'),
         ("[metrics]\nport = 1\n", "metrics.port: unknown key; expected one of listen"),
     ],
@@ -1098,3 +1099,40 @@ def test_metrics_errors_name_the_key(tmp_path: Path, text: str, message: str) ->
 def test_the_health_and_metrics_paths_are_no_upstream_names(tmp_path: Path, name: str) -> None:
     message = error_of(tmp_path, f'[upstreams.{name}]\nurl = "https://a.test"\n')
     assert message.startswith(f"upstreams.{name}: an upstream name must match")
+
+
+def test_plain_http_keys(tmp_path: Path) -> None:
+    server = load_config(write(tmp_path, "[cache]\ndir = 'x'\n")).server
+    assert (server.plain_http_files, server.listen_plain) == (True, ())
+    text = (
+        "[cache]\ndir = 'x'\n[server]\nlisten = ['8443']\nplain_http_files = false\n"
+        "listen_plain = ['80', '[::]:8080']\n"
+    )
+    server = load_config(write(tmp_path, text)).server
+    assert server.plain_http_files is False
+    assert server.listen_plain == ("tcp:80:interface=0.0.0.0", "tcp:8080:interface=\\:\\:")
+
+
+@pytest.mark.parametrize(
+    ("text", "sentence"),
+    [
+        ("[server]\nplain_http_files = 'yes'\n",
+         'server.plain_http_files: expected true or false, got "yes"'),
+        ("[server]\nlisten = ['8443']\nlisten_plain = ['0.0.0.0:8443']\n",
+         'server.listen_plain: "tcp:8443:interface=0.0.0.0" is also in server.listen or listed '
+         "twice; a plain-HTTP listener needs an address of its own (every server.listen port "
+         "serves the same files over plain HTTP already)"),
+        ("[server]\nlisten_plain = ['80', '0.0.0.0:80']\n",
+         'server.listen_plain: "tcp:80:interface=0.0.0.0" is also in server.listen or listed '
+         "twice; a plain-HTTP listener needs an address of its own (every server.listen port "
+         "serves the same files over plain HTTP already)"),
+        ("[server]\nlisten_plain = ['80']\n[metrics]\nlisten = ['80']\n",
+         'metrics.listen: "tcp:80:interface=0.0.0.0" is also in server.listen or '
+         "server.listen_plain; the metrics listener needs an address of its own"),
+        ("[server]\nlisten_plain = ['ssl:80']\n",
+         'server.listen_plain: "ssl:80" is not a plain TCP endpoint; the proxy adds TLS itself, '
+         'so use "tcp:PORT" or "ADDRESS:PORT"'),
+    ],
+)
+def test_plain_http_key_errors(tmp_path: Path, text: str, sentence: str) -> None:
+    assert error_of(tmp_path, text) == sentence

@@ -120,6 +120,43 @@ def test_tls_handshake_goes_to_tls() -> None:
     assert [f.getErrorMessage() for f in inner.lost] == ["gone"]
 
 
+def _sniffing(tls: RecordingFactory | None, plain: RecordingFactory) -> tuple[Protocol, StringTransport]:
+    factory = SniffingFactory(tls, Clock(), None, plain)
+    protocol = factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 1234))
+    assert protocol is not None
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    return protocol, transport
+
+
+def test_plain_http_goes_to_the_plain_site_when_there_is_one() -> None:
+    tls, plain = RecordingFactory(), RecordingFactory()
+    protocol, transport = _sniffing(tls, plain)
+    protocol.dataReceived(b"GET /images/x HTTP/1.1\r\n")
+    protocol.dataReceived(b"\r\n")
+    [inner] = plain.built
+    assert cast(object, inner.transport) is transport
+    assert inner.data == [b"GET /images/x HTTP/1.1\r\n", b"\r\n"]
+    assert tls.built == [] and transport.value() == b""
+    # Neither TLS nor a method: the 400 at once, not a wait for a request line.
+    protocol, transport = _sniffing(tls, plain)
+    protocol.dataReceived(b"\x15\x03\x03\x00\x02\x02\x28")
+    assert transport.value() == PLAIN_HTTP_ANSWER and transport.disconnecting
+    assert len(plain.built) == 1
+
+
+def test_a_plain_only_listener_closes_tls_and_starts_its_factory() -> None:
+    plain = RecordingFactory()
+    protocol, transport = _sniffing(None, plain)
+    protocol.dataReceived(CLIENT_HELLO_START)
+    assert transport.value() == b"" and transport.disconnecting
+    assert plain.built == []
+    factory = SniffingFactory(None, Clock(), None, plain)
+    factory.doStart()
+    factory.doStop()
+    assert plain.events == ["start", "stop"] and factory.logPrefix() == "HTTP"
+
+
 def test_silent_connection_is_aborted() -> None:
     tls, clock = RecordingFactory(), Clock()
     _, transport = connected(tls, clock)

@@ -23,6 +23,7 @@ from twisted.web.server import Request
 
 from tests.e2e.lxd import LxcClient, LxdDaemon
 from tests.helpers.certs import CA, make_ca
+from tests.helpers.logs import Logged
 from tests.helpers.running_proxy import RunningProxy, start_proxy
 from tests.helpers.tree import Tree, TreeImage, build_tree
 
@@ -123,7 +124,9 @@ async def setup(tmp_path: Path) -> AsyncIterator[Setup]:
 
 
 @pytest_twisted.ensureDeferred
-async def test_an_lxd_upstream_through_both_faces(setup: Setup, tmp_path: Path) -> None:
+async def test_an_lxd_upstream_through_both_faces(
+    setup: Setup, tmp_path: Path, logged: Logged
+) -> None:
     listed = await setup.client.image_list("p")
     assert [i["fingerprint"] for i in listed] == [setup.image.fingerprint]
     info = await setup.client.image_info(f"p:{ALIAS}")
@@ -145,6 +148,16 @@ async def test_an_lxd_upstream_through_both_faces(setup: Setup, tmp_path: Path) 
     ss_files = await setup.client.image_export(f"ss:{ALIAS}", tmp_path / "ss-face")
     assert sorted(_sha256(f) for f in ss_files) == sorted(f.sha256 for f in setup.image.files)
     assert setup.exports_upstream() == exports
+    # The client's first attempt at each file, plain HTTP, is served (an LXD upstream's files
+    # as any simplestreams upstream's); the catalogue comes over TLS.
+    access = [
+        (e["path"], e["via"], e["status"], e["cache"]) for e in logged
+        if e.get("log_namespace") == "proxy.access" and e["path"].startswith("/lxd1/")
+    ]
+    ss_access = [a for a in access if "/streams/" not in a[0]]
+    assert len(ss_access) == len(setup.image.files)
+    assert {a[1:] for a in ss_access} == {("plain", 200, "hit")}
+    assert {a[1] for a in access if "/streams/" in a[0]} == {"tls"}
 
 
 @pytest_twisted.ensureDeferred

@@ -61,15 +61,21 @@ def _require_tools() -> None:
 
 
 def _count_requests(proxy: RunningProxy, seen: list[str]) -> None:
-    """Record the path of every request that reaches the proxy's resources."""
-    site = proxy.service.listener.site
+    """Record the path of every request that reaches the proxy's resources, HTTPS or plain."""
+    listener = proxy.service.listener
+    for site in (listener.site, listener.plain_site):
+        if site is not None:
+            _count_site(site, seen)
+
+
+def _count_site(site: Any, seen: list[str]) -> None:
     original = site.getResourceFor
 
     def counting(request: Request) -> Any:
         seen.append(request.path.decode("utf-8", "replace"))
         return original(request)
 
-    site.getResourceFor = counting  # type: ignore[method-assign]
+    site.getResourceFor = counting
 
 
 @pytest_twisted.async_yield_fixture

@@ -285,11 +285,22 @@ async def test_huge_heads_are_never_served(site: Loopback, logged: Logged) -> No
 
 @pytest.mark.loopback
 @pytest_twisted.ensureDeferred
-async def test_plain_http_is_refused_without_reaching_the_upstream(site: Loopback, logged: Logged) -> None:
-    for raw in (request(f"/{NAME}/{BROKEN}"), request(f"/{NAME}/{UNLISTED}"), b"GET /"):
+async def test_plain_http_serves_listed_files_only(site: Loopback, logged: Logged) -> None:
+    # Plain HTTP is LXD's first attempt at an image file (proxy.plain): anything but a file
+    # path gets the 400 pointing to https:// and reaches no upstream; a path no catalogue
+    # lists, the 404 it gets over HTTPS.
+    answer = parse((await exchange(site, [request(f"/{NAME}/{UNLISTED}")], tls=False)).received)
+    assert answer.codes == [404], answer
+    for raw in (
+        request(f"/{NAME}/streams/v1/index.json"),
+        request(f"/{NAME}/{BROKEN}", method="DELETE"), request("/1.0"), request("/"),
+    ):
         answer = parse((await exchange(site, [raw], tls=False)).received)
         assert answer.codes == [400], (raw, answer)
     assert site.tree.count(BROKEN) == 0
+    # A listed file is served whole, as over HTTPS.
+    answer = parse((await exchange(site, [request(f"/{NAME}/{BROKEN}")], tls=False)).received)
+    assert [(code, body) for code, _, body in answer.responses] == [(200, site.files[BROKEN])]
     await assert_still_serving(site, logged)
 
 
