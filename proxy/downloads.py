@@ -130,6 +130,8 @@ class Fetcher:
         # The bodies being received, so that stop() can end them.
         self._receivers: set[BodyReceiver] = set()
         self._stopping = False
+        # The requests waiting for their answer's headers, so that stop() can cancel them.
+        self._asking: set[Deferred[IResponse]] = set()
         # The slot of each download in flight, running or queued.
         self._places: dict[tuple[type[Job], str], Slot] = {}
 
@@ -141,6 +143,12 @@ class Fetcher:
         self._stopping = True
         for receiver in list(self._receivers):
             receiver.abort(UpstreamFailed("the proxy is stopping"))
+        # A request still waiting for its answer would start a body after this; a queued
+        # download would wait for a slot that the ends above hand to it.
+        for asking in list(self._asking):
+            asking.cancel()
+        for slot in list(self._places.values()):
+            self._slots.cancel(slot, UpstreamFailed("the proxy is stopping"))
 
     def in_flight(self) -> dict[str, Job]:
         """The downloads running, by the sha256 of a file or the fingerprint of an image."""
@@ -286,6 +294,8 @@ class Fetcher:
         answered = False
         try:
             await self._turn(job, slot)
+            if self._stopping:
+                raise UpstreamFailed("the proxy is stopping")
             if self._room_to_receive is not None and job.size > 0:
                 if not await self._room_to_receive(job.size):
                     health = self._health.get(job.upstream)
@@ -482,14 +492,18 @@ class Fetcher:
             )
         else:
             self.log.info("fetching {url} ({size} bytes)", url=job.url, size=job.size)
+        asking = self._client.get(job.url, headers)
+        self._asking.add(asking)
         try:
-            response: IResponse = await self._client.get(job.url, headers)
+            response: IResponse = await asking
         except Exception as e:
             self._metrics.upstream_answer(job.upstream, "file", None)
             # With mirrors, the upstream is down only once every mirror is (see _run).
-            if health is not None and job.upstream not in self._mirrors:
+            if health is not None and job.upstream not in self._mirrors and not self._stopping:
                 health.record_error(e, job.url)
             raise
+        finally:
+            self._asking.discard(asking)
         self._metrics.upstream_answer(job.upstream, "file", response.code)
         if health is not None:
             health.record_file_answer(response.code, job.url)

@@ -360,3 +360,27 @@ async def test_on_loopback_a_queued_client_has_its_headers_while_the_other_downl
         assert site.tree.count(OTHER) == 1
     finally:
         await site.stop()
+
+
+def test_a_download_queued_when_the_service_stops_fails_and_never_starts(
+    tmp_path: Any, closing: Closing
+) -> None:
+    h = _harness(tmp_path, closing, 1)
+    running = collect(h.get(_rootfs(0)))
+    queued = collect(h.get(_rootfs(1)))
+    h.settle()
+    assert queued[0].code == 200
+    body = collect(treq.content(queued[0]))
+    assert _asked(h) == [_rootfs(0)]
+    h.fetcher.stop()
+    h.settle()
+    # its client is told at once (a cut body), not left waiting for a slot that never comes,
+    # and the download waiting for its answer ends as well: nothing starts after stop
+    assert body and isinstance(body[0], Failure)
+    assert running and (isinstance(running[0], Failure) or running[0].code == 200)
+    assert h.fetcher.in_flight() == {} and h.fetcher.queued() == {}
+    assert h.fetcher._slots.running("up") == 0
+    h.clock.advance(120)
+    h.settle()
+    assert _asked(h) == [_rootfs(0)]
+    assert not h.store.exists(sha(h.files[_rootfs(1)]))
