@@ -255,6 +255,12 @@ class PartialBlob:
         """
         self._require_open()
 
+    def digest_with(self, more: bytes) -> str:
+        """The sha256 of the bytes written and C{more} after them (C{more} is not written)."""
+        digest = self._hash.copy()
+        digest.update(more)
+        return digest.hexdigest()
+
     def hexdigest(self) -> str:
         """The sha256 of everything written so far."""
         return self._hash.hexdigest()

@@ -44,7 +44,9 @@ class FileSource(Protocol):
     C{available() == size} means complete: a source that verifies its content
     after the last byte arrives (a download checking sha256) must not report
     the final byte count before the content has passed, or a follower could
-    finish a response whose bytes are about to be rejected.
+    finish a response whose bytes are about to be rejected.  A source that may drop
+    the bytes it offered and start over has a C{restarts} count that grows when it does:
+    a follower that sent any of them is cut.
     """
 
     @property
@@ -93,6 +95,12 @@ class CompleteFile:
 class FileTruncated(Exception):
     """
     The file ended before the number of bytes its source said were there.
+    """
+
+
+class SourceRestarted(Exception):
+    """
+    The source dropped bytes already sent for others: the response cannot be completed.
     """
 
 
@@ -184,6 +192,8 @@ class FileProducer:
         self.end = end
         self.done: Deferred[None] = Deferred(lambda _: self._stop())
         self._offset = start
+        # A source that starts over (L{proxy.fetch.Download.restart}) counts it here.
+        self._restarts: int = getattr(source, "restarts", 0)
         self._paused = False
         self._over = False
         self._client_gone = False
@@ -242,6 +252,16 @@ class FileProducer:
         if failure is not None:
             self._fail(failure)
             return
+        restarts = getattr(self.source, "restarts", 0)
+        if restarts != self._restarts:
+            if self._offset > self.start:
+                # The bytes sent were dropped for others (a mirror's or a resume's that did
+                # not verify): finishing with the new ones would splice a wrong body.
+                self._fail(Failure(SourceRestarted(
+                    f"{self.source.path.path} started over after {self._offset} bytes were sent"
+                )))
+                return
+            self._restarts = restarts
         if self._offset >= self.end:
             self._finish()
             return

@@ -14,16 +14,19 @@ from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from proxy.config import UpstreamConfig
 from proxy.downloads import Fetcher
 from proxy.health import DEFAULT_BASE_BACKOFF_SECONDS, UpstreamHealth
 from proxy.metadata import UpstreamMetadata
 from proxy.mirrors import Mirrors, base_of
+from proxy.streaming import FileProducer
 from tests.faults.upstreams import BROKEN, PRODUCTS, ROOTFS_BYTES, tree_files, write_tree
-from tests.helpers.harness import CacheHarness, Closing
+from tests.helpers.harness import CacheHarness, Closing, collect
 from tests.helpers.invariants import assert_store_verified
 from tests.helpers.scripted import BASE_URL
 from tests.helpers.upstream import TreeResource
@@ -182,3 +185,59 @@ def test_the_catalogue_fails_when_every_mirror_fails(m: MirrorHarness) -> None:
     with pytest.raises(Exception):
         m.run(Deferred.fromCoroutine(m.metadata.get(INDEX)))
     assert m.health.offline
+
+
+@implementer(IConsumer)
+class _Follower:
+    """A client following a download through L{FileProducer}: what it was sent, whether cut."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.cut = False
+        self.disconnecting = False
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        pass
+
+    def unregisterProducer(self) -> None:
+        pass
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def abortConnection(self) -> None:
+        self.cut = True
+
+
+def test_a_follower_of_wrong_bytes_from_one_mirror_never_gets_a_complete_wrong_body(
+    m: MirrorHarness,
+) -> None:
+    """Mirror A sends wrong bytes of the right length; a client streams them (all but the
+    last) while they arrive; B then sends the right file, which verifies. The client must
+    not end up with A's bytes and B's last byte: its body is either the file or cut."""
+    m.trees[A].corrupt(BROKEN)
+    # A's bytes arrive in two goes, B answers once the client has had what A sent
+    m.trees[A].hold(BROKEN)
+    m.trees[B].stall(BROKEN, 0)
+    item = m.item(BROKEN)
+    download = m.fetcher.get("up", item)
+    follower = _Follower()
+    producer = FileProducer(download, follower, m.clock)
+    done = collect(producer.done)
+    m.run(m.trees[A].when_held(BROKEN))
+    m.settle()
+    assert follower.data
+    m.trees[A].release(BROKEN)
+    m.run(m.trees[B].when_held(BROKEN))
+    m.settle()
+    m.trees[B].release(BROKEN)
+    for _ in range(200):
+        m.settle(1)
+        if done:
+            break
+    assert m.run(download.when_done()).getContent() == m.files[BROKEN]
+    assert m.gets(B, BROKEN)
+    assert done
+    assert follower.cut or bytes(follower.data) == m.files[BROKEN], (
+        f"a complete body of {len(follower.data)} bytes that is not the file"
+    )
