@@ -71,6 +71,10 @@ RESUME_ATTEMPTS = 5
 RESUME_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0)
 # However much progress each makes, a download is given up after this many attempts.
 MAX_ATTEMPTS = 100
+# Nor are its followers kept waiting longer than this many idle timeouts without a byte: a
+# stall and one resume that gets no answer, rather than five attempts of an idle timeout each
+# (LXD clients have no body timeout: an admin watches a launch that does not move).
+IDLE_TIMEOUTS_WITHOUT_PROGRESS = 2
 
 
 class Fetcher:
@@ -373,6 +377,8 @@ class Fetcher:
         mirrors = self._mirrors.get(job.upstream) if isinstance(job, Download) else None
         tried: list[str] = []
         base = mirrors.order()[0] if mirrors is not None else ""
+        # When the last byte arrived, about (or the transfer started).
+        progress_at = self._clock.seconds()
         while True:
             attempts += 1
             if isinstance(job, Download) and mirrors is not None:
@@ -406,7 +412,12 @@ class Fetcher:
                 if not (self._resumable(job, e, answered, answered_now) and attempts < MAX_ATTEMPTS):
                     raise _Failed(e, answered)
                 without_progress = 0 if job.received > before else without_progress + 1
-                if without_progress >= RESUME_ATTEMPTS:
+                now = self._clock.seconds()
+                if job.received > before:
+                    progress_at = now - (self._idle_timeout if isinstance(e, BodyStalled) else 0.0)
+                idle_for = now - progress_at
+                if (without_progress >= RESUME_ATTEMPTS
+                        or idle_for >= IDLE_TIMEOUTS_WITHOUT_PROGRESS * self._idle_timeout):
                     raise _Failed(e, answered)
                 delay = 0.0 if without_progress == 0 else RESUME_BACKOFF_SECONDS[
                     min(without_progress, len(RESUME_BACKOFF_SECONDS)) - 1

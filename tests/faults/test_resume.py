@@ -370,3 +370,37 @@ def test_a_sidecar_written_late_stays_only_with_a_kept_partial(tmp_path: Path) -
     gone.discard()
     gone.write_sidecar("https://up.test/g", "", "b" * 64, 10)
     assert not Path(gone.sidecar).exists() and not Path(gone.path.path).exists()
+
+
+def test_an_upstream_that_stops_answering_fails_the_followers_within_two_idle_timeouts(
+    h: TreeHarness, logged: Logged,
+) -> None:
+    """A body stalls and every resume gets no answer: the followers, who have seen no byte
+    since, are failed (cut) within 2 x the idle timeout of the stall, not after 5 attempts of
+    a full idle timeout each; the file's failure is remembered and the bytes kept."""
+    catalogue(h)
+    offset = ROOTFS_BYTES // 2
+    h.tree.stall(BROKEN, offset, times=1)
+    h.tree.throttle = PACE
+    clients = [collect(h.receive(BROKEN)) for _ in range(2)]
+    h.settle()
+    h.drive(body_seconds() / 2 + 1, PACE.delay)
+    assert not any(clients)
+    h.tree.silence(BROKEN)
+    stalled_at = h.clock.seconds()
+    while not all(clients) and h.clock.seconds() - stalled_at < 6 * IDLE:
+        h.drive(1, 1)
+    assert all(clients)
+    assert h.clock.seconds() - stalled_at <= 2 * IDLE + 5
+    for c in clients:
+        got = outcome(c)
+        assert got.code == 200 and not got.complete
+    assert h.fetcher.in_flight() == {}
+    assert h.index.find_path("up", BROKEN) is None
+    # the file's failure is counted (backed off from the next one) and the upstream that
+    # stopped answering is offline; the bytes are kept for the next request to continue
+    assert len(h.fetcher._file_failures) == 1
+    assert h.health.offline
+    assert h.store.resumable
+    assert_no_traceback(logged)
+    h.tree.clear()
