@@ -482,7 +482,14 @@ class Fetcher:
         Whether the bytes of C{job}, failing with C{error}, are kept for the next download of
         the file to continue (L{BlobStore.resumable}): bytes of the right file cut short.
         """
-        if job.received == 0 or isinstance(error, (VerificationFailed, InsufficientStorage)):
+        if isinstance(error, (VerificationFailed, InsufficientStorage)):
+            return False
+        if job.received == 0 and job.partial.resumed is not None and job.partial.size == 0:
+            # An earlier run's partial, taken by a download that ended before its turn (the
+            # service stopped while it was queued): its bytes and sidecar stay as they were.
+            self._store.resumable[job.item.sha256] = job.partial.resumed
+            return True
+        if job.received == 0:
             return False
         if not (self._stopping or isinstance(error, (BodyBroken, BodyStalled))
                 or not isinstance(error, ProxyError)):

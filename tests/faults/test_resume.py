@@ -31,6 +31,7 @@ from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 
 from proxy.blobs import RESUMABLE_MAX_AGE_SECONDS, BlobStore
+from proxy.download_slots import DownloadSlots
 from proxy.index import reconcile
 from tests.helpers.harness import Closing, collect, outcome
 from tests.helpers.invariants import (
@@ -44,15 +45,17 @@ from tests.helpers.invariants import (
 from tests.helpers.logs import Logged
 from tests.helpers.running_proxy import start_proxy
 from tests.helpers.upstream import Throttle
-from tests.helpers.wired import IDLE, INDEX
+from tests.helpers.wired import IDLE, INDEX, rootfs_path
 from tests.faults.upstreams import (
     BROKEN,
     NAME,
     KiB,
     NET_TIMEOUT_SECONDS,
+    OS2,
     PRODUCTS,
     ROOTFS_BYTES,
     TreeHarness,
+    V1,
     start_loopback,
     tree_files,
 )
@@ -404,3 +407,50 @@ def test_an_upstream_that_stops_answering_fails_the_followers_within_two_idle_ti
     assert h.store.resumable
     assert_no_traceback(logged)
     h.tree.clear()
+
+
+def test_a_partial_taken_by_a_download_still_queued_at_stop_is_kept(
+    tmp_path: Path, closing: Closing,
+) -> None:
+    """
+    The second run takes the partial the first left for a download that waits for its
+    upstream's slot; the service stops before its turn: the bytes and their sidecar stay for
+    the third run, which continues from them.
+    """
+    first = TreeHarness(tmp_path, tree_files())
+    catalogue(first)
+    offset = ROOTFS_BYTES // 2
+    first.tree.stall(BROKEN, offset)
+    collect(first.receive(BROKEN))
+    first.settle()
+    first.close()
+    served = tmp_path / "tree" / BROKEN
+    st = served.stat()
+
+    second = TreeHarness(tmp_path, tree_files())
+    os.utime(served, ns=(st.st_atime_ns, st.st_mtime_ns))
+    reconcile(second.index, second.store)
+    assert second.store.resumable
+    second.fetcher._slots = DownloadSlots({"up": 1})
+    catalogue(second)
+    other = rootfs_path(OS2, V1)
+    second.tree.hold(other)
+    collect(second.receive(other))
+    second.settle()
+    queued = collect(second.receive(BROKEN))
+    second.settle()
+    assert second.fetcher.queued() == {"up": 1}
+    second.fetcher.stop()
+    second.settle()
+    assert queued
+    kept = second.temp_files()
+    second.tree.release(other)
+    second.close()
+    assert any(p.endswith(".resume") for p in kept)
+
+    third = closing(TreeHarness(tmp_path, tree_files()))
+    os.utime(served, ns=(st.st_atime_ns, st.st_mtime_ns))
+    reconcile(third.index, third.store)
+    catalogue(third)
+    assert_whole(third.run(third.receive(BROKEN)), third.files[BROKEN])
+    assert [r.header("Range") for r in gets(third)] == [f"bytes={offset}-"]
