@@ -327,7 +327,10 @@ class Fetcher:
             mirrors = self._mirrors.get(job.upstream)
             health = self._health.get(job.upstream)
             if mirrors is not None and health is not None:
-                if mirrors.all_down():
+                # As without mirrors: only a failure to reach them (the last mirror asked)
+                # is the upstream's; a 5xx or wrong bytes for one file on every mirror is
+                # that file's failure, the upstream answered.
+                if mirrors.all_down() and not isinstance(e, ProxyError):
                     health.record_failure(f"every mirror failed, the last: {error.message}", True)
                 else:
                     health.end_probe(f"the download of {job.subject} failed")

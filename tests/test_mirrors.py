@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.interfaces import IConsumer
 from twisted.internet.task import Clock
 from twisted.web.resource import Resource
@@ -149,16 +149,45 @@ def test_a_404_from_one_mirror_is_asked_of_the_next_without_marking_it_down(m: M
     assert [s.down for s in m.mirrors.states()] == [False, False]
 
 
-def test_the_upstream_is_offline_only_when_every_mirror_is(m: MirrorHarness) -> None:
+def test_the_upstream_is_offline_only_when_every_mirror_is(
+    m: MirrorHarness, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     item = m.item(BROKEN)
-    m.trees[A].status(BROKEN, 503)
-    m.trees[B].status(BROKEN, 503)
+    asked = m.client.get
+
+    def unreachable(url: str, headers: Any = None) -> Any:
+        if url.endswith(BROKEN):
+            return fail(ConnectionRefusedError())
+        return asked(url, headers)
+
+    monkeypatch.setattr(m.client, "get", unreachable)
     download = m.fetcher.get("up", item)
     m.settle()
     with pytest.raises(Exception):
         m.run(download.when_done())
     assert m.mirrors.all_down()
     assert m.health.offline
+
+
+@pytest.mark.parametrize("fault", ["503", "wrong bytes"])
+def test_one_file_failing_on_every_mirror_is_that_files_failure(
+    m: MirrorHarness, fault: str,
+) -> None:
+    """As without mirrors: every mirror answers, so the upstream is reachable; a 5xx or wrong
+    bytes for one file (a catalogue ahead of the mirrors' files) is that file's failure and
+    must not take the whole upstream offline."""
+    item = m.item(BROKEN)
+    for base in (A, B):
+        if fault == "503":
+            m.trees[base].status(BROKEN, 503)
+        else:
+            m.trees[base].corrupt(BROKEN)
+    download = m.fetcher.get("up", item)
+    m.settle()
+    with pytest.raises(Exception):
+        m.run(download.when_done())
+    assert not m.health.offline
+    assert len(m.fetcher._file_failures) == 1
 
 
 def test_the_catalogue_comes_from_the_first_healthy_mirror(m: MirrorHarness) -> None:
