@@ -355,6 +355,11 @@ class Fetcher:
         if not slot.queued:
             return
         job.queued = True
+        health = self._health.get(job.upstream)
+        if health is not None and health.probing:
+            # Let through as the probe of its offline upstream (get() has just taken it), but
+            # it may wait minutes here: the next request probes instead of getting 503s.
+            health.end_probe(f"{job.subject} waits for a download slot")
         self.log.info(
             "{url} waits for one of the {upstream} downloads running to end", url=job.url,
             upstream=job.upstream,
