@@ -392,6 +392,7 @@ class Fetcher:
             if isinstance(job, Download) and mirrors is not None:
                 job.url = f"{base}/{job.item.path}"
             before = job.received
+            fetched_before = _fetched(job)
             headers = job.resume_headers(job.url) if isinstance(job, Download) else {}
             answered_now = False
             try:
@@ -400,6 +401,10 @@ class Fetcher:
                 await self._take(job, response)
                 return answered
             except Exception as e:
+                if _fetched(job) > fetched_before:
+                    # A stall is told an idle timeout after its last byte.
+                    stalled = self._idle_timeout if isinstance(e, BodyStalled) else 0.0
+                    progress_at = self._clock.seconds() - stalled
                 if (isinstance(job, Download) and isinstance(e, VerificationFailed) and job.spliced
                         and attempts < MAX_ATTEMPTS):
                     # Pieces that do not make the file (a power cut that lost a partial's
@@ -420,10 +425,7 @@ class Fetcher:
                 if not (self._resumable(job, e, answered, answered_now) and attempts < MAX_ATTEMPTS):
                     raise _Failed(e, answered)
                 without_progress = 0 if job.received > before else without_progress + 1
-                now = self._clock.seconds()
-                if job.received > before:
-                    progress_at = now - (self._idle_timeout if isinstance(e, BodyStalled) else 0.0)
-                idle_for = now - progress_at
+                idle_for = self._clock.seconds() - progress_at
                 if (without_progress >= RESUME_ATTEMPTS
                         or idle_for >= IDLE_TIMEOUTS_WITHOUT_PROGRESS * self._idle_timeout):
                     raise _Failed(e, answered)
@@ -619,6 +621,11 @@ class Fetcher:
 
     def _temp_left(self, failure: Failure, path: str) -> None:
         self.log.failure("removing the temp name of {path}", failure, path=path)
+
+
+def _fetched(job: Job) -> int:
+    """The body bytes C{job} has received over all its attempts (restarts included)."""
+    return job.fetched if isinstance(job, Download) else job.received
 
 
 class _Failed(Exception):

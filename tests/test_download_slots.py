@@ -396,18 +396,19 @@ def test_a_queued_download_does_not_hold_the_probe_of_an_offline_upstream(
     h.get(_rootfs(0))
     h.settle()
     h.health.record_failure("a catalogue refresh timed out", True)
-    assert h.health.offline
+    health: Any = h.health
+    assert health.offline
     first = collect(h.get(_rootfs(1)))
     h.settle()
     assert first[0].code == 200
     assert h.fetcher.queued() == {"up": 1}
-    assert not h.health.probing
+    assert not health.probing
     second = collect(h.get(_rootfs(2)))
     h.settle()
     assert second and not isinstance(second[0], Failure) and second[0].code == 200
     _finish(h, _rootfs(0))
     # the first queued one runs now and is the probe: its answer brings the upstream back
     _finish(h, _rootfs(1))
-    assert not h.health.offline
+    assert not health.offline
     _finish(h, _rootfs(2))
     assert h.fetcher.in_flight() == {}
