@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
-from proxy.blobs import BlobStore, PartialBlob, Resumable
+from proxy.blobs import MAX_RESUMABLE, BlobStore, PartialBlob, Resumable
 from proxy.catalogue import Item
 from proxy.config import LXD, UpstreamConfig
 from proxy.download_slots import DownloadSlots, Slot
@@ -497,7 +497,7 @@ class Fetcher:
         if job.received == 0 and job.partial.resumed is not None and job.partial.size == 0:
             # An earlier run's partial, taken by a download that ended before its turn (the
             # service stopped while it was queued): its bytes and sidecar stay as they were.
-            self._store.resumable[job.item.sha256] = job.partial.resumed
+            self._keep(job.partial.resumed)
             return True
         if job.received == 0:
             return False
@@ -505,10 +505,20 @@ class Fetcher:
                 or not isinstance(error, ProxyError)):
             return False
         item = job.item
-        self._store.resumable[item.sha256] = Resumable(
+        self._keep(Resumable(
             job.partial.path, job.validator_url, job.validator, item.sha256, item.size,
-        )
+        ))
         return True
+
+    def _keep(self, found: Resumable) -> None:
+        for dropped in self._store.keep_resumable(found):
+            self.log.info(
+                "dropping the partial download of sha256:{sha256} ({url}): more than {count} "
+                "are kept", sha256=dropped.sha256, url=dropped.url, count=MAX_RESUMABLE,
+            )
+            self._disk(BlobStore.remove_resumable, dropped).addErrback(
+                self._temp_left, dropped.path.path
+            )
 
     async def _ask(self, job: Job, headers: Mapping[bytes, bytes] | None = None) -> IResponse:
         """Send the request for C{job}; whether the upstream answered is its health's to know."""

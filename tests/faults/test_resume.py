@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 
-from proxy.blobs import RESUMABLE_MAX_AGE_SECONDS, BlobStore
+from proxy.blobs import MAX_RESUMABLE, RESUMABLE_MAX_AGE_SECONDS, BlobStore, Resumable
 from proxy.download_slots import DownloadSlots
 from proxy.index import reconcile
 from tests.helpers.harness import Closing, collect, outcome
@@ -454,3 +454,39 @@ def test_a_partial_taken_by_a_download_still_queued_at_stop_is_kept(
     catalogue(third)
     assert_whole(third.run(third.receive(BROKEN)), third.files[BROKEN])
     assert [r.header("Range") for r in gets(third)] == [f"bytes={offset}-"]
+
+
+def test_at_most_so_many_partial_downloads_are_kept(tmp_path: Path) -> None:
+    """Partials kept for a later request are bounded, at runtime and at start-up: a file
+    nobody asks for again must not hold gigabytes that min_free pays for with cached files."""
+    store = BlobStore(FilePath(str(tmp_path / "cache")))
+    kept: list[Resumable] = []
+    dropped: list[Resumable] = []
+    for n in range(MAX_RESUMABLE + 3):
+        partial = store.new_partial()
+        partial.write(b"p" * 10)
+        sha = f"{n:064x}"
+        partial.write_sidecar(f"https://up.test/{n}", "", sha, 100)
+        partial.keep()
+        os.utime(partial.path.path, (1_500_000 + n, 1_500_000 + n))
+        found = Resumable(partial.path, f"https://up.test/{n}", "", sha, 100)
+        kept.append(found)
+        dropped += store.keep_resumable(found)
+    assert dropped == kept[:3]
+    assert list(store.resumable) == [k.sha256 for k in kept[3:]]
+    for found in dropped:
+        BlobStore.remove_resumable(found)
+    assert len(list(Path(store.temp_dir.path).iterdir())) == 2 * MAX_RESUMABLE
+
+    # the same bound at start-up, over partials left by several runs: the newest stay
+    again = BlobStore(FilePath(str(tmp_path / "cache")))
+    for n in range(3):
+        partial = again.new_partial()
+        partial.write(b"q" * 10)
+        partial.write_sidecar("https://up.test/new", "", f"{n + 100:064x}", 100)
+        partial.keep()
+        os.utime(partial.path.path, (2_000_000 + n, 2_000_000 + n))
+    again.clear_temp(keep_resumable=True, now=2_000_100)
+    assert len(again.resumable) == MAX_RESUMABLE
+    assert f"{102:064x}" in again.resumable and kept[3].sha256 not in again.resumable
+    assert len(list(Path(again.temp_dir.path).iterdir())) == 2 * MAX_RESUMABLE
