@@ -270,3 +270,25 @@ def test_a_follower_of_wrong_bytes_from_one_mirror_never_gets_a_complete_wrong_b
     assert follower.cut or bytes(follower.data) == m.files[BROKEN], (
         f"a complete body of {len(follower.data)} bytes that is not the file"
     )
+
+
+def test_the_first_request_after_every_mirror_recovers_gets_a_fresh_catalogue(
+    m: MirrorHarness,
+) -> None:
+    """Issue 9's probe rule with mirrors and stale-while-revalidate: while the upstream is
+    offline the expired copy is served at once, but the request that finds a mirror back waits
+    for the refresh instead of being served the old copy once more."""
+    first = m.run(Deferred.fromCoroutine(m.metadata.get(INDEX)))
+    m.clock.advance(TTL + 1)
+    for base in (A, B):
+        m.trees[base].status(INDEX, 503)
+    stale = m.run(Deferred.fromCoroutine(m.metadata.get(INDEX)))
+    assert stale.checked_at == first.checked_at
+    m.settle()
+    assert m.health.offline and m.mirrors.all_down()
+    for base in (A, B):
+        m.trees[base].clear()
+    m.clock.advance(DEFAULT_BASE_BACKOFF_SECONDS + 1)
+    fresh = m.run(Deferred.fromCoroutine(m.metadata.get(INDEX)))
+    assert fresh.checked_at == m.clock.seconds()
+    assert not m.health.offline
