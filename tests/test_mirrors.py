@@ -24,6 +24,7 @@ from proxy.downloads import Fetcher
 from proxy.health import DEFAULT_BASE_BACKOFF_SECONDS, UpstreamHealth
 from proxy.metadata import UpstreamMetadata
 from proxy.mirrors import Mirrors, base_of
+from proxy.outbound import OutboundProxyError
 from proxy.streaming import FileProducer
 from tests.faults.upstreams import BROKEN, PRODUCTS, ROOTFS_BYTES, tree_files, write_tree
 from tests.helpers.harness import CacheHarness, Closing, collect
@@ -291,4 +292,27 @@ def test_the_first_request_after_every_mirror_recovers_gets_a_fresh_catalogue(
     m.clock.advance(DEFAULT_BASE_BACKOFF_SECONDS + 1)
     fresh = m.run(Deferred.fromCoroutine(m.metadata.get(INDEX)))
     assert fresh.checked_at == m.clock.seconds()
+    assert not m.health.offline
+
+
+def test_a_mirror_whose_outbound_proxy_refuses_connect_moves_to_the_next(
+    m: MirrorHarness, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The outbound proxy refuses the CONNECT to the first mirror (a squid ACL): as a
+    connection failure of that mirror, the catalogue and the file come from the next one and
+    the upstream stays online."""
+    asked = m.client.get
+
+    def refusing(url: str, headers: Any = None) -> Any:
+        if url.startswith(A + "/"):
+            return fail(OutboundProxyError(
+                "the outbound proxy http://proxy.test:3128 refused CONNECT to upstream.test:443: "
+                "403 Forbidden"
+            ))
+        return asked(url, headers)
+
+    monkeypatch.setattr(m.client, "get", refusing)
+    assert m.download(BROKEN).getContent() == m.files[BROKEN]
+    assert m.gets(B, INDEX) and m.gets(B, BROKEN)
+    assert [s.down for s in m.mirrors.states()] == [True, False]
     assert not m.health.offline
