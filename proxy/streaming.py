@@ -28,6 +28,8 @@ from twisted.python.filepath import FilePath
 from twisted.web.http import Request
 from zope.interface import implementer
 
+from proxy.errors import ProxyError
+
 CHUNK_SIZE_BYTES = 64 * 1024
 
 
@@ -98,10 +100,13 @@ class FileTruncated(Exception):
     """
 
 
-class SourceRestarted(Exception):
+class SourceRestarted(ProxyError):
     """
-    The source dropped bytes already sent for others: the response cannot be completed.
+    The source dropped bytes already sent for others: the response cannot be completed
+    (an expected fault, logged as one line per client, not as a traceback).
     """
+
+    code = 502
 
 
 class ProducerStopped(Exception):
