@@ -36,6 +36,7 @@ from proxy.work import Run
 __all__ = [
     "BlobStore",
     "DigestMismatch",
+    "MAX_RESUMABLE",
     "PartialBlob",
     "RESUMABLE_MAX_AGE_SECONDS",
     "Resumable",
@@ -51,6 +52,9 @@ RESUME_SUFFIX = ".resume"
 # A kept partial download older than this (since its last write) is swept at start-up: its
 # upstream has long moved on, and the space is better given back.
 RESUMABLE_MAX_AGE_SECONDS = 7 * 24 * 3600.0
+# At most this many partial downloads are kept for a later request, the newest: each may be
+# gigabytes of a file nobody asks for again, which min_free would pay for with cached files.
+MAX_RESUMABLE = 16
 _READ_CHUNK_BYTES = 1024 * 1024
 # How much a partial with a writeback may hold unsynced: the fsync at commit, which the last
 # byte of a download waits for, then takes a fraction of a second, not seconds.
@@ -255,6 +259,12 @@ class PartialBlob:
         """
         self._require_open()
 
+    def digest_with(self, more: bytes) -> str:
+        """The sha256 of the bytes written and C{more} after them (C{more} is not written)."""
+        digest = self._hash.copy()
+        digest.update(more)
+        return digest.hexdigest()
+
     def hexdigest(self) -> str:
         """The sha256 of everything written so far."""
         return self._hash.hexdigest()
@@ -423,6 +433,25 @@ class BlobStore:
         partial.resumed = found
         return partial
 
+    def keep_resumable(self, found: Resumable) -> list[Resumable]:
+        """
+        Keep C{found} for the next download of its file (L{resume}); the oldest kept beyond
+        L{MAX_RESUMABLE} are given up and returned, for the caller to L{remove_resumable}
+        on the disk worker.
+        """
+        self.resumable.pop(found.sha256, None)
+        self.resumable[found.sha256] = found
+        dropped: list[Resumable] = []
+        while len(self.resumable) > MAX_RESUMABLE:
+            dropped.append(self.resumable.pop(next(iter(self.resumable))))
+        return dropped
+
+    @staticmethod
+    def remove_resumable(found: Resumable) -> None:
+        """Delete a kept partial download and its sidecar (blocking: on the disk worker)."""
+        _unlink_quietly(found.path.path.removesuffix(TEMP_SUFFIX) + RESUME_SUFFIX)
+        _unlink_quietly(found.path.path)
+
     def new_partial(self) -> PartialBlob:
         """Open a new, empty, uniquely named temp file."""
         # O_EXCL: a name clash can never make two writers share a file.
@@ -539,7 +568,9 @@ class BlobStore:
                 continue
             if found.sha256 not in newest or newest[found.sha256][0] < st.st_mtime:
                 newest[found.sha256] = (st.st_mtime, found)
-        self.resumable = {sha256: found for sha256, (_, found) in newest.items()}
+        # Oldest first, as keep_resumable orders them; only the newest MAX_RESUMABLE stay.
+        ordered = sorted(newest.values(), key=lambda pair: pair[0])[-MAX_RESUMABLE:]
+        self.resumable = {found.sha256: found for _, found in ordered}
         kept: set[str] = set()
         for found in self.resumable.values():
             kept.add(found.path.basename())

@@ -108,6 +108,16 @@ class DownloadSlots:
         state.running -= 1
         self._dispatch(state)
 
+    def cancel(self, slot: Slot, reason: Exception) -> None:
+        """
+        C{slot} is queued and will never run (the service stops): it leaves the queue and
+        C{granted} fails with C{reason}, so that its download ends instead of waiting for ever.
+        """
+        if not slot.queued or slot.released:
+            return
+        self.release(slot)
+        slot.granted.errback(reason)
+
     def _dispatch(self, state: _Upstream) -> None:
         while state.limit is None or state.running < state.limit:
             queue = state.clients or state.background

@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
-from proxy.blobs import BlobStore, PartialBlob, Resumable
+from proxy.blobs import MAX_RESUMABLE, BlobStore, PartialBlob, Resumable
 from proxy.catalogue import Item
 from proxy.config import LXD, UpstreamConfig
 from proxy.download_slots import DownloadSlots, Slot
@@ -71,6 +71,10 @@ RESUME_ATTEMPTS = 5
 RESUME_BACKOFF_SECONDS = (0.5, 1.0, 2.0, 4.0)
 # However much progress each makes, a download is given up after this many attempts.
 MAX_ATTEMPTS = 100
+# Nor are its followers kept waiting longer than this many idle timeouts without a byte: a
+# stall and one resume that gets no answer, rather than five attempts of an idle timeout each
+# (LXD clients have no body timeout: an admin watches a launch that does not move).
+IDLE_TIMEOUTS_WITHOUT_PROGRESS = 2
 
 
 class Fetcher:
@@ -130,6 +134,8 @@ class Fetcher:
         # The bodies being received, so that stop() can end them.
         self._receivers: set[BodyReceiver] = set()
         self._stopping = False
+        # The requests waiting for their answer's headers, so that stop() can cancel them.
+        self._asking: set[Deferred[IResponse]] = set()
         # The slot of each download in flight, running or queued.
         self._places: dict[tuple[type[Job], str], Slot] = {}
 
@@ -141,6 +147,12 @@ class Fetcher:
         self._stopping = True
         for receiver in list(self._receivers):
             receiver.abort(UpstreamFailed("the proxy is stopping"))
+        # A request still waiting for its answer would start a body after this; a queued
+        # download would wait for a slot that the ends above hand to it.
+        for asking in list(self._asking):
+            asking.cancel()
+        for slot in list(self._places.values()):
+            self._slots.cancel(slot, UpstreamFailed("the proxy is stopping"))
 
     def in_flight(self) -> dict[str, Job]:
         """The downloads running, by the sha256 of a file or the fingerprint of an image."""
@@ -286,6 +298,8 @@ class Fetcher:
         answered = False
         try:
             await self._turn(job, slot)
+            if self._stopping:
+                raise UpstreamFailed("the proxy is stopping")
             if self._room_to_receive is not None and job.size > 0:
                 if not await self._room_to_receive(job.size):
                     health = self._health.get(job.upstream)
@@ -313,7 +327,10 @@ class Fetcher:
             mirrors = self._mirrors.get(job.upstream)
             health = self._health.get(job.upstream)
             if mirrors is not None and health is not None:
-                if mirrors.all_down():
+                # As without mirrors: only a failure to reach them (the last mirror asked)
+                # is the upstream's; a 5xx or wrong bytes for one file on every mirror is
+                # that file's failure, the upstream answered.
+                if mirrors.all_down() and not isinstance(e, ProxyError):
                     health.record_failure(f"every mirror failed, the last: {error.message}", True)
                 else:
                     health.end_probe(f"the download of {job.subject} failed")
@@ -338,6 +355,11 @@ class Fetcher:
         if not slot.queued:
             return
         job.queued = True
+        health = self._health.get(job.upstream)
+        if health is not None and health.probing:
+            # Let through as the probe of its offline upstream (get() has just taken it), but
+            # it may wait minutes here: the next request probes instead of getting 503s.
+            health.end_probe(f"{job.subject} waits for a download slot")
         self.log.info(
             "{url} waits for one of the {upstream} downloads running to end", url=job.url,
             upstream=job.upstream,
@@ -363,11 +385,14 @@ class Fetcher:
         mirrors = self._mirrors.get(job.upstream) if isinstance(job, Download) else None
         tried: list[str] = []
         base = mirrors.order()[0] if mirrors is not None else ""
+        # When the last byte arrived, about (or the transfer started).
+        progress_at = self._clock.seconds()
         while True:
             attempts += 1
             if isinstance(job, Download) and mirrors is not None:
                 job.url = f"{base}/{job.item.path}"
             before = job.received
+            fetched_before = _fetched(job)
             headers = job.resume_headers(job.url) if isinstance(job, Download) else {}
             answered_now = False
             try:
@@ -376,6 +401,10 @@ class Fetcher:
                 await self._take(job, response)
                 return answered
             except Exception as e:
+                if _fetched(job) > fetched_before:
+                    # A stall is told an idle timeout after its last byte.
+                    stalled = self._idle_timeout if isinstance(e, BodyStalled) else 0.0
+                    progress_at = self._clock.seconds() - stalled
                 if (isinstance(job, Download) and isinstance(e, VerificationFailed) and job.spliced
                         and attempts < MAX_ATTEMPTS):
                     # Pieces that do not make the file (a power cut that lost a partial's
@@ -396,7 +425,9 @@ class Fetcher:
                 if not (self._resumable(job, e, answered, answered_now) and attempts < MAX_ATTEMPTS):
                     raise _Failed(e, answered)
                 without_progress = 0 if job.received > before else without_progress + 1
-                if without_progress >= RESUME_ATTEMPTS:
+                idle_for = self._clock.seconds() - progress_at
+                if (without_progress >= RESUME_ATTEMPTS
+                        or idle_for >= IDLE_TIMEOUTS_WITHOUT_PROGRESS * self._idle_timeout):
                     raise _Failed(e, answered)
                 delay = 0.0 if without_progress == 0 else RESUME_BACKOFF_SECONDS[
                     min(without_progress, len(RESUME_BACKOFF_SECONDS)) - 1
@@ -461,16 +492,33 @@ class Fetcher:
         Whether the bytes of C{job}, failing with C{error}, are kept for the next download of
         the file to continue (L{BlobStore.resumable}): bytes of the right file cut short.
         """
-        if job.received == 0 or isinstance(error, (VerificationFailed, InsufficientStorage)):
+        if isinstance(error, (VerificationFailed, InsufficientStorage)):
+            return False
+        if job.received == 0 and job.partial.resumed is not None and job.partial.size == 0:
+            # An earlier run's partial, taken by a download that ended before its turn (the
+            # service stopped while it was queued): its bytes and sidecar stay as they were.
+            self._keep(job.partial.resumed)
+            return True
+        if job.received == 0:
             return False
         if not (self._stopping or isinstance(error, (BodyBroken, BodyStalled))
                 or not isinstance(error, ProxyError)):
             return False
         item = job.item
-        self._store.resumable[item.sha256] = Resumable(
+        self._keep(Resumable(
             job.partial.path, job.validator_url, job.validator, item.sha256, item.size,
-        )
+        ))
         return True
+
+    def _keep(self, found: Resumable) -> None:
+        for dropped in self._store.keep_resumable(found):
+            self.log.info(
+                "dropping the partial download of sha256:{sha256} ({url}): more than {count} "
+                "are kept", sha256=dropped.sha256, url=dropped.url, count=MAX_RESUMABLE,
+            )
+            self._disk(BlobStore.remove_resumable, dropped).addErrback(
+                self._temp_left, dropped.path.path
+            )
 
     async def _ask(self, job: Job, headers: Mapping[bytes, bytes] | None = None) -> IResponse:
         """Send the request for C{job}; whether the upstream answered is its health's to know."""
@@ -482,14 +530,18 @@ class Fetcher:
             )
         else:
             self.log.info("fetching {url} ({size} bytes)", url=job.url, size=job.size)
+        asking = self._client.get(job.url, headers)
+        self._asking.add(asking)
         try:
-            response: IResponse = await self._client.get(job.url, headers)
+            response: IResponse = await asking
         except Exception as e:
             self._metrics.upstream_answer(job.upstream, "file", None)
             # With mirrors, the upstream is down only once every mirror is (see _run).
-            if health is not None and job.upstream not in self._mirrors:
+            if health is not None and job.upstream not in self._mirrors and not self._stopping:
                 health.record_error(e, job.url)
             raise
+        finally:
+            self._asking.discard(asking)
         self._metrics.upstream_answer(job.upstream, "file", response.code)
         if health is not None:
             health.record_file_answer(response.code, job.url)
@@ -579,6 +631,11 @@ class Fetcher:
 
     def _temp_left(self, failure: Failure, path: str) -> None:
         self.log.failure("removing the temp name of {path}", failure, path=path)
+
+
+def _fetched(job: Job) -> int:
+    """The body bytes C{job} has received over all its attempts (restarts included)."""
+    return job.fetched if isinstance(job, Download) else job.received
 
 
 class _Failed(Exception):

@@ -169,6 +169,11 @@ class Download:
     # Whether the bytes on disk came in more than one answer (or from an earlier run): if they
     # do not verify, one whole body is asked for before the download fails.
     spliced: bool = field(default=False, init=False)
+    # How many times bytes already offered to followers were dropped for others (L{restart}):
+    # a follower that sent any of them must cut its body (L{proxy.streaming.FileProducer}).
+    restarts: int = field(default=0, init=False)
+    # After a restart: how many bytes the followers may have had, and their sha256.
+    _prefix: tuple[int, str] | None = field(default=None, init=False)
 
     # A download of one file can continue from the bytes on disk (L{resume_headers}).
     resumable: ClassVar[bool] = True
@@ -242,6 +247,13 @@ class Download:
         self._waiters.fire(None)
 
     def data(self, chunk: bytes) -> None:
+        if self._prefix is not None:
+            length, digest = self._prefix
+            if self._received + len(chunk) >= length:
+                # Before any byte past them is offered, and before the commit.
+                if self.partial.digest_with(chunk[:length - self._received]) != digest:
+                    self.restarts += 1
+                self._prefix = None
         self.partial.write(chunk)
         self.partial.flush()
         self._received += len(chunk)
@@ -284,7 +296,18 @@ class Download:
         self._wake()
 
     def restart(self) -> None:
-        """The upstream sends the whole body again: the bytes on disk go."""
+        """
+        The upstream sends the whole body again: the bytes on disk go. Followers may have sent
+        some of them: once the new bytes reach as far, they are compared (L{data}), and if
+        they differ the followers that sent any are cut (L{restarts}).
+        """
+        if self._received:
+            if self._prefix is None:
+                self._prefix = (self._received, self.partial.hexdigest())
+            else:
+                # Followers may hold bytes of two bodies already: they cannot be judged.
+                self._prefix = None
+                self.restarts += 1
         self.partial.truncate()
         self._received = 0
         self.spliced = False

@@ -34,6 +34,8 @@ from twisted.python.filepath import FilePath
 from twisted.web.http import Request
 from zope.interface import implementer
 
+from proxy.errors import ProxyError
+
 CHUNK_SIZE_BYTES = 64 * 1024
 
 
@@ -50,7 +52,9 @@ class FileSource(Protocol):
     C{available() == size} means complete: a source that verifies its content
     after the last byte arrives (a download checking sha256) must not report
     the final byte count before the content has passed, or a follower could
-    finish a response whose bytes are about to be rejected.
+    finish a response whose bytes are about to be rejected.  A source that may drop
+    the bytes it offered and start over has a C{restarts} count that grows when it does:
+    a follower that sent any of them is cut.
     """
 
     @property
@@ -100,6 +104,15 @@ class FileTruncated(Exception):
     """
     The file ended before the number of bytes its source said were there.
     """
+
+
+class SourceRestarted(ProxyError):
+    """
+    The source dropped bytes already sent for others: the response cannot be completed
+    (an expected fault, logged as one line per client, not as a traceback).
+    """
+
+    code = 502
 
 
 class ProducerStopped(Exception):
@@ -190,6 +203,8 @@ class FileProducer:
         self.end = end
         self.done: Deferred[None] = Deferred(lambda _: self._stop())
         self._offset = start
+        # A source that starts over (L{proxy.fetch.Download.restart}) counts it here.
+        self._restarts: int = getattr(source, "restarts", 0)
         self._paused = False
         self._over = False
         self._client_gone = False
@@ -248,6 +263,16 @@ class FileProducer:
         if failure is not None:
             self._fail(failure)
             return
+        restarts = getattr(self.source, "restarts", 0)
+        if restarts != self._restarts:
+            if self._offset > self.start:
+                # The bytes sent were dropped for others (a mirror's or a resume's that did
+                # not verify): finishing with the new ones would splice a wrong body.
+                self._fail(Failure(SourceRestarted(
+                    f"{self.source.path.path} started over after {self._offset} bytes were sent"
+                )))
+                return
+            self._restarts = restarts
         if self._offset >= self.end:
             self._finish()
             return

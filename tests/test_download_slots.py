@@ -360,3 +360,55 @@ async def test_on_loopback_a_queued_client_has_its_headers_while_the_other_downl
         assert site.tree.count(OTHER) == 1
     finally:
         await site.stop()
+
+
+def test_a_download_queued_when_the_service_stops_fails_and_never_starts(
+    tmp_path: Any, closing: Closing
+) -> None:
+    h = _harness(tmp_path, closing, 1)
+    running = collect(h.get(_rootfs(0)))
+    queued = collect(h.get(_rootfs(1)))
+    h.settle()
+    assert queued[0].code == 200
+    body = collect(treq.content(queued[0]))
+    assert _asked(h) == [_rootfs(0)]
+    h.fetcher.stop()
+    h.settle()
+    # its client is told at once (a cut body), not left waiting for a slot that never comes,
+    # and the download waiting for its answer ends as well: nothing starts after stop
+    assert body and isinstance(body[0], Failure)
+    assert running and (isinstance(running[0], Failure) or running[0].code == 200)
+    assert h.fetcher.in_flight() == {} and h.fetcher.queued() == {}
+    assert h.fetcher._slots.running("up") == 0
+    h.clock.advance(120)
+    h.settle()
+    assert _asked(h) == [_rootfs(0)]
+    assert not h.store.exists(sha(h.files[_rootfs(1)]))
+
+
+def test_a_queued_download_does_not_hold_the_probe_of_an_offline_upstream(
+    tmp_path: Any, closing: Closing
+) -> None:
+    """The upstream was marked offline while a download runs; the next miss is let through as
+    the probe but waits in the queue (maybe for minutes): meanwhile it must not keep every
+    other request out with a 503 (up to the 5-minute probe timeout)."""
+    h = _harness(tmp_path, closing, 1)
+    h.get(_rootfs(0))
+    h.settle()
+    h.health.record_failure("a catalogue refresh timed out", True)
+    health: Any = h.health
+    assert health.offline
+    first = collect(h.get(_rootfs(1)))
+    h.settle()
+    assert first[0].code == 200
+    assert h.fetcher.queued() == {"up": 1}
+    assert not health.probing
+    second = collect(h.get(_rootfs(2)))
+    h.settle()
+    assert second and not isinstance(second[0], Failure) and second[0].code == 200
+    _finish(h, _rootfs(0))
+    # the first queued one runs now and is the probe: its answer brings the upstream back
+    _finish(h, _rootfs(1))
+    assert not health.offline
+    _finish(h, _rootfs(2))
+    assert h.fetcher.in_flight() == {}

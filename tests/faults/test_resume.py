@@ -30,7 +30,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.python.filepath import FilePath
 
-from proxy.blobs import RESUMABLE_MAX_AGE_SECONDS, BlobStore
+from proxy.blobs import MAX_RESUMABLE, RESUMABLE_MAX_AGE_SECONDS, BlobStore, Resumable
+from proxy.download_slots import DownloadSlots
 from proxy.index import reconcile
 from tests.helpers.harness import Closing, collect, outcome
 from tests.helpers.invariants import (
@@ -44,15 +45,17 @@ from tests.helpers.invariants import (
 from tests.helpers.logs import Logged
 from tests.helpers.running_proxy import start_proxy
 from tests.helpers.upstream import Throttle
-from tests.helpers.wired import IDLE, INDEX
+from tests.helpers.wired import IDLE, INDEX, rootfs_path
 from tests.faults.upstreams import (
     BROKEN,
     NAME,
     KiB,
     NET_TIMEOUT_SECONDS,
+    OS2,
     PRODUCTS,
     ROOTFS_BYTES,
     TreeHarness,
+    V1,
     start_loopback,
     tree_files,
 )
@@ -370,3 +373,120 @@ def test_a_sidecar_written_late_stays_only_with_a_kept_partial(tmp_path: Path) -
     gone.discard()
     gone.write_sidecar("https://up.test/g", "", "b" * 64, 10)
     assert not Path(gone.sidecar).exists() and not Path(gone.path.path).exists()
+
+
+def test_an_upstream_that_stops_answering_fails_the_followers_within_two_idle_timeouts(
+    h: TreeHarness, logged: Logged,
+) -> None:
+    """A body stalls and every resume gets no answer: the followers, who have seen no byte
+    since, are failed (cut) within 2 x the idle timeout of the stall, not after 5 attempts of
+    a full idle timeout each; the file's failure is remembered and the bytes kept."""
+    catalogue(h)
+    offset = ROOTFS_BYTES // 2
+    h.tree.stall(BROKEN, offset, times=1)
+    h.tree.throttle = PACE
+    clients = [collect(h.receive(BROKEN)) for _ in range(2)]
+    h.settle()
+    h.drive(body_seconds() / 2 + 1, PACE.delay)
+    assert not any(clients)
+    h.tree.silence(BROKEN)
+    stalled_at = h.clock.seconds()
+    while not all(clients) and h.clock.seconds() - stalled_at < 6 * IDLE:
+        h.drive(1, 1)
+    assert all(clients)
+    assert h.clock.seconds() - stalled_at <= 2 * IDLE + 5
+    for c in clients:
+        got = outcome(c)
+        assert got.code == 200 and not got.complete
+    assert h.fetcher.in_flight() == {}
+    assert h.index.find_path("up", BROKEN) is None
+    # the file's failure is counted (backed off from the next one) and the upstream that
+    # stopped answering is offline; the bytes are kept for the next request to continue
+    assert len(h.fetcher._file_failures) == 1
+    assert h.health.offline
+    assert h.store.resumable
+    assert_no_traceback(logged)
+    h.tree.clear()
+
+
+def test_a_partial_taken_by_a_download_still_queued_at_stop_is_kept(
+    tmp_path: Path, closing: Closing,
+) -> None:
+    """
+    The second run takes the partial the first left for a download that waits for its
+    upstream's slot; the service stops before its turn: the bytes and their sidecar stay for
+    the third run, which continues from them.
+    """
+    first = TreeHarness(tmp_path, tree_files())
+    catalogue(first)
+    offset = ROOTFS_BYTES // 2
+    first.tree.stall(BROKEN, offset)
+    collect(first.receive(BROKEN))
+    first.settle()
+    first.close()
+    served = tmp_path / "tree" / BROKEN
+    st = served.stat()
+
+    second = TreeHarness(tmp_path, tree_files())
+    os.utime(served, ns=(st.st_atime_ns, st.st_mtime_ns))
+    reconcile(second.index, second.store)
+    assert second.store.resumable
+    second.fetcher._slots = DownloadSlots({"up": 1})
+    catalogue(second)
+    other = rootfs_path(OS2, V1)
+    second.tree.hold(other)
+    collect(second.receive(other))
+    second.settle()
+    queued = collect(second.receive(BROKEN))
+    second.settle()
+    assert second.fetcher.queued() == {"up": 1}
+    second.fetcher.stop()
+    second.settle()
+    assert queued
+    kept = second.temp_files()
+    second.tree.release(other)
+    second.close()
+    assert any(p.endswith(".resume") for p in kept)
+
+    third = closing(TreeHarness(tmp_path, tree_files()))
+    os.utime(served, ns=(st.st_atime_ns, st.st_mtime_ns))
+    reconcile(third.index, third.store)
+    catalogue(third)
+    assert_whole(third.run(third.receive(BROKEN)), third.files[BROKEN])
+    assert [r.header("Range") for r in gets(third)] == [f"bytes={offset}-"]
+
+
+def test_at_most_so_many_partial_downloads_are_kept(tmp_path: Path) -> None:
+    """Partials kept for a later request are bounded, at runtime and at start-up: a file
+    nobody asks for again must not hold gigabytes that min_free pays for with cached files."""
+    store = BlobStore(FilePath(str(tmp_path / "cache")))
+    kept: list[Resumable] = []
+    dropped: list[Resumable] = []
+    for n in range(MAX_RESUMABLE + 3):
+        partial = store.new_partial()
+        partial.write(b"p" * 10)
+        sha = f"{n:064x}"
+        partial.write_sidecar(f"https://up.test/{n}", "", sha, 100)
+        partial.keep()
+        os.utime(partial.path.path, (1_500_000 + n, 1_500_000 + n))
+        found = Resumable(partial.path, f"https://up.test/{n}", "", sha, 100)
+        kept.append(found)
+        dropped += store.keep_resumable(found)
+    assert dropped == kept[:3]
+    assert list(store.resumable) == [k.sha256 for k in kept[3:]]
+    for found in dropped:
+        BlobStore.remove_resumable(found)
+    assert len(list(Path(store.temp_dir.path).iterdir())) == 2 * MAX_RESUMABLE
+
+    # the same bound at start-up, over partials left by several runs: the newest stay
+    again = BlobStore(FilePath(str(tmp_path / "cache")))
+    for n in range(3):
+        partial = again.new_partial()
+        partial.write(b"q" * 10)
+        partial.write_sidecar("https://up.test/new", "", f"{n + 100:064x}", 100)
+        partial.keep()
+        os.utime(partial.path.path, (2_000_000 + n, 2_000_000 + n))
+    again.clear_temp(keep_resumable=True, now=2_000_100)
+    assert len(again.resumable) == MAX_RESUMABLE
+    assert f"{102:064x}" in again.resumable and kept[3].sha256 not in again.resumable
+    assert len(list(Path(again.temp_dir.path).iterdir())) == 2 * MAX_RESUMABLE
