@@ -47,6 +47,7 @@ from proxy.images import FaceCatalogue, ImageSource, LxdRemoteImages, Simplestre
 from proxy.lxd_face import LxdApiResource, ServerCertificate
 from proxy.lxd_remote import API_PATH
 from proxy.simplestreams import RootResource, UpstreamResource
+from proxy.via import ViaGuard
 from proxy.statedir import StateLock
 from proxy.status import StatusSource
 from proxy.status_page import STATUS_JSON_PATH, SetupScript, StatusJson, StatusPage
@@ -254,6 +255,7 @@ class CacheService(Service):
             self.reactor,
         )
         site.displayTracebacks = False
+        site.via = ViaGuard(self.core.pseudonym)
         return site
 
     def readiness(self, listening: bool = True) -> Readiness:
