@@ -180,7 +180,8 @@ async def tiers(tmp_path: Path) -> AsyncIterator[Tiers]:
     finally:
         if branch is not None:
             await branch.stop()
-        if regional is not None:
+        # A test may have stopped it (the branch then serves alone).
+        if regional is not None and regional.service.running:
             await regional.stop()
         await top.stop()
 
