@@ -342,3 +342,20 @@ async def test_a_download_that_loops_fails_at_once_and_never_joins_itself(
 
 async def _done(fetched: Any) -> None:
     await fetched.when_done()
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_each_level_verifies_what_comes_from_above(tiers: Tiers) -> None:
+    item = tiers.tree.image(ALIAS).files[-1]
+    await tiers.get(INDEX)
+    # The top sends wrong bytes once: the regional proxy does not pass them off as the file
+    # (its last byte is held back until verified, the connection cut), so the branch never
+    # stores them; its download starts again and its client gets the right file.
+    tiers.top.resource.corrupt(item.path, times=1)
+    response, body = await tiers.get(item.path)
+    assert response.code == 200 and _sha256(body) == item.sha256
+    assert tiers.top_gets(item.path) == 2
+    for proxy in (tiers.regional, tiers.branch):
+        assert proxy.cache.store.exists(item.sha256)
+        assert _sha256(proxy.cache.store.path_for(item.sha256).getContent()) == item.sha256
