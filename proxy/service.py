@@ -141,6 +141,8 @@ class CacheService(Service):
             temp=report.temp_removed, orphans=report.orphan_blobs_removed,
             dangling=report.dangling_records_removed,
         )
+        # So that an operator can tell the proxies of a tier, or a loop, apart (proxy.via).
+        log.info("this proxy is {pseudonym} in Via headers", pseudonym=self.core.pseudonym)
         if self.store.resumable:
             log.info(
                 "keeping {count} partial downloads ({size} bytes) for their next request to "
