@@ -24,6 +24,7 @@ import pytest_twisted  # type: ignore[import-untyped]
 import treq
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import deferLater
 from twisted.logger import LogLevel
 from twisted.python.filepath import FilePath
 from twisted.web.http_headers import Headers
@@ -359,3 +360,35 @@ async def test_each_level_verifies_what_comes_from_above(tiers: Tiers) -> None:
     for proxy in (tiers.regional, tiers.branch):
         assert proxy.cache.store.exists(item.sha256)
         assert _sha256(proxy.cache.store.path_for(item.sha256).getContent()) == item.sha256
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_a_background_refresh_carries_the_via_of_the_request_that_started_it(
+    tmp_path: Path,
+) -> None:
+    tree = build_tree(tmp_path / "tree")
+    ca = make_ca("top upstream CA")
+    top = start_https_upstream(reactor, tree.root, ca)
+    proxy = await start_proxy(
+        reactor, tmp_path / "p", {"images": (top.url, ca.cert_pem)}, cache={"metadata_ttl": "0.2s"},
+    )
+    try:
+        client = https_client(proxy.cert_pem)
+        url = f"{proxy.url('images')}/{INDEX}"
+        await treq.content(await client.get(url).addTimeout(10, reactor))
+        await deferLater(reactor, 0.3, lambda: None)
+        # Expired: served at once, refreshed in the background (stale while revalidate).
+        child = "1.1 lxd-image-proxy-bbbbbbbbbbbb"
+        response = await client.get(url, headers=Headers({b"Via": [child.encode()]}))
+        assert response.code == 200
+        await treq.content(response)
+        for _ in range(50):
+            if top.resource.count(INDEX) == 2:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        vias = [r.header("Via") for r in top.resource.requests if r.path == INDEX]
+        assert vias == [f"1.1 {_pseudonym(proxy)}", f"{child}, 1.1 {_pseudonym(proxy)}"]
+    finally:
+        await proxy.stop()
+        await top.stop()
