@@ -27,6 +27,7 @@ very download or catalogue refresh that is waiting for it, until a timeout.
 from __future__ import annotations
 
 import contextvars
+import json
 import os
 import re
 import secrets
@@ -132,6 +133,17 @@ def received_by(entry: str) -> str:
     return (words[1] if len(words) > 1 else words[0]).lower()
 
 
+def _message(body: str) -> str:
+    """The message of a 508's body: plain text, or the C{error} of LXD's JSON envelope."""
+    try:
+        envelope = json.loads(body)
+    except ValueError:
+        return body
+    if isinstance(envelope, dict) and isinstance(envelope.get("error"), str):
+        return str(envelope["error"])
+    return body
+
+
 def outgoing(pseudonym: str) -> bytes:
     """The Via an upstream request made now carries: the incoming chain, then this proxy."""
     incoming = INCOMING.get()
@@ -224,7 +236,7 @@ class LoopAnswers:
         own = f"{PROTOCOL} {self.pseudonym}"
         sent = f"{incoming}, {own}" if incoming else own
         names = [received_by(e) for e in parse_via([sent.encode("latin-1")])]
-        said = " ".join(said.split())[:1000]
+        said = " ".join(_message(said).split())[:1000]
         if detector.lower() in names:
             # The loop runs from the detector's entry to this proxy's: this proxy is in it.
             if upstream not in self._logged:

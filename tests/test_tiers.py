@@ -9,6 +9,7 @@ C{tests/e2e/test_tiers_lxc.py}.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
 import time
@@ -245,16 +246,17 @@ async def test_each_level_serves_what_it_stored_when_the_level_above_is_gone(tie
         assert response.code == 200 and b"products" in body
 
 
-async def _two_in_a_loop(tmp_path: Path) -> tuple[RunningProxy, RunningProxy]:
-    """Proxies A and B, each the other's upstream C{images}."""
+async def _two_in_a_loop(tmp_path: Path, *, lxd: bool = False) -> tuple[RunningProxy, RunningProxy]:
+    """Proxies A and B, each the other's upstream C{images} (through its LXD face, with C{lxd})."""
     port_a = _free_port()
     cert_a, _ = ensure_server_certificate(FilePath(str(tmp_path / "a")), ["localhost"])
     b = await start_proxy(
         reactor, tmp_path / "b",
-        {"images": (f"https://localhost:{port_a}/images", cert_a.getContent())},
+        {"images": (f"https://localhost:{port_a}" + ("" if lxd else "/images"), cert_a.getContent())},
+        upstream_options={"images": {"protocol": "lxd"}} if lxd else None,
     )
     try:
-        a = await start_child(tmp_path / "a", b, port=port_a)
+        a = await start_child(tmp_path / "a", b, port=port_a, lxd=lxd)
     except BaseException:
         await b.stop()
         raise
@@ -283,6 +285,30 @@ async def test_two_proxies_upstream_of_each_other_fail_at_once(tmp_path: Path, l
         assert sorted(e["upstream"] for e in leads_back) == ["images", "images"]
         assert {e["own"] for e in leads_back} == {_pseudonym(a), _pseudonym(b)}
         assert len(logged.matching("came back to this proxy")) == 1
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_a_loop_through_the_lxd_faces_fails_at_once(tmp_path: Path, logged: Logged) -> None:
+    a, b = await _two_in_a_loop(tmp_path, lxd=True)
+    try:
+        client = https_client(a.cert_pem)
+        started = time.monotonic()
+        response = await client.get(
+            f"https://localhost:{a.port}/1.0/images?recursion=1",
+            headers=Headers({b"User-Agent": [LXD_AGENT]}),
+        ).addTimeout(10, reactor)
+        envelope = json.loads(await treq.content(response))
+        assert time.monotonic() - started < 2.0
+        assert response.code == 502 and envelope["error_code"] == 502
+        # The loop in words, not an envelope within an envelope.
+        assert "leads back" in envelope["error"] and '{"type"' not in envelope["error"]
+        assert {e["own"] for e in logged.matching("leads back to this proxy")} == {
+            _pseudonym(a), _pseudonym(b),
+        }
     finally:
         await a.stop()
         await b.stop()
