@@ -33,7 +33,7 @@ from twisted.web.server import Request
 
 from proxy.tls import ensure_server_certificate
 from proxy.via import (
-    INCOMING, LOOP_HEADER, MAX_HOPS, PSEUDONYM_FILE, ViaGuard, instance_pseudonym, outgoing,
+    INCOMING, LOOP_HEADER, MAX_HOPS, LoopAnswers, PSEUDONYM_FILE, ViaGuard, instance_pseudonym, outgoing,
     parse_via,
 )
 from tests.helpers.certs import make_ca
@@ -92,6 +92,24 @@ def test_the_guard_refuses_its_own_name_and_too_long_chains() -> None:
     assert message is not None and "lxd-image-proxy-aaaaaaaaaaaa" in message
     hops = ", ".join(f"1.1 p{n}" for n in range(MAX_HOPS)).encode()
     assert guard.refusal([hops], b"/x") is not None
+
+
+def test_a_508_is_passed_on_only_inside_the_loop(logged: Logged) -> None:
+    answers = LoopAnswers("lxd-image-proxy-bbbbbbbbbbbb")
+    said = json.dumps({"type": "error", "error_code": 508, "error": "loop detected: x"})
+    # A client that is a proxy in the loop (the detector A asked this proxy B): 508, passed on
+    # with the detector's name, and logged once per upstream.
+    inside = answers.error("images", "lxd-image-proxy-aaaaaaaaaaaa", said, "1.1 lxd-image-proxy-aaaaaaaaaaaa")
+    assert inside.code == 508 and inside.headers == {LOOP_HEADER: b"lxd-image-proxy-aaaaaaaaaaaa"}
+    assert "loop detected: x" in inside.message and '{"type"' not in inside.message
+    answers.error("images", "lxd-image-proxy-aaaaaaaaaaaa", said, "1.1 lxd-image-proxy-aaaaaaaaaaaa")
+    assert len(logged.matching("leads back to this proxy")) == 1
+    # An end client of a proxy in the loop: 502.
+    assert answers.error("images", "lxd-image-proxy-bbbbbbbbbbbb", said, "").code == 502
+    # A proxy outside the loop (the detector is not in its chain): 502, nothing claimed.
+    outside = answers.error("images", "lxd-image-proxy-cccccccccccc", said, "1.1 branch")
+    assert outside.code == 502 and "in a loop of proxies" in outside.message
+    assert len(logged.matching("leads back to this proxy")) == 1
 
 
 # -- real proxies on loopback ----------------------------------------------------------------------
