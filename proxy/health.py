@@ -289,9 +289,10 @@ class UpstreamHealth:
     def record_error(self, error: BaseException, url: str) -> None:
         """
         A request for C{url} ended in C{error} before (or instead of) an answer. A refused
-        redirect, or a 508 (L{UpstreamLoop}), is an answer (the upstream is reachable, and a probe must not stay "in
-        progress" for want of one); another L{ProxyError} was reported where it arose; anything
-        else (connection, TLS, timeout) means the upstream itself is unreachable.
+        redirect, or a 508 (L{UpstreamLoop}), is an answer (the upstream is reachable, and a
+        probe must not stay "in progress" for want of one); another L{ProxyError} was reported
+        where it arose; anything else (connection, TLS, timeout) means the upstream itself is
+        unreachable.
         """
         if isinstance(error, (NotAnUpstream, UpstreamLoop)):
             self.record_success()

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_via -*-
+# -*- test-case-name: tests.test_tiers -*-
 """
 Loop protection between proxies: the C{Via} header (RFC 9110 section 7.6.3).
 
@@ -41,13 +41,14 @@ from proxy.errors import ProxyError
 PSEUDONYM_FILE = "instance-id"
 PSEUDONYM_PREFIX = "lxd-image-proxy-"
 PROTOCOL = "1.1"
-# RFC 8297 / WebDAV: "the server terminated an operation because it encountered an infinite loop".
+# RFC 5842 section 7.2: the server "terminated an operation because it encountered an
+# infinite loop".
 LOOP_DETECTED = 508
 # Set on a 508 by the proxy that found itself in the Via: which one, so that each proxy
 # down the chain can tell whether it is in the loop.
 LOOP_HEADER = b"Lxd-Image-Proxy-Loop"
-# A request that went through more proxies than this is refused as a loop all the same (one
-# through proxies that drop Via); no sane hierarchy is this deep.
+# A request that went through this many proxies already is refused as a loop all the same
+# (one through proxies that drop Via); no sane hierarchy is this deep.
 MAX_HOPS = 16
 # At most so many distinct loops are remembered for "log once".
 _LOGGED_LOOPS = 64
@@ -75,18 +76,26 @@ def instance_pseudonym(directory: str) -> str:
     except (OSError, UnicodeDecodeError):
         pass
     name = PSEUDONYM_PREFIX + secrets.token_hex(6)
-    os.makedirs(directory, exist_ok=True)
     temp = f"{path}.{os.getpid()}.{secrets.token_hex(4)}"
-    with open(temp, "w", encoding="ascii") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
     try:
-        os.replace(temp, path) if os.path.exists(path) else os.link(temp, path)
+        os.makedirs(directory, exist_ok=True)
+        with open(temp, "w", encoding="ascii") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(path):
+            # Not a name (damaged): replaced.
+            os.replace(temp, path)
+        else:
+            os.link(temp, path)
     except FileExistsError:
         # Another process won the race: its name is the one.
         with open(path, encoding="ascii") as f:
             name = f.read().strip()
+    except OSError:
+        # A directory this process may not write (an admin command run by another user):
+        # a name for this run alone still tells its requests apart from every proxy's.
+        pass
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
@@ -149,12 +158,6 @@ def outgoing(pseudonym: str) -> bytes:
     incoming = INCOMING.get()
     own = f"{PROTOCOL} {pseudonym}"
     return (f"{incoming}, {own}" if incoming else own).encode("latin-1")
-
-
-class LoopDetected(ProxyError):
-    """A request that came back to this proxy, or one through too many proxies."""
-
-    code = LOOP_DETECTED
 
 
 class UpstreamLoop(ProxyError):
@@ -260,6 +263,6 @@ class LoopAnswers:
 
 
 __all__ = [
-    "INCOMING", "LOOP_DETECTED", "LOOP_HEADER", "LoopAnswers", "LoopDetected", "MAX_HOPS",
+    "INCOMING", "LOOP_DETECTED", "LOOP_HEADER", "LoopAnswers", "MAX_HOPS",
     "UpstreamLoop", "ViaGuard", "instance_pseudonym", "outgoing", "parse_via",
 ]
