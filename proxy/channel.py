@@ -52,6 +52,7 @@ from proxy.config import (
     ServerConfig,
 )
 from proxy.access_log import LoggedRequest
+from proxy.via import ViaGuard
 
 # After the proxy closes a connection, a TLS peer has this long to answer with its own
 # close_notify (or to close) before the connection is aborted; until then the TLS layer
@@ -354,6 +355,9 @@ class ProxySite(Site):
     A L{Site} whose connections are L{ProxyChannel}s and whose requests L{LoggedRequest}s,
     which write the access log (L{proxy.access_log}) instead of Twisted's combined-log line.
     """
+
+    # Loop protection and the responses' Via (proxy.via); set by the service.
+    via: ViaGuard | None = None
 
     def __init__(self, resource: IResource, limits: HeadLimits, reactor: IReactorTime) -> None:
         super().__init__(resource, requestFactory=LoggedRequest, reactor=reactor)

@@ -37,6 +37,7 @@ from proxy.mirrors import Mirrors
 from proxy.prefetch import PinnedPartsLearner, Prefetcher
 from proxy.tls import upstream_tls_policy
 from proxy.upstream import UpstreamClient, origin_of
+from proxy.via import instance_pseudonym
 from proxy.work import Workers
 
 CLOSE_TIMEOUT_SECONDS = 2.0
@@ -72,6 +73,8 @@ class CacheCore:
     metrics: Metrics
     # The upstreams with several base URLs (C{urls = [...]}).
     mirrors: dict[str, Mirrors] = field(factory=dict)
+    # What this proxy's Via entries name (proxy.via); one per state directory.
+    pseudonym: str = ""
 
     def busy(self) -> set[str]:
         """Files that may not be evicted now: being served or being downloaded."""
@@ -125,6 +128,8 @@ def build_core(
         connect_timeout=config.cache.connect_timeout,
         header_timeout=config.cache.download_idle_timeout, proxies=proxies,
     )
+    pseudonym = instance_pseudonym(config.cache.dir)
+    client.use_pseudonym(pseudonym)
     health = {
         u.name: UpstreamHealth(u.name, reactor, forced_offline=u.offline) for u in config.upstreams
     } if watch_health else {}
@@ -186,7 +191,7 @@ def build_core(
         config=config, reactor=reactor, index=index, store=store, client=client, health=health,
         in_use=in_use, lifecycle=lifecycle, fetcher=fetcher, agents=agents, metadata=metadata,
         families=families, remotes=remotes, prefetcher=prefetcher, metrics=metrics,
-        mirrors=mirrors,
+        mirrors=mirrors, pseudonym=pseudonym,
     )
 
 

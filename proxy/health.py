@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 
 from proxy.errors import ProxyError, Unavailable
 from proxy.upstream import NotAnUpstream, as_proxy_error
+from proxy.via import UpstreamLoop
 
 __all__ = [
     "DEFAULT_BASE_BACKOFF_SECONDS",
@@ -288,11 +289,12 @@ class UpstreamHealth:
     def record_error(self, error: BaseException, url: str) -> None:
         """
         A request for C{url} ended in C{error} before (or instead of) an answer. A refused
-        redirect is an answer (the upstream is reachable, and a probe must not stay "in
-        progress" for want of one); another L{ProxyError} was reported where it arose; anything
-        else (connection, TLS, timeout) means the upstream itself is unreachable.
+        redirect, or a 508 (L{UpstreamLoop}), is an answer (the upstream is reachable, and a
+        probe must not stay "in progress" for want of one); another L{ProxyError} was reported
+        where it arose; anything else (connection, TLS, timeout) means the upstream itself is
+        unreachable.
         """
-        if isinstance(error, NotAnUpstream):
+        if isinstance(error, (NotAnUpstream, UpstreamLoop)):
             self.record_success()
         elif not isinstance(error, ProxyError):
             self.record_failure(as_proxy_error(Failure(error), url).message, transport=True)

@@ -14,6 +14,7 @@ what their users know as a L{SimplestreamsMetadata}.
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import Sequence
 from typing import Any, Callable, Generic, Protocol, TypeVar
 
@@ -248,7 +249,8 @@ class UpstreamFiles:
                 # On the next turn: the caller opens the copy first, which a refresh that
                 # replaced it at once (from a memory cache, say) would have removed.
                 self._revalidating.add(path)
-                self._clock.callLater(0, self._revalidate, path)
+                # In this request's context: its Via chain goes with the refresh (proxy.via).
+                self._clock.callLater(0, contextvars.copy_context().run, self._revalidate, path)
             return record
         # The probe waits (up to STALE_WAIT_SECONDS): what is served while offline is the
         # reduced view of the stored images, and the client that finds the upstream back

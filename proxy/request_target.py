@@ -16,10 +16,13 @@ path that lost its first character (C{ttps://host/...}).
 
 from __future__ import annotations
 
+import contextvars
 import re
 
 from twisted.logger import Logger
 from twisted.web.server import Request
+
+from proxy.via import INCOMING, LOOP_HEADER, ViaGuard
 
 # The methods every face serves; a face may serve more (see each resource).
 READ_METHODS = (b"GET", b"HEAD")
@@ -70,7 +73,23 @@ class TargetRequest(Request):
         super().requestReceived(command, path, version)
 
     def process(self) -> None:
+        # The site's loop protection (proxy.via), when it has one.
+        guard: ViaGuard | None = getattr(getattr(self.channel, "site", None), "via", None)
+        if guard is not None:
+            self.setHeader(b"Via", guard.entry)
         refused = refusal(self.method, self.uri)
+        if refused is None and guard is not None:
+            via = self.requestHeaders.getRawHeaders(b"Via") or []
+            looped = guard.refusal(via, self.uri) if via else None
+            if looped is not None:
+                # At once, before any face: a looping request must never join (and so wait
+                # for) the download or refresh that caused it.
+                self.setHeader(LOOP_HEADER, guard.pseudonym.encode("ascii"))
+                self._answer(508, looped, close=False)
+                return
+            # Whatever this request starts upstream carries its chain (see proxy.via).
+            contextvars.copy_context().run(self._process_within, guard.incoming(via))
+            return
         if refused is None:
             super().process()
             return
@@ -79,15 +98,23 @@ class TargetRequest(Request):
             "{code} for {method} {target}",
             code=code, method=self.method.decode("latin-1"), target=self.uri.decode("latin-1"),
         )
-        body = f"{message}\n".encode("utf-8")
-        self.setResponseCode(code)
         if code == 405:
             self.setHeader(b"Allow", b", ".join(READ_METHODS))
+        # A client that sent one of these is not speaking to an image server.
+        self._answer(code, message, close=True)
+
+    def _process_within(self, incoming: str) -> None:
+        INCOMING.set(incoming)
+        super().process()
+
+    def _answer(self, code: int, message: str, *, close: bool) -> None:
+        body = f"{message}\n".encode("utf-8")
+        self.setResponseCode(code)
         self.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
         self.setHeader(b"Content-Length", b"%d" % (len(body),))
-        # A client that sent one of these is not speaking to an image server.
-        self.setHeader(b"Connection", b"close")
-        self.channel.persistent = False
+        if close:
+            self.setHeader(b"Connection", b"close")
+            self.channel.persistent = False
         self.write(body)
         self.finish()
 

@@ -48,6 +48,7 @@ from proxy.images import FaceCatalogue, ImageSource, LxdRemoteImages, Simplestre
 from proxy.lxd_face import LxdApiResource, ServerCertificate
 from proxy.lxd_remote import API_PATH
 from proxy.simplestreams import RootResource, UpstreamResource
+from proxy.via import ViaGuard
 from proxy.statedir import StateLock
 from proxy.status import StatusSource
 from proxy.status_page import STATUS_JSON_PATH, SetupScript, StatusJson, StatusPage
@@ -143,6 +144,8 @@ class CacheService(Service):
             temp=report.temp_removed, orphans=report.orphan_blobs_removed,
             dangling=report.dangling_records_removed,
         )
+        # So that an operator can tell the proxies of a tier, or a loop, apart (proxy.via).
+        log.info("this proxy is {pseudonym} in Via headers", pseudonym=self.core.pseudonym)
         if self.store.resumable:
             log.info(
                 "keeping {count} partial downloads ({size} bytes) for their next request to "
@@ -255,9 +258,11 @@ class CacheService(Service):
         limits = HeadLimits.from_config(self.config.server)
         site = ProxySite(root, limits, self.reactor)
         site.displayTracebacks = False
+        site.via = ViaGuard(self.core.pseudonym)
         # Plain HTTP: the same upstreams' image files, nothing else (proxy.plain).
         self.plain_site = ProxySite(PlainRoot(root), limits, self.reactor)
         self.plain_site.displayTracebacks = False
+        self.plain_site.via = site.via
         return site
 
     def readiness(self, listening: bool = True) -> Readiness:

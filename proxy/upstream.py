@@ -26,8 +26,11 @@ from zope.interface import implementer
 from proxy import __version__
 from proxy.errors import ProxyError, UpstreamFailed, UpstreamTimeout, VerificationFailed
 from proxy.outbound import OutboundProxy, UpstreamEndpoints
+from proxy.via import INCOMING, LOOP_DETECTED, LOOP_HEADER, LoopAnswers, outgoing
 
 USER_AGENT = f"lxd-image-proxy/{__version__}".encode("ascii")
+# The most of a 508's message (L{proxy.via}) read to say why.
+MAX_LOOP_MESSAGE_BYTES = 4096
 
 Origin = tuple[bytes, bytes, int]
 
@@ -238,6 +241,10 @@ class UpstreamClient:
         self._pool = pool
         # Set by for_upstreams: each origin's outbound proxy, for the status page.
         self._proxies: dict[Origin, OutboundProxy | None] = {}
+        # Set by for_upstreams: the upstream each origin belongs to, for the loop message.
+        self._names: dict[Origin, str] = {}
+        # Set by use_pseudonym: what the requests' Via names, and what a 508 means here.
+        self._loops: LoopAnswers | None = None
 
     @classmethod
     def for_upstreams(
@@ -258,11 +265,13 @@ class UpstreamClient:
             an origin not in it is reached directly.
         """
         origins: list[Origin] = []
+        names: dict[Origin, str] = {}
         policies: dict[tuple[bytes, int], IPolicyForHTTPS] = {}
-        for urls, policy in upstreams.values():
+        for name, (urls, policy) in upstreams.items():
             for url in (urls,) if isinstance(urls, str) else urls:
                 origin = origin_of(url)
                 origins.append(origin)
+                names[origin] = name
                 policies[(origin[1], origin[2])] = policy
         routes = {origin: (proxies or {}).get(origin) for origin in origins}
         pool = HTTPConnectionPool(reactor, persistent=True)
@@ -280,7 +289,12 @@ class UpstreamClient:
         agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
         client = cls(reactor, agent, origins, header_timeout=header_timeout, pool=pool)
         client._proxies = routes
+        client._names = names
         return client
+
+    def use_pseudonym(self, pseudonym: str) -> None:
+        """Send C{Via} with C{pseudonym} (L{proxy.via}) and turn an upstream's 508 into its error."""
+        self._loops = LoopAnswers(pseudonym)
 
     def outbound_proxy(self, url: str) -> OutboundProxy | None:
         """The outbound proxy requests to C{url} go through; None: direct."""
@@ -297,6 +311,11 @@ class UpstreamClient:
         all_headers = Headers({b"User-Agent": [USER_AGENT]})
         for name, value in (headers or {}).items():
             all_headers.setRawHeaders(name, [value])
+        loops = self._loops
+        # Read now: the callbacks below run outside the context of the work that asks.
+        incoming = INCOMING.get()
+        if loops is not None:
+            all_headers.setRawHeaders(b"Via", [outgoing(loops.pseudonym)])
         d = self._http.get(
             url,
             headers=all_headers,
@@ -305,7 +324,33 @@ class UpstreamClient:
             timeout=self._header_timeout,
             reactor=self._reactor,
         )
+        if loops is not None:
+            d.addCallback(lambda response: self._loop_checked(loops, url, incoming, response))
         return cast("Deferred[IResponse]", d)
+
+    def _loop_checked(
+        self, loops: LoopAnswers, url: str, incoming: str, response: IResponse,
+    ) -> object:
+        """C{response}, or for a 508 (the request looped) the L{UpstreamLoop} to fail with."""
+        if response.code != LOOP_DETECTED:
+            return response
+        try:
+            name = self._names.get(origin_of(url), url)
+        except Exception:
+            name = url
+        detector = (response.headers.getRawHeaders(LOOP_HEADER) or [b""])[0]
+        chunks: list[bytes] = []
+        # The answer is a line of text; what does not come within a second is not waited for.
+        received = receive_body(
+            response, chunks.append, limit=MAX_LOOP_MESSAGE_BYTES, clock=self._reactor,
+            idle_timeout=1.0,
+        )
+
+        def fail(_: object) -> None:
+            said = b"".join(chunks).decode("utf-8", "replace")
+            raise loops.error(name, detector.decode("latin-1")[:100], said, incoming)
+
+        return received.addBoth(fail)
 
     def close(self) -> "Deferred[None]":
         """Close idle persistent connections (at service stop)."""
