@@ -181,6 +181,7 @@ def test_sample_config_sets_every_key() -> None:
     assert keys - expected == {
         "upstreams.images.allow_insecure", "upstreams.images.offline", "upstreams.images.protocol",
         "upstreams.images.upstream_concurrency", "upstreams.images.allow", "lxd_api.upstreams", "log.format", "metrics.listen",
+        "cluster.peers", "cluster.ca_file",
     }
 
 
