@@ -391,7 +391,7 @@ class Fetcher:
                         "{path} from {url} did not verify after a resume ({reason}); fetching "
                         "it whole", path=job.item.path, url=job.url, reason=str(e),
                     )
-                    job.restart()
+                    job.restart(wrong=True)
                     continue
                 if mirrors is not None and isinstance(job, Download) and attempts < MAX_ATTEMPTS:
                     following = self._next_mirror(mirrors, job, base, e, answered_now, tried)
@@ -444,7 +444,7 @@ class Fetcher:
                 path=job.item.path, peer=peer, reason=as_proxy_error(Failure(e), job.subject).message,
             )
             if isinstance(e, VerificationFailed):
-                job.restart()
+                job.restart(wrong=True)
             return False
         finally:
             # The bytes of a peer are no upstream's (the metrics and stats count WAN traffic).
@@ -475,7 +475,7 @@ class Fetcher:
         if not others or self._stopping:
             return None
         if isinstance(error, VerificationFailed):
-            job.restart()
+            job.restart(wrong=True)
         self.log.info(
             "download of {path} of upstream {upstream} moves from {old} to {new} at byte "
             "{received} ({reason})", path=job.item.path, upstream=job.upstream, old=base,

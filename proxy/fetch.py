@@ -164,6 +164,8 @@ class Download:
     validator_url: str = field(default="", init=False)
     # Body bytes received over every attempt, those dropped by a restart included.
     fetched: int = field(default=0, init=False)
+    # How many times bytes that did not verify were dropped (see restart).
+    discarded: int = field(default=0, init=False)
     # Set by the engine when its bytes are kept for a later download to continue.
     keep_partial: bool = field(default=False, init=False)
     # Whether the bytes on disk came in more than one answer (or from an earlier run): if they
@@ -283,8 +285,14 @@ class Download:
         self.spliced = True
         self._wake()
 
-    def restart(self) -> None:
-        """The upstream sends the whole body again: the bytes on disk go."""
+    def restart(self, *, wrong: bool = False) -> None:
+        """
+        The upstream sends the whole body again: the bytes on disk go. C{wrong}: some of them
+        did not verify, so the followers that sent any are cut (L{discarded}) rather than
+        continued with the new bytes.
+        """
+        if wrong:
+            self.discarded += 1
         self.partial.truncate()
         self._received = 0
         self.spliced = False

@@ -96,6 +96,14 @@ class FileTruncated(Exception):
     """
 
 
+class BytesTakenBack(Exception):
+    """
+    The source's download started over after bytes that did not verify (from a peer, a mirror,
+    or a resume's pieces) while this response had sent some: what the client has may not be a
+    prefix of the right file, so its response is cut rather than continued.
+    """
+
+
 class ProducerStopped(Exception):
     """
     The consumer stopped the producer (the client went away) before the
@@ -189,6 +197,9 @@ class FileProducer:
         self._client_gone = False
         self._call: IDelayedCall | None = None
         self._waiting: Deferred[None] | None = None
+        # A download that starts over after bytes that did not verify counts it here
+        # (L{proxy.fetch.Download.discarded}); any other source never does.
+        self._discarded = getattr(source, "discarded", 0)
 
         self._file: IO[bytes] | None = source.path.open("r") if file is None else file
         try:
@@ -245,6 +256,15 @@ class FileProducer:
         if self._offset >= self.end:
             self._finish()
             return
+        discarded = getattr(self.source, "discarded", 0)
+        if discarded != self._discarded:
+            if self._offset > self.start:
+                self._fail(Failure(BytesTakenBack(
+                    f"{self.source.path.path} started over after bytes that did not verify"
+                )))
+                return
+            # Nothing sent yet: every byte this response sends is of the new attempt.
+            self._discarded = discarded
         readable = min(self.source.available(), self.end)
         if self._offset >= readable:
             self._wait_for_source()
