@@ -36,6 +36,7 @@ from twisted.web.iweb import IResponse
 from twisted.web.server import Request
 
 from proxy.errors import ProxyError
+from proxy.fetch import discard_body
 
 # Bound on the whole question (every peer asked at once), from asking to the first 200's
 # headers. A peer on the same LAN answers a cached-only request in milliseconds; one that
@@ -139,7 +140,12 @@ class Peers:
                     "peer {url} answered {code} to a cached-only request for {upstream}/{path}",
                     url=url, code=response.code, upstream=upstream, path=path,
                 )
-            drop(response)
+            if response.code == 200:
+                # A second holder's file: not wanted, and not worth reading.
+                drop(response)
+            else:
+                # A short error page: read, so that the connection serves the next question.
+                Deferred.fromCoroutine(discard_body(response))
 
         def failed(failure: Failure, url: str) -> None:
             self.log.info(
