@@ -451,6 +451,10 @@ class Fetcher:
             job.fetched = before
             job.url = upstream_url
         await self._commit(job, verified)
+        health = self._health.get(job.upstream)
+        if health is not None:
+            # The upstream was not asked: a probe this download held says nothing either way.
+            health.end_probe(f"{job.subject} came from peer {peer}")
         return True
 
     def _next_mirror(

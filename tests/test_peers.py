@@ -289,3 +289,18 @@ def test_cluster_keys(tmp_path: Path) -> None:
 def test_cluster_key_errors(tmp_path: Path, cluster: Any, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         config(cluster, tmp_path)
+
+
+def test_a_probe_answered_by_a_peer_lets_the_next_miss_probe(
+    holder: Node, joiner: Node, files: dict[str, bytes],
+) -> None:
+    holder.seed_file(BROKEN)
+    holder.seed_file(OTHER)
+    joiner.join(via(holder), ["https://holder.lan"], others=[holder])
+    joiner.catalogue()
+    joiner.health.record_failure("connection refused", True)
+    joiner.clock.advance(joiner.health.retry_after() + 1)
+    for path in (BROKEN, OTHER):
+        code, body, _ = joiner.fetch(path)
+        assert (code, body) == (200, files[path]), path
+    assert joiner.upstream_gets(BROKEN) + joiner.upstream_gets(OTHER) == 0
