@@ -439,6 +439,8 @@ class Fetcher:
             await job.receive(response, self._receive)
             verified = job.verified()
         except Exception as e:
+            if self._stopping:
+                raise
             self.log.warn(
                 "copying {path} from peer {peer} failed ({reason}); asking the upstream",
                 path=job.item.path, peer=peer, reason=as_proxy_error(Failure(e), job.subject).message,
@@ -451,6 +453,8 @@ class Fetcher:
             job.fetched = before
             job.url = upstream_url
         await self._commit(job, verified)
+        self.log.info("{path} of upstream {upstream} came from peer {peer}", path=job.item.path,
+                      upstream=job.upstream, peer=peer)
         health = self._health.get(job.upstream)
         if health is not None:
             # The upstream was not asked: a probe this download held says nothing either way.
