@@ -128,6 +128,8 @@ class Cluster:
     client: HTTPClient | None = None
     pool: HTTPConnectionPool | None = None
     wrong: list[str] = field(factory=list)
+    # The CA of the upstream's certificate, for the nodes' [upstreams] ca_file.
+    upstream_ca_pem: bytes = b""
 
     def configure(self, count: int, extra_peers: Iterable[str] = ()) -> None:
         """Write the configurations of C{count} nodes, each listing every node as a peer."""
@@ -172,8 +174,6 @@ ca_file = "upstream-ca.pem"
 peers = [{peers}]
 ca_file = "{self.tmp / 'nodes-ca.pem'}"
 """)
-
-    upstream_ca_pem: bytes = b""
 
     async def start_node(self, node: ClusterNode) -> None:
         port = await node.process.start()
