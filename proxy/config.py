@@ -301,6 +301,22 @@ class MetricsConfig:
 
 
 @frozen
+class ClusterConfig:
+    """
+    The C{[cluster]} table: the other nodes of a pool behind one load balancer.
+
+    @ivar peers: the other nodes' base URLs (C{https://node2.lan:8443}), asked for a file
+        this node misses before its upstream is; this node's own URL may be among them (it is
+        recognised at its first answer and left out). Empty: no peer fill.
+    @ivar ca_file: PEM bundle trusted for the peers' certificates (on top of the system
+        store), or C{""}.
+    """
+
+    peers: tuple[str, ...] = ()
+    ca_file: str = ""
+
+
+@frozen
 class Config:
     """
     The whole configuration.
@@ -315,6 +331,7 @@ class Config:
     lxd_api: LxdApiConfig = LxdApiConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
     def lxd_api_upstreams(self) -> tuple[UpstreamConfig, ...]:
         """The upstreams the LXD image API lists, in order of precedence."""
@@ -400,7 +417,9 @@ def parse_config(document: Mapping[str, Any], base_dir: str) -> Config:
     @param base_dir: the directory that relative paths are taken from.
     @raise ConfigError: as L{load_config}.
     """
-    _check_keys(document, "", {"server", "cache", "upstreams", "pin", "lxd_api", "log", "metrics"})
+    _check_keys(
+        document, "", {"server", "cache", "upstreams", "pin", "lxd_api", "log", "metrics", "cluster"}
+    )
     defaults = default_config()
     server = _parse_server(_table(document, "server"), base_dir)
     cache = _parse_cache(_table(document, "cache"), base_dir, defaults.cache)
@@ -413,8 +432,29 @@ def parse_config(document: Mapping[str, Any], base_dir: str) -> Config:
     metrics = _parse_metrics(_table(document, "metrics"), server)
     return Config(
         server=server, cache=cache, upstreams=upstreams, pins=pins, lxd_api=lxd_api, log=log,
-        metrics=metrics,
+        metrics=metrics, cluster=_parse_cluster(_table(document, "cluster"), base_dir),
     )
+
+
+def _parse_cluster(table: Mapping[str, Any], base_dir: str) -> ClusterConfig:
+    _check_keys(table, "cluster", {"peers", "ca_file"})
+    peers: list[str] = []
+    for value in _string_list(table, "peers", "cluster") or []:
+        if not value.startswith("https://"):
+            raise ConfigError(f"cluster.peers: expected an https:// URL, got {_show(value)}")
+        url = _upstream_url(value, "cluster.peers", False)
+        if urlsplit(url).path:
+            raise ConfigError(
+                f"cluster.peers: {_show(value)} has a path; a peer is named by its base URL "
+                f"(https://HOST:PORT), as its clients reach it"
+            )
+        if url in peers:
+            raise ConfigError(f"cluster.peers: {_show(value)} is listed twice")
+        peers.append(url)
+    ca_file = _resolve(base_dir, _string(table, "ca_file", "cluster"))
+    if ca_file:
+        read_pem_certificates(ca_file, "cluster.ca_file")
+    return ClusterConfig(peers=tuple(peers), ca_file=ca_file)
 
 
 def _parse_log(table: Mapping[str, Any]) -> LogConfig:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from attrs import define, field
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 
 from proxy.agents import ClientAgents
 from proxy.blobs import BlobStore
@@ -34,6 +34,7 @@ from proxy.metadata import SimplestreamsMetadata, UpstreamMetadata
 from proxy.metrics import NO_METRICS, Metrics
 from proxy.outbound import proxy_routes
 from proxy.mirrors import Mirrors
+from proxy.peers import PEER_WAIT_SECONDS, Peers, new_node_id
 from proxy.prefetch import PinnedPartsLearner, Prefetcher
 from proxy.tls import upstream_tls_policy
 from proxy.upstream import UpstreamClient, origin_of
@@ -75,6 +76,9 @@ class CacheCore:
     mirrors: dict[str, Mirrors] = field(factory=dict)
     # What this proxy's Via entries name (proxy.via); one per state directory.
     pseudonym: str = ""
+    # This process's id among the pool's nodes, and its peers' client ([cluster] peers).
+    node_id: str = field(factory=new_node_id)
+    peer_client: UpstreamClient | None = None
 
     def busy(self) -> set[str]:
         """Files that may not be evicted now: being served or being downloaded."""
@@ -87,8 +91,11 @@ class CacheCore:
         """
         # Closing waits for the peers' TLS goodbye; a peer that never answers must not hold
         # up a shutdown.
-        d = self.client.close().addTimeout(CLOSE_TIMEOUT_SECONDS, self.reactor)
-        return d.addErrback(lambda _: None)
+        closing = [self.client.close()]
+        if self.peer_client is not None:
+            closing.append(self.peer_client.close())
+        d = DeferredList(closing).addTimeout(CLOSE_TIMEOUT_SECONDS, self.reactor)
+        return d.addBoth(lambda _: None)
 
 
 def build_core(
@@ -142,6 +149,18 @@ def build_core(
     def busy() -> set[str]:
         return in_use.current() | fetcher.busy()
 
+    # The pool's other nodes: a client of their own, allowed to reach them and nothing else.
+    node_id = new_node_id()
+    peers: Peers | None = None
+    peer_client: UpstreamClient | None = None
+    if config.cluster.peers:
+        peer_client = UpstreamClient.for_upstreams(
+            reactor, {"peers": (config.cluster.peers, upstream_tls_policy(config.cluster.ca_file or None))},
+            upstream_tls_policy(None), connect_timeout=PEER_WAIT_SECONDS,
+            header_timeout=PEER_WAIT_SECONDS,
+        )
+        peers = Peers(config.cluster.peers, peer_client.get, reactor, node_id)
+
     lifecycle = CacheLifecycle(
         index, store, config.cache, reactor, busy, work=disk, in_use=in_use,
         reactor=reactor if workers.threaded else None, metrics=metrics,
@@ -153,6 +172,7 @@ def build_core(
         health=health, disk=disk, settled=in_use.settled,
         writeback=workers.writeback, metrics=metrics, mirrors=mirrors,
         slots=DownloadSlots({u.name: config.upstream_concurrency(u.name) for u in config.upstreams}),
+        peers=peers,
     )
     agents = ClientAgents()
     metadata: dict[str, SimplestreamsMetadata] = {}
@@ -191,7 +211,7 @@ def build_core(
         config=config, reactor=reactor, index=index, store=store, client=client, health=health,
         in_use=in_use, lifecycle=lifecycle, fetcher=fetcher, agents=agents, metadata=metadata,
         families=families, remotes=remotes, prefetcher=prefetcher, metrics=metrics,
-        mirrors=mirrors, pseudonym=pseudonym,
+        mirrors=mirrors, pseudonym=pseudonym, node_id=node_id, peer_client=peer_client,
     )
 
 

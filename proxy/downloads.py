@@ -51,6 +51,7 @@ from proxy.lxd_fetch import ExportDownload, ItemDownload, listed_file
 from proxy.lxd_remote import RemoteImage
 from proxy.metrics import NO_METRICS, Metrics
 from proxy.mirrors import Mirrors, base_of
+from proxy.peers import Peers
 from proxy.upstream import (
     BodyBroken,
     BodyReceiver,
@@ -107,8 +108,11 @@ class Fetcher:
         metrics: Metrics = NO_METRICS,
         mirrors: Mapping[str, Mirrors] | None = None,
         slots: DownloadSlots | None = None,
+        peers: Peers | None = None,
     ) -> None:
         self._client = client
+        # The other nodes of a pool: a file one of them holds is copied from it (proxy.peers).
+        self._peers = peers
         # The upstreams with several base URLs: a download moves to the next when one fails.
         self._mirrors = dict(mirrors or {})
         # At most so many downloads per upstream run at once (none: no limit).
@@ -382,6 +386,9 @@ class Fetcher:
         answered = False
         without_progress = 0
         attempts = 0
+        if isinstance(job, Download) and self._peers is not None and job.received == 0:
+            if await self._from_peer(job, self._peers):
+                return True
         mirrors = self._mirrors.get(job.upstream) if isinstance(job, Download) else None
         tried: list[str] = []
         base = mirrors.order()[0] if mirrors is not None else ""
@@ -445,6 +452,45 @@ class Fetcher:
                     # A new round: every mirror whose backoff has run out may be asked again.
                     tried = []
                     base = (mirrors.order() or [base])[0]
+
+    async def _from_peer(self, job: Download, peers: Peers) -> bool:
+        """
+        Copy C{job}'s file from a peer that holds it, verified as any download; False when
+        none does, or the copy failed before its commit (the upstream is asked next, for the
+        rest of the bytes with C{Range} when some arrived and nothing was wrong with them).
+        """
+        found = await peers.find(job.upstream, job.item.path)
+        self._metrics.peer_fill(job.upstream, found is not None)
+        if found is None:
+            return False
+        peer, response = found
+        upstream_url, job.url = job.url, f"{peer}/{job.upstream}/{job.item.path}"
+        before = job.fetched
+        try:
+            await job.receive(response, self._receive)
+            verified = job.verified()
+        except Exception as e:
+            if self._stopping:
+                raise
+            self.log.warn(
+                "copying {path} from peer {peer} failed ({reason}); asking the upstream",
+                path=job.item.path, peer=peer, reason=as_proxy_error(Failure(e), job.subject).message,
+            )
+            if isinstance(e, VerificationFailed):
+                job.restart()
+            return False
+        finally:
+            # The bytes of a peer are no upstream's (the metrics and stats count WAN traffic).
+            job.fetched = before
+            job.url = upstream_url
+        await self._commit(job, verified)
+        self.log.info("{path} of upstream {upstream} came from peer {peer}", path=job.item.path,
+                      upstream=job.upstream, peer=peer)
+        health = self._health.get(job.upstream)
+        if health is not None:
+            # The upstream was not asked: a probe this download held says nothing either way.
+            health.end_probe(f"{job.subject} came from peer {peer}")
+        return True
 
     def _next_mirror(
         self, mirrors: Mirrors, job: Download, base: str, error: Exception, answered_now: bool,

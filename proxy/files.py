@@ -25,6 +25,7 @@ from proxy.health import UpstreamHealth
 from proxy.index import CacheIndex, FileRecord
 from proxy.lxd_fetch import ItemDownload
 from proxy.metrics import NO_METRICS, Metrics
+from proxy.peers import NODE_HEADER, NotCachedHere
 from proxy.streaming import CompleteFile, FileSource
 
 # How long a miss may wait for the upstream's response headers before the client gets its own
@@ -76,8 +77,11 @@ class CacheFiles:
         *,
         health: Mapping[str, UpstreamHealth] | None = None,
         metrics: Metrics = NO_METRICS,
+        node_id: str = "",
     ) -> None:
         self._metrics = metrics
+        # This process's id, on the answers to peers (proxy.peers).
+        self.node_id = node_id
         # By upstream, the responses streaming a download now (read by the metrics at scrape).
         self.following: dict[str, int] = {}
         self._store = store
@@ -99,16 +103,37 @@ class CacheFiles:
         """The stored file of C{item} (or where it would be: only its size is read for a HEAD)."""
         return CompleteFile(self._store.path_for(item.sha256), item.size)
 
+    def stored_item(self, upstream: str, path: str) -> Item | None:
+        """
+        The file served at C{upstream}/C{path} as the index alone knows it (no catalogue is
+        read, so nothing is asked of the upstream), or None when it is not stored.
+        """
+        record = self._index.find_path(upstream, path)
+        if record is None or not self._store.exists(record.sha256):
+            return None
+        return Item(path, record.sha256, record.size, "", record.product, record.version)
+
+    def not_here(self, upstream: str, path: str) -> NotCachedHere:
+        """The answer to a peer's cached-only request for a file not stored (counted)."""
+        self._metrics.peer_request(False)
+        return NotCachedHere(
+            f"{upstream}/{path} is not stored on this node (only-if-cached)",
+            headers={NODE_HEADER: self.node_id.encode("ascii")},
+        )
+
     @asynccontextmanager
     async def open(
-        self, upstream: str, path: str, item: Item, *, sent: Callable[[], int], head: bool = False
+        self, upstream: str, path: str, item: Item, *, sent: Callable[[], int], head: bool = False,
+        cached_only: bool = False,
     ) -> AsyncIterator[Opened]:
         """
         Open the file of C{item}, served as C{upstream}/C{path}, for one response.
 
         A miss joins or starts its download, waiting for the upstream to accept it at most
         C{UPSTREAM_START_GRACE_SECONDS}; with C{head}, a miss starts none (a monitoring check
-        must not cost gigabytes). Once the body is out, C{sent()} bytes are counted.
+        must not cost gigabytes). Once the body is out, C{sent()} bytes are counted. With
+        C{cached_only} (a peer's request, see L{proxy.peers}) a miss raises L{NotCachedHere}:
+        it neither starts nor joins a download.
 
         @raise Unavailable: a miss while the upstream is offline.
         @raise ProxyError: the upstream refused the download at once (404, 5xx ...).
@@ -116,7 +141,11 @@ class CacheFiles:
         # A file being expired or evicted is gone once that is over: a miss.
         await self._in_use.settled([item.sha256])
         with self._in_use.holding(item.sha256):
+            if cached_only and not self._store.exists(item.sha256):
+                raise self.not_here(upstream, path)
             if self._store.exists(item.sha256):
+                if cached_only:
+                    self._metrics.peer_request(True)
                 record = await self._record_hit(upstream, path, item)
                 yield Opened(self.stored_file(item), hit=True, last_modified=record.stored_at)
                 self._served(upstream, True, sent())

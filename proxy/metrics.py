@@ -127,6 +127,15 @@ class Metrics:
         self.evicted_bytes = counter(
             "evicted_bytes", "Bytes of the files removed from the cache, by reason.", ["reason"],
         )
+        self.peer_fills = counter(
+            "peer_fills", "Misses that asked the pool's peers first ([cluster] peers), by "
+            "outcome (\"peer\": copied from one; \"upstream\": none held it in time).",
+            ["upstream", "source"],
+        )
+        self.peer_requests = counter(
+            "peer_requests", "Cached-only requests answered (a peer's question), by result "
+            "(\"hit\": served from the store; \"miss\": 504, nothing fetched).", ["result"],
+        )
         self.auto_update_runs = counter("auto_update_runs", "Auto-update runs finished.")
         self.auto_update_failures = counter(
             "auto_update_failures", "Auto-update runs that failed, or in which a download failed "
@@ -179,6 +188,14 @@ class Metrics:
         if not self.enabled:
             return
         self.downloads.labels(upstream, "background" if background else "client").inc()
+
+    def peer_fill(self, upstream: str, found: bool) -> None:
+        if self.enabled:
+            self.peer_fills.labels(upstream, "peer" if found else "upstream").inc()
+
+    def peer_request(self, hit: bool) -> None:
+        if self.enabled:
+            self.peer_requests.labels("hit" if hit else "miss").inc()
 
     def download_joined(self, upstream: str) -> None:
         if not self.enabled:

@@ -195,7 +195,7 @@ class CacheService(Service):
         # The one way the faces reach the cache's files, side by side.
         files = CacheFiles(
             self.store, self.index, self.fetcher, self.reactor, self.in_use, health=self.health,
-            metrics=self.metrics,
+            metrics=self.metrics, node_id=self.core.node_id,
         )
         self.metrics.registry.register(StateCollector(
             self.reactor, self.index, self.health,

@@ -24,6 +24,7 @@ from proxy.catalogue import Family, Item
 from proxy.errors import Forbidden, NotFound
 from proxy.files import CacheFiles
 from proxy.metadata import SimplestreamsMetadata
+from proxy.peers import NODE_HEADER, wants_cached_only
 from proxy.request_target import READ_METHODS
 from proxy.streaming import CompleteFile
 from proxy.web import AsyncResource, relative_path, serve_bytes, serve_file
@@ -68,6 +69,8 @@ class UpstreamResource(AsyncResource):
         metadata = self._families.get(family, self._metadata)
         if path.startswith("streams/"):
             await self._metadata_file(request, path, metadata)
+        elif wants_cached_only(request):
+            await self._cached_only(request, path)
         else:
             await self._item_file(request, path, metadata)
 
@@ -97,6 +100,26 @@ class UpstreamResource(AsyncResource):
                 if item is not None:
                     return item
         return None
+
+    async def _cached_only(self, request: Request, path: str) -> None:
+        """
+        A peer's question (L{proxy.peers}): the stored file, found by the index alone, or a
+        504; nothing is downloaded, joined or asked of the upstream for it.
+        """
+        item = self._files.stored_item(self.name, path)
+        if item is None:
+            raise self._files.not_here(self.name, path)
+        request.setHeader(NODE_HEADER, self._files.node_id.encode("ascii"))
+        opening = self._files.open(
+            self.name, path, item, sent=lambda: request.sentLength,
+            head=request.method == b"HEAD", cached_only=True,
+        )
+        async with opening as opened:
+            note_cache(request, HIT)
+            await serve_file(
+                request, opened.source, etag=item.sha256, last_modified=opened.last_modified,
+                clock=self._clock, ranges=True,
+            )
 
     async def _item_file(self, request: Request, path: str, metadata: SimplestreamsMetadata) -> None:
         item = await self._find_item(path, metadata)

@@ -255,6 +255,23 @@ class FileProducer:
             return
         self._call = self.clock.callLater(0, self._step)
 
+    def _restarted(self) -> bool:
+        """
+        Whether the source dropped bytes this response sent and started over: the response is
+        then failed, since finishing it with the new bytes would splice a wrong body (a
+        mirror's, a peer's or a resume's that did not verify).
+        """
+        restarts = getattr(self.source, "restarts", 0)
+        if restarts == self._restarts:
+            return False
+        if self._offset > self.start:
+            self._fail(Failure(SourceRestarted(
+                f"{self.source.path.path} started over after {self._offset} bytes were sent"
+            )))
+            return True
+        self._restarts = restarts
+        return False
+
     def _step(self) -> None:
         self._call = None
         if self._over or self._paused:
@@ -263,16 +280,8 @@ class FileProducer:
         if failure is not None:
             self._fail(failure)
             return
-        restarts = getattr(self.source, "restarts", 0)
-        if restarts != self._restarts:
-            if self._offset > self.start:
-                # The bytes sent were dropped for others (a mirror's or a resume's that did
-                # not verify): finishing with the new ones would splice a wrong body.
-                self._fail(Failure(SourceRestarted(
-                    f"{self.source.path.path} started over after {self._offset} bytes were sent"
-                )))
-                return
-            self._restarts = restarts
+        if self._restarted():
+            return
         if self._offset >= self.end:
             self._finish()
             return
@@ -500,6 +509,8 @@ class SendfileProducer(FileProducer):
         failure = self.source.failure
         if failure is not None:
             self._fail(failure)
+            return
+        if self._restarted():
             return
         if self._offset >= self.end:
             self._finish()

@@ -181,6 +181,7 @@ def test_sample_config_sets_every_key() -> None:
     assert keys - expected == {
         "upstreams.images.allow_insecure", "upstreams.images.offline", "upstreams.images.protocol",
         "upstreams.images.upstream_concurrency", "upstreams.images.allow", "lxd_api.upstreams", "log.format", "metrics.listen",
+        "cluster.peers", "cluster.ca_file",
     }
 
 
@@ -519,9 +520,9 @@ def test_connection_limit_units(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "text, sentence",
     [
-        ("[sever]\n", "sever: unknown table; expected one of cache, log, lxd_api, metrics, pin, server, upstreams"),
+        ("[sever]\n", "sever: unknown table; expected one of cache, cluster, log, lxd_api, metrics, pin, server, upstreams"),
         ('[[pins]]\nupstream = "images"\n',
-         "pins: unknown table; expected one of cache, log, lxd_api, metrics, pin, server, upstreams"),
+         "pins: unknown table; expected one of cache, cluster, log, lxd_api, metrics, pin, server, upstreams"),
         ('[server]\nlisen = ["8443"]\n',
          "server.lisen: unknown key; expected one of allow, keepalive_timeout, listen, "
          "listen_plain, max_connections, max_header_bytes, max_headers, max_request_line, "

@@ -51,6 +51,8 @@ class GrowingSource:
     written: int = 0
     verified: bool = False
     waiters: list[Deferred[None]] = field(factory=list)
+    # As proxy.fetch.Download: grows when the bytes offered are dropped for others.
+    restarts: int = 0
 
     @property
     def failure(self) -> Failure | None:
@@ -73,6 +75,14 @@ class GrowingSource:
     def verify(self) -> None:
         self.verified = True
         self._tell()
+
+    def start_over(self, data: bytes) -> None:
+        """The bytes offered did not verify: the download starts again with C{data}."""
+        with open(self.path.path, "r+b") as f:
+            f.truncate(0)
+        self.written = 0
+        self.restarts += 1
+        self.grow(data)
 
     def _tell(self) -> None:
         waiters, self.waiters = self.waiters, []
@@ -300,6 +310,36 @@ async def test_growing_file_is_followed_and_the_last_byte_waits(
     source.verify()
     head, body = split(await fetched)
     assert body == data and len(server.made) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_source_that_starts_over_cuts_the_response(
+    tmp_path: Path, serve: Callable[..., Server]
+) -> None:
+    """Bytes sent are never continued with another body's: over plain HTTP as over TLS."""
+    data = _pattern(4 * MiB)
+    path = tmp_path / "partial"
+    path.write_bytes(b"")
+    source = GrowingSource(FilePath(str(path)), len(data))
+    server = serve(lambda: source)
+    reader = Reader(GET())
+    fetched = Deferred.fromCoroutine(fetch(server, reader))
+    source.grow(b"w" * MiB)
+    for _ in range(200):
+        if len(split(bytes(reader.data))[1]) >= MiB:
+            break
+        d: Deferred[None] = Deferred()
+        reactor.callLater(0.01, d.callback, None)
+        await d
+    assert split(bytes(reader.data))[1] == b"w" * MiB
+    source.start_over(data)
+    source.verify()
+    received = await fetched
+    body = split(received)[1]
+    assert body == b"w" * MiB, "cut where it was, never spliced with the new body"
+    await server.resource.ended.addTimeout(10, reactor)
+    [outcome] = server.resource.outcomes
+    assert isinstance(outcome, streaming.SourceRestarted)
 
 
 @pytest_twisted.ensureDeferred

@@ -25,6 +25,7 @@ from tests.helpers.sources import FakeSource
 from proxy.errors import UpstreamFailed
 from proxy.streaming import (
     CHUNK_SIZE_BYTES,
+    SourceRestarted,
     CompleteFile,
     FileProducer,
     FileSource,
@@ -285,6 +286,40 @@ def test_source_failure_aborts(tmp_path: object) -> None:
     [failure] = results
     assert isinstance(failure, Failure)
     assert failure.check(UpstreamFailed)
+
+
+def test_a_download_that_starts_over_cuts_its_followers(tmp_path: object) -> None:
+    """Bytes already sent are never continued with another download's: the response is cut."""
+    clock = Clock()
+    source = FakeSource(FilePath(str(tmp_path)).child("part"), 1000)
+    transport = StringTransport()
+    producer = FileProducer(source, transport, clock)
+    results = outcome(producer.done)
+    source.append(b"w" * 999)
+    clock.advance(0)
+    assert transport.value() == b"w" * 999
+    source.start_over()
+    source.append(b"r" * 100)
+    clock.advance(0)
+    assert transport.value() == b"w" * 999
+    assert transport.disconnected, "aborted, short of the length"
+    [failure] = results
+    assert isinstance(failure, Failure) and failure.check(SourceRestarted)
+
+
+def test_a_download_that_starts_over_before_a_byte_is_sent_is_followed(tmp_path: object) -> None:
+    clock = Clock()
+    source = FakeSource(FilePath(str(tmp_path)).child("part"), 10)
+    transport = StringTransport()
+    producer = FileProducer(source, transport, clock)
+    results = outcome(producer.done)
+    source.append(b"w" * 5)
+    source.start_over()
+    source.append(b"r" * 10)
+    clock.advance(0)
+    clock.advance(0)
+    assert transport.value() == b"r" * 10
+    assert results == [None]
 
 
 def test_file_shorter_than_promised(blob: FilePath[str], data: bytes) -> None:

@@ -18,6 +18,7 @@ class FakeSource:
         self.size = size
         self.failure: Failure | None = None
         self.cancelled_waits = 0
+        self.restarts = 0
         self._available = 0
         self._waiters: list[Deferred[None]] = []
         path.setContent(b"")
@@ -40,6 +41,14 @@ class FakeSource:
             f.write(data)
         self._available += len(data)
         self._notify()
+
+    def start_over(self) -> None:
+        """The download starts again from zero after bytes that did not verify."""
+        # In place, as PartialBlob.truncate: the followers' open files see it.
+        with open(self.path.path, "r+b") as f:
+            f.truncate(0)
+        self._available = 0
+        self.restarts += 1
 
     def fail(self, error: Exception) -> None:
         self.failure = Failure(error)
