@@ -22,6 +22,8 @@ over its limit.  L{ProxySite} is a L{Site} that builds it.
 
 from __future__ import annotations
 
+from weakref import WeakSet
+
 from typing import Any, cast
 
 from attrs import frozen
@@ -135,6 +137,8 @@ class ProxyChannel(HTTPChannel):
         super().__init__()
         self.limits = limits
         self.state = IDLE
+        # Set when the proxy stops: this connection's response in progress is its last.
+        self._last_response = False
         # The site's idle timeout, for a request body; set in connectionMade.
         self._active_timeout: float | None = None
         self._deadline: IDelayedCall | None = None
@@ -222,6 +226,26 @@ class ProxyChannel(HTTPChannel):
     def allContentReceived(self) -> None:
         self.state = BUSY
         super().allContentReceived()
+
+    def stop_serving(self) -> None:
+        """
+        The proxy stops: an idle connection is closed now, a busy one after its response
+        (with C{Connection: close}), so that no request reaches a cache that is closing.
+        """
+        self._last_response = True
+        if self.state == IDLE:
+            self.loseConnection()
+            return
+        self.persistent = False
+        for request in self.requests:
+            if not request.startedWriting:
+                request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+
+    def checkPersistence(self, request: Any, version: bytes) -> bool:
+        if self._last_response:
+            request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+            return False
+        return bool(super().checkPersistence(request, version))
 
     def requestDone(self, request: Any) -> None:
         if self.persistent:
@@ -362,6 +386,8 @@ class ProxySite(Site):
     def __init__(self, resource: IResource, limits: HeadLimits, reactor: IReactorTime) -> None:
         super().__init__(resource, requestFactory=LoggedRequest, reactor=reactor)
         self.limits = limits
+        # Open connections, for stop_serving; a closed one drops out by itself.
+        self.channels: WeakSet[ProxyChannel] = WeakSet()
 
     def log(self, request: Any) -> None:
         # Called by Request.finish: the response is complete.
@@ -371,7 +397,17 @@ class ProxySite(Site):
     def protocol(self) -> ProxyChannel:  # type: ignore[override]
         # Twisted's default wraps the channel in a proxy that can switch to HTTP/2 (never
         # negotiated here) and hides the channel's IHandshakeListener from the TLS layer.
-        return ProxyChannel(self.limits)
+        channel = ProxyChannel(self.limits)
+        self.channels.add(channel)
+        return channel
+
+    def stop_serving(self) -> None:
+        """
+        Close the connections kept alive (after their response in progress): a client's next
+        request must find the port closed, not a cache being shut down behind it.
+        """
+        for channel in list(self.channels):
+            channel.stop_serving()
 
 
 __all__ = ["HeadLimits", "ProxyChannel", "ProxySite"]

@@ -294,6 +294,14 @@ class ListenService(ListeningService):
         # Shared by every listener; set when listening starts.
         self.cap: ConnectionCap | None = None
 
+    def stopService(self) -> "Deferred[Any]":
+        stopped = super().stopService()
+        # Connections kept alive would go on sending requests to a cache that is closing.
+        for site in (self.site, self.plain_site):
+            if isinstance(site, ProxySite):
+                site.stop_serving()
+        return stopped
+
     def listenings(self) -> list[Deferred[IListeningPort]]:
         server = self.config.server
         state = FilePath(self.config.cache.dir)

@@ -195,6 +195,29 @@ def test_request_in_progress_is_never_timed_out() -> None:
     assert conn.closing()
 
 
+def test_stop_serving_closes_a_kept_alive_connection_at_once() -> None:
+    conn = Conn()
+    conn.send(GET)
+    conn.take()
+    conn.site.stop_serving()
+    assert conn.closing()
+    assert conn.take() == b""
+
+
+def test_stop_serving_closes_a_busy_connection_after_its_response() -> None:
+    conn = Conn()
+    conn.send(b"GET /held HTTP/1.1\r\nHost: proxy\r\n\r\n")
+    conn.site.stop_serving()
+    assert not conn.closing(), "the response in progress is not cut"
+    [request] = conn.resource.waiting
+    request.write(b"last")
+    request.finish()
+    answer = conn.take()
+    assert status_of(answer) == b"HTTP/1.1 200 OK"
+    assert b"\r\nConnection: close\r\n" in answer
+    assert conn.closing()
+
+
 def test_a_client_that_reads_nothing_is_dropped_after_the_send_timeout() -> None:
     conn = Conn(HeadLimits(send_timeout=20))
     conn.send(b"GET /held HTTP/1.1\r\nHost: proxy\r\n\r\n")
