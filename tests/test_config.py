@@ -262,6 +262,7 @@ max_request_line = "16KiB"
 max_header_bytes = 65536
 max_headers = 64
 max_connections = 512
+workers = 2
 
 [cache]
 dir = "state"
@@ -317,6 +318,7 @@ type = "virtual-machine"
             max_header_bytes=65536,
             max_headers=64,
             max_connections=512,
+            workers=2,
         ),
         cache=CacheConfig(
             dir=str(tmp_path / "state"),
@@ -533,7 +535,7 @@ def test_connection_limit_units(tmp_path: Path) -> None:
          "listen_plain, max_connections, max_header_bytes, max_headers, max_request_line, "
          "plain_http_files, port_file, "
          "request_head_timeout, send_timeout, tls_cert, tls_handshake_timeout, tls_key, tls_names, "
-         "upstream_proxy"),
+         "upstream_proxy, workers"),
         ("[cache]\ndirectory = 'x'\n",
          "cache.directory: unknown key; expected one of auto_update_cached, "
          "auto_update_interval, connect_timeout, dir, download_idle_timeout, expiry_days, "
