@@ -15,6 +15,8 @@ before any byte is read.
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any, cast
 
 from twisted.application.service import Service
@@ -31,6 +33,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITCPTransport,
 )
+from twisted.internet import tcp
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -310,3 +313,53 @@ async def _stop(port: IListeningPort) -> None:
     stopped = port.stopListening()
     if stopped is not None:
         await stopped
+
+
+def adopt_port(reactor: Any, fd: int, factory: IProtocolFactory) -> IListeningPort:
+    """
+    Serve C{factory} on the listening TCP socket C{fd}, handed over by another process
+    (L{proxy.workers}); C{fd} itself is closed (the port has its own copy).
+    """
+    probe = socket.socket(fileno=os.dup(fd))
+    family = probe.family
+    probe.close()
+    port: IListeningPort = reactor.adoptStreamPort(fd, family, factory)
+    os.close(fd)
+    if isinstance(port, tcp.Port):
+        port.__class__ = _OneAcceptAtATime
+    return port
+
+
+class _OneAcceptAtATime(tcp.Port):
+    """
+    A port shared by several processes that takes one connection per wake-up.
+
+    Every worker is woken for a new connection on the one queue; Twisted's port accepts up
+    to a growing batch (100 and more) per wake-up, so the first worker to run would take a
+    whole burst and serve it alone. One at a time, each connection goes to a worker that is
+    free to call accept() at that instant: the least busy.
+    """
+
+    @property
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass
+
+
+def listen_handed(reactor: Any, description: str) -> Deferred[IListeningPort]:
+    """
+    Bind and listen on C{description} without ever accepting here: the socket is handed to
+    worker processes (L{proxy.workers}), which accept from its queue.
+    """
+    unused = Factory.forProtocol(Protocol)
+    unused.noisy = False
+    listened: Deferred[IListeningPort] = _endpoint(reactor, description).listen(unused)
+
+    def not_here(port: IListeningPort) -> IListeningPort:
+        cast(Any, port).stopReading()
+        return port
+
+    return listened.addCallback(not_here)

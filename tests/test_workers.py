@@ -1,0 +1,166 @@
+"""
+C{[server] workers}: the supervisor, the worker processes on one set of ports, and the leader
+that runs the background jobs (L{proxy.workers}, L{proxy.worker}, L{proxy.leader}).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# No stubs or py.typed marker in pytest-twisted.
+import pytest_twisted  # type: ignore[import-untyped]
+import treq
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.task import Clock, deferLater
+
+from proxy.leader import Leadership
+from proxy.workers import MAX_RESTART_BACKOFF_SECONDS, restart_delay
+from twisted.application.service import Service
+from tests.helpers.certs import make_ca
+from tests.helpers.proxy_process import START_TIMEOUT_SECONDS, ProxyProcess
+from tests.helpers.proxy_process import env as _env
+from tests.helpers.proxy_process import https_client
+from tests.helpers.tree import build_tree
+from tests.helpers.upstream import start_https_upstream
+
+reactor: Any = _reactor
+
+
+# -- pieces ------------------------------------------------------------------------------
+
+
+def test_restart_backoff_doubles_and_is_capped() -> None:
+    assert restart_delay(1) == 0.0
+    assert [restart_delay(n) for n in (2, 3, 4, 5)] == [1.0, 2.0, 4.0, 8.0]
+    assert restart_delay(50) == MAX_RESTART_BACKOFF_SECONDS
+
+
+class _Job(Service):
+    def __init__(self) -> None:
+        self.starts = 0
+
+    def startService(self) -> None:
+        super().startService()
+        self.starts += 1
+
+
+def test_one_leader_at_a_time_and_another_takes_over(tmp_path: Path) -> None:
+    """Two workers' leaderships on one directory: one runs the jobs; when it stops, the other does."""
+    clock = Clock()
+    first, second = Leadership(str(tmp_path), clock), Leadership(str(tmp_path), clock)
+    jobs = []
+    for leadership in (first, second):
+        job = _Job()
+        job.setServiceParent(leadership)
+        jobs.append(job)
+    first.startService()
+    second.startService()
+    assert (first.leading, second.leading) == (True, False)
+    assert [j.starts for j in jobs] == [1, 0]
+    clock.advance(10)
+    assert [j.starts for j in jobs] == [1, 0]
+    first.stopService()
+    assert not jobs[0].running and not first.leading
+    # The other's next try takes the lock.
+    clock.advance(2)
+    assert second.leading and jobs[1].running
+    second.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+# -- the real processes -----------------------------------------------------------------
+
+
+def _config(tmp_path: Path, upstream_url: str, ca_pem: bytes, workers: int) -> Path:
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    config = tmp_path / "proxy.toml"
+    config.write_text(f"""
+[server]
+listen = ["127.0.0.1:0"]
+tls_names = ["localhost"]
+port_file = "port"
+workers = {workers}
+
+[metrics]
+listen = ["127.0.0.1:0"]
+[cache]
+dir = "state"
+download_idle_timeout = "20s"
+
+[upstreams.cache]
+url = "{upstream_url}"
+ca_file = "ca.pem"
+""")
+    return config
+
+
+async def _wait_for(proxy: ProxyProcess, pattern: str, count: int = 1) -> list[Any]:
+    """The matches of C{pattern} in the proxy's log once there are C{count} (bounded wait)."""
+    found: list[Any] = []
+    for _ in range(int(START_TIMEOUT_SECONDS * 10)):
+        found = re.findall(pattern, proxy.log.read_text())
+        if len(found) >= count:
+            return found
+        await deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"{pattern!r} not {count} times in the log:\n" + proxy.log.read_text())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_two_workers_serve_one_port_restart_and_stop(tmp_path: Path) -> None:
+    tree = build_tree(tmp_path / "tree")
+    image = tree.image("testos/1.0")
+    ca = make_ca()
+    upstream = start_https_upstream(reactor, tree.root, ca)
+    proxy = ProxyProcess(_config(tmp_path, upstream.url, ca.cert_pem, 2))
+    try:
+        port = await proxy.start()
+        pids = {int(s): int(p) for s, p in await _wait_for(proxy, r"worker (\d) started \(pid (\d+)\)", 2)}
+        await _wait_for(proxy, r"worker \d serves the listening ports", 2)
+        assert set(pids) == {1, 2}
+        client = https_client((tmp_path / "state" / "tls" / "server.crt").read_bytes())
+        url = f"https://localhost:{port}/cache/{image.meta.path}"
+
+        async def one() -> str:
+            response = await client.get(url)
+            assert response.code == 200
+            return hashlib.sha256(await treq.content(response)).hexdigest()
+
+        digests = await gatherResults([Deferred.fromCoroutine(one()) for _ in range(16)])
+        assert set(digests) == {image.meta.sha256}
+        # Every request was served by one of the workers (which, the kernel and their load decide).
+        served = re.findall(r"\[worker (\d)\] .*GET /cache/images/", proxy.log.read_text())
+        assert len(served) == 16, served
+
+        # A worker killed is started again; the port keeps serving meanwhile.
+        os.kill(pids[1], signal.SIGKILL)
+        restarted = await _wait_for(proxy, r"worker 1 started \(pid (\d+)\)", 2)
+        await _wait_for(proxy, r"worker 1 serves the listening ports", 2)
+        assert int(restarted[1]) != pids[1]
+        pids[1] = int(restarted[1])
+        assert await one() == image.meta.sha256
+
+        assert await proxy.stop() in (0, -signal.SIGTERM)
+        assert not any(_alive(pid) for pid in pids.values())
+        assert "Traceback" not in proxy.log.read_text()
+    finally:
+        proxy.kill()
+        await upstream.stop()
