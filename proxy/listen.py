@@ -33,7 +33,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITCPTransport,
 )
-from twisted.internet import tcp
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -325,41 +325,43 @@ def adopt_port(reactor: Any, fd: int, factory: IProtocolFactory) -> IListeningPo
     probe.close()
     port: IListeningPort = reactor.adoptStreamPort(fd, family, factory)
     os.close(fd)
-    if isinstance(port, tcp.Port):
-        port.__class__ = _OneAcceptAtATime
     return port
 
 
-class _OneAcceptAtATime(tcp.Port):
+def listen_handed(reactor: Any, description: str, count: int) -> list[IListeningPort]:
     """
-    A port shared by several processes that takes one connection per wake-up.
+    Bind C{count} sockets to the address of C{description}, one per worker process
+    (L{proxy.workers}), with C{SO_REUSEPORT} so that the kernel spreads the connections over
+    them; none is ever accepted from here. Port 0 is chosen by the first; the rest take the
+    same port. The ports are returned stopped (not read), for their descriptors and address.
 
-    Every worker is woken for a new connection on the one queue; Twisted's port accepts up
-    to a growing batch (100 and more) per wake-up, so the first worker to run would take a
-    whole burst and serve it alone. One at a time, each connection goes to a worker that is
-    free to call accept() at that instant: the least busy.
+    @raise CannotListenError: the address cannot be had.
     """
-
-    @property
-    def numberAccepts(self) -> int:
-        return 1
-
-    @numberAccepts.setter
-    def numberAccepts(self, value: int) -> None:
-        pass
-
-
-def listen_handed(reactor: Any, description: str) -> Deferred[IListeningPort]:
-    """
-    Bind and listen on C{description} without ever accepting here: the socket is handed to
-    worker processes (L{proxy.workers}), which accept from its queue.
-    """
+    endpoint: Any = _endpoint(reactor, description)
+    interface, port, backlog = endpoint._interface, endpoint._port, endpoint._backlog
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
     unused = Factory.forProtocol(Protocol)
     unused.noisy = False
-    listened: Deferred[IListeningPort] = _endpoint(reactor, description).listen(unused)
-
-    def not_here(port: IListeningPort) -> IListeningPort:
-        cast(Any, port).stopReading()
-        return port
-
-    return listened.addCallback(not_here)
+    ports: list[IListeningPort] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((interface, port))
+                sock.listen(backlog)
+                sock.setblocking(False)
+                port = sock.getsockname()[1]
+                listening = reactor.adoptStreamPort(sock.fileno(), family, unused)
+            except OSError as e:
+                raise CannotListenError(interface, port, e) from None
+            finally:
+                sock.close()
+            listening.stopReading()
+            ports.append(listening)
+    except BaseException:
+        for p in ports:
+            p.stopListening()
+        raise
+    return ports

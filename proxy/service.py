@@ -56,6 +56,7 @@ from proxy.lxd_face import LxdApiResource, ServerCertificate
 from proxy.lxd_remote import API_PATH
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.via import ViaGuard
+from proxy.coalesce import DownloadLocks
 from proxy.leader import Leadership, WorkerRole
 from proxy.statedir import HeldByParent, StateLock
 from proxy.status import StatusSource
@@ -112,7 +113,9 @@ class CacheService(Service):
         if self.metrics.enabled and not worker:
             ProcessCollector(registry=self.metrics.registry)
         core = build_core(
-            config, reactor, self.index, self.store, self.workers, metrics=self.metrics
+            config, reactor, self.index, self.store, self.workers, metrics=self.metrics,
+            # Several workers download each file once between them (proxy.coalesce).
+            locks=DownloadLocks(self.store.temp_dir.path) if worker else None,
         )
         self.core = core
         # The parts by name, as the site and the tests reach them.

@@ -3,12 +3,13 @@
 Several worker processes on one set of listening ports (C{[server] workers} above 1).
 
 The process twistd runs (daemonised or not) is the supervisor: it holds the state lock,
-sweeps and reconciles the cache directory once, binds every listening socket itself and
-hands them to N workers (C{python -m proxy.worker}, through C{spawnProcess}'s C{childFDs}),
-which adopt them and accept from one queue. Handing the sockets over rather than having
-each worker bind with C{SO_REUSEPORT} keeps port 0 and the port file meaning one port, a
-bind error one sentence at start-up, and a worker that dies never loses the connections in
-its own accept queue (one queue, drained by the others).
+sweeps and reconciles the cache directory once, binds every listening socket itself (one
+per worker and address, with C{SO_REUSEPORT}, so that the kernel spreads the connections
+over the workers) and hands them to N workers (C{python -m proxy.worker}, through
+C{spawnProcess}'s C{childFDs}), which adopt them. Binding in the supervisor rather than in
+each worker keeps port 0 and the port file meaning one port, a bind error one sentence at
+start-up, and a dead worker's queued connections waiting for its restart (the supervisor
+keeps its sockets open) rather than reset.
 
 It restarts a worker that dies (at once the first time, then after a backoff doubling up
 to L{MAX_RESTART_BACKOFF_SECONDS} while they keep dying young), stops them all on stop
@@ -27,8 +28,8 @@ from typing import Any, cast
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.error import ProcessDone, ProcessExitedAlready
+from twisted.internet.defer import Deferred, DeferredList, fail, succeed
+from twisted.internet.error import CannotListenError, ProcessDone, ProcessExitedAlready
 from twisted.internet.interfaces import IDelayedCall, IListeningPort
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel, eventFromJSON, globalLogPublisher
@@ -75,9 +76,12 @@ def restart_delay(crashes: int) -> float:
 
 class HandedPorts(ListenService):
     """
-    The listening sockets of C{server.listen} and C{server.listen_plain}, bound here and never
-    accepted from here: the workers do. The port file and the start-up hints are written as
-    by a single process.
+    The listening sockets of C{server.listen} and C{server.listen_plain}, bound here, one per
+    worker and address with C{SO_REUSEPORT} (the kernel spreads connections over the
+    workers; with one shared queue the first worker awake would take a whole burst), and
+    never accepted from here. The port file and the start-up hints are written as by a
+    single process. A dead worker's sockets stay open here: the connections queued on them
+    wait for its restart rather than being reset.
     """
 
     def listenings(self) -> list[Deferred[IListeningPort]]:
@@ -85,16 +89,33 @@ class HandedPorts(ListenService):
         # need its fingerprint.
         self._load_certificate()
         server = self.config.server
-        listening = [listen_handed(self.reactor, d) for d in server.listen]
-        if self.config.server.plain_http_files:
-            listening += [listen_handed(self.reactor, d) for d in server.listen_plain]
-        return listening
+        wanted = list(server.listen)
+        if server.plain_http_files:
+            wanted += list(server.listen_plain)
+        self.handed: list[list[IListeningPort]] = []
+        results: list[Deferred[IListeningPort]] = []
+        for description in wanted:
+            try:
+                ports = listen_handed(self.reactor, description, server.workers)
+            except CannotListenError as e:
+                results.append(fail(e))
+                continue
+            self.handed.append(ports)
+            results.append(succeed(ports[0]))
+        return results
 
-    def tls_fds(self) -> list[int]:
-        return [cast(Any, p).fileno() for p in self.ports[:len(self.config.server.listen)]]
+    def fds(self, slot: int) -> tuple[list[int], list[int]]:
+        """The descriptors of worker C{slot}'s sockets: the TLS ports', the plain ones'."""
+        mine = [cast(Any, ports[slot - 1]).fileno() for ports in self.handed]
+        tls = len(self.config.server.listen)
+        return mine[:tls], mine[tls:]
 
-    def plain_fds(self) -> list[int]:
-        return [cast(Any, p).fileno() for p in self.ports[len(self.config.server.listen):]]
+    def stopService(self) -> "Deferred[Any]":
+        for ports in getattr(self, "handed", []):
+            for port in ports[1:]:
+                port.stopListening()
+        self.handed = []
+        return super().stopService()
 
 
 class Worker(ProcessProtocol):
@@ -223,7 +244,7 @@ class WorkerSupervisor(MultiService):
         self._restarts.pop(slot, None)
         if self._stopping:
             return
-        tls, plain = self.ports.tls_fds(), self.ports.plain_fds()
+        tls, plain = self.ports.fds(slot)
         child_fds: dict[int, int | str] = {0: "w", 1: "r", 2: "r"}
         args = [sys.executable, "-m", "proxy.worker", "--slot", str(slot)]
         fd = FIRST_HANDED_FD

@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from tests.helpers.proxy_process import START_TIMEOUT_SECONDS, ProxyProcess
 from tests.helpers.proxy_process import env as _env
 from tests.helpers.proxy_process import https_client
 from tests.helpers.tree import build_tree
-from tests.helpers.upstream import start_https_upstream
+from tests.helpers.upstream import TreeResource, start_https_upstream
 
 reactor: Any = _reactor
 
@@ -146,9 +147,9 @@ async def test_two_workers_serve_one_port_restart_and_stop(tmp_path: Path) -> No
 
         digests = await gatherResults([Deferred.fromCoroutine(one()) for _ in range(16)])
         assert set(digests) == {image.meta.sha256}
-        # Every request was served by one of the workers (which, the kernel and their load decide).
+        # Both workers took connections: the kernel spreads them over their sockets.
         served = re.findall(r"\[worker (\d)\] .*GET /cache/images/", proxy.log.read_text())
-        assert len(served) == 16, served
+        assert len(served) == 16 and set(served) == {"1", "2"}, served
 
         # A worker killed is started again; the port keeps serving meanwhile.
         os.kill(pids[1], signal.SIGKILL)
@@ -160,6 +161,66 @@ async def test_two_workers_serve_one_port_restart_and_stop(tmp_path: Path) -> No
 
         assert await proxy.stop() in (0, -signal.SIGTERM)
         assert not any(_alive(pid) for pid in pids.values())
+        assert "Traceback" not in proxy.log.read_text()
+    finally:
+        proxy.kill()
+        await upstream.stop()
+
+
+async def _timed_get(client: Any, url: str, started: float) -> tuple[int, str, float]:
+    """One GET: its status, the sha256 of its body, and when its first body byte came."""
+    response = await client.get(url, unbuffered=True)
+    digest = hashlib.sha256()
+    first: list[float] = []
+
+    def chunk(data: bytes) -> None:
+        if not first:
+            first.append(time.monotonic() - started)
+        digest.update(data)
+
+    await treq.collect(response, chunk)
+    return response.code, digest.hexdigest(), first[0] if first else -1.0
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_cold_clients_over_workers_cause_one_upstream_get(tmp_path: Path) -> None:
+    """
+    16 concurrent cold clients of one file, spread over 2 workers by the kernel: one upstream
+    GET; every client, in either worker, gets its first bytes while the (paced) upstream is
+    still sending, and the whole verified file.
+    """
+    tree = build_tree(tmp_path / "tree", big_rootfs_bytes=4 * 1024 * 1024)
+    image = tree.image("bigos/1.0")
+    assert image.root is not None
+    ca = make_ca()
+    resource = TreeResource(tree.root, clock=reactor)
+    upstream = start_https_upstream(reactor, tree.root, ca, resource=resource)
+    proxy = ProxyProcess(_config(tmp_path, upstream.url, ca.cert_pem, 2))
+    try:
+        port = await proxy.start()
+        await _wait_for(proxy, r"worker \d serves the listening ports", 2)
+        client = https_client((tmp_path / "state" / "tls" / "server.crt").read_bytes())
+        # About 2.5 s for the file.
+        resource.rate(image.root.path, 1600 * 1024)
+        url = f"https://localhost:{port}/cache/{image.root.path}"
+        started = time.monotonic()
+        results = await gatherResults(
+            [Deferred.fromCoroutine(_timed_get(client, url, started)) for _ in range(16)]
+        ).addTimeout(120, reactor)
+        took = time.monotonic() - started
+        assert [code for code, _, _ in results] == [200] * 16
+        assert {digest for _, digest, _ in results} == {image.root.sha256}
+        assert resource.count(image.root.path) == 1
+        assert took > 2.0
+        # Every client had bytes long before the upstream had sent the file.
+        assert max(first for _, _, first in results) < took - 1.0, results
+        log = proxy.log.read_text()
+        served = re.findall(r"\[worker (\d)\] .*GET /cache/images/bigos\S* 200", log)
+        assert len(served) == 16, log
+        # The kernel spread them (all 16 on one of 2 workers: odds of 1 in 2^15).
+        assert set(served) == {"1", "2"}, served
+        assert await proxy.stop() in (0, -signal.SIGTERM)
         assert "Traceback" not in proxy.log.read_text()
     finally:
         proxy.kill()
