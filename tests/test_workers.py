@@ -225,3 +225,64 @@ async def test_cold_clients_over_workers_cause_one_upstream_get(tmp_path: Path) 
     finally:
         proxy.kill()
         await upstream.stop()
+
+
+async def _outcome(client: Any, url: str) -> str:
+    """The sha256 of a GET's whole body, or "cut" when its connection broke off."""
+    try:
+        response = await client.get(url, unbuffered=True)
+        digest = hashlib.sha256()
+        await treq.collect(response, digest.update)
+    except Exception:
+        return "cut"
+    return digest.hexdigest() if response.code == 200 else f"status {response.code}"
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_sigkill_of_the_downloading_worker_another_takes_over(tmp_path: Path) -> None:
+    """
+    The worker downloading a file is killed mid-way: the supervisor starts it again, a
+    follower in the other worker continues the download from the partial (a Range request),
+    its clients get the whole verified file, the killed worker's clients are cut (never a
+    wrong body that looks complete), and the upstream sends the file about once.
+    """
+    size = 4 * 1024 * 1024
+    tree = build_tree(tmp_path / "tree", big_rootfs_bytes=size)
+    image = tree.image("bigos/1.0")
+    assert image.root is not None
+    ca = make_ca()
+    resource = TreeResource(tree.root, clock=reactor)
+    upstream = start_https_upstream(reactor, tree.root, ca, resource=resource)
+    proxy = ProxyProcess(_config(tmp_path, upstream.url, ca.cert_pem, 2))
+    try:
+        port = await proxy.start()
+        pids = {int(s): int(p) for s, p in await _wait_for(proxy, r"worker (\d) started \(pid (\d+)\)", 2)}
+        await _wait_for(proxy, r"worker \d serves the listening ports", 2)
+        client = https_client((tmp_path / "state" / "tls" / "server.crt").read_bytes())
+        resource.rate(image.root.path, 1600 * 1024)
+        url = f"https://localhost:{port}/cache/{image.root.path}"
+        outcomes = gatherResults([Deferred.fromCoroutine(_outcome(client, url)) for _ in range(16)])
+        owner = int((await _wait_for(proxy, r"\[worker (\d)\] fetching https://\S+bigos"))[0])
+        # Some way into the file, then the owner dies.
+        for _ in range(100):
+            if resource.sent.get(image.root.path, 0) > size // 3:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        os.kill(pids[owner], signal.SIGKILL)
+        results = await outcomes.addTimeout(120, reactor)
+        assert set(results) <= {image.root.sha256, "cut"}, results
+        assert results.count(image.root.sha256) >= 1, results
+        await _wait_for(proxy, rf"worker {owner} started \(pid (\d+)\)", 2)
+        asked = [r for r in resource.requests if r.path == image.root.path]
+        assert [r.header("Range") is not None for r in asked] == [False, True], asked
+        assert resource.sent[image.root.path] <= 1.05 * size + 256 * 1024
+        assert "continues it" in proxy.log.read_text()
+        # The file is stored once, whole: a hit now.
+        assert await _outcome(client, url) == image.root.sha256
+        assert len([r for r in resource.requests if r.path == image.root.path]) == 2
+        assert await proxy.stop() in (0, -signal.SIGTERM)
+        assert "Traceback" not in proxy.log.read_text()
+    finally:
+        proxy.kill()
+        await upstream.stop()
