@@ -25,7 +25,7 @@ import shutil
 import sys
 from typing import Any, cast
 
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, fail, succeed
@@ -46,6 +46,7 @@ from proxy.errors import ConfigError
 from proxy.exporter import MetricsListenService, exporter_site
 from proxy.index import CacheIndex, IndexFormatError, reconcile
 from proxy.listen import listen_handed
+from proxy.metrics import StateCollector
 from proxy.probes import Readiness, readiness
 from proxy.service import ListenService
 from proxy.statedir import StateLock
@@ -197,6 +198,7 @@ class WorkerSupervisor(MultiService):
         )
         self.metrics_listener.setServiceParent(self)
         self.workers: dict[int, Worker] = {}
+        self.index: CacheIndex | None = None
         self._crashes: dict[int, int] = {}
         self._restarts: dict[int, IDelayedCall] = {}
         self._stopping = False
@@ -221,12 +223,10 @@ class WorkerSupervisor(MultiService):
         self._prepared = True
         # twistd may have forked since __init__ (see CacheService.startService).
         self.lock.claim()
-        index = CacheIndex(self.root.child("index").path, self.reactor)
-        try:
-            report = reconcile(index, self.store)
-            files = index.file_count()
-        finally:
-            index.close()
+        # Kept open for the metrics' gauges of the cache (its kept totals, read at a scrape).
+        index = self.index = CacheIndex(self.root.child("index").path, self.reactor)
+        report = reconcile(index, self.store)
+        files = index.file_count()
         log.info(
             "cache at {dir}: {files} files; start-up check removed {temp} temp files, "
             "{orphans} unrecorded blobs, {dangling} records without a blob; starting {workers} "
@@ -238,7 +238,13 @@ class WorkerSupervisor(MultiService):
         shutil.rmtree(self.metrics_dir.path, ignore_errors=True)
         self.metrics_dir.makedirs(ignoreExistingDirectory=True)
         if self.config.metrics.listen:
+            # The workers' counters, summed; the cache's gauges from the shared index; this
+            # process's own resources. Upstream health and downloads are each worker's.
             MultiProcessCollector(self.registry, path=self.metrics_dir.path)
+            self.registry.register(StateCollector(
+                self.reactor, index, {}, {}, list, dict, self.config.cache.max_size,
+            ))
+            ProcessCollector(registry=self.registry)
 
     def _spawn(self, slot: int) -> None:
         self._restarts.pop(slot, None)
@@ -300,6 +306,8 @@ class WorkerSupervisor(MultiService):
         return d
 
     def _release(self, result: object) -> object:
+        if self.index is not None:
+            self.index.close()
         self.lock.release()
         return result
 

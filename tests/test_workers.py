@@ -151,6 +151,29 @@ async def test_two_workers_serve_one_port_restart_and_stop(tmp_path: Path) -> No
         served = re.findall(r"\[worker (\d)\] .*GET /cache/images/", proxy.log.read_text())
         assert len(served) == 16 and set(served) == {"1", "2"}, served
 
+        # The one metrics listener counts every worker's requests; it is ready.
+        metrics_port = int((await _wait_for(proxy, r"/readyz over plain HTTP on 127\.0\.0\.1:(\d+)"))[0])
+        exposition = (await treq.text_content(
+            await treq.get(f"http://127.0.0.1:{metrics_port}/metrics")
+        ))
+        counted = sum(
+            float(value) for value in re.findall(
+                r'^lxd_image_proxy_requests_total\{[^}]*face="simplestreams"[^}]*\} (\S+)$', exposition, re.M,
+            )
+        )
+        assert counted == 16, exposition
+        assert "lxd_image_proxy_cache_files 1" in exposition.replace(".0", ""), exposition
+        ready = await treq.get(f"http://127.0.0.1:{metrics_port}/readyz")
+        assert ready.code == 200
+
+        # The admin command reads the same state while the workers run.
+        listed = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "--config", str(proxy.config), "list"],
+            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=60,
+        )
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert image.meta.sha256[:12] in listed.stdout, listed.stdout
+
         # A worker killed is started again; the port keeps serving meanwhile.
         os.kill(pids[1], signal.SIGKILL)
         restarted = await _wait_for(proxy, r"worker 1 started \(pid (\d+)\)", 2)
