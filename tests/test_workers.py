@@ -174,12 +174,19 @@ async def test_two_workers_serve_one_port_restart_and_stop(tmp_path: Path) -> No
         assert listed.returncode == 0, listed.stdout + listed.stderr
         assert image.meta.sha256[:12] in listed.stdout, listed.stdout
 
-        # A worker killed is started again; the port keeps serving meanwhile.
-        os.kill(pids[1], signal.SIGKILL)
-        restarted = await _wait_for(proxy, r"worker 1 started \(pid (\d+)\)", 2)
-        await _wait_for(proxy, r"worker 1 serves the listening ports", 2)
-        assert int(restarted[1]) != pids[1]
-        pids[1] = int(restarted[1])
+        # One worker runs the background jobs.
+        leaders = await _wait_for(proxy, r"\[worker (\d)\] this worker runs the background jobs")
+        assert len(leaders) == 1
+        leader = int(leaders[0])
+
+        # A worker killed (the leader) is started again; the port keeps serving meanwhile,
+        # and another worker, or the new one, runs the jobs.
+        os.kill(pids[leader], signal.SIGKILL)
+        restarted = await _wait_for(proxy, rf"worker {leader} started \(pid (\d+)\)", 2)
+        await _wait_for(proxy, rf"worker {leader} serves the listening ports", 2)
+        assert int(restarted[1]) != pids[leader]
+        pids[leader] = int(restarted[1])
+        assert len(await _wait_for(proxy, r"this worker runs the background jobs", 2)) == 2
         assert await one() == image.meta.sha256
 
         assert await proxy.stop() in (0, -signal.SIGTERM)
@@ -308,4 +315,52 @@ async def test_sigkill_of_the_downloading_worker_another_takes_over(tmp_path: Pa
         assert "Traceback" not in proxy.log.read_text()
     finally:
         proxy.kill()
+        await upstream.stop()
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_twistd_daemon_with_workers_starts_serves_and_stops(tmp_path: Path) -> None:
+    """
+    twistd as a daemon (the workers start after its fork): it serves, and SIGTERM to the
+    pid in its pidfile stops it and every worker.
+    """
+    tree = build_tree(tmp_path / "tree")
+    image = tree.image("testos/1.0")
+    ca = make_ca()
+    upstream = start_https_upstream(reactor, tree.root, ca)
+    config = _config(tmp_path, upstream.url, ca.cert_pem, 2)
+    pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
+    twistd = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())"]
+    started = subprocess.run(
+        twistd + [f"--pidfile={pidfile}", f"--logfile={logfile}", "lxd-image-proxy",
+                  "--config", str(config)],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=START_TIMEOUT_SECONDS,
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    daemon = int(pidfile.read_text())
+    try:
+        text = ""
+        for _ in range(int(START_TIMEOUT_SECONDS * 10)):
+            text = logfile.read_text() if logfile.exists() else ""
+            if len(re.findall(r"worker \d serves the listening ports", text)) == 2:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        workers = [int(p) for p in re.findall(r"worker \d started \(pid (\d+)\)", text)]
+        assert len(workers) == 2, text
+        port = int((tmp_path / "port").read_text().split()[0])
+        client = https_client((tmp_path / "state" / "tls" / "server.crt").read_bytes())
+        response = await client.get(f"https://localhost:{port}/cache/{image.meta.path}")
+        assert hashlib.sha256(await treq.content(response)).hexdigest() == image.meta.sha256
+        os.kill(daemon, signal.SIGTERM)
+        for _ in range(int(START_TIMEOUT_SECONDS * 10)):
+            if not _alive(daemon):
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        assert not _alive(daemon)
+        assert not any(_alive(pid) for pid in workers)
+        assert "Traceback" not in logfile.read_text()
+    finally:
+        if _alive(daemon):
+            os.kill(daemon, signal.SIGKILL)
         await upstream.stop()
