@@ -150,6 +150,8 @@ class CacheService(Service):
         for pool in self._pools:
             pool.start()
         if self.worker:
+            # The partials an earlier run left, for the first request of each to continue.
+            self.store.find_resumable()
             super().startService()
             return
         # Before anything is served, so on the reactor thread: a start-up of a large cache
