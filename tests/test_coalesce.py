@@ -100,25 +100,27 @@ def test_a_follower_streams_the_growing_partial_and_ends_with_the_blob(tmp_path:
     partial.setContent(BODY[:300])
     locks.publish(owner, partial)
     started = followed.when_streaming()
-    done = followed.when_done()
+    finished: list[object] = []
+    followed.when_done().addCallback(finished.append)
     followed.start()
     clock.advance(0)
     assert started.called and followed.path == partial and followed.available() == 300
-    more = followed.wait()
-    assert not more.called
+    woken: list[object] = []
+    followed.wait().addCallback(woken.append)
+    assert woken == []
     partial.setContent(BODY)
     clock.advance(POLL_SECONDS)
     # The whole file is there, but the last byte is the blob's to give.
-    assert more.called and followed.available() == len(BODY) - 1
+    assert woken == [None] and followed.available() == len(BODY) - 1
     # Linked, not recorded yet: still held.
     blob = store.path_for(SHA256)
     blob.parent().makedirs(ignoreExistingDirectory=True)
     os.link(partial.path, blob.path)
     clock.advance(POLL_SECONDS)
-    assert followed.available() == len(BODY) - 1 and not done.called
+    assert followed.available() == len(BODY) - 1 and finished == []
     recorded.add(SHA256)
     clock.advance(POLL_SECONDS)
-    assert followed.available() == len(BODY) and done.called
+    assert followed.available() == len(BODY) and finished == [blob]
     assert followed.restarts == 0 and clock.getDelayedCalls() == []
     locks.release(SHA256, owner)
 
@@ -134,11 +136,12 @@ def test_a_follower_takes_over_when_the_owner_is_gone(tmp_path: Path) -> None:
     followed.start()
     clock.advance(0)
     assert followed.available() == 500
-    waiting = followed.wait()
+    woken: list[object] = []
+    followed.wait().addCallback(woken.append)
     # The owner dies: the kernel lets go of its lock (the name stays).
     os.close(owner)
     clock.advance(POLL_SECONDS)
-    assert len(taken) == 1 and waiting.called
+    assert len(taken) == 1 and woken == [None]
     # From now on the local download, on the same file, is the source.
     assert followed.local is not None and followed.path == partial
     assert followed.available() == 600 and followed.restarts == 0
