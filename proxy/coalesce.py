@@ -21,10 +21,12 @@ completed with other bytes (L{proxy.streaming.SourceRestarted}).
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from collections.abc import Callable
 from typing import Any
 
+from attrs import frozen
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -36,6 +38,10 @@ from proxy.catalogue import Item
 from proxy.work import Run
 
 LOCK_SUFFIX = ".lock"
+# A lock file says little (the partial's name, the upstream, the path, the size).
+MAX_LOCK_BYTES = 8192
+# The status page lists at most so many entries of tmp/ (they are bounded by the partials).
+MAX_LISTED = 10000
 # How often a follower looks at the owner's partial: a follower's client sees the bytes this
 # much later than the owner's (a stat per follower and poll, on the disk worker).
 POLL_SECONDS = 0.05
@@ -74,22 +80,66 @@ class DownloadLocks:
             os.close(fd)
         return None
 
-    def publish(self, fd: int, partial: FilePath[str]) -> None:
-        """Say, in the held lock file, which partial the download writes to."""
-        name = partial.basename().encode("ascii")
+    def publish(
+        self, fd: int, partial: FilePath[str], upstream: str = "", subject: str = "", size: int = 0,
+    ) -> None:
+        """
+        Say, in the held lock file, which partial the download writes to (for followers),
+        and what it is (for every worker's status page).
+        """
+        document = json.dumps({
+            "partial": partial.basename(), "upstream": upstream, "subject": subject, "size": size,
+        }).encode("utf-8")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, name, 0)
+        os.pwrite(fd, document, 0)
+
+    def _published(self, path: str) -> dict[str, Any] | None:
+        try:
+            with open(path, "rb") as f:
+                document = json.loads(f.read(MAX_LOCK_BYTES))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(document, dict):
+            return None
+        name = document.get("partial")
+        if not (isinstance(name, str) and name.endswith(TEMP_SUFFIX) and "/" not in name
+                and not name.startswith(".")):
+            return None
+        return document
 
     def partial(self, sha256: str) -> FilePath[str] | None:
         """The partial the owner of C{sha256} writes to, as it published it."""
+        document = self._published(self.path(sha256))
+        return None if document is None else FilePath(self.temp_dir).child(document["partial"])
+
+    def listing(self) -> list[SharedDownload]:
+        """
+        Every download some worker owns now, as its lock file says, with the bytes its
+        partial holds (blocking: on the disk worker).
+        """
+        found = []
         try:
-            with open(self.path(sha256), "rb") as f:
-                name = f.read(256).decode("ascii", "replace").strip()
+            entries = list(os.scandir(self.temp_dir))
         except OSError:
-            return None
-        if not name.endswith(TEMP_SUFFIX) or "/" in name or name.startswith("."):
-            return None
-        return FilePath(self.temp_dir).child(name)
+            return []
+        for entry in entries[:MAX_LISTED]:
+            if not entry.name.endswith(LOCK_SUFFIX):
+                continue
+            document = self._published(entry.path)
+            if document is None:
+                continue
+            try:
+                received = os.stat(os.path.join(self.temp_dir, document["partial"])).st_size
+            except OSError:
+                continue
+            size = document.get("size")
+            found.append(SharedDownload(
+                sha256=entry.name.removesuffix(LOCK_SUFFIX),
+                upstream=str(document.get("upstream", "")),
+                subject=str(document.get("subject", "")),
+                size=size if isinstance(size, int) else 0, received=received,
+            ))
+        return found
 
     def release(self, sha256: str, fd: int) -> None:
         """Let go of the lock of C{sha256}: the name goes first, then the lock."""
@@ -98,6 +148,17 @@ class DownloadLocks:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+@frozen
+class SharedDownload:
+    """A download owned by some worker, as L{DownloadLocks.listing} finds it."""
+
+    sha256: str
+    upstream: str
+    subject: str
+    size: int
+    received: int
 
 
 class FollowedDownload:
@@ -124,6 +185,7 @@ class FollowedDownload:
         self.upstream = upstream
         self.item = item
         self.key = item.sha256
+        self.subject = item.path
         self.background = False
         self._store = store
         self._locks = locks
@@ -344,4 +406,4 @@ class FollowedDownload:
             d.callback(value)
 
 
-__all__ = ["DownloadLocks", "FollowedDownload", "LOCK_SUFFIX", "POLL_SECONDS"]
+__all__ = ["DownloadLocks", "FollowedDownload", "LOCK_SUFFIX", "POLL_SECONDS", "SharedDownload"]

@@ -247,7 +247,7 @@ class Fetcher:
         assert self._locks is not None
         try:
             download = self._download(upstream, item, background)
-            self._locks.publish(fd, download.partial.path)
+            self._locks.publish(fd, download.partial.path, upstream, item.path, item.size)
         except BaseException:
             self._locks.release(item.sha256, fd)
             raise

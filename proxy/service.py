@@ -112,10 +112,11 @@ class CacheService(Service):
         self.metrics = Metrics(enabled=bool(config.metrics.listen))
         if self.metrics.enabled and not worker:
             ProcessCollector(registry=self.metrics.registry)
+        # Several workers download each file once between them (proxy.coalesce).
+        self.download_locks = DownloadLocks(self.store.temp_dir.path) if worker else None
         core = build_core(
             config, reactor, self.index, self.store, self.workers, metrics=self.metrics,
-            # Several workers download each file once between them (proxy.coalesce).
-            locks=DownloadLocks(self.store.temp_dir.path) if worker else None,
+            locks=self.download_locks,
         )
         self.core = core
         # The parts by name, as the site and the tests reach them.
@@ -257,7 +258,7 @@ class CacheService(Service):
             self.config, self.index, self.store, self.health, self.fetcher, self.in_use,
             self.reactor, self.workers.disk, lambda: (certificate.pem, certificate.fingerprint),
             via=lambda url: str(self.client.outbound_proxy(url) or ""),
-            mirrors=self.core.mirrors,
+            mirrors=self.core.mirrors, shared=self.download_locks,
         )
         others[STATUS_JSON_PATH] = StatusJson(status, self.config)
         others[SETUP_PATH] = SetupScript(status, self.config)

@@ -16,7 +16,7 @@ from twisted.python.filepath import FilePath
 
 from proxy.blobs import BlobStore
 from proxy.catalogue import Item
-from proxy.coalesce import POLL_SECONDS, DownloadLocks, FollowedDownload
+from proxy.coalesce import POLL_SECONDS, DownloadLocks, FollowedDownload, SharedDownload
 from proxy.work import inline
 
 BODY = b"x" * 1000
@@ -163,3 +163,17 @@ def test_bytes_offered_of_a_file_that_cannot_be_continued_count_a_restart(tmp_pa
     # A response that sent any of those bytes is cut (proxy.streaming.SourceRestarted).
     assert followed.restarts == 1 and followed.available() == 0
     locks.release(SHA256, owner)
+
+
+def test_every_workers_downloads_are_listed_from_the_lock_files(tmp_path: Path) -> None:
+    locks = DownloadLocks(str(tmp_path))
+    fd = locks.take(SHA256)
+    assert fd is not None
+    partial = FilePath(str(tmp_path)).child("abc.part")
+    partial.setContent(BODY[:300])
+    locks.publish(fd, partial, "up", ITEM.path, ITEM.size)
+    (tmp_path / "other.part").write_bytes(b"")
+    assert locks.listing() == [SharedDownload(SHA256, "up", ITEM.path, ITEM.size, 300)]
+    assert locks.partial(SHA256) == partial
+    locks.release(SHA256, fd)
+    assert locks.listing() == []

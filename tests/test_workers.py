@@ -220,7 +220,8 @@ async def test_cold_clients_over_workers_cause_one_upstream_get(tmp_path: Path) 
     GET; every client, in either worker, gets its first bytes while the (paced) upstream is
     still sending, and the whole verified file.
     """
-    tree = build_tree(tmp_path / "tree", big_rootfs_bytes=4 * 1024 * 1024)
+    size = 4 * 1024 * 1024
+    tree = build_tree(tmp_path / "tree", big_rootfs_bytes=size)
     image = tree.image("bigos/1.0")
     assert image.root is not None
     ca = make_ca()
@@ -235,9 +236,18 @@ async def test_cold_clients_over_workers_cause_one_upstream_get(tmp_path: Path) 
         resource.rate(image.root.path, 1600 * 1024)
         url = f"https://localhost:{port}/cache/{image.root.path}"
         started = time.monotonic()
-        results = await gatherResults(
+        running = gatherResults(
             [Deferred.fromCoroutine(_timed_get(client, url, started)) for _ in range(16)]
-        ).addTimeout(120, reactor)
+        )
+        # While it runs, the status page of either worker lists the one download.
+        await deferLater(reactor, 0.8, lambda: None)
+        for _ in range(4):
+            status = await treq.json_content(
+                await client.get(f"https://localhost:{port}/status.json")
+            )
+            listed = [d for d in status["downloads"] if d["subject"] == image.root.path]
+            assert len(listed) == 1 and 0 < listed[0]["received"] < size, status["downloads"]
+        results = await running.addTimeout(120, reactor)
         took = time.monotonic() - started
         assert [code for code, _, _ in results] == [200] * 16
         assert {digest for _, digest, _ in results} == {image.root.sha256}
