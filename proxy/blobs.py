@@ -545,6 +545,18 @@ class BlobStore:
             removed += 1
         return removed
 
+    def find_resumable(self) -> None:
+        """
+        Fill L{resumable} as the start-up sweep does, deleting nothing: a worker process's
+        start (L{proxy.workers}), whose supervisor swept already and whose fellow workers'
+        partials are live. Only the worker holding a file's download lock resumes it.
+        """
+        try:
+            entries = list(os.scandir(self.temp_dir.path))
+        except FileNotFoundError:
+            return
+        self._find_resumable(entries, time.time())
+
     def _find_resumable(self, entries: list[os.DirEntry[str]], now: float) -> set[str]:
         """Fill L{resumable} from the sidecars among C{entries}; the names to keep."""
         names = {e.name for e in entries}

@@ -137,6 +137,8 @@ class ServerConfig:
         plain first attempt asks; off, plain HTTP gets an immediate 400 pointing to https://.
     @ivar listen_plain: plain-HTTP-only listeners (the form of C{listen}) serving only those
         files: port 80, for remotes whose URL has no port.
+    @ivar workers: how many processes serve the listening ports (L{proxy.workers}); 1 serves
+        them in the twistd process itself, as before workers existed.
     """
 
     listen: tuple[str, ...] = DEFAULT_LISTEN
@@ -156,6 +158,7 @@ class ServerConfig:
     upstream_proxy: ProxySetting = None
     plain_http_files: bool = True
     listen_plain: tuple[str, ...] = ()
+    workers: int = 1
 
 
 @frozen
@@ -380,7 +383,7 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> str:
 def default_config() -> Config:
     """The configuration used when no file is given."""
     return Config(
-        server=ServerConfig(),
+        server=ServerConfig(workers=default_workers()),
         cache=CacheConfig(dir=default_state_dir()),
         upstreams=tuple(UpstreamConfig(name=name, url=url) for name, url in DEFAULT_UPSTREAMS),
     )
@@ -708,6 +711,7 @@ _SERVER_KEYS = {
     "upstream_proxy",
     "plain_http_files",
     "listen_plain",
+    "workers",
 }
 
 
@@ -773,7 +777,13 @@ def _parse_server(table: Mapping[str, Any], base_dir: str) -> ServerConfig:
         upstream_proxy=_proxy(table, "upstream_proxy", prefix),
         plain_http_files=_bool(table, "plain_http_files", prefix, True),
         listen_plain=listen_plain,
+        workers=_count(table, "workers", prefix, default_workers()),
     )
+
+
+def default_workers() -> int:
+    """C{[server] workers} when the file does not say: one process per CPU."""
+    return os.cpu_count() or 1
 
 
 def _proxy(table: Mapping[str, Any], key: str, prefix: str) -> ProxySetting:

@@ -24,6 +24,7 @@ from proxy.blobs import BlobStore
 from proxy.busy import InUse
 from proxy.catalogue import Family
 from proxy.config import LXD, Config
+from proxy.coalesce import DownloadLocks
 from proxy.download_slots import DownloadSlots
 from proxy.downloads import Fetcher
 from proxy.health import UpstreamHealth
@@ -108,6 +109,7 @@ def build_core(
     watch_health: bool = True,
     metrics: Metrics = NO_METRICS,
     environ: Mapping[str, str] | None = None,
+    locks: DownloadLocks | None = None,
 ) -> CacheCore:
     """
     Wire the cache's parts for C{config}, over C{index} and C{store}.
@@ -172,7 +174,7 @@ def build_core(
         health=health, disk=disk, settled=in_use.settled,
         writeback=workers.writeback, metrics=metrics, mirrors=mirrors,
         slots=DownloadSlots({u.name: config.upstream_concurrency(u.name) for u in config.upstreams}),
-        peers=peers,
+        peers=peers, locks=locks,
     )
     agents = ClientAgents()
     metadata: dict[str, SimplestreamsMetadata] = {}

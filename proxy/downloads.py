@@ -33,7 +33,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IResponse
 
-from proxy.blobs import MAX_RESUMABLE, BlobStore, PartialBlob, Resumable
+from proxy.blobs import (
+    MAX_RESUMABLE,
+    RESUME_SUFFIX,
+    TEMP_SUFFIX,
+    BlobStore,
+    PartialBlob,
+    Resumable,
+)
+from proxy.coalesce import DownloadLocks, FollowedDownload
 from proxy.catalogue import Item
 from proxy.config import LXD, UpstreamConfig
 from proxy.download_slots import DownloadSlots, Slot
@@ -109,8 +117,13 @@ class Fetcher:
         mirrors: Mapping[str, Mirrors] | None = None,
         slots: DownloadSlots | None = None,
         peers: Peers | None = None,
+        locks: DownloadLocks | None = None,
     ) -> None:
         self._client = client
+        # With several worker processes: one download of a file between them (proxy.coalesce).
+        self._locks = locks
+        self._followed: dict[str, FollowedDownload] = {}
+        self._held: dict[str, int] = {}
         # The other nodes of a pool: a file one of them holds is copied from it (proxy.peers).
         self._peers = peers
         # The upstreams with several base URLs: a download moves to the next when one fails.
@@ -157,6 +170,8 @@ class Fetcher:
             asking.cancel()
         for slot in list(self._places.values()):
             self._slots.cancel(slot, UpstreamFailed("the proxy is stopping"))
+        for followed in list(self._followed.values()):
+            followed.stop()
 
     def in_flight(self) -> dict[str, Job]:
         """The downloads running, by the sha256 of a file or the fingerprint of an image."""
@@ -192,6 +207,12 @@ class Fetcher:
                 upstream, image, background, product=item.product, version=item.version
             )
             return ItemDownload(export, item, role)
+        if self._locks is not None and (Download, item.sha256) not in self._inflight:
+            return self._shared(upstream, item, background)
+        return self._download(upstream, item, background)
+
+    def _download(self, upstream: str, item: Item, background: bool) -> Download:
+        config = self._upstreams[upstream]
         return self._start(
             Download, upstream, item.sha256, item.path, background,
             lambda: Download(
@@ -199,6 +220,57 @@ class Fetcher:
                 persist=self._persist,
             ),
         )
+
+    # -- one download across worker processes (proxy.coalesce) ----------------------------
+
+    def _shared(self, upstream: str, item: Item, background: bool) -> FetchedItem:
+        """C{item}'s download, owned here if the lock is free, else followed."""
+        assert self._locks is not None
+        followed = self._followed.get(item.sha256)
+        if followed is not None and followed.local is None:
+            self._metrics.download_joined(upstream)
+            return followed
+        fd = self._locks.take(item.sha256)
+        if fd is None:
+            followed = FollowedDownload(
+                upstream, item, self._store, self._locks, self._clock, self._disk,
+                lambda sha256: self._index.get(sha256) is not None, self._continue,
+            )
+            self._followed[item.sha256] = followed
+            followed.when_done().addBoth(lambda _: self._followed.pop(item.sha256, None))
+            followed.start()
+            self._metrics.download_joined(upstream)
+            return followed
+        return self._own(upstream, item, background, fd)
+
+    def _own(self, upstream: str, item: Item, background: bool, fd: int) -> Download:
+        assert self._locks is not None
+        try:
+            download = self._download(upstream, item, background)
+            self._locks.publish(fd, download.partial.path, upstream, item.path, item.size)
+        except BaseException:
+            self._locks.release(item.sha256, fd)
+            raise
+        self._held[item.sha256] = fd
+        return download
+
+    def _continue(self, followed: FollowedDownload, fd: int) -> Download:
+        """The owner of C{followed}'s download is gone: continue it here, from its partial."""
+        item = followed.item
+        partial = followed.continues()
+        if partial is not None:
+            sidecar = partial.path.removesuffix(TEMP_SUFFIX) + RESUME_SUFFIX
+            found = Resumable.read(partial, sidecar) or Resumable(
+                partial, "", "", item.sha256, item.size,
+            )
+            self._keep(found)
+        else:
+            followed.cannot_continue()
+        self._followed.pop(item.sha256, None)
+        download = self._own(followed.upstream, item, followed.background, fd)
+        if download.partial.path != partial:
+            followed.cannot_continue()
+        return download
 
     def get_image(
         self, upstream: str, image: RemoteImage, *, background: bool = False,
@@ -348,6 +420,11 @@ class Fetcher:
         finally:
             self._places.pop((kind, job.key), None)
             self._inflight.pop((kind, job.key), None)
+            held = self._held.pop(job.key, None) if kind is Download else None
+            if held is not None and self._locks is not None:
+                # After the commit and the record: a follower that finds the lock free finds
+                # the blob, or continues from the partial.
+                self._locks.release(job.key, held)
             fetched = job.fetched if isinstance(job, Download) else job.received
             self._index.note_fetched(fetched)
             self._metrics.upstream_received(job.upstream, "file", fetched)

@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from proxy.blobs import BlobStore
 from proxy.busy import InUse
+from proxy.coalesce import FollowedDownload
 from proxy.catalogue import Item
 from proxy.downloads import ItemFetcher
 from proxy.health import UpstreamHealth
@@ -163,7 +164,9 @@ class CacheFiles:
             with self._following(upstream):
                 yield Opened(
                     download, hit=False, last_modified=self._clock.seconds(),
-                    joined=any(job is _job_of(download) for job in running),
+                    # A download another worker owns is joined too (proxy.coalesce).
+                    joined=isinstance(download, FollowedDownload)
+                    or any(job is _job_of(download) for job in running),
                 )
             self._served(upstream, False, sent())
             # Counted once the body is out: the record exists only after the download committed.

@@ -15,6 +15,8 @@ before any byte is read.
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any, cast
 
 from twisted.application.service import Service
@@ -31,6 +33,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITCPTransport,
 )
+from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -310,3 +313,55 @@ async def _stop(port: IListeningPort) -> None:
     stopped = port.stopListening()
     if stopped is not None:
         await stopped
+
+
+def adopt_port(reactor: Any, fd: int, factory: IProtocolFactory) -> IListeningPort:
+    """
+    Serve C{factory} on the listening TCP socket C{fd}, handed over by another process
+    (L{proxy.workers}); C{fd} itself is closed (the port has its own copy).
+    """
+    probe = socket.socket(fileno=os.dup(fd))
+    family = probe.family
+    probe.close()
+    port: IListeningPort = reactor.adoptStreamPort(fd, family, factory)
+    os.close(fd)
+    return port
+
+
+def listen_handed(reactor: Any, description: str, count: int) -> list[IListeningPort]:
+    """
+    Bind C{count} sockets to the address of C{description}, one per worker process
+    (L{proxy.workers}), with C{SO_REUSEPORT} so that the kernel spreads the connections over
+    them; none is ever accepted from here. Port 0 is chosen by the first; the rest take the
+    same port. The ports are returned stopped (not read), for their descriptors and address.
+
+    @raise CannotListenError: the address cannot be had.
+    """
+    endpoint: Any = _endpoint(reactor, description)
+    interface, port, backlog = endpoint._interface, endpoint._port, endpoint._backlog
+    family = socket.AF_INET6 if ":" in interface else socket.AF_INET
+    unused = Factory.forProtocol(Protocol)
+    unused.noisy = False
+    ports: list[IListeningPort] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((interface, port))
+                sock.listen(backlog)
+                sock.setblocking(False)
+                port = sock.getsockname()[1]
+                listening = reactor.adoptStreamPort(sock.fileno(), family, unused)
+            except OSError as e:
+                raise CannotListenError(interface, port, e) from None
+            finally:
+                sock.close()
+            listening.stopReading()
+            ports.append(listening)
+    except BaseException:
+        for p in ports:
+            p.stopListening()
+        raise
+    return ports

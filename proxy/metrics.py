@@ -144,8 +144,13 @@ class Metrics:
         self.auto_update_last_run = Gauge(
             f"{PREFIX}_auto_update_last_run_timestamp_seconds",
             "When the last auto-update run finished (Unix time).", registry=r,
+            # With several workers (proxy.workers): the latest of theirs, not one per pid.
+            multiprocess_mode="max",
         )
-        info = Gauge(f"{PREFIX}_build_info", "The proxy's version; always 1.", ["version"], registry=r)
+        info = Gauge(
+            f"{PREFIX}_build_info", "The proxy's version; always 1.", ["version"], registry=r,
+            multiprocess_mode="max",
+        )
         info.labels(__version__).set(1)
 
     # -- the HTTPS port ------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from prometheus_client import ProcessCollector
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -42,14 +42,23 @@ from proxy.config import LXD, Config, read_pem_certificates
 from proxy.core import CLOSE_TIMEOUT_SECONDS, FAMILIES as FAMILIES, build_core
 from proxy.errors import ConfigError
 from proxy.index import CacheIndex, IndexFormatError, reconcile
-from proxy.listen import ListeningService, listen_plain, listen_tls
+from proxy.listen import (
+    ListeningService,
+    SniffingFactory,
+    adopt_port,
+    listen_plain,
+    listen_tls,
+    sniffing_tls_factory,
+)
 from proxy.files import CacheFiles
 from proxy.images import FaceCatalogue, ImageSource, LxdRemoteImages, SimplestreamsImages
 from proxy.lxd_face import LxdApiResource, ServerCertificate
 from proxy.lxd_remote import API_PATH
 from proxy.simplestreams import RootResource, UpstreamResource
 from proxy.via import ViaGuard
-from proxy.statedir import StateLock
+from proxy.coalesce import DownloadLocks
+from proxy.leader import Leadership, WorkerRole
+from proxy.statedir import HeldByParent, StateLock
 from proxy.status import StatusSource
 from proxy.status_page import STATUS_JSON_PATH, SetupScript, StatusJson, StatusPage
 from proxy.urlimport import ImportResource
@@ -75,10 +84,14 @@ class CacheService(Service):
     without a record or records without a blob); on stop it writes pending usage and closes.
     """
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, *, worker: bool = False) -> None:
         self.config = config
         self.reactor = reactor
-        self.lock = StateLock(config.cache.dir)
+        # A worker's supervisor holds the lock, and has swept and reconciled (proxy.workers).
+        self.worker = worker
+        self.lock: StateLock | HeldByParent = HeldByParent() if worker else StateLock(
+            config.cache.dir
+        )
         root = FilePath(config.cache.dir)
         self.root = root
         try:
@@ -97,10 +110,13 @@ class CacheService(Service):
         self.index.writer = self.workers.index
         # Nothing is counted unless someone can read it.
         self.metrics = Metrics(enabled=bool(config.metrics.listen))
-        if self.metrics.enabled:
+        if self.metrics.enabled and not worker:
             ProcessCollector(registry=self.metrics.registry)
+        # Several workers download each file once between them (proxy.coalesce).
+        self.download_locks = DownloadLocks(self.store.temp_dir.path) if worker else None
         core = build_core(
-            config, reactor, self.index, self.store, self.workers, metrics=self.metrics
+            config, reactor, self.index, self.store, self.workers, metrics=self.metrics,
+            locks=self.download_locks,
         )
         self.core = core
         # The parts by name, as the site and the tests reach them.
@@ -134,6 +150,11 @@ class CacheService(Service):
         self.index.open()
         for pool in self._pools:
             pool.start()
+        if self.worker:
+            # The partials an earlier run left, for the first request of each to continue.
+            self.store.find_resumable()
+            super().startService()
+            return
         # Before anything is served, so on the reactor thread: a start-up of a large cache
         # takes as long as this scan.
         report = reconcile(self.index, self.store)
@@ -237,7 +258,7 @@ class CacheService(Service):
             self.config, self.index, self.store, self.health, self.fetcher, self.in_use,
             self.reactor, self.workers.disk, lambda: (certificate.pem, certificate.fingerprint),
             via=lambda url: str(self.client.outbound_proxy(url) or ""),
-            mirrors=self.core.mirrors,
+            mirrors=self.core.mirrors, shared=self.download_locks,
         )
         others[STATUS_JSON_PATH] = StatusJson(status, self.config)
         others[SETUP_PATH] = SetupScript(status, self.config)
@@ -282,8 +303,11 @@ class ListenService(ListeningService):
         site: Site,
         certificate: ServerCertificate | None = None,
         plain_site: Site | None = None,
+        role: WorkerRole | None = None,
     ) -> None:
         super().__init__()
+        # In a worker, the sockets the supervisor listens on, handed over (proxy.workers).
+        self.role = role
         self.config = config
         self.reactor = reactor
         self.site = site
@@ -304,6 +328,26 @@ class ListenService(ListeningService):
 
     def listenings(self) -> list[Deferred[IListeningPort]]:
         server = self.config.server
+        options = self._load_certificate()
+        self.cap = ConnectionCap(self._connection_cap(), self.reactor)
+        plain = self.plain_site
+        if self.role is not None:
+            return self._adopt(self.role, options)
+        listening = [
+            listen_tls(self.reactor, desc, options, self.site, self.cap, plain)
+            for desc in server.listen
+        ]
+        if plain is not None:
+            listening += [
+                listen_plain(self.reactor, desc, plain, self.cap) for desc in server.listen_plain
+            ]
+        elif server.listen_plain:
+            log.warn("server.plain_http_files is false: server.listen_plain is not listened on")
+        return listening
+
+    def _load_certificate(self) -> Any:
+        """The server's TLS options; the certificate is generated first if it is to be."""
+        server = self.config.server
         state = FilePath(self.config.cache.dir)
         try:
             if server.tls_cert:
@@ -319,19 +363,23 @@ class ListenService(ListeningService):
         self.cert_path = cert_path
         self.certificate.pem = leaf.public_bytes(serialization.Encoding.PEM).decode("ascii")
         self.certificate.fingerprint = certificate_fingerprint(cert_path)
-        self.cap = ConnectionCap(self._connection_cap(), self.reactor)
+        return options
+
+    def _adopt(
+        self, role: WorkerRole, options: Any,
+    ) -> list[Deferred[IListeningPort]]:
+        ports: list[IListeningPort] = []
         plain = self.plain_site
-        listening = [
-            listen_tls(self.reactor, desc, options, self.site, self.cap, plain)
-            for desc in server.listen
-        ]
+        for fd in role.tls_fds:
+            ports.append(adopt_port(
+                self.reactor, fd, sniffing_tls_factory(options, self.site, self.reactor, self.cap, plain)
+            ))
         if plain is not None:
-            listening += [
-                listen_plain(self.reactor, desc, plain, self.cap) for desc in server.listen_plain
-            ]
-        elif server.listen_plain:
-            log.warn("server.plain_http_files is false: server.listen_plain is not listened on")
-        return listening
+            for fd in role.plain_fds:
+                ports.append(adopt_port(
+                    self.reactor, fd, SniffingFactory(None, self.reactor, self.cap, plain)
+                ))
+        return [succeed(port) for port in ports]
 
     def _connection_cap(self) -> int:
         limit = raise_open_file_limit()
@@ -354,6 +402,13 @@ class ListenService(ListeningService):
         return cap
 
     def listened(self, ports: list[IListeningPort]) -> None:
+        if self.role is not None:
+            # The supervisor wrote the port file and the hints once for all workers.
+            # worker_ready: how the supervisor learns that this worker serves.
+            log.info(
+                "worker {slot} serves the listening ports", slot=self.role.slot, worker_ready=True
+            )
+            return
         bound = [cast(IPv4Address | IPv6Address, port.getHost()).port for port in ports]
         tls, plain = bound[:len(self.config.server.listen)], bound[len(self.config.server.listen):]
         if self.plain_site is not None:
@@ -417,33 +472,42 @@ class ListenService(ListeningService):
 class ProxyService(MultiService):
     """The whole proxy: the cache first, then the listeners, then the periodic tasks."""
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, role: WorkerRole | None = None) -> None:
         super().__init__()
-        self.cache = CacheService(config, reactor)
+        self.cache = CacheService(config, reactor, worker=role is not None)
         self.cache.setServiceParent(self)
         certificate = ServerCertificate()
         site = self.cache.site(certificate, self.readiness)
-        self.listener = ListenService(config, reactor, site, certificate, self.cache.plain_site)
+        self.listener = ListenService(
+            config, reactor, site, certificate, self.cache.plain_site, role=role
+        )
         self.listener.setServiceParent(self)
+        # A worker's counters are summed and served by its supervisor (proxy.workers).
         self.metrics_listener = MetricsListenService(
-            config.metrics.listen, reactor,
+            () if role is not None else config.metrics.listen, reactor,
             exporter_site(self.cache.metrics.registry, self.readiness),
         )
         self.metrics_listener.setServiceParent(self)
+        # Each worker writes its own uses (one transaction adds them to what is stored).
         timer = TimerService(config.cache.usage_flush_interval, self.cache.flush_usage)
         timer.clock = reactor
         timer.setServiceParent(self)
+        # The jobs on the whole cache run in one worker at a time (proxy.leader).
+        jobs: MultiService = self
+        if role is not None:
+            jobs = self.leadership = Leadership(config.cache.dir, reactor)
+            self.leadership.setServiceParent(self)
         # Expiry and the size cap: hourly is plenty for rules counted in days and bytes; a
         # commit makes room for itself at once.
         gc = TimerService(GC_INTERVAL_SECONDS, self.cache.gc)
         gc.clock = reactor
-        gc.setServiceParent(self)
+        gc.setServiceParent(jobs)
         # Parsed catalogues are frozen out of the cyclic collector's scans; once an hour one
         # full collection reclaims the cycles frozen with them (see collect_frozen).
         collect = TimerService(GC_INTERVAL_SECONDS, collect_frozen)
         collect.clock = reactor
         collect.setServiceParent(self)
-        self.cache.prefetcher.setServiceParent(self)
+        self.cache.prefetcher.setServiceParent(jobs)
 
 
     def readiness(self) -> Readiness:
@@ -451,5 +515,6 @@ class ProxyService(MultiService):
         return self.cache.readiness(bool(self.listener.ports))
 
 
-def build_service(config: Config, reactor: Any) -> ProxyService:
-    return ProxyService(config, reactor)
+def build_service(config: Config, reactor: Any, role: WorkerRole | None = None) -> ProxyService:
+    """The whole proxy in this process; with C{role}, as one worker of several (L{proxy.workers})."""
+    return ProxyService(config, reactor, role)

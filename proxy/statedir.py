@@ -50,3 +50,16 @@ class StateLock:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+class HeldByParent:
+    """
+    The state lock of a worker process (L{proxy.workers}): the supervising process holds the
+    real one for as long as any worker runs, so there is nothing to take or release here.
+    """
+
+    def claim(self) -> None:
+        pass
+
+    def release(self) -> None:
+        pass

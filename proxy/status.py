@@ -26,6 +26,7 @@ from proxy.blobs import BlobStore
 from proxy.busy import InUse
 from proxy.client_networks import UpstreamAccess
 from proxy.client_setup import base_url, pinned_pubkey, setup_line
+from proxy.coalesce import DownloadLocks, SharedDownload
 from proxy.config import Config
 from proxy.downloads import ItemFetcher
 from proxy.health import UpstreamHealth
@@ -211,8 +212,11 @@ class StatusSource:
         certificate: Callable[[], tuple[str, str]],
         via: Callable[[str], str] = lambda url: "",
         mirrors: Mapping[str, Mirrors] | None = None,
+        shared: DownloadLocks | None = None,
     ) -> None:
         self._config = config
+        # With several workers: the downloads the others own, from their lock files.
+        self._shared = shared
         self._mirrors = dict(mirrors or {})
         self._index = index
         self._store = store
@@ -257,7 +261,8 @@ class StatusSource:
         stats = self._index.stats()
         answered = stats.hits + stats.misses
         cache = self._config.cache
-        downloads = self._downloads()
+        others = await self._disk(self._shared.listing) if self._shared is not None else []
+        downloads = self._downloads(others)
         return Status(
             version=__version__,
             generated_at=now,
@@ -294,14 +299,23 @@ class StatusSource:
             mirrors=self._mirrors[name].states() if name in self._mirrors else (),
         )
 
-    def _downloads(self) -> list[DownloadState]:
+    def _downloads(self, others: Sequence[SharedDownload] = ()) -> list[DownloadState]:
         found = []
-        for job in self._fetcher.in_flight().values():
+        jobs = self._fetcher.in_flight()
+        for job in jobs.values():
             followers = max((self._in_use.holders(s) for s in job.busy()), default=0)
             found.append(DownloadState(
                 upstream=job.upstream, subject=job.subject, received=job.received,
                 size=job.size, followers=followers, background=job.background,
                 queued=job.queued,
+            ))
+        for other in others:
+            if other.sha256 in jobs:
+                continue
+            # Another worker's: its followers there are not known here; this one's are.
+            found.append(DownloadState(
+                upstream=other.upstream, subject=other.subject, received=other.received,
+                size=other.size, followers=self._in_use.holders(other.sha256), background=False,
             ))
         # Those clients wait for first, then the biggest still to come.
         found.sort(key=lambda d: (d.background, -(d.size - d.received)))

@@ -56,8 +56,14 @@ def makeService(options: Options) -> IService:
 
     from proxy.service import build_service
 
+    config = options["proxy_config"]
     try:
-        return build_service(options["proxy_config"], reactor)
+        if config.server.workers > 1:
+            # Several processes serve the ports; this one supervises them (proxy.workers).
+            from proxy.workers import WorkerSupervisor
+
+            return WorkerSupervisor(config, reactor, options["config"])
+        return build_service(config, reactor)
     except ConfigError as e:
         # twistd only reports usage errors raised while parsing options; this is the
         # other way to end with the sentence and no traceback.

@@ -78,6 +78,7 @@ def test_default_config_whole() -> None:
             max_header_bytes=32768,
             max_headers=100,
             max_connections=4096,
+            workers=os.cpu_count() or 1,
         ),
         cache=CacheConfig(
             dir=default_state_dir(),
@@ -171,8 +172,12 @@ def test_sample_config_sets_every_key() -> None:
     document = tomllib.loads(SAMPLE.read_text())
     keys = _leaves(document)
     # The outbound proxy's default (the environment decides) has no value to write: shown
-    # commented out (test_sample_config_shows_the_outbound_proxy_keys).
-    expected = {f"server.{k}" for k in config_module._SERVER_KEYS - {"upstream_proxy"}}
+    # commented out (test_sample_config_shows_the_outbound_proxy_keys); nor has workers (the
+    # CPU count of the machine it runs on).
+    assert "\n# workers = " in SAMPLE.read_text()
+    expected = {
+        f"server.{k}" for k in config_module._SERVER_KEYS - {"upstream_proxy", "workers"}
+    }
     expected |= {f"cache.{k}" for k in config_module._CACHE_KEYS}
     for name, _ in config_module.DEFAULT_UPSTREAMS:
         expected |= {f"upstreams.{name}.url", f"upstreams.{name}.ca_file"}
@@ -257,6 +262,7 @@ max_request_line = "16KiB"
 max_header_bytes = 65536
 max_headers = 64
 max_connections = 512
+workers = 2
 
 [cache]
 dir = "state"
@@ -312,6 +318,7 @@ type = "virtual-machine"
             max_header_bytes=65536,
             max_headers=64,
             max_connections=512,
+            workers=2,
         ),
         cache=CacheConfig(
             dir=str(tmp_path / "state"),
@@ -528,7 +535,7 @@ def test_connection_limit_units(tmp_path: Path) -> None:
          "listen_plain, max_connections, max_header_bytes, max_headers, max_request_line, "
          "plain_http_files, port_file, "
          "request_head_timeout, send_timeout, tls_cert, tls_handshake_timeout, tls_key, tls_names, "
-         "upstream_proxy"),
+         "upstream_proxy, workers"),
         ("[cache]\ndirectory = 'x'\n",
          "cache.directory: unknown key; expected one of auto_update_cached, "
          "auto_update_interval, connect_timeout, dir, download_idle_timeout, expiry_days, "
@@ -1137,3 +1144,28 @@ def test_plain_http_keys(tmp_path: Path) -> None:
 )
 def test_plain_http_key_errors(tmp_path: Path, text: str, sentence: str) -> None:
     assert error_of(tmp_path, text) == sentence
+
+
+# -- [server] workers ------------------------------------------------------------------------
+
+
+def test_workers_default_is_the_cpu_count(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\n")
+    assert load_config(str(path)).server.workers == (os.cpu_count() or 1)
+    path.write_text("[server]\nworkers = 3\n")
+    assert load_config(str(path)).server.workers == 3
+    # Code that builds a ServerConfig itself (the tests' harnesses) keeps one process.
+    assert ServerConfig().workers == 1
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "server.workers: expected 1 or more, got 0"),
+    ('"4"', "server.workers: expected a whole number"),
+    ("true", "server.workers: expected a whole number"),
+])
+def test_workers_bad_values(tmp_path: Path, value: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f"[server]\nworkers = {value}\n")
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))

@@ -99,7 +99,7 @@ async def test_twistd_logs_json_lines_with_the_access_line(tmp_path: Path) -> No
     """
     config = tmp_path / "proxy.toml"
     config.write_text(
-        '[server]\nlisten = ["127.0.0.1:0"]\nport_file = "port"\n'
+        '[server]\nlisten = ["127.0.0.1:0"]\nport_file = "port"\nworkers = 1\n'
         '[cache]\ndir = "state"\nauto_update_interval = 0\n'
         '[upstreams.up]\nurl = "http://127.0.0.1:9"\nallow_insecure = true\n'
         '[log]\nformat = "json"\n'

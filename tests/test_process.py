@@ -115,6 +115,7 @@ def _write_config(tmp_path: Path, upstream_url: str, ca_pem: bytes) -> Path:
 listen = ["127.0.0.1:0"]
 tls_names = ["localhost"]
 port_file = "port"
+workers = 1
 
 [metrics]
 listen = ["127.0.0.1:0"]
@@ -230,6 +231,7 @@ def test_a_port_in_use_stops_start_up_with_one_sentence(tmp_path: Path) -> None:
         result = _run_proxy(tmp_path, f"""
 [server]
 listen = ["127.0.0.1:{port}"]
+workers = 1
 [metrics]
 listen = ["127.0.0.1:0"]
 [cache]
@@ -246,6 +248,7 @@ def test_an_unusable_cache_dir_stops_start_up_with_one_sentence(tmp_path: Path, 
     result = _run_proxy(tmp_path, f"""
 [server]
 listen = ["127.0.0.1:0"]
+workers = 1
 [metrics]
 listen = ["127.0.0.1:0"]
 [cache]
@@ -265,6 +268,7 @@ def test_a_second_proxy_on_the_same_state_is_refused(tmp_path: Path) -> None:
         result = _run_proxy(tmp_path, """
 [server]
 listen = ["127.0.0.1:0"]
+workers = 1
 [metrics]
 listen = ["127.0.0.1:0"]
 [cache]

@@ -12,6 +12,7 @@ import pytest
 from twisted.application.service import Service
 from twisted.python import usage
 
+import proxy.config
 import proxy.service
 from proxy.config import Config, default_config, load_config
 from proxy.errors import ConfigError
@@ -71,6 +72,8 @@ def test_make_service_builds_from_the_loaded_config(monkeypatch: pytest.MonkeyPa
         return service
 
     monkeypatch.setattr(proxy.service, "build_service", build_service)
+    # One process: the service itself (more are supervised, as the next test shows).
+    monkeypatch.setattr(proxy.config, "default_workers", lambda: 1)
     options = Options()
     options.parseOptions([])
     result = makeService(options)
@@ -78,11 +81,32 @@ def test_make_service_builds_from_the_loaded_config(monkeypatch: pytest.MonkeyPa
     assert built == [(default_config(), reactor)]
 
 
+def test_make_service_with_workers_builds_their_supervisor(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    import proxy.workers
+
+    made: list[tuple[Config, str | None]] = []
+
+    class Supervisor(Service):
+        def __init__(self, config: Config, reactor: object, path: str | None) -> None:
+            made.append((config, path))
+
+    monkeypatch.setattr(proxy.workers, "WorkerSupervisor", Supervisor)
+    path = tmp_path / "c.toml"
+    path.write_text('[server]\nworkers = 3\n[cache]\ndir = "state"\n')
+    options = Options()
+    options.parseOptions(["--config", str(path)])
+    assert isinstance(makeService(options), Supervisor)
+    assert [(c.server.workers, p) for c, p in made] == [(3, str(path))]
+
+
 def test_make_service_config_error_exits_with_the_sentence(monkeypatch: pytest.MonkeyPatch) -> None:
     def build_service(config: Config, reactor: object) -> Service:
         raise ConfigError("server.tls_cert: cannot read /x.pem: No such file or directory")
 
     monkeypatch.setattr(proxy.service, "build_service", build_service)
+    monkeypatch.setattr(proxy.config, "default_workers", lambda: 1)
     options = Options()
     options.parseOptions([])
     with pytest.raises(SystemExit) as info:

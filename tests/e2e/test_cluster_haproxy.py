@@ -158,6 +158,7 @@ listen = ["127.0.0.1:{node.port}"]
 tls_cert = "node.crt"
 tls_key = "node.key"
 port_file = "port"
+workers = 1
 
 [metrics]
 listen = ["127.0.0.1:{node.metrics_port}"]

@@ -89,6 +89,7 @@ def write_config(directory: Path, upstream: RunningUpstream) -> Path:
 listen = ["127.0.0.1:0"]
 tls_names = ["localhost"]
 port_file = "port"
+workers = 1
 
 [metrics]
 listen = ["127.0.0.1:0"]
