@@ -59,7 +59,6 @@ from pathlib import Path
 from typing import Any
 
 from serve_bench import (
-    HERE,
     MIB,
     POLL_SECONDS,
     REPO,
@@ -76,7 +75,7 @@ from serve_bench import (
     machine,
     run_phase,
     start_proxy,
-    wait_for_file,
+    start_upstream,
     workspace,
 )
 
@@ -615,7 +614,9 @@ def _met(ok: bool) -> str:
 
 def render(report: Report, args: argparse.Namespace, command: str, header: Sequence[str], elapsed: float,
            profiler: Profiler) -> str:
-    workers = args.workers or 1
+    # The RSS goal is per worker: --workers if given, else every process of the proxy's tree
+    # (the default after issue 12 point 3 is one worker per CPU).
+    workers = args.workers or report.processes.get(PROXY, 1)
     out = ["## Run", "", *header, f"- command: `{command}`", f"- total run time: {elapsed:.0f} s",
            f"- processes: proxy {report.processes.get(PROXY, '-')} (`workers` "
            f"{args.workers if args.workers is not None else 'not set'}), nginx {report.processes.get(NGINX, '-')}"
@@ -633,13 +634,14 @@ def render(report: Report, args: argparse.Namespace, command: str, header: Seque
             out.append(
                 f"| `lxc image export` {args.export_mib} MiB, {what}, s (median of {len(p)}) |"
                 f" {statistics.median(p):.2f} | {statistics.median(g):.2f} | {med:.2f} (rounds {_ratio_range(ratios)});"
-                f" static nginx plain: {statistics.median(s):.2f} s, {statistics.median(limits):.2f} ({_ratio_range(limits)}) |"
+                f" static nginx plain: {statistics.median(s):.2f} s, {statistics.median(limits):.2f} ({_ratio_range(limits)});"
+                f" proxy / static {statistics.median(a / b for a, b in zip(p, s)):.2f} |"
                 f" <= 0.92 | {_met(med <= 0.92)} |"
             )
     if report.warm:
         for scheme in ("plain", "tls"):
-            p, g = report.warm[(PROXY, scheme)], report.warm[(NGINX, scheme)]
-            pa, ga = [m.aggregate() / MIB for m in p], [m.aggregate() / MIB for m in g]
+            pw, gw = report.warm[(PROXY, scheme)], report.warm[(NGINX, scheme)]
+            pa, ga = [m.aggregate() / MIB for m in pw], [m.aggregate() / MIB for m in gw]
             ratios = [a / b for a, b in zip(pa, ga)]
             goal = 1.0 if scheme == "plain" else 0.5
             med = statistics.median(ratios)
@@ -664,18 +666,18 @@ def render(report: Report, args: argparse.Namespace, command: str, header: Seque
         npeak = max(m.peak_kib for scheme in ("plain", "tls") for m in report.warm[(NGINX, scheme)]) / 1024
         out.append(
             f"| peak RSS of all processes while {args.clients} clients stream, MiB | {peak:.0f}"
-            f" ({report.processes.get(PROXY, 1)} processes) | {npeak:.0f} | - | <= {100 * workers} |"
+            f" ({report.processes.get(PROXY, 1)} process(es)) | {npeak:.0f} | - | <= {100 * workers} |"
             f" {_met(peak <= 100 * workers)} |"
         )
     if report.index:
-        p, g = report.index[PROXY], report.index[NGINX]
-        ratio = p.requests_s / g.requests_s
+        pi, gi = report.index[PROXY], report.index[NGINX]
+        ratio = pi.requests_s / gi.requests_s
         out.append(
             f"| `index.json`, {args.connections} connections (wrk, TLS, keep-alive), requests/s |"
-            f" {p.requests_s:,.0f} | {g.requests_s:,.0f} | {ratio:.2f} | >= 0.3 | {_met(ratio >= 0.3)} |"
+            f" {pi.requests_s:,.0f} | {gi.requests_s:,.0f} | {ratio:.2f} | >= 0.3 | {_met(ratio >= 0.3)} |"
         )
     if report.cold:
-        p, g = report.cold[PROXY], report.cold[NGINX]
+        pcold, gcold = report.cold[PROXY], report.cold[NGINX]
 
         def firsts(m: Measured) -> list[float]:
             return [float(r["t_first"]) - float(r["t_start"]) for r in m.phase.results]
@@ -683,7 +685,7 @@ def render(report: Report, args: argparse.Namespace, command: str, header: Seque
         def ends(m: Measured) -> float:
             return max(float(r["t_end"]) for r in m.phase.results) - min(float(r["t_start"]) for r in m.phase.results)
 
-        pf, gf = firsts(p), firsts(g)
+        pf, gf = firsts(pcold), firsts(gcold)
         ok = report.cold_gets[PROXY] == 1 and max(pf) <= 0.1
         out.append(
             f"| {args.cold_clients} cold clients of {args.cold_mib} MiB (TLS): upstream GETs |"
@@ -693,7 +695,7 @@ def render(report: Report, args: argparse.Namespace, command: str, header: Seque
             f"| the same: first body byte, s, max / median | {max(pf):.3f} / {statistics.median(pf):.3f} |"
             f" {max(gf):.3f} / {statistics.median(gf):.3f} | - | <= 0.1 for all | {_met(ok)} |"
         )
-        out.append(f"| the same: all done, s | {ends(p):.2f} | {ends(g):.2f} | {ends(p) / ends(g):.2f} | - | - |")
+        out.append(f"| the same: all done, s | {ends(pcold):.2f} | {ends(gcold):.2f} | {ends(pcold) / ends(gcold):.2f} | - | - |")
 
     out += [""]
     if report.export:
@@ -802,11 +804,7 @@ def main() -> None:
         try:
             log(f"writing the tree ({' + '.join(f'{s} MiB' for s in sizes)}) under {work}")
             big = build_tree(work / "tree", sizes)
-            upstream = procs.start(
-                [sys.executable, str(HERE / "upstream_server.py"), str(work / "tree"), str(work)],
-                work / "upstream.log",
-            )
-            upstream_port = int(wait_for_file(work / "upstream.port", upstream, "upstream"))
+            upstream_port = start_upstream(procs, work)
             proxy = start_proxy(procs, work, "proxy", upstream_port, workers=args.workers, twistd=True)
             proxy.sampler.close()  # one process only; the tree samplers below replace it
             nginx, static = start_nginx(procs, work, upstream_port)

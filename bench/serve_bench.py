@@ -199,6 +199,15 @@ def wait_for_file(path: Path, process: subprocess.Popen[bytes], what: str) -> st
     raise RuntimeError(f"{what} did not write {path} within {START_TIMEOUT_SECONDS:.0f}s")
 
 
+def start_upstream(procs: Processes, work: Path) -> int:
+    """`upstream_server.py` serving `work/tree` over TLS (its CA in `work/upstream-ca.pem`): its port."""
+    upstream = procs.start(
+        [sys.executable, str(HERE / "upstream_server.py"), str(work / "tree"), str(work)],
+        work / "upstream.log",
+    )
+    return int(wait_for_file(work / "upstream.port", upstream, "upstream"))
+
+
 # -- memory of the proxy --------------------------------------------------------------------------
 
 
@@ -761,11 +770,7 @@ def main() -> None:
         try:
             log(f"writing the tree ({' + '.join(f'{s} MiB' for s in sizes)}) under {work}")
             big = build_tree(work / "tree", sizes)
-            upstream = procs.start(
-                [sys.executable, str(HERE / "upstream_server.py"), str(work / "tree"), str(work)],
-                work / "upstream.log",
-            )
-            upstream_port = int(wait_for_file(work / "upstream.port", upstream, "upstream"))
+            upstream_port = start_upstream(procs, work)
             ca = str(work / "upstream-ca.pem")
             reports = [bench_size(procs, work, upstream_port, ca, big[s], args) for s in sizes]
         finally:
