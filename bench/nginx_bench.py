@@ -449,8 +449,10 @@ class Profiler:
         for pid in [server.pid, *_descendants(server.pid)]:
             out = self.work / f"py-spy-{name}-{pid}.txt"
             running.append((subprocess.Popen(
+                # Blocking (py-spy pauses the process for each sample): whole stacks; the
+                # nonblocking mode lost the outer frames of a quarter of the samples.
                 [self.py_spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250",
-                 "--nonblocking", "--output", str(out)],
+                 "--output", str(out)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL), out))
         time.sleep(0.5)  # attached before the clients start
         try:
@@ -478,15 +480,20 @@ class Profiler:
                 if not stack or not count.isdigit():
                     continue
                 n = int(count)
-                total += n
                 # Without --threads/--subprocesses a line is the frames alone, outermost first.
                 frames = [_frame(f) for f in stack.split(";")]
-                if frames:
-                    leaf[frames[-1]] += n
+                if not frames or frames[-1] in IDLE_FRAMES:
+                    continue  # a thread waiting, not working: not counted
+                leaf[frames[-1]] += n
+                total += n
                 for f in set(frames):
                     inclusive[f] += n
         self.results[name], self.inclusive[name], self.samples[name] = leaf, inclusive, total
 
+
+# Waits that py-spy (pausing the process for each sample) counts as samples: the reactor in
+# epoll_wait, the idle threads of the thread pools.
+IDLE_FRAMES = frozenset({"EPollReactor.doPoll (epollreactor.py)", "Condition.wait (threading.py)"})
 
 # The reactor's and twistd's own frames, on every stack: left out of the inclusive list.
 GENERIC_FRAMES = re.compile(
@@ -745,7 +752,7 @@ def render(report: Report, args: argparse.Namespace, command: str, header: Seque
         for name, leaf in profiler.results.items():
             total = profiler.samples[name] or 1
             top = ", ".join(f"{f} {n * 100 / total:.0f} %" for f, n in leaf.most_common(12))
-            out.append(f"- {name}, {total} samples, by leaf function: {top}")
+            out.append(f"- {name}, {total} busy samples (waits left out), by leaf function: {top}")
             incl = profiler.inclusive[name]
             wanted = [f for f, _ in incl.most_common(80) if not _generic(f)]
             out.append("  inclusive: " + ", ".join(f"{f} {incl[f] * 100 / total:.0f} %" for f in wanted[:15]))
