@@ -497,7 +497,7 @@ IDLE_FRAMES = frozenset({"EPollReactor.doPoll (epollreactor.py)", "Condition.wai
 
 # The reactor's and twistd's own frames, on every stack: left out of the inclusive list.
 GENERIC_FRAMES = re.compile(
-    r"^(<module>|run|main|_run_\w*|run_module|runApp|ApplicationRunner\.|UnixApplicationRunner\.|"
+    r"^(<module>|run|main|_run_\w*|run_module|runApp|runReactorWithLogging|(Unix)?ApplicationRunner\.\w+|"
     r"ReactorBase\.(run|mainLoop|runUntilCurrent)|EPollReactor\.doPoll|callWithLogger|callWithContext|"
     r"\w*ContextTracker\.callWithContext|_PollLikeMixin\._doReadOrWrite|Thread\.\w+|_bootstrap\w*) "
 )
