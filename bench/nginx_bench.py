@@ -621,9 +621,10 @@ def _met(ok: bool) -> str:
 
 def render(report: Report, args: argparse.Namespace, command: str, header: Sequence[str], elapsed: float,
            profiler: Profiler) -> str:
-    # The RSS goal is per worker: --workers if given, else every process of the proxy's tree
-    # (the default after issue 12 point 3 is one worker per CPU).
-    workers = args.workers or report.processes.get(PROXY, 1)
+    # The RSS goal is per worker: --workers if given, else the processes under the supervisor
+    # (with workers = 1 the twistd process serves by itself; the default is one per CPU).
+    processes = report.processes.get(PROXY, 1)
+    workers = args.workers or (processes - 1 if processes > 1 else 1)
     out = ["## Run", "", *header, f"- command: `{command}`", f"- total run time: {elapsed:.0f} s",
            f"- processes: proxy {report.processes.get(PROXY, '-')} (`workers` "
            f"{args.workers if args.workers is not None else 'not set'}), nginx {report.processes.get(NGINX, '-')}"
