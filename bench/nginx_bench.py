@@ -763,7 +763,9 @@ def render(report: Report, args: argparse.Namespace, command: str, header: Seque
 def proxy_vias(work: Path, name: str, path: str) -> Counter[str]:
     found: Counter[str] = Counter()
     for line in (work / f"{name}.log").read_text(errors="replace").splitlines():
-        if path in line and "proxy.access" in line:
+        # An access line: `... "GET /bench/PATH" 200 ... via=plain done`, the namespace in front
+        # `[proxy.access#info]` from one process, `[worker N]` as relayed by the supervisor.
+        if f'"GET /{UPSTREAM_NAME}/{path}"' in line:
             via = re.search(r"via=(\w+)", line)
             if via:
                 found[via.group(1)] += 1
