@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 from serve_bench import (
-    HERE,
     MIB,
     SLOW_CHUNK_BYTES,
     SLOW_RATE_BYTES,
@@ -69,8 +68,8 @@ from serve_bench import (
     run_phase,
     seconds,
     start_proxy,
+    start_upstream,
     stop_proxy,
-    wait_for_file,
     workspace,
 )
 
@@ -534,11 +533,7 @@ def main() -> None:
         try:
             log(f"writing the tree ({' + '.join(f'{s} MiB' for s in sizes)}) under {work}")
             images = images_of(work / "tree", build_tree(work / "tree", sizes))
-            upstream = procs.start(
-                [sys.executable, str(HERE / "upstream_server.py"), str(work / "tree"), str(work)],
-                work / "upstream.log",
-            )
-            upstream_port = int(wait_for_file(work / "upstream.port", upstream, "upstream"))
+            upstream_port = start_upstream(procs, work)
             reports = [bench_size(procs, work, upstream_port, images[s], args) for s in sizes]
         finally:
             procs.stop_all()

@@ -1,10 +1,10 @@
-"""One HTTPS download in its own process, timed; prints one JSON line when done.
+"""One HTTPS (or plain HTTP) download in its own process, timed; prints one JSON line when done.
 
 Run by `serve_bench.py` and `export_bench.py`, not by hand:
 
     python3 bench/fetch_client.py --port PORT --path /up/x --server-name localhost --cafile CA
         [--rate BYTES_PER_SECOND --rcvbuf BYTES] [--sha256 HEX] [--max-seconds S] [--start-at T]
-        [--multipart]
+        [--multipart] [--plain]
 
 It only ever connects to 127.0.0.1. A plain socket with HTTP/1.1 by hand, so that a slow reader
 can shrink its receive buffer before connecting and read a few KiB at a time: then the server's
@@ -19,6 +19,9 @@ With `--multipart` the body is an LXD image export (`multipart/form-data`, frame
 `--sha256` and `--report-sha256`) is the parts' contents in order, metadata then rootfs, whose
 sha256 is the image's fingerprint. The result then also lists the parts (name, file name, size),
 the bytes of part contents hashed so far and whether the closing boundary was seen.
+
+With `--plain` the same request goes over plain HTTP (no TLS), as LXD's first attempt at an
+image file does. `t_first` is when the first byte of the body arrived.
 """
 
 from __future__ import annotations
@@ -166,7 +169,7 @@ def _boundary(content_type: str) -> bytes:
     raise ValueError(f"no boundary in {content_type!r}")
 
 
-def _read_headers(sock: ssl.SSLSocket) -> tuple[int, dict[str, str], bytes]:
+def _read_headers(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
     data = b""
     # Headers are small; 64 KiB of them means a broken server, not a slow one.
     while b"\r\n\r\n" not in data and len(data) < 65536:
@@ -209,7 +212,7 @@ def fetch(args: argparse.Namespace) -> dict[str, object]:
     max_gap = 0.0
     try:
         sock.connect((HOST, args.port))
-        tls = context.wrap_socket(sock, server_hostname=args.server_name)
+        tls = sock if args.plain else context.wrap_socket(sock, server_hostname=args.server_name)
         request = (
             f"GET {args.path} HTTP/1.1\r\nHost: {args.server_name}:{args.port}\r\n"
             "User-Agent: lxd-image-proxy-bench\r\nConnection: close\r\n\r\n"
@@ -228,6 +231,8 @@ def fetch(args: argparse.Namespace) -> dict[str, object]:
         elif digest is not None:
             digest.update(body)
         received = len(body)
+        if body:
+            result["t_first"] = result["t_headers"]
         last = time.monotonic()
         if args.rate:
             started = time.monotonic()
@@ -237,6 +242,8 @@ def fetch(args: argparse.Namespace) -> dict[str, object]:
                 got = tls.recv(args.chunk)
                 if not got:
                     break
+                if "t_first" not in result:
+                    result["t_first"] = time.time()
                 now = time.monotonic()
                 max_gap, last = max(max_gap, now - last), now
                 received += len(got)
@@ -258,6 +265,8 @@ def fetch(args: argparse.Namespace) -> dict[str, object]:
                 n = tls.recv_into(view[filled:])
                 if not n:
                     break
+                if "t_first" not in result:
+                    result["t_first"] = time.time()
                 now = time.monotonic()
                 max_gap, last = max(max_gap, now - last), now
                 received += n
@@ -315,6 +324,7 @@ def main() -> None:
                         help="report the sha256 of the bytes read, however many")
     parser.add_argument("--multipart", action="store_true",
                         help="the body is an image export: hash the parts' contents, report the parts")
+    parser.add_argument("--plain", action="store_true", help="plain HTTP, no TLS (--cafile unused)")
     parser.add_argument("--max-seconds", type=float, default=240.0)
     parser.add_argument("--start-at", type=float, default=0.0, help="wall-clock time to start at")
     args = parser.parse_args()

@@ -199,6 +199,15 @@ def wait_for_file(path: Path, process: subprocess.Popen[bytes], what: str) -> st
     raise RuntimeError(f"{what} did not write {path} within {START_TIMEOUT_SECONDS:.0f}s")
 
 
+def start_upstream(procs: Processes, work: Path) -> int:
+    """`upstream_server.py` serving `work/tree` over TLS (its CA in `work/upstream-ca.pem`): its port."""
+    upstream = procs.start(
+        [sys.executable, str(HERE / "upstream_server.py"), str(work / "tree"), str(work)],
+        work / "upstream.log",
+    )
+    return int(wait_for_file(work / "upstream.port", upstream, "upstream"))
+
+
 # -- memory of the proxy --------------------------------------------------------------------------
 
 
@@ -272,7 +281,15 @@ class Proxy:
         return self.cache_dir / "blobs" / "sha256" / sha256[:2] / sha256
 
 
-def start_proxy(procs: Processes, work: Path, name: str, upstream_port: int) -> Proxy:
+def start_proxy(
+    procs: Processes, work: Path, name: str, upstream_port: int, *, workers: int | None = None,
+    twistd: bool = False,
+) -> Proxy:
+    """A fresh proxy from the checkout, its metadata fetched once.
+
+    `workers`: written as `[server] workers = N` only when given (the default configuration
+    otherwise). `twistd`: run it as `twistd -n --pidfile= lxd-image-proxy` (as the systemd unit
+    does) rather than with `python3 -m twisted`."""
     cache_dir = work / f"{name}-cache"
     port_file = work / f"{name}.port"
     config = work / f"{name}.toml"
@@ -281,16 +298,24 @@ def start_proxy(procs: Processes, work: Path, name: str, upstream_port: int) -> 
         'listen = ["127.0.0.1:0"]\n'
         'tls_names = ["localhost"]\n'
         f"port_file = {json.dumps(str(port_file))}\n"
-        "[cache]\n"
+        + (f"workers = {workers}\n" if workers is not None else "")
+        + "[cache]\n"
         f"dir = {json.dumps(str(cache_dir))}\n"
+        # A port of its own, so that proxies side by side (or a proxy already running on this
+        # machine) do not clash on the default 9464.
+        "[metrics]\n"
+        'listen = ["127.0.0.1:0"]\n'
         f"[upstreams.{UPSTREAM_NAME}]\n"
         f'url = "https://127.0.0.1:{upstream_port}/up"\n'
         f"ca_file = {json.dumps(str(work / 'upstream-ca.pem'))}\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    if twistd:
+        runner = [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile="]
+    else:
+        runner = [sys.executable, "-m", "twisted"]
     process = procs.start(
-        [sys.executable, "-m", "twisted", "lxd-image-proxy", "--config", str(config)],
-        work / f"{name}.log", env=env,
+        [*runner, "lxd-image-proxy", "--config", str(config)], work / f"{name}.log", env=env,
     )
     port = int(wait_for_file(port_file, process, f"proxy {name}"))
     proxy = Proxy(process, port, str(cache_dir / "tls" / "server.crt"), cache_dir, RssSampler(process.pid))
@@ -320,6 +345,7 @@ class ClientSpec:
     slow: bool = False
     sha256: str = ""
     server_name: str = "localhost"
+    plain: bool = False  # plain HTTP instead of TLS
 
     def argv(self, start_at: float = 0.0) -> list[str]:
         args = [
@@ -332,6 +358,8 @@ class ClientSpec:
                      "--rcvbuf", str(SLOW_RCVBUF_BYTES), "--report-sha256"]
         if self.sha256:
             args += ["--sha256", self.sha256]
+        if self.plain:
+            args.append("--plain")
         return args
 
 
@@ -742,11 +770,7 @@ def main() -> None:
         try:
             log(f"writing the tree ({' + '.join(f'{s} MiB' for s in sizes)}) under {work}")
             big = build_tree(work / "tree", sizes)
-            upstream = procs.start(
-                [sys.executable, str(HERE / "upstream_server.py"), str(work / "tree"), str(work)],
-                work / "upstream.log",
-            )
-            upstream_port = int(wait_for_file(work / "upstream.port", upstream, "upstream"))
+            upstream_port = start_upstream(procs, work)
             ca = str(work / "upstream-ca.pem")
             reports = [bench_size(procs, work, upstream_port, ca, big[s], args) for s in sizes]
         finally:
