@@ -272,22 +272,32 @@ class FileProducer:
         self._restarts = restarts
         return False
 
+    def _readable(self) -> int | None:
+        """
+        How far the source may be sent now, past this response's offset; None when there is
+        nothing to send now: the response ended or failed, or it waits for the source.
+        """
+        failure = self.source.failure
+        if failure is not None:
+            self._fail(failure)
+            return None
+        if self._restarted():
+            return None
+        if self._offset >= self.end:
+            self._finish()
+            return None
+        readable = min(self.source.available(), self.end)
+        if self._offset >= readable:
+            self._wait_for_source()
+            return None
+        return readable
+
     def _step(self) -> None:
         self._call = None
         if self._over or self._paused:
             return
-        failure = self.source.failure
-        if failure is not None:
-            self._fail(failure)
-            return
-        if self._restarted():
-            return
-        if self._offset >= self.end:
-            self._finish()
-            return
-        readable = min(self.source.available(), self.end)
-        if self._offset >= readable:
-            self._wait_for_source()
+        readable = self._readable()
+        if readable is None:
             return
         assert self._file is not None
         wanted = min(CHUNK_SIZE_BYTES, readable - self._offset)
@@ -502,23 +512,17 @@ class SendfileProducer(FileProducer):
             self._watching = False
             self._reactor.removeWriter(self._writable)
 
+    def _wait_for_source(self) -> None:
+        # Nothing to send until the source grows: the socket's writability means nothing now.
+        self._unwatch()
+        super()._wait_for_source()
+
     def _step(self) -> None:
         if self._over or self._paused:
             self._unwatch()
             return
-        failure = self.source.failure
-        if failure is not None:
-            self._fail(failure)
-            return
-        if self._restarted():
-            return
-        if self._offset >= self.end:
-            self._finish()
-            return
-        readable = min(self.source.available(), self.end)
-        if self._offset >= readable:
-            self._unwatch()
-            self._wait_for_source()
+        readable = self._readable()
+        if readable is None:
             return
         transport = self._transport
         if transport.disconnecting or not transport.connected:
