@@ -15,7 +15,8 @@ It restarts a worker that dies (at once the first time, then after a backoff dou
 to L{MAX_RESTART_BACKOFF_SECONDS} while they keep dying young), stops them all on stop
 (SIGTERM, L{WORKER_STOP_SECONDS}, then SIGKILL), serves the metrics listener with the
 workers' counters summed (C{prometheus_client}'s multiprocess mode, in
-C{<cache.dir>/metrics}), and publishes their log events in its own log.
+C{<cache.dir>/metrics}) and their upstream health merged (L{proxy.health_share}, which it
+also relays from each worker to the others), and publishes their log events in its own log.
 """
 
 from __future__ import annotations
