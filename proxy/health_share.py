@@ -79,6 +79,8 @@ class HealthSharing(Service):
         self._sent: Verdicts = {}
         self._pending: IDelayedCall | None = None
         self._buffer = b""
+        # The others think an upstream offline that this worker had an answer from since.
+        self._news = False
 
     def startService(self) -> None:
         super().startService()
@@ -104,7 +106,8 @@ class HealthSharing(Service):
         self._pending = None
         now = self.clock.seconds()
         current = {name: h.shared() for name, h in self.health.items() if not h.forced}
-        wait = self._due(current, now)
+        wait = 0.0 if self._news else self._due(current, now)
+        self._news = False
         if wait is None:
             return
         if wait > 0:
@@ -155,8 +158,17 @@ class HealthSharing(Service):
             return
         for name, view in views.items():
             health = self.health.get(name)
-            if health is not None and isinstance(view, dict):
-                health.adopt(view)
+            if health is None or not isinstance(view, dict):
+                continue
+            health.adopt(view)
+            since, last = view.get("since"), health.last_success_at
+            if since is not None and last is not None and last > since and not health.forced:
+                # An answer the others have not heard of ends their outage: at once, not
+                # at the next success-only line.
+                self._news = True
+                if self._pending is not None and self._pending.active():
+                    self._pending.cancel()
+                self._schedule()
 
 
 class HealthExchange:

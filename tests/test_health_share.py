@@ -172,6 +172,27 @@ def test_a_success_alone_is_told_at_most_every_few_seconds() -> None:
     assert proxy.clock.getDelayedCalls() == []
 
 
+def test_an_answer_the_others_have_not_heard_of_is_told_at_once() -> None:
+    clock = Clock()
+    clock.advance(1000)
+    health = UpstreamHealth("a", clock)
+    sent: list[str] = []
+    sharing = HealthSharing({"a": health}, clock, sent.append)
+    sharing.startService()
+    health.record_success()
+    clock.advance(1)
+    health.record_success()
+    clock.advance(0)
+    assert len(sent) == 1
+    # The others found it offline before this worker's latest answer: they hear of it now.
+    line = json.dumps({HEALTH_KEY: {"a": _state(since=1000.5, reason="refused")}})
+    sharing.line_received(line.encode())
+    clock.advance(0)
+    assert _offline(health) is False and len(sent) == 2
+    assert json.loads(sent[1])[HEALTH_KEY]["a"]["last_success"] == 1001.0
+    sharing.stopService()
+
+
 def test_an_outage_is_told_at_once_even_after_a_recent_success() -> None:
     proxy = _Proxy()
     one = proxy.health[1]
