@@ -23,8 +23,8 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
-from typing import ClassVar
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from typing import Any, ClassVar
 
 from attrs import define, field
 from twisted.internet.interfaces import IReactorTime
@@ -42,6 +42,7 @@ __all__ = [
     "FORCED_RETRY_AFTER_SECONDS",
     "FileFailures",
     "UpstreamHealth",
+    "merge_shared",
 ]
 
 DEFAULT_BASE_BACKOFF_SECONDS = 5.0
@@ -94,6 +95,9 @@ class UpstreamHealth:
     probe_timeout: float = field(
         default=DEFAULT_PROBE_TIMEOUT_SECONDS, kw_only=True, validator=_positive
     )
+    # Called after anything that may change L{shared}: how worker processes tell each other
+    # (L{proxy.health_share}); None in a single process.
+    on_change: Callable[[], None] | None = field(default=None, kw_only=True)
 
     # When the current outage began; None while online.
     _since: float | None = field(default=None, init=False)
@@ -105,6 +109,8 @@ class UpstreamHealth:
     _probe_started_at: float | None = field(default=None, init=False)
     # When the upstream last answered anything but a 5xx; None before its first answer.
     _last_success_at: float | None = field(default=None, init=False)
+    # When another worker process let its probe through (L{adopt}); None when none is out.
+    _remote_probe_at: float | None = field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         if self.max_backoff < self.base_backoff:
@@ -144,6 +150,10 @@ class UpstreamHealth:
         """True while a probe has been let through and has not reported yet."""
         return self._probe_started_at is not None
 
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
     def may_try(self, *, background: bool = False) -> bool:
         """
         Whether a request may be sent to the upstream now.
@@ -164,6 +174,7 @@ class UpstreamHealth:
         if background and self.clock.seconds() < self._next_probe_at:
             return False
         self._probe_started_at = self.clock.seconds()
+        self._changed()
         return True
 
     @property
@@ -176,6 +187,10 @@ class UpstreamHealth:
 
     def _probe_free(self) -> bool:
         """No probe outstanding (one that never reported is given up after C{probe_timeout})."""
+        remote = self._remote_probe_at
+        if remote is not None and self.clock.seconds() - remote < self.probe_timeout:
+            # Another worker process is finding out: one probe for the whole proxy.
+            return False
         if self._probe_started_at is None:
             return True
         waited = self.clock.seconds() - self._probe_started_at
@@ -217,6 +232,7 @@ class UpstreamHealth:
                 "background work after {delay:g} s",
                 upstream=self.name, kind=kind, reason=reason, delay=delay,
             )
+            self._changed()
             return
         if self._probe_started_at is not None or now >= self._next_probe_at:
             # The outcome of a probe (or of a request that started before the outage and
@@ -231,6 +247,7 @@ class UpstreamHealth:
                 "probe of upstream {upstream} failed ({reason}); background work waits {delay:g} s",
                 upstream=self.name, reason=reason, delay=delay,
             )
+            self._changed()
         else:
             self.log.debug(
                 "upstream {upstream} still {kind} ({reason}); background work waits {delay:g} s",
@@ -285,6 +302,7 @@ class UpstreamHealth:
             "probe of upstream {upstream} ended without a verdict ({why}); still offline",
             upstream=self.name, why=why,
         )
+        self._changed()
 
     def record_error(self, error: BaseException, url: str) -> None:
         """
@@ -305,6 +323,7 @@ class UpstreamHealth:
         backoff starts from the beginning at the next outage. Forced offline stays offline.
         """
         self._last_success_at = self.clock.seconds()
+        self._changed()
         if self.forced_offline:
             self.log.debug("upstream {upstream} answered but is offline by configuration",
                            upstream=self.name)
@@ -312,6 +331,7 @@ class UpstreamHealth:
         if self._since is None:
             return
         seconds = round(self.clock.seconds() - self._since)
+        self._remote_probe_at = None
         self._since = None
         self._reason = ""
         self._failed_probes = 0
@@ -321,6 +341,63 @@ class UpstreamHealth:
             "upstream {upstream} is reachable again after {seconds} s",
             upstream=self.name, seconds=seconds,
         )
+        self._changed()
+
+    # -- shared between worker processes (proxy.health_share) --------------------------------
+
+    def shared(self) -> dict[str, Any]:
+        """
+        What other worker processes need of this one's verdict, as JSON-able values: when the
+        outage began, why, the backoff, the outstanding probe, the last answer (clock seconds;
+        one machine, one clock).
+        """
+        return {
+            "since": self._since, "reason": self._reason,
+            "failed_probes": self._failed_probes, "next_probe_at": self._next_probe_at,
+            "probing": self._probe_started_at, "last_success": self._last_success_at,
+        }
+
+    def adopt(self, other: Mapping[str, Any]) -> None:
+        """
+        Take in C{other}, the other worker processes' verdict (L{merge_shared} of their
+        L{shared}): an answer later than this outage's start brings the upstream back here
+        too; an outage that began after the last answer anyone had is this process's too,
+        and so is another process's outstanding probe.
+        """
+        last = other.get("last_success")
+        if last is not None and (self._last_success_at is None or last > self._last_success_at):
+            self._last_success_at = last
+        if self.forced_offline:
+            return
+        before = self.shared(), self._remote_probe_at
+        if self._since is not None and self._last_success_at is not None \
+                and self._last_success_at > self._since:
+            self.log.debug(
+                "upstream {upstream} is reachable again (another worker had an answer)",
+                upstream=self.name,
+            )
+            self._since = None
+            self._reason = ""
+            self._failed_probes = 0
+            self._next_probe_at = 0.0
+            self._probe_started_at = None
+        since = other.get("since")
+        if since is not None and (self._last_success_at is None or since > self._last_success_at):
+            if self._since is None:
+                self.log.debug(
+                    "upstream {upstream} was found offline by another worker ({reason})",
+                    upstream=self.name, reason=other.get("reason", ""),
+                )
+                self._since = since
+                self._reason = str(other.get("reason", ""))
+                self._probe_started_at = None
+            else:
+                self._since = min(self._since, since)
+            self._failed_probes = max(self._failed_probes, int(other.get("failed_probes", 0)))
+            self._next_probe_at = max(self._next_probe_at, float(other.get("next_probe_at", 0.0)))
+        self._remote_probe_at = other.get("probing") if self._since is not None else None
+        if (self.shared(), self._remote_probe_at) != before:
+            self._changed()
 
     def retry_after(self) -> int:
         """
@@ -348,7 +425,7 @@ class UpstreamHealth:
         if self._since is None:
             return f"upstream {self.name} is online"
         head = f"upstream {self.name} is offline since {self._clock_time(self._since)} ({self._reason})"
-        if self._probe_started_at is not None:
+        if self._probe_started_at is not None or self._remote_probe_at is not None:
             return f"{head}; an attempt is in progress"
         return f"{head}; the next request tries again"
 
@@ -359,6 +436,34 @@ class UpstreamHealth:
         """Local wall-clock time of C{when}; with the date once it is not within the last day."""
         fmt = "%H:%M:%S" if self.clock.seconds() - when < _SECONDS_PER_DAY else "%Y-%m-%d %H:%M:%S"
         return time.strftime(fmt, time.localtime(when))
+
+
+def merge_shared(states: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """
+    One verdict from several processes' L{UpstreamHealth.shared} states of one upstream: the
+    latest answer anyone had; offline if an outage began after it (since its earliest such
+    start, with the furthest backoff); a probe outstanding if anyone's is.
+    """
+    states = list(states)
+    answers = [s["last_success"] for s in states if s.get("last_success") is not None]
+    last = max(answers) if answers else None
+    down = sorted(
+        (s for s in states if s.get("since") is not None and (last is None or s["since"] > last)),
+        key=lambda s: float(s["since"]),
+    )
+    merged: dict[str, Any] = {
+        "since": None, "reason": "", "failed_probes": 0, "next_probe_at": 0.0,
+        "probing": None, "last_success": last,
+    }
+    if down:
+        probes = [s["probing"] for s in down if s.get("probing") is not None]
+        merged.update(
+            since=down[0]["since"], reason=down[0].get("reason", ""),
+            failed_probes=max(int(s.get("failed_probes", 0)) for s in down),
+            next_probe_at=max(float(s.get("next_probe_at", 0.0)) for s in down),
+            probing=max(probes) if probes else None,
+        )
+    return merged
 
 
 @define

@@ -64,14 +64,29 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     from proxy.leader import WorkerRole
     from proxy.service import build_service
 
+    from twisted.internet.process import ProcessReader
+
+    from proxy.health_share import HealthSharing
+
     reactor: Any = _reactor
+    stream = out or sys.stdout
+
+    def send(line: str) -> None:
+        stream.write(line)
+        stream.flush()
+
     try:
         config = load_config(args.config)
         service = build_service(
             config, reactor, WorkerRole(args.slot, tuple(args.tls), tuple(args.plain))
         )
+        # Upstream health for the whole proxy: this worker's verdicts out on standard output
+        # with the log lines, the others' in on standard input (proxy.health_share).
+        sharing = HealthSharing(service.cache.health, reactor, send)
+        sharing.setServiceParent(service)
         service.privilegedStartService()
         service.startService()
+        ProcessReader(reactor, sharing, "stdin", 0)
     except (ConfigError, SystemExit) as e:
         print(f"lxd-image-proxy worker {args.slot}: {e}", file=sys.stderr)
         return 1

@@ -15,7 +15,8 @@ It restarts a worker that dies (at once the first time, then after a backoff dou
 to L{MAX_RESTART_BACKOFF_SECONDS} while they keep dying young), stops them all on stop
 (SIGTERM, L{WORKER_STOP_SECONDS}, then SIGKILL), serves the metrics listener with the
 workers' counters summed (C{prometheus_client}'s multiprocess mode, in
-C{<cache.dir>/metrics}), and publishes their log events in its own log.
+C{<cache.dir>/metrics}) and their upstream health merged (L{proxy.health_share}, which it
+also relays from each worker to the others), and publishes their log events in its own log.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ from proxy.blobs import BlobStore
 from proxy.config import Config
 from proxy.errors import ConfigError
 from proxy.exporter import MetricsListenService, exporter_site
+from proxy.health import UpstreamHealth
+from proxy.health_share import HEALTH_KEY, HealthExchange
 from proxy.index import CacheIndex, IndexFormatError, reconcile
 from proxy.listen import listen_handed
 from proxy.metrics import StateCollector
@@ -145,6 +148,9 @@ class Worker(ProcessProtocol):
                 event = eventFromJSON(line)
             except ValueError:
                 event = None
+            if event is not None and HEALTH_KEY in event:
+                self.supervisor.health_report(self, event[HEALTH_KEY])
+                return
             if event is not None:
                 if event.get("worker_ready"):
                     self.ready = True
@@ -192,6 +198,11 @@ class WorkerSupervisor(MultiService):
         self.ports = HandedPorts(config, reactor, unused, plain_site=unused)
         self.ports.setServiceParent(self)
         self.metrics_dir = self.root.child(METRICS_DIR_NAME)
+        # The proxy's upstream health: what the workers found, merged (proxy.health_share).
+        self.health = HealthExchange({
+            u.name: UpstreamHealth(u.name, reactor, forced_offline=u.offline)
+            for u in config.upstreams
+        })
         self.registry = CollectorRegistry()
         self.metrics_listener = MetricsListenService(
             config.metrics.listen, reactor, exporter_site(self.registry, self.readiness),
@@ -238,11 +249,13 @@ class WorkerSupervisor(MultiService):
         shutil.rmtree(self.metrics_dir.path, ignore_errors=True)
         self.metrics_dir.makedirs(ignoreExistingDirectory=True)
         if self.config.metrics.listen:
-            # The workers' counters, summed; the cache's gauges from the shared index; this
-            # process's own resources. Upstream health and downloads are each worker's.
+            # The workers' counters, summed; the cache's gauges from the shared index; the
+            # upstreams' health as the workers found it; this process's own resources.
+            # Downloads are each worker's.
             MultiProcessCollector(self.registry, path=self.metrics_dir.path)
             self.registry.register(StateCollector(
-                self.reactor, index, {}, {}, list, dict, self.config.cache.max_size,
+                self.reactor, index, self.health.health, {}, list, dict,
+                self.config.cache.max_size,
             ))
             ProcessCollector(registry=self.registry)
 
@@ -269,6 +282,29 @@ class WorkerSupervisor(MultiService):
             worker, sys.executable, args, env=env, path=os.getcwd(), childFDs=child_fds,
         )
         log.info("worker {slot} started (pid {pid})", slot=slot, pid=process.pid)
+        if self.health.reports:
+            # What the others found before it started; the pipe keeps it until it reads.
+            process.write(self.health.line_for(slot))
+
+    # -- upstream health -----------------------------------------------------------------
+
+    def health_report(self, worker: Worker, verdicts: object) -> None:
+        """Worker C{worker} found its upstreams so: tell every other worker (L{proxy.health_share})."""
+        if self.workers.get(worker.slot) is not worker:
+            return
+        if not self.health.report(worker.slot, verdicts):
+            log.warn("worker {slot} sent a health line that is not one", slot=worker.slot)
+            return
+        self._tell_workers(but=worker.slot)
+
+    def _tell_workers(self, but: int | None = None) -> None:
+        for slot, other in self.workers.items():
+            if slot != but and other.transport is not None:
+                try:
+                    other.transport.write(self.health.line_for(slot))
+                except (OSError, ProcessExitedAlready):
+                    # Ending: its restart is told afresh.
+                    pass
 
     # -- a worker ends -------------------------------------------------------------------
 
@@ -276,6 +312,10 @@ class WorkerSupervisor(MultiService):
         pid = getattr(worker.transport, "pid", None)
         if self.workers.get(worker.slot) is worker:
             del self.workers[worker.slot]
+            # Its outstanding probe ended with it.
+            self.health.forget(worker.slot)
+            if not self._stopping:
+                self._tell_workers()
         if self._stopping:
             return
         lived = self.reactor.seconds() - worker.started
@@ -356,7 +396,7 @@ class WorkerSupervisor(MultiService):
         serving = any(w.ready for w in self.workers.values())
         return readiness(
             serving, bool(self.ports.ports) and serving,
-            [u.name for u in self.config.upstreams], {},
+            [u.name for u in self.config.upstreams], self.health.health,
         )
 
     def pids(self) -> dict[int, int]:

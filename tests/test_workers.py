@@ -389,3 +389,119 @@ async def test_twistd_daemon_with_workers_starts_serves_and_stops(tmp_path: Path
         if _alive(daemon):
             os.kill(daemon, signal.SIGKILL)
         await upstream.stop()
+
+
+async def _metric(port: int, name: str) -> str | None:
+    """The value of C{name} for upstream "cache" on the supervisor's /metrics, or None."""
+    exposition = await treq.text_content(await treq.get(f"http://127.0.0.1:{port}/metrics"))
+    found = re.search(rf'^lxd_image_proxy_{name}\{{upstream="cache"\}} (\S+)$', exposition, re.M)
+    return found.group(1) if found else None
+
+
+async def _until_metric(port: int, name: str, value: str) -> None:
+    for _ in range(100):
+        if await _metric(port, name) == value:
+            return
+        await deferLater(reactor, 0.1, lambda: None)
+    raise AssertionError(f"{name} never {value}: {await _metric(port, name)}")
+
+
+async def _statuses(client: Any, port: int, count: int) -> list[dict[str, Any]]:
+    """The upstream "cache" as C{count} /status.json answers (fresh connections) describe it."""
+    found = []
+    for _ in range(count):
+        status = await treq.json_content(await client.get(f"https://localhost:{port}/status.json"))
+        [upstream] = [u for u in status["upstreams"] if u["name"] == "cache"]
+        found.append({k: upstream[k] for k in ("online", "offline_since", "reason")})
+    return found
+
+
+@pytest.mark.loopback
+@pytest_twisted.ensureDeferred
+async def test_upstream_health_is_the_whole_proxys(tmp_path: Path) -> None:
+    """
+    One worker finds the upstream offline: the supervisor's /readyz and /metrics say so, both
+    workers' /status.json agree, and while one request probes it every other, in either
+    worker, gets the fast answer (the stored catalogue, a 503 for a file not in the cache)
+    without asking the upstream; found back, it is back for all.
+    """
+    tree = build_tree(tmp_path / "tree")
+    image = tree.image("testos/1.0")
+    ca = make_ca()
+    resource = TreeResource(tree.root, clock=reactor)
+    upstream = start_https_upstream(reactor, tree.root, ca, resource=resource)
+    config = _config(tmp_path, upstream.url, ca.cert_pem, 2)
+    # A catalogue checked again a second after it was fetched: a request finds the outage.
+    config.write_text(config.read_text().replace("[cache]\n", '[cache]\nmetadata_ttl = "1s"\n'))
+    proxy = ProxyProcess(config)
+    index, products = "streams/v1/index.json", "streams/v1/images.json"
+    probe: Deferred[Any] | None = None
+    try:
+        port = await proxy.start()
+        await _wait_for(proxy, r"worker \d serves the listening ports", 2)
+        metrics_port = int((await _wait_for(proxy, r"/readyz over plain HTTP on 127\.0\.0\.1:(\d+)"))[0])
+        client = https_client((tmp_path / "state" / "tls" / "server.crt").read_bytes())
+        base = f"https://localhost:{port}/cache/"
+        for path in (index, products):
+            assert (await client.get(base + path)).code == 200
+        assert await _metric(metrics_port, "upstream_up") == "1.0"
+        await deferLater(reactor, 1.5, lambda: None)
+
+        # One worker's revalidation finds the catalogue failing: the upstream is offline.
+        resource.status(index, 503, times=1)
+        assert (await client.get(base + index)).code == 200
+        found = await _wait_for(proxy, r"\[worker (\d)\] upstream cache is failing")
+        await _until_metric(metrics_port, "upstream_up", "0.0")
+        ready = await treq.json_content(await treq.get(f"http://127.0.0.1:{metrics_port}/readyz"))
+        assert ready["upstreams"][0]["online"] is False, ready
+        assert "503" in ready["upstreams"][0]["reason"], ready
+        statuses = await _statuses(client, port, 16)
+        assert all(s == statuses[0] for s in statuses) and statuses[0]["online"] is False, statuses
+        answered = re.findall(r'\[worker (\d)\] .*"GET /status\.json" 200', proxy.log.read_text())
+        assert set(answered) == {"1", "2"}, answered
+        # Only the worker that found it says so at warning level.
+        assert len(found) == 1 and proxy.log.read_text().count("is failing") == 1
+
+        # The next request of the catalogue probes, and the upstream does not answer for now.
+        resource.silence(index)
+        asked = len(resource.requests)
+        probe = client.get(base + index)
+        for _ in range(100):
+            if len(resource.requests) > asked:
+                break
+            await deferLater(reactor, 0.1, lambda: None)
+        assert resource.paths()[asked:] == [index]
+        await deferLater(reactor, 0.3, lambda: None)
+        # Meanwhile every other request, in either worker, is answered at once without a
+        # connection to the upstream: the stored catalogue, a 503 for an image file.
+        started = time.monotonic()
+        codes = [(await client.get(base + image.meta.path)).code for _ in range(16)]
+        codes += [(await client.get(base + products)).code for _ in range(4)]
+        assert codes == [503] * 16 + [200] * 4 and time.monotonic() - started < 10, codes
+        assert len(resource.requests) == asked + 1, resource.paths()[asked:]
+        refused = re.findall(
+            rf'\[worker (\d)\] .*"GET /cache/{re.escape(image.meta.path)}" 503', proxy.log.read_text()
+        )
+        assert set(refused) == {"1", "2"}, refused
+
+        # The upstream is back: the probe ends, the next request finds it, for all.
+        resource.clear(index)
+        assert (await probe.addTimeout(30, reactor)).code == 200
+        probe = None
+        for _ in range(20):
+            if (await client.get(base + image.meta.path)).code == 200:
+                break
+            await deferLater(reactor, 0.2, lambda: None)
+        await _until_metric(metrics_port, "upstream_up", "1.0")
+        assert float(await _metric(metrics_port, "upstream_last_success_timestamp_seconds") or 0) > 0
+        statuses = await _statuses(client, port, 16)
+        assert statuses == [{"online": True, "offline_since": None, "reason": ""}] * 16, statuses
+        assert (await client.get(base + image.meta.path)).code == 200
+
+        assert await proxy.stop() in (0, -signal.SIGTERM)
+        assert "Traceback" not in proxy.log.read_text()
+    finally:
+        if probe is not None:
+            probe.cancel()
+        proxy.kill()
+        await upstream.stop()
