@@ -366,7 +366,9 @@ class ProxyChannel(HTTPChannel):
         self.loseConnection()
 
     def _abort(self) -> None:
-        if self.transport is not None:
+        # A TLS transport whose connection is already gone cannot be aborted (its TLS state is
+        # dropped: abortConnection raises), and there is nothing left to abort.
+        if self.transport is not None and getattr(self.transport, "connected", True):
             # Every stream transport has abortConnection, though ITransport does not say so.
             cast(ITCPTransport, self.transport).abortConnection()
 

@@ -195,6 +195,20 @@ def test_request_in_progress_is_never_timed_out() -> None:
     assert conn.closing()
 
 
+def test_aborting_a_connection_already_gone_is_a_no_op() -> None:
+    """A TLS transport drops its TLS state when the connection goes; aborting it then raised."""
+
+    class GoneTLS(StringTransport):
+        def abortConnection(self) -> None:
+            raise AttributeError("'NoneType' object has no attribute 'shutdown'")
+
+    conn = Conn()
+    gone = GoneTLS(peerAddress=PEER)
+    gone.connected = False
+    conn.channel.transport = gone
+    conn.channel.forceAbortClient()
+
+
 def test_stop_serving_closes_a_kept_alive_connection_at_once() -> None:
     conn = Conn()
     conn.send(GET)
