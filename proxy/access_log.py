@@ -33,6 +33,9 @@ ACCESS_FORMAT = (
     "face={face} cache={cache} via={via} {end}"
 )
 
+# The event's log_format: its message is its field C{text}, ACCESS_FORMAT applied to its fields.
+TEXT_FORMAT = "{text}"
+
 access = Logger(namespace="proxy.access")
 
 
@@ -81,6 +84,9 @@ def _text(value: bytes | None) -> str:
     if value is None:
         return "-"
     text = value.decode("ascii", "backslashreplace")
+    if text.isprintable():
+        # Every request of a well-behaved client: no character to look at one by one.
+        return text
     return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
@@ -91,7 +97,9 @@ def log_access(request: IRequest, note: AccessNote, now: float, *, complete: boo
 
     Fields: C{client} (address), C{method}, C{path} (the request target), C{status} (0 when
     no status line was sent), C{bytes} (of body sent), C{duration} (seconds from the end of
-    the request head), C{face}, C{cache}, C{via}, C{end} (C{done} or C{aborted}), C{user_agent}.
+    the request head), C{face}, C{cache}, C{via}, C{end} (C{done} or C{aborted}), C{user_agent},
+    and C{text}: the line, C{ACCESS_FORMAT} with those fields (the event's format is
+    C{TEXT_FORMAT}).
     """
     if note.logged:
         return
@@ -99,8 +107,7 @@ def log_access(request: IRequest, note: AccessNote, now: float, *, complete: boo
     address = request.getClientAddress()
     client = getattr(address, "host", None) or str(address)
     started_writing = bool(getattr(request, "startedWriting", False))
-    access.info(
-        ACCESS_FORMAT,
+    fields = dict(
         client=client,
         method=_text(request.method),
         path=_text(request.uri),
@@ -111,7 +118,13 @@ def log_access(request: IRequest, note: AccessNote, now: float, *, complete: boo
         cache=note.cache,
         via=note.via,
         end="done" if complete else "aborted",
-        user_agent=_text(request.getHeader(b"User-Agent")),
+    )
+    # The line is formatted here, once, by str.format: an observer formatting ACCESS_FORMAT
+    # itself goes through Twisted's Formatter in Python, field by field, a tenth of the CPU
+    # of a small catalogue hit. C{text} is what the JSON log calls the formatted message.
+    access.info(
+        TEXT_FORMAT, text=ACCESS_FORMAT.format_map(fields),
+        user_agent=_text(request.getHeader(b"User-Agent")), **fields,
     )
 
 
@@ -153,6 +166,7 @@ class LoggedRequest(TargetRequest):
 __all__ = [
     "LoggedRequest",
     "ACCESS_FORMAT",
+    "TEXT_FORMAT",
     "AccessNote",
     "HIT",
     "JOINED",

@@ -22,6 +22,8 @@ DEFAULT_AGENTS: dict[Family, bytes] = {
 _PREFIXES: dict[Family, bytes] = {"lxd": b"LXD ", "incus": b"Incus "}
 # A User-Agent longer than this is not forwarded: it is no real client's.
 MAX_AGENT_BYTES = 512
+# User-Agent values whose family is remembered (cleared when full: any client may send any).
+_KNOWN_AGENTS = 256
 
 
 class ClientAgents:
@@ -29,18 +31,28 @@ class ClientAgents:
 
     def __init__(self) -> None:
         self._seen: dict[Family, bytes] = {}
+        # User-Agent -> (its family, whether it is a real client's): a fleet sends a few
+        # values all day, and this is asked for every catalogue request.
+        self._known: dict[bytes | None, tuple[Family, bool]] = {}
 
     def note(self, user_agent: bytes | None) -> Family:
         """Remember C{user_agent} for its family, and return that family."""
-        family = client_info(user_agent).family
-        if (
-            user_agent
-            and user_agent.startswith(_PREFIXES[family])
-            and len(user_agent) <= MAX_AGENT_BYTES
-            and _printable(user_agent)
-        ):
+        known = self._known.get(user_agent)
+        if known is None:
+            family = client_info(user_agent).family
             # Only a real client's: anything else (curl, a browser) is served as LXD but says
             # nothing of what the upstream answers LXD.
+            real = bool(
+                user_agent
+                and user_agent.startswith(_PREFIXES[family])
+                and len(user_agent) <= MAX_AGENT_BYTES
+                and _printable(user_agent)
+            )
+            if len(self._known) >= _KNOWN_AGENTS:
+                self._known.clear()
+            known = self._known[user_agent] = (family, real)
+        family, real = known
+        if real and user_agent is not None:
             self._seen[family] = user_agent
         return family
 

@@ -1020,6 +1020,13 @@ class CacheIndex:
         with self._env.begin(write=True, db=self._metadata) as txn:
             txn.put(key, _encode("metadata", record))
 
+    def generation(self) -> int:
+        """
+        The id of the last write committed to the index by any process (about 1 us, no
+        transaction): what is read of the index is unchanged while this is.
+        """
+        return int(self._env.info()["last_txnid"])
+
     def get_metadata(self, upstream: str, path: str) -> MetadataRecord | None:
         key = self._location_key(upstream, path)
         with self._read(self._metadata) as txn:

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Callable
 from weakref import WeakKeyDictionary
 
-from attrs import frozen
+from attrs import field, frozen
 from twisted.internet.defer import DeferredLock
 
 from proxy.blobs import BlobStore, PartialBlob
@@ -36,6 +36,10 @@ Check = Callable[[bytes], object]
 
 def _accept(body: bytes) -> None:
     return None
+
+
+# Records remembered by stored() (a catalogue has a few files per upstream and family).
+_RECORDS_REMEMBERED = 1024
 
 
 # The metadata bodies of a blob store are put one at a time in a process (see put): one lock
@@ -60,11 +64,23 @@ class MetadataStore:
     store: BlobStore
     index: CacheIndex
     disk: Run = inline
+    # (upstream, path) -> (index generation, record): every request of a catalogue asks for
+    # its record, which changes only with a write to the index (by any worker).
+    _records: dict[tuple[str, str], tuple[int, MetadataRecord]] = field(
+        factory=dict, init=False, eq=False, repr=False
+    )
 
     def stored(self, upstream: str, path: str) -> MetadataRecord | None:
         """The record of C{path} of C{upstream} whose body is stored, or None."""
+        generation = self.index.generation()
+        known = self._records.get((upstream, path))
+        if known is not None and known[0] == generation:
+            return known[1]
         record = self.index.get_metadata(upstream, path)
         if record is not None and self.store.exists(record.sha256):
+            if len(self._records) >= _RECORDS_REMEMBERED:
+                self._records.clear()
+            self._records[(upstream, path)] = (generation, record)
             return record
         return None
 

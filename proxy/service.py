@@ -230,7 +230,7 @@ class CacheService(Service):
         upstreams = {
             name: UpstreamResource(
                 meta, files, self.store, self.reactor,
-                families=self.families.get(name), agents=self.agents,
+                families=self.families.get(name), agents=self.agents, disk=self.workers.disk,
             )
             for name, meta in self.metadata.items()
         }

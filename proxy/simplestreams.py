@@ -24,10 +24,12 @@ from proxy.catalogue import Family, Item
 from proxy.errors import Forbidden, NotFound
 from proxy.files import CacheFiles
 from proxy.metadata import SimplestreamsMetadata
+from proxy.metadata_memory import MetadataMemory, load_small, memory_of
 from proxy.peers import NODE_HEADER, wants_cached_only
 from proxy.request_target import READ_METHODS
 from proxy.streaming import CompleteFile
-from proxy.web import AsyncResource, relative_path, serve_bytes, serve_file
+from proxy.web import AsyncResource, relative_path, serve_bytes, serve_file, serve_stored_bytes
+from proxy.work import Run, inline
 
 
 class UpstreamResource(AsyncResource):
@@ -45,6 +47,8 @@ class UpstreamResource(AsyncResource):
         *,
         families: Mapping[Family, SimplestreamsMetadata] | None = None,
         agents: ClientAgents | None = None,
+        disk: Run = inline,
+        memory: MetadataMemory | None = None,
     ) -> None:
         super().__init__()
         self._metadata = metadata
@@ -55,6 +59,10 @@ class UpstreamResource(AsyncResource):
         self._files = files
         # Where the metadata files' bodies are read from.
         self._store = store
+        # Small metadata bodies are answered from here (shared by every face of the store),
+        # read into it by C{disk}.
+        self._memory = memory if memory is not None else memory_of(store)
+        self._disk = disk
         self._clock = clock
 
     @property
@@ -82,11 +90,27 @@ class UpstreamResource(AsyncResource):
                 request, body, etag=hashlib.sha256(body).hexdigest(), last_modified=record.fetched_at,
             )
             return
+        small = await self._small_body(record.sha256)
+        if small is not None:
+            serve_stored_bytes(
+                request, small, etag=record.sha256, last_modified=record.fetched_at,
+                content_type=b"application/json",
+            )
+            return
         blob = self._store.path_for(record.sha256)
         await serve_file(
             request, CompleteFile(blob, blob.getsize()), etag=record.sha256,
             last_modified=record.fetched_at, clock=self._clock, content_type=b"application/json",
         )
+
+    async def _small_body(self, sha256: str) -> bytes | None:
+        """The stored body C{sha256} from memory, read into it (on the disk worker) when small."""
+        memory = self._memory
+        body = memory.get(sha256)
+        if body is None and not memory.too_big(sha256):
+            body = await self._disk(load_small, self._store, sha256, memory.max_body)
+            memory.put(sha256, body)
+        return body
 
     async def _find_item(self, path: str, metadata: SimplestreamsMetadata) -> Item | None:
         item = await metadata.item(path)

@@ -9,6 +9,7 @@ conditional requests and single byte ranges.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 from urllib.parse import unquote_to_bytes
@@ -294,6 +295,69 @@ def _range_applies(request: Request, etag: bytes, last_modified: bytes) -> bool:
     return condition == last_modified
 
 
+@functools.lru_cache(maxsize=256)
+def _http_date(seconds: int) -> bytes:
+    # The same few validators are formatted for every request of a catalogue.
+    return http.datetimeToString(seconds)
+
+
+def _answer_headers(
+    request: Request,
+    size: int,
+    *,
+    etag: str,
+    last_modified: float,
+    content_type: bytes,
+    ranges: bool,
+) -> tuple[int, int] | None:
+    """
+    Set the status and headers of an answer with a C{size}-byte body (L{serve_file}'s rules).
+
+    @return: the byte span to send, C{(start, end)} with C{end} exclusive, or None for a 304.
+    @raise RangeNotSatisfiable: with C{Content-Range: bytes */SIZE} already set.
+    """
+    quoted = _quoted(etag)
+    modified = int(last_modified)
+    modified_header = _http_date(modified)
+    request.setHeader(b"ETag", quoted)
+
+    none_match = request.getHeader(b"If-None-Match")
+    if none_match is not None:
+        not_modified = _none_match(none_match, quoted)
+    else:
+        not_modified = _not_modified_since(request, modified)
+    if not_modified:
+        request.setResponseCode(http.NOT_MODIFIED)
+        return None
+
+    request.setHeader(b"Last-Modified", modified_header)
+    request.setHeader(b"Accept-Ranges", b"bytes" if ranges else b"none")
+
+    start, end = 0, size
+    range_header = request.getHeader(b"Range") if ranges else None
+    if range_header is not None and request.method == b"GET":
+        if _range_applies(request, quoted, modified_header):
+            try:
+                byte_range = _parse_byte_range(range_header, size)
+            except RangeNotSatisfiable:
+                request.setHeader(b"Content-Range", b"bytes */%d" % (size,))
+                raise
+            if byte_range is None:
+                AsyncResource.log.debug(
+                    "ignoring Range {range!r} on {uri}", range=range_header, uri=_text(request.uri)
+                )
+            else:
+                start, end = byte_range
+                request.setResponseCode(http.PARTIAL_CONTENT)
+                request.setHeader(
+                    b"Content-Range", b"bytes %d-%d/%d" % (start, end - 1, size)
+                )
+
+    request.setHeader(b"Content-Type", content_type)
+    request.setHeader(b"Content-Length", b"%d" % (end - start,))
+    return start, end
+
+
 async def serve_file(
     request: Request,
     source: FileSource,
@@ -329,48 +393,13 @@ async def serve_file(
     """
     if source.failure is not None:
         source.failure.raiseException()
-    size = source.size
-    quoted = _quoted(etag)
-    modified = int(last_modified)
-    modified_header = http.datetimeToString(modified)
-    request.setHeader(b"ETag", quoted)
-
-    none_match = request.getHeader(b"If-None-Match")
-    if none_match is not None:
-        not_modified = _none_match(none_match, quoted)
-    else:
-        not_modified = _not_modified_since(request, modified)
-    if not_modified:
-        request.setResponseCode(http.NOT_MODIFIED)
+    span = _answer_headers(
+        request, source.size, etag=etag, last_modified=last_modified,
+        content_type=content_type, ranges=ranges,
+    )
+    if span is None or request.method == b"HEAD":
         return
-
-    request.setHeader(b"Last-Modified", modified_header)
-    request.setHeader(b"Accept-Ranges", b"bytes" if ranges else b"none")
-
-    start, end = 0, size
-    range_header = request.getHeader(b"Range") if ranges else None
-    if range_header is not None and request.method == b"GET":
-        if _range_applies(request, quoted, modified_header):
-            try:
-                byte_range = _parse_byte_range(range_header, size)
-            except RangeNotSatisfiable:
-                request.setHeader(b"Content-Range", b"bytes */%d" % (size,))
-                raise
-            if byte_range is None:
-                AsyncResource.log.debug(
-                    "ignoring Range {range!r} on {uri}", range=range_header, uri=_text(request.uri)
-                )
-            else:
-                start, end = byte_range
-                request.setResponseCode(http.PARTIAL_CONTENT)
-                request.setHeader(
-                    b"Content-Range", b"bytes %d-%d/%d" % (start, end - 1, size)
-                )
-
-    request.setHeader(b"Content-Type", content_type)
-    request.setHeader(b"Content-Length", b"%d" % (end - start,))
-    if request.method == b"HEAD":
-        return
+    start, end = span
 
     # With sendfile on a plain connection (proxy.streaming.SendfileProducer).
     limits = getattr(request.channel, "limits", None)
@@ -409,3 +438,29 @@ def serve_bytes(
     request.setHeader(b"Content-Length", b"%d" % (len(body),))
     if request.method != b"HEAD":
         request.write(body)
+
+
+
+def serve_stored_bytes(
+    request: Request,
+    body: bytes,
+    *,
+    etag: str,
+    last_modified: float,
+    content_type: bytes = b"application/json",
+) -> None:
+    """
+    Answer a GET or HEAD with a stored file's C{body} held in memory, exactly as L{serve_file}
+    would from its blob (the same validators, 304, HEAD and single byte ranges) but with one
+    write: no producer, no timers. The caller finishes the request.
+
+    @raise RangeNotSatisfiable: as L{serve_file}.
+    """
+    span = _answer_headers(
+        request, len(body), etag=etag, last_modified=last_modified,
+        content_type=content_type, ranges=True,
+    )
+    if span is None or request.method == b"HEAD":
+        return
+    start, end = span
+    request.write(body if start == 0 and end == len(body) else body[start:end])

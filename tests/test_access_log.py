@@ -23,6 +23,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import (
     ILogObserver,
     LogEvent,
+    formatEvent,
     formatEventAsClassicLogText,
     globalLogPublisher,
     textFileLogObserver,
@@ -32,7 +33,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from proxy.access_log import ACCESS_FORMAT, AccessNote, log_access
+from proxy.access_log import ACCESS_FORMAT, TEXT_FORMAT, AccessNote, log_access
 from proxy.channel import HeadLimits, ProxyChannel, ProxySite
 from proxy.logs import json_observer
 from proxy.simplestreams import RootResource
@@ -101,7 +102,10 @@ def test_one_event_per_request_with_its_fields(logged: Logged) -> None:
         "status": 200, "bytes": 12, "duration": 0.0, "face": "images", "cache": "-",
         "end": "done", "user_agent": "LXD 5.21",
     }
-    assert event["log_format"] == ACCESS_FORMAT
+    assert event["log_format"] == TEXT_FORMAT
+    # The line is ACCESS_FORMAT with the event's fields, whoever formats it.
+    assert formatEvent(event) == event["text"] == ACCESS_FORMAT.format(**event)
+    assert event["text"] == '192.0.2.7 "GET /images/streams/v1/index.json" 200 12 bytes 0.000s face=images cache=- via=plain done'
 
 
 def test_the_combined_log_line_is_gone(logged: Logged) -> None:

@@ -48,6 +48,8 @@ def test_an_expired_copy_is_served_at_once_and_refreshed_once(
     for _ in range(5):
         code, body, _ = h.fetch(IMAGES)
         assert (code, body) == (200, old)
+    # The refresh starts on the turn after the first answer (served from memory at once).
+    h.settle()
     assert h.clock.seconds() == now
     assert h.upstream_gets(IMAGES) == 2
     # The refresh ends: the next request gets the new copy.
