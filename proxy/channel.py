@@ -279,6 +279,9 @@ class ProxyChannel(HTTPChannel):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_deadline()
         self._cancel_stall()
+        # The close grace's abort has nothing left to abort.
+        _cancel(self._abortingCall)
+        self._abortingCall = None
         super().connectionLost(reason)
 
     def pauseProducing(self) -> None:
