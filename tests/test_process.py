@@ -106,7 +106,7 @@ def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
     assert "Traceback" not in log.read_text()
 
 
-def _write_config(tmp_path: Path, upstream_url: str, ca_pem: bytes) -> Path:
+def _write_config(tmp_path: Path, upstream_url: str, ca_pem: bytes, workers: int = 1) -> Path:
     (tmp_path / "ca.pem").write_bytes(ca_pem)
     config = tmp_path / "proxy.toml"
     config.write_text(
@@ -115,7 +115,7 @@ def _write_config(tmp_path: Path, upstream_url: str, ca_pem: bytes) -> Path:
 listen = ["127.0.0.1:0"]
 tls_names = ["localhost"]
 port_file = "port"
-workers = 1
+workers = {workers}
 
 [metrics]
 listen = ["127.0.0.1:0"]
@@ -295,12 +295,14 @@ async def _get_all(client: HTTPClient, url: str, count: int) -> list[tuple[int, 
 
 
 @pytest.mark.loopback
+@pytest.mark.parametrize("workers", [1, 2], ids=["1 worker", "2 workers"])
 @pytest.mark.parametrize("daemon", [False, True], ids=["foreground", "daemon"])
 @pytest_twisted.ensureDeferred
-async def test_64_concurrent_clients_cold_then_warm(tmp_path: Path, daemon: bool) -> None:
+async def test_64_concurrent_clients_cold_then_warm(tmp_path: Path, daemon: bool, workers: int) -> None:
     """
     Started as twistd starts it (C{-n}, or by default as a daemon, which opens the index after
-    the fork): 64 concurrent cold downloads of a multi-MiB file make one upstream fetch and all
+    the fork), with one worker and with two (the default on a 2-CPU machine): 64 concurrent
+    cold downloads of a multi-MiB file make one upstream fetch and all
     succeed; then 64 concurrent hits of it, twice, and 64 concurrent metadata requests all
     succeed, with no traceback in the log.
     """
@@ -311,7 +313,7 @@ async def test_64_concurrent_clients_cold_then_warm(tmp_path: Path, daemon: bool
     assert image.root is not None
     ca = make_ca()
     upstream = start_https_upstream(reactor, tree.root, ca)
-    config = _write_config(tmp_path, upstream.url, ca.cert_pem)
+    config = _write_config(tmp_path, upstream.url, ca.cert_pem, workers)
     pidfile = tmp_path / "twistd.pid"
     logfile = tmp_path / "twistd.log"
     command = _twistd() + [f"--pidfile={pidfile}", f"--logfile={logfile}"]
