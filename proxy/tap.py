@@ -24,10 +24,11 @@ from proxy.logs import apply_log_format
 class Options(usage.Options):
     synopsis = "[--config FILE]"
     longdesc = (
-        "Serve LXD and Incus image servers (simplestreams) through a caching pull-through "
-        "proxy over HTTPS. Without --config the built-in configuration is used: port 8443 "
-        "on every IPv4 address, a self-signed certificate generated in the state directory, and "
-        "the upstreams images, ubuntu, ubuntu-daily and linuxcontainers."
+        "Serve LXD and Incus image servers (simplestreams, or LXD servers) through a caching "
+        "pull-through proxy over HTTPS (image files also over plain HTTP, as LXD asks first). "
+        "Without --config the built-in configuration is used: port 8443 on every IPv4 address, "
+        "a self-signed certificate generated in the state directory, one worker process per "
+        "CPU, and the upstreams images, ubuntu, ubuntu-daily and linuxcontainers."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: the built-in configuration)."],
