@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.testing import StringTransport
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 from twisted.web.static import Data
 
 from proxy.client_networks import ClientNetworks
 from proxy.config import ConfigError, load_config
 from proxy.simplestreams import RootResource
+from tests.helpers.root_requests import Upstream, get
 
 
 @pytest.mark.parametrize(("host", "permitted"), [
@@ -51,30 +48,6 @@ def test_config_refuses_what_is_no_network(tmp_path: Path, value: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(str(path))
     assert str(info.value).startswith("server.allow: expected ")
-
-
-class Upstream(Resource):
-    """Stands for an upstream's face: counts what reaches it."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reached = 0
-
-    def render_GET(self, request: Any) -> bytes:
-        self.reached += 1
-        return b"ok"
-
-
-def get(root: RootResource, path: bytes, peer: IPv4Address | IPv6Address) -> bytes:
-    """One request over an in-memory connection from C{peer}: the raw response."""
-    channel = Site(root).buildProtocol(peer)
-    assert channel is not None
-    transport = StringTransport(peerAddress=peer)
-    channel.makeConnection(transport)
-    channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
-    return transport.value()
 
 
 def test_a_client_outside_the_networks_gets_403_and_reaches_nothing() -> None:

@@ -17,9 +17,6 @@ from typing import Any
 import pytest
 from treq.testing import StubTreq
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.web.resource import Resource
-from twisted.web.server import Site
-from twisted.internet.testing import StringTransport
 
 from proxy.catalogue import Family, Image
 from proxy.client_networks import ClientNetworks, UpstreamAccess
@@ -41,6 +38,7 @@ from tests.helpers.faces import (
     FaceHarness,
     assert_error,
 )
+from tests.helpers.root_requests import Upstream, get
 
 LAN = "192.168.0.0/16"
 V6_LAN = "fd00::/8"
@@ -82,30 +80,6 @@ def test_access_by_upstream() -> None:
 
 
 # -- the simplestreams face -------------------------------------------------------------------
-
-
-class Upstream(Resource):
-    """Stands for an upstream's face: counts what reaches it."""
-
-    isLeaf = True
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.reached = 0
-
-    def render_GET(self, request: Any) -> bytes:
-        self.reached += 1
-        return b"ok"
-
-
-def get(root: RootResource, path: bytes, peer: IPv4Address | IPv6Address) -> bytes:
-    """One request over an in-memory connection from C{peer}: the raw response."""
-    channel = Site(root).buildProtocol(peer)
-    assert channel is not None
-    transport = StringTransport(peerAddress=peer)
-    channel.makeConnection(transport)
-    channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
-    return transport.value()
 
 
 def test_a_client_outside_an_upstreams_networks_gets_403_there_only() -> None:
