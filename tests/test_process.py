@@ -31,7 +31,7 @@ from proxy.addresses import advertised_host, interface_addresses
 from proxy.blobs import BlobStore
 from proxy.index import CacheIndex
 from tests.helpers.certs import make_ca
-from tests.helpers.proxy_process import START_TIMEOUT_SECONDS, ProxyProcess
+from tests.helpers.proxy_process import START_TIMEOUT_SECONDS, ProxyProcess, write_loopback_config
 from tests.helpers.proxy_process import env as _env
 from tests.helpers.proxy_process import https_client as _client
 from tests.helpers.proxy_process import stop as _stop
@@ -106,31 +106,6 @@ def test_default_configuration_starts_and_stops(tmp_path: Path) -> None:
     assert "Traceback" not in log.read_text()
 
 
-def _write_config(tmp_path: Path, upstream_url: str, ca_pem: bytes, workers: int = 1) -> Path:
-    (tmp_path / "ca.pem").write_bytes(ca_pem)
-    config = tmp_path / "proxy.toml"
-    config.write_text(
-        f"""
-[server]
-listen = ["127.0.0.1:0"]
-tls_names = ["localhost"]
-port_file = "port"
-workers = {workers}
-
-[metrics]
-listen = ["127.0.0.1:0"]
-[cache]
-dir = "state"
-download_idle_timeout = "20s"
-
-[upstreams.cache]
-url = "{upstream_url}"
-ca_file = "ca.pem"
-"""
-    )
-    return config
-
-
 @pytest.mark.loopback
 @pytest_twisted.ensureDeferred
 async def test_sigkill_during_downloads_then_restart(
@@ -144,7 +119,7 @@ async def test_sigkill_during_downloads_then_restart(
     ca = make_ca()
     upstream = start_https_upstream(reactor, tree.root, ca)
     try:
-        proxy = ProxyProcess(_write_config(tmp_path, upstream.url, ca.cert_pem))
+        proxy = ProxyProcess(write_loopback_config(tmp_path, upstream.url, ca.cert_pem))
         proxy_processes.append(proxy)
         port = await proxy.start()
         cert_pem = (tmp_path / "state" / "tls" / "server.crt").read_bytes()
@@ -313,7 +288,7 @@ async def test_64_concurrent_clients_cold_then_warm(tmp_path: Path, daemon: bool
     assert image.root is not None
     ca = make_ca()
     upstream = start_https_upstream(reactor, tree.root, ca)
-    config = _write_config(tmp_path, upstream.url, ca.cert_pem, workers)
+    config = write_loopback_config(tmp_path, upstream.url, ca.cert_pem, workers)
     pidfile = tmp_path / "twistd.pid"
     logfile = tmp_path / "twistd.log"
     command = _twistd() + [f"--pidfile={pidfile}", f"--logfile={logfile}"]

@@ -28,7 +28,7 @@ from proxy.leader import Leadership
 from proxy.workers import MAX_RESTART_BACKOFF_SECONDS, restart_delay
 from twisted.application.service import Service
 from tests.helpers.certs import make_ca
-from tests.helpers.proxy_process import START_TIMEOUT_SECONDS, ProxyProcess
+from tests.helpers.proxy_process import START_TIMEOUT_SECONDS, ProxyProcess, write_loopback_config
 from tests.helpers.proxy_process import env as _env
 from tests.helpers.proxy_process import https_client
 from tests.helpers.tree import build_tree
@@ -82,29 +82,6 @@ def test_one_leader_at_a_time_and_another_takes_over(tmp_path: Path) -> None:
 # -- the real processes -----------------------------------------------------------------
 
 
-def _config(tmp_path: Path, upstream_url: str, ca_pem: bytes, workers: int) -> Path:
-    (tmp_path / "ca.pem").write_bytes(ca_pem)
-    config = tmp_path / "proxy.toml"
-    config.write_text(f"""
-[server]
-listen = ["127.0.0.1:0"]
-tls_names = ["localhost"]
-port_file = "port"
-workers = {workers}
-
-[metrics]
-listen = ["127.0.0.1:0"]
-[cache]
-dir = "state"
-download_idle_timeout = "20s"
-
-[upstreams.cache]
-url = "{upstream_url}"
-ca_file = "ca.pem"
-""")
-    return config
-
-
 async def _wait_for(proxy: ProxyProcess, pattern: str, count: int = 1) -> list[Any]:
     """The matches of C{pattern} in the proxy's log once there are C{count} (bounded wait)."""
     found: list[Any] = []
@@ -131,7 +108,7 @@ async def test_two_workers_serve_one_port_restart_and_stop(tmp_path: Path) -> No
     image = tree.image("testos/1.0")
     ca = make_ca()
     upstream = start_https_upstream(reactor, tree.root, ca)
-    proxy = ProxyProcess(_config(tmp_path, upstream.url, ca.cert_pem, 2))
+    proxy = ProxyProcess(write_loopback_config(tmp_path, upstream.url, ca.cert_pem, 2))
     try:
         port = await proxy.start()
         pids = {int(s): int(p) for s, p in await _wait_for(proxy, r"worker (\d) started \(pid (\d+)\)", 2)}
@@ -227,7 +204,7 @@ async def test_cold_clients_over_workers_cause_one_upstream_get(tmp_path: Path) 
     ca = make_ca()
     resource = TreeResource(tree.root, clock=reactor)
     upstream = start_https_upstream(reactor, tree.root, ca, resource=resource)
-    proxy = ProxyProcess(_config(tmp_path, upstream.url, ca.cert_pem, 2))
+    proxy = ProxyProcess(write_loopback_config(tmp_path, upstream.url, ca.cert_pem, 2))
     try:
         port = await proxy.start()
         await _wait_for(proxy, r"worker \d serves the listening ports", 2)
@@ -309,7 +286,7 @@ async def test_sigkill_of_the_downloading_worker_another_takes_over(tmp_path: Pa
     ca = make_ca()
     resource = TreeResource(tree.root, clock=reactor)
     upstream = start_https_upstream(reactor, tree.root, ca, resource=resource)
-    proxy = ProxyProcess(_config(tmp_path, upstream.url, ca.cert_pem, 2))
+    proxy = ProxyProcess(write_loopback_config(tmp_path, upstream.url, ca.cert_pem, 2))
     try:
         port = await proxy.start()
         pids = {int(s): int(p) for s, p in await _wait_for(proxy, r"worker (\d) started \(pid (\d+)\)", 2)}
@@ -354,7 +331,7 @@ async def test_twistd_daemon_with_workers_starts_serves_and_stops(tmp_path: Path
     image = tree.image("testos/1.0")
     ca = make_ca()
     upstream = start_https_upstream(reactor, tree.root, ca)
-    config = _config(tmp_path, upstream.url, ca.cert_pem, 2)
+    config = write_loopback_config(tmp_path, upstream.url, ca.cert_pem, 2)
     pidfile, logfile = tmp_path / "twistd.pid", tmp_path / "twistd.log"
     twistd = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; sys.exit(run())"]
     started = subprocess.run(
@@ -430,7 +407,7 @@ async def test_upstream_health_is_the_whole_proxys(tmp_path: Path) -> None:
     ca = make_ca()
     resource = TreeResource(tree.root, clock=reactor)
     upstream = start_https_upstream(reactor, tree.root, ca, resource=resource)
-    config = _config(tmp_path, upstream.url, ca.cert_pem, 2)
+    config = write_loopback_config(tmp_path, upstream.url, ca.cert_pem, 2)
     # A catalogue checked again a second after it was fetched: a request finds the outage.
     config.write_text(config.read_text().replace("[cache]\n", '[cache]\nmetadata_ttl = "1s"\n'))
     proxy = ProxyProcess(config)

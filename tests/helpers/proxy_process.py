@@ -90,3 +90,33 @@ def https_client(cert_pem: bytes) -> HTTPClient:
     trust = trustRootFromCertificates([Certificate.loadPEM(cert_pem)])
     pool = HTTPConnectionPool(reactor, persistent=False)
     return HTTPClient(Agent(reactor, contextFactory=BrowserLikePolicyForHTTPS(trust), pool=pool))
+
+
+def write_loopback_config(tmp_path: Path, upstream_url: str, ca_pem: bytes, workers: int = 1) -> Path:
+    """
+    C{tmp_path/proxy.toml}: one upstream C{cache} at C{upstream_url} trusted by C{ca_pem}, TLS and
+    metrics on loopback port 0 (the bound port in C{port}), state in C{state}, C{workers}
+    processes.
+    """
+    (tmp_path / "ca.pem").write_bytes(ca_pem)
+    config = tmp_path / "proxy.toml"
+    config.write_text(
+        f"""
+[server]
+listen = ["127.0.0.1:0"]
+tls_names = ["localhost"]
+port_file = "port"
+workers = {workers}
+
+[metrics]
+listen = ["127.0.0.1:0"]
+[cache]
+dir = "state"
+download_idle_timeout = "20s"
+
+[upstreams.cache]
+url = "{upstream_url}"
+ca_file = "ca.pem"
+"""
+    )
+    return config
