@@ -72,10 +72,13 @@ class HealthSharing(Service):
 
     def __init__(
         self, health: Mapping[str, UpstreamHealth], clock: Any, send: Callable[[str], None],
+        gone: Callable[[], None] | None = None,
     ) -> None:
         self.health = dict(health)
         self.clock = clock
         self.send = send
+        # Called when the supervisor's end of standard input closes: it is gone.
+        self.gone = gone
         self._sent: Verdicts = {}
         self._pending: IDelayedCall | None = None
         self._buffer = b""
@@ -145,8 +148,11 @@ class HealthSharing(Service):
             self.line_received(line)
 
     def childConnectionLost(self, name: str, reason: Failure) -> None:
-        # The supervisor is gone; the worker ends with it (PR_SET_PDEATHSIG).
+        # The supervisor is gone. PR_SET_PDEATHSIG ends the worker too, but not when the
+        # supervisor died before the worker had set it (a stop right after a start).
         self._buffer = b""
+        if self.gone is not None:
+            self.gone()
 
     def line_received(self, line: bytes) -> None:
         """One line from the supervisor: the merge of the other workers' verdicts."""

@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import IO, Any
 
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import (
     FileLogObserver,
     LogEvent,
@@ -42,6 +43,14 @@ def _end_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
         # Not Linux: the worker stops when its supervisor's pipes close (see main).
+        pass
+
+
+def _stop(reactor: Any) -> None:
+    """Stop the worker as a SIGTERM does; nothing when it is stopping already."""
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
         pass
 
 
@@ -82,7 +91,9 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
         )
         # Upstream health for the whole proxy: this worker's verdicts out on standard output
         # with the log lines, the others' in on standard input (proxy.health_share).
-        sharing = HealthSharing(service.cache.health, reactor, send)
+        sharing = HealthSharing(
+            service.cache.health, reactor, send, gone=lambda: reactor.callWhenRunning(_stop, reactor),
+        )
         sharing.setServiceParent(service)
         service.privilegedStartService()
         service.startService()

@@ -9,7 +9,9 @@ import json
 from typing import Any
 
 import pytest
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 
 from proxy.errors import Unavailable
 from proxy.health import UpstreamHealth, merge_shared
@@ -240,3 +242,14 @@ def test_a_line_that_is_not_health_is_ignored() -> None:
     sharing.childDataReceived("stdin", b"not json\n{\"other\": 1}\n")
     assert not health.offline
     assert not HealthExchange({"a": health}).report(1, ["not", "a", "dict"])
+
+
+def test_a_worker_ends_when_its_supervisors_pipe_closes() -> None:
+    """PR_SET_PDEATHSIG misses a supervisor that died before the worker set it: the pipe tells."""
+    ended: list[bool] = []
+    sharing = HealthSharing(
+        {"a": UpstreamHealth("a", Clock())}, Clock(), lambda line: None,
+        gone=lambda: ended.append(True),
+    )
+    sharing.childConnectionLost("stdin", Failure(ConnectionDone()))
+    assert ended == [True]
